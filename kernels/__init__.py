@@ -1,0 +1,1 @@
+"""Triton kernels of dsv3conv, each beside its plain-torch reference (installed as `dsv3conv.kernels`)."""
