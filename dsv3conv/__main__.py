@@ -1,0 +1,3 @@
+from dsv3conv.cli import main
+
+main()

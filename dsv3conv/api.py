@@ -1,0 +1,61 @@
+"""The Python API: what the commands do, for programs and notebooks.
+
+    from dsv3conv.api import dequantize
+    summary = dequantize("DeepSeek-V3", "DeepSeek-V3-bf16", mtp="drop")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dsv3conv.checkpoint import Checkpoint
+from dsv3conv.plan import Plan, parse_size, plan_dequant
+
+
+def dequantize(
+    src: str | os.PathLike, dst: str | os.PathLike, *, mtp: str = "keep", device: str = "auto",
+    dtype: str = "bfloat16", resume: bool = False, overwrite: bool = False,
+    max_shard_size: str | int | None = None, dry_run: bool = False, progress: bool = False,
+) -> dict:
+    """Convert an FP8 checkpoint to `dtype`; return the summary `--json` prints."""
+    ckpt = Checkpoint.open(src)
+    size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+    plan = plan_dequant(ckpt, Path(dst), out_dtype=dtype, mtp=mtp, max_shard_size=size)
+    return run_plan(plan, device=device, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress)
+
+
+def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrite: bool = False,
+             dry_run: bool = False, progress: bool = False) -> dict:
+    summary = plan.summary()
+    if dry_run:
+        summary["files"] = [
+            {"name": f.name, "tensors": len(f.tensors), "converted": sum(t.converts for t in f.tensors),
+             "bytes": f.size, "copy_of": f.copy_of}
+            for f in plan.files
+        ]
+        summary["dropped"] = plan.dropped
+        summary["config"] = plan.config
+        return summary
+    from dsv3conv.backend import make_backend
+    from dsv3conv.pipeline import execute
+    from dsv3conv.progress import ByteProgress
+
+    backend = make_backend(device) if plan.converted else None
+    with ByteProgress(plan, enabled=progress) as bar:
+        stats = execute(plan, backend or _NoCompute(), resume=resume, overwrite=overwrite, progress=bar.advance)
+    summary.update(
+        device=backend.name if backend else "none", shards_skipped=stats.files_skipped,
+        bytes_written=stats.bytes_written, seconds=round(stats.seconds, 3),
+    )
+    return summary
+
+
+class _NoCompute:
+    """For plans that only copy: nothing to convert."""
+
+    name = "none"
+    pin_memory = False
+
+    def run(self, buf, items):
+        return [memoryview(buf[it.src_offset : it.src_offset + it.nbytes].numpy()) for it in items]

@@ -1,0 +1,210 @@
+"""Open a checkpoint from its index and shard headers; tensor data is read only when asked for.
+
+A checkpoint is a directory with `model.safetensors.index.json` and shards, or with a single
+`model.safetensors`. Files may be symlinks (a Hugging Face cache snapshot). Opening never reads tensor data.
+Problems found while opening are collected in `Checkpoint.problems` (one line each) so that `inspect` and
+`verify` can list them all; converting commands call `require_clean()` and refuse to go on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from dsv3conv.errors import Dsv3Error, HeaderError
+from dsv3conv.safetensors_format import DTYPE_SIZES, Header, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+SCALE_SUFFIX = "_scale_inv"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its shard, dtype, shape and absolute byte range in that file."""
+
+    name: str
+    file: str  # shard name relative to the checkpoint root
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute offset of the first data byte in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    path: Path
+    header: Header
+    file_size: int
+
+
+class Checkpoint:
+    """Index + headers of a checkpoint directory."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.config: dict | None = None
+        self.index: dict | None = None  # the index JSON, when the checkpoint is sharded
+        self.shards: dict[str, ShardInfo] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self.problems: list[str] = []
+
+    # ----------------------------------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Checkpoint":
+        root = Path(path)
+        if not root.exists():
+            raise Dsv3Error(f"{root}: no such directory; give the checkpoint directory")
+        if not root.is_dir():
+            raise Dsv3Error(f"{root}: is a file, not a checkpoint directory; give the directory that holds it")
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise Dsv3Error(f"{root}: directory is not readable; fix its permissions")
+        ckpt = cls(root)
+        ckpt._load_config()
+        index_path, single_path = root / INDEX_NAME, root / SINGLE_NAME
+        if index_path.exists():
+            shard_names = ckpt._load_index(index_path)
+        elif single_path.exists():
+            shard_names = [SINGLE_NAME]
+        else:
+            found = sorted(p.name for p in root.glob("*.safetensors"))
+            if not found:
+                raise Dsv3Error(f"{root}: no {INDEX_NAME} and no {SINGLE_NAME}; this is not a safetensors checkpoint")
+            ckpt.problems.append(f"{root}: no {INDEX_NAME}; reading the {len(found)} .safetensors files found")
+            shard_names = found
+        ckpt._load_shards(shard_names)
+        return ckpt
+
+    def _load_config(self) -> None:
+        path = self.root / CONFIG_NAME
+        if not path.exists():
+            self.problems.append(f"{path}: missing; copy config.json from the original release")
+            return
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            self.problems.append(f"{path}: unreadable or not JSON ({exc.__class__.__name__}); restore it from the release")
+            return
+        if not isinstance(config, dict):
+            self.problems.append(f"{path}: is not a JSON object; restore it from the release")
+            return
+        self.config = config
+
+    def _load_index(self, path: Path) -> list[str]:
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise Dsv3Error(f"{path}: unreadable or not JSON ({exc.__class__.__name__}); restore it from the release") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise Dsv3Error(f"{path}: has no `weight_map` object of tensor name -> shard file; restore it from the release")
+        for name, file in weight_map.items():
+            if not _is_safe_relative(file):
+                raise Dsv3Error(
+                    f"{path}: tensor `{name}` points at {file!r}, outside the checkpoint; refusing to open it"
+                )
+        self.index = index
+        return sorted(set(weight_map.values()))
+
+    def _load_shards(self, shard_names: list[str]) -> None:
+        owner: dict[str, str] = {}
+        for name in shard_names:
+            path = self.root / name
+            if not path.exists():
+                self.problems.append(f"{path}: missing (listed in the index); download it again")
+                continue
+            try:
+                header = read_header(path)
+            except HeaderError as exc:
+                self.problems.append(str(exc))
+                continue
+            self.shards[name] = ShardInfo(name, path, header, path.stat().st_size)
+            for entry in header.tensors:
+                if entry.name in owner:
+                    self.problems.append(f"tensor `{entry.name}` is stored twice: in {owner[entry.name]} and in {name}")
+                    continue
+                owner[entry.name] = name
+                self.tensors[entry.name] = TensorInfo(
+                    entry.name, name, entry.dtype, entry.shape, header.data_start + entry.begin, entry.nbytes
+                )
+        if self.index is None:
+            return
+        weight_map = self.index["weight_map"]
+        for tensor, file in weight_map.items():
+            if file not in self.shards:
+                continue  # the missing or damaged file is already reported
+            if tensor not in self.tensors:
+                self.problems.append(f"tensor `{tensor}` is listed in the index under {file} but absent from every shard")
+            elif self.tensors[tensor].file != file:
+                self.problems.append(
+                    f"tensor `{tensor}` is listed in the index under {file} but stored in {self.tensors[tensor].file}"
+                )
+        for tensor, info in self.tensors.items():
+            if tensor not in weight_map:
+                self.problems.append(f"tensor `{tensor}` is in {info.file} but not in the index")
+
+    # ---------------------------------------------------------------------------------------- queries
+    def require_clean(self) -> None:
+        """Refuse to convert a checkpoint that has problems: name the first, count the rest."""
+        if self.problems:
+            more = f" (and {len(self.problems) - 1} more problems; run `dsv3conv inspect`)" if len(self.problems) > 1 else ""
+            raise Dsv3Error(self.problems[0] + more)
+
+    def require_config(self) -> dict:
+        if self.config is None:
+            raise Dsv3Error(f"{self.root / CONFIG_NAME}: missing or unreadable; it is needed to find the MTP layers")
+        return self.config
+
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def extra_files(self) -> list[str]:
+        """Files besides shards, index and config (tokenizer, remote code, README...), relative paths."""
+        skip = set(self.shards) | {INDEX_NAME, CONFIG_NAME, SINGLE_NAME}
+        out = []
+        for path in sorted(self.root.rglob("*")):
+            rel = path.relative_to(self.root).as_posix()
+            if rel in skip or rel.startswith(".") or "/." in rel or not path.is_file():
+                continue
+            if rel.endswith(".safetensors"):
+                continue  # stray shards not in the index are reported, never copied
+            out.append(rel)
+        return out
+
+    def read(self, info: TensorInfo, start: int = 0, length: int | None = None) -> bytearray:
+        """Read `length` bytes of a tensor's data from byte `start` (relative to the tensor)."""
+        length = info.nbytes - start if length is None else length
+        buf = bytearray(length)
+        with open(self.root / info.file, "rb", buffering=0) as f:
+            read_into(f, info.offset + start, memoryview(buf), self.root / info.file)
+        return buf
+
+
+def read_into(f, offset: int, view: memoryview, path: Path) -> None:
+    """Fill `view` from file `f` at `offset`; a short read means the file changed under us."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(f.fileno(), [view[got:]], offset + got)
+        if n == 0:
+            raise Dsv3Error(f"{path}: ended early while reading tensor data; the file is truncated, download it again")
+        got += n
+
+
+def _is_safe_relative(file: str) -> bool:
+    if not file or "\\" in file or "\x00" in file:
+        return False
+    p = PurePosixPath(file)
+    return not p.is_absolute() and ".." not in p.parts

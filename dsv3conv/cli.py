@@ -1,0 +1,241 @@
+"""The `dsv3conv` command line: one function per subcommand, errors mapped to one line and an exit code.
+
+Exit codes: 0 success; 1 a problem found in the data or a runtime failure; 2 a usage error; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dsv3conv import __version__
+from dsv3conv.errors import Dsv3Error
+
+app = typer.Typer(
+    name="dsv3conv",
+    help="Convert DeepSeek-V3-style FP8 checkpoints: inspect, dequant, split-mtp, verify.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+_state = {"debug": False}
+
+# Options shared by several subcommands, declared once.
+CkptArg = Annotated[Path, typer.Argument(help="Checkpoint directory (index + shards, or model.safetensors).", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Finish an earlier run into DST: complete files are kept.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the checkpoint files already in DST.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (a CUDA GPU if present, else CPU), cpu, cuda or cuda:N.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"dsv3conv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")] = False,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    _state["debug"] = debug
+
+
+@contextmanager
+def _errors():
+    """Map the project's errors to one line on stderr and the exit code; a traceback only with --debug."""
+    try:
+        yield
+    except Dsv3Error as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"dsv3conv: error: {exc}", markup=False)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("dsv3conv: interrupted; temporary files removed, rerun with --resume to finish", markup=False)
+        raise typer.Exit(130) from None
+    except OSError as exc:
+        if _state["debug"]:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        err.print(f"dsv3conv: error: {where}{exc.strerror or exc}", markup=False)
+        raise typer.Exit(1) from None
+
+
+def _print_json(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+# -------------------------------------------------------------------------------------------- inspect
+@app.command()
+def inspect(ckpt: CkptArg, json_out: JsonOpt = False) -> None:
+    """What a checkpoint holds: config, layers, MTP, quantization, tensors, parameter counts (headers only).
+
+    Example: dsv3conv inspect ~/models/DeepSeek-V3 --json
+    """
+    from dsv3conv.checkpoint import Checkpoint
+    from dsv3conv.inspection import inspect_checkpoint
+
+    with _errors():
+        report = inspect_checkpoint(Checkpoint.open(ckpt))
+    if json_out:
+        _print_json(report)
+    else:
+        _print_inspect(report)
+    if report["problems"]:
+        raise typer.Exit(1)
+
+
+def _print_inspect(r: dict) -> None:
+    t = Table(title=f"[bold]{r['path']}[/]", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("model type", str(r["model_type"]))
+    t.add_row("architectures", ", ".join(r["architectures"] or []) or "-")
+    t.add_row("layers", f"{r['num_hidden_layers']} main + {r['num_nextn_predict_layers'] or 0} MTP (config); {r['layers']} found")
+    t.add_row("MTP layer ids", ", ".join(map(str, r["mtp_layers"])) or "none")
+    q = r["quantization"]
+    t.add_row("quantization", json.dumps(q, separators=(", ", ": ")) if q else "none")
+    t.add_row("shards", f"{r['shards']} ({_fmt_bytes(r['tensor_bytes'])} of tensors; index total_size {r['total_size']})")
+    t.add_row("tensors", f"{r['tensors']:,}")
+    t.add_row("dtypes", "  ".join(f"{k} {v:,}" for k, v in r["dtypes"].items()))
+    f = r["fp8"]
+    t.add_row("FP8 weights", f"{f['weights_with_scale']:,} with scale, {f['weights_without_scale']:,} without; "
+              f"{f['orphan_scales']:,} orphan scales")
+    out.print(t)
+    p = r["params"]
+    pt = Table(title="parameters (scales excluded)", title_justify="left")
+    pt.add_column("figure")
+    pt.add_column("count", justify="right")
+    pt.add_column("")
+    rows = [
+        ("main model", p["main"], "every tensor outside the MTP layers"),
+        ("  embedding", p["embedding"], "model.embed_tokens"),
+        ("  head", p["head"], "lm_head"),
+        ("  activated per token", p["main_activated"], "incl. head, excl. embedding; top-k routed experts"),
+        ("  activated incl. embedding", p["main_activated"] + p["embedding"], ""),
+        ("MTP, all stored", p["mtp"], "incl. its copies of embedding and head"),
+        ("MTP unique", p["mtp_unique"], "without those copies"),
+        ("MTP activated per token", p["mtp_activated"], ""),
+        ("scale elements", p["scales"], "not parameters"),
+    ]
+    for name, n, note in rows:
+        pt.add_row(name, f"{n:,} ({n / 1e9:.3f}B)", note)
+    out.print(pt)
+    if r["problems"]:
+        out.print(f"[bold red]{len(r['problems'])} problems[/]")
+        for line in r["problems"]:
+            out.print(f"  - {line}", markup=False)
+    else:
+        out.print("[green]no problems found[/]")
+
+
+# -------------------------------------------------------------------------------------------- dequant
+@app.command()
+def dequant(
+    src: Annotated[Path, typer.Argument(help="FP8 checkpoint directory.", show_default=False)],
+    dst: Annotated[Path, typer.Argument(help="Output directory (absent or empty).", show_default=False)],
+    mtp: Annotated[str, typer.Option("--mtp", help="keep: convert the MTP layers too; drop: leave them out.")] = "keep",
+    device: DeviceOpt = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="bfloat16, float16 or float32.")] = "bfloat16",
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    max_shard_size: Annotated[
+        Optional[str], typer.Option("--max-shard-size", help="Re-shard to files of at most SIZE (e.g. 5GB).")
+    ] = None,
+    dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """FP8 -> BF16 (or FP16/FP32), bit-exact, streaming; rewrites config.json and the index.
+
+    Example: dsv3conv dequant ~/models/DeepSeek-V3 ~/models/DeepSeek-V3-bf16 --mtp drop
+    """
+    from dsv3conv.api import dequantize
+
+    with _errors():
+        result = dequantize(
+            src, dst, mtp=mtp, device=device, dtype=dtype, resume=resume, overwrite=overwrite,
+            max_shard_size=max_shard_size, dry_run=dry_run, progress=not (quiet or json_out and not err.is_terminal),
+        )
+    _print_result(result, json_out, dry_run)
+
+
+def _print_result(result: dict, json_out: bool, dry_run: bool) -> None:
+    if json_out:
+        _print_json(result)
+        return
+    if dry_run:
+        out.print(f"[bold]plan[/] {result['source']} -> {result['output']}")
+        for f in result["files"]:
+            out.print(f"  {f['name']}: {f['tensors']} tensors ({f['converted']} converted), {_fmt_bytes(f['bytes'])}"
+                      + (f" (copy of {f['copy_of']})" if f.get("copy_of") else ""), markup=False)
+        out.print(f"  tensors: {result['tensors_converted']} converted, {result['tensors_copied']} copied, "
+                  f"{result['tensors_dropped']} dropped")
+        out.print(f"  bytes: {_fmt_bytes(result['bytes_in'])} read, {_fmt_bytes(result['bytes_out'])} written")
+        for c in result["config_changes"]:
+            out.print(f"  config.json: {c}", markup=False)
+        out.print(f"  other files copied: {', '.join(result['extra_files']) or 'none'}", markup=False)
+        out.print("dry run: nothing written")
+        return
+    out.print(
+        f"wrote {result['output']}: {result['shards']} shards ({result['shards_skipped']} already complete), "
+        f"{result['tensors_converted']} tensors converted, {result['tensors_copied']} copied, "
+        f"{result['tensors_dropped']} dropped, {_fmt_bytes(result['bytes_written'])} in {result['seconds']:.1f} s "
+        f"on {result['device']}",
+        markup=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------ split-mtp
+@app.command("split-mtp")
+def split_mtp(src: CkptArg) -> None:
+    """Drop the MTP layers from a checkpoint, or extract them as a standalone draft checkpoint.
+
+    Example: dsv3conv split-mtp ~/models/DeepSeek-V3 --main-out ~/models/V3-main --mtp-out ~/models/V3-mtp
+    """
+    err.print("dsv3conv: split-mtp is not built yet")
+    raise typer.Exit(2)
+
+
+# --------------------------------------------------------------------------------------------- verify
+@app.command()
+def verify(ckpt: CkptArg) -> None:
+    """Prove a checkpoint is whole, and that a converted one equals its dequantized source.
+
+    Example: dsv3conv verify ~/models/DeepSeek-V3-bf16 --against ~/models/DeepSeek-V3
+    """
+    err.print("dsv3conv: verify is not built yet")
+    raise typer.Exit(2)
+
+
+def main() -> None:
+    # Writing past a file-size limit must be an error we can report, not a silent kill.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    app()

@@ -1,0 +1,169 @@
+"""The safetensors file format: parse and validate a header, build one.
+
+Why not the safetensors library here: dsv3conv must (a) list every problem of a damaged download instead of
+stopping at the first, (b) refuse an absurd header length before allocating, and (c) write shards as a stream,
+tensor by tensor, without holding a shard in memory (`safetensors.torch.save_file` needs every tensor at once).
+The library is still used in tests as an independent reader of what dsv3conv writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsv3conv.errors import HeaderError
+
+# Largest header accepted. The real DeepSeek-V3 shards have headers of ~100 KB; safetensors caps at 100 MB.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+HEADER_ALIGN = 8
+
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as a header describes it; offsets are relative to the start of the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated header: its tensors in data order, its metadata, and where the data section starts."""
+
+    tensors: tuple[TensorEntry, ...]
+    metadata: dict[str, str] | None
+    data_start: int  # 8 + header length
+    data_size: int  # bytes the header's tensors cover
+
+
+def read_header(path: Path) -> Header:
+    """Read and validate the header of `path`, reading only the length field and the JSON text."""
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise HeaderError(f"{path}: truncated inside the header length ({file_size} bytes); download it again")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise HeaderError(
+                    f"{path}: header length {header_len} is absurd (limit {MAX_HEADER_BYTES}); the file is not safetensors or is damaged"
+                )
+            if 8 + header_len > file_size:
+                raise HeaderError(
+                    f"{path}: header length {header_len} is larger than the file ({file_size} bytes); the file is truncated, download it again"
+                )
+            raw = f.read(header_len)
+    except IsADirectoryError:
+        raise HeaderError(f"{path}: is a directory, not a safetensors file") from None
+    except PermissionError:
+        raise HeaderError(f"{path}: not readable (permission denied); fix its permissions") from None
+    except FileNotFoundError:
+        raise HeaderError(f"{path}: file is missing; download it again") from None
+    header = parse_header(raw, path)
+    data_avail = file_size - header.data_start
+    if header.data_size > data_avail:
+        raise HeaderError(
+            f"{path}: truncated inside the data ({data_avail} of {header.data_size} data bytes present); download it again"
+        )
+    if header.data_size < data_avail:
+        raise HeaderError(
+            f"{path}: {data_avail - header.data_size} bytes after the last tensor that no header entry covers; the file is damaged"
+        )
+    return header
+
+
+def parse_header(raw: bytes, path: Path | str = "<header>") -> Header:
+    """Validate header JSON bytes; raise HeaderError naming the file and the bad entry."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HeaderError(f"{path}: header is not valid JSON ({exc.__class__.__name__}: {exc}); the file is damaged") from None
+    if not isinstance(obj, dict):
+        raise HeaderError(f"{path}: header is a JSON {type(obj).__name__}, not an object; the file is damaged")
+    metadata = obj.pop("__metadata__", None)
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise HeaderError(f"{path}: __metadata__ must map strings to strings")
+    entries = [_parse_entry(name, spec, path) for name, spec in obj.items()]
+    entries.sort(key=lambda e: (e.begin, e.end))
+    cursor = 0
+    for entry in entries:
+        if entry.begin != cursor:
+            what = "overlaps the previous tensor" if entry.begin < cursor else f"leaves a gap of {entry.begin - cursor} bytes"
+            raise HeaderError(f"{path}: tensor `{entry.name}` data_offsets {[entry.begin, entry.end]} {what}")
+        cursor = entry.end
+    return Header(tuple(entries), metadata, 8 + len(raw), cursor)
+
+
+def _parse_entry(name: str, spec: object, path: Path | str) -> TensorEntry:
+    if not isinstance(spec, dict):
+        raise HeaderError(f"{path}: tensor `{name}` entry is not an object")
+    dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise HeaderError(f"{path}: tensor `{name}` has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_nonneg_int(d) for d in shape):
+        raise HeaderError(f"{path}: tensor `{name}` shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_nonneg_int(o) for o in offsets)):
+        raise HeaderError(f"{path}: tensor `{name}` data_offsets {offsets!r} is not a pair of non-negative integers")
+    begin, end = offsets
+    if end < begin:
+        raise HeaderError(f"{path}: tensor `{name}` data_offsets {offsets} end before they begin")
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - begin != expected:
+        raise HeaderError(
+            f"{path}: tensor `{name}` covers {end - begin} bytes but {dtype} {shape} needs {expected}"
+        )
+    return TensorEntry(name, dtype, tuple(shape), begin, end)
+
+
+def _is_nonneg_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def build_header(
+    tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, list[int]]:
+    """Header bytes (length prefix included) for tensors laid out back to back in the given order.
+
+    Returns the bytes and each tensor's offset in the data section. The JSON is padded with spaces to a
+    multiple of 8 bytes so that tensor data stays aligned, as the safetensors library does.
+    """
+    obj: dict[str, object] = {}
+    if metadata is not None:
+        obj["__metadata__"] = metadata
+    offsets, cursor = [], 0
+    for name, dtype, shape in tensors:
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [cursor, cursor + nbytes]}
+        offsets.append(cursor)
+        cursor += nbytes
+    text = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % HEADER_ALIGN)
+    return struct.pack("<Q", len(text)) + text, offsets
+
+
+
