@@ -1,0 +1,34 @@
+# dsv3conv: `make demo` and `make test` set everything up themselves in .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned by version only: here that takes the local CPU wheel in seconds; on a GPU machine PyPI's
+# build of the same version is the CUDA one. Override with `make setup TORCH=torch==X` for another build.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test,interop]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python scripts/demo.py
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python scripts/bench_cpu.py
+
+lint: setup
+	$(BIN)/ruff check dsv3conv kernels tests scripts
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
