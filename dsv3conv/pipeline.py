@@ -291,7 +291,15 @@ class _ScaleCache:
         with open(self.root / info.file, "rb", buffering=0) as f:
             read_into(f, info.offset, memoryview(buf), self.root / info.file)
         raw = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
-        return raw.view(TORCH_DTYPES[info.dtype]).view(info.shape).to(torch.float32)
+        scale = raw.view(TORCH_DTYPES[info.dtype]).view(info.shape).to(torch.float32)
+        bad = ~(torch.isfinite(scale) & (scale > 0))
+        if bad.any():
+            value = scale[bad][0].item()
+            raise Dsv3Error(
+                f"tensor `{info.name}` in {info.file}: {int(bad.sum())} scale values are not finite and positive "
+                f"(first: {value}); the checkpoint is damaged, download that shard again"
+            )
+        return scale
 
 
 def _pieces(t: TensorPlan, chunk_bytes: int) -> Iterator[tuple[int, int]]:
