@@ -17,16 +17,18 @@ def dequantize(
     src: str | os.PathLike, dst: str | os.PathLike, *, mtp: str = "keep", device: str = "auto",
     dtype: str = "bfloat16", resume: bool = False, overwrite: bool = False,
     max_shard_size: str | int | None = None, dry_run: bool = False, progress: bool = False,
+    buffer_size: str | int | None = None,
 ) -> dict:
     """Convert an FP8 checkpoint to `dtype`; return the summary `--json` prints."""
     ckpt = Checkpoint.open(src)
     size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     plan = plan_dequant(ckpt, Path(dst), out_dtype=dtype, mtp=mtp, max_shard_size=size)
-    return run_plan(plan, device=device, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress)
+    return run_plan(plan, device=device, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress,
+                    buffer_size=buffer_size)
 
 
 def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrite: bool = False,
-             dry_run: bool = False, progress: bool = False) -> dict:
+             dry_run: bool = False, progress: bool = False, buffer_size: str | int | None = None) -> dict:
     summary = plan.summary()
     if dry_run:
         summary["files"] = [
@@ -38,16 +40,23 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
         summary["config"] = plan.config
         return summary
     from dsv3conv.backend import make_backend
-    from dsv3conv.pipeline import execute
+    from dsv3conv.pipeline import DEFAULT_CHUNK_BYTES, execute
     from dsv3conv.progress import ByteProgress
 
     backend = make_backend(device) if plan.converted else None
+    chunk = parse_size(buffer_size) if isinstance(buffer_size, str) else buffer_size
+    chunk = chunk or (DEFAULT_CHUNK_BYTES * 4 if getattr(backend, "pin_memory", False) else DEFAULT_CHUNK_BYTES)
     with ByteProgress(plan, enabled=progress) as bar:
-        stats = execute(plan, backend or _NoCompute(), resume=resume, overwrite=overwrite, progress=bar.advance)
+        stats = execute(plan, backend or _NoCompute(), resume=resume, overwrite=overwrite, progress=bar.advance,
+                        chunk_bytes=chunk)
     summary.update(
         device=backend.name if backend else "none", shards_skipped=stats.files_skipped,
-        bytes_written=stats.bytes_written, seconds=round(stats.seconds, 3),
+        bytes_written=stats.bytes_written, seconds=round(stats.seconds, 3), buffer_bytes=chunk,
     )
+    if backend is not None and backend.name.startswith("cuda"):
+        import torch
+
+        summary["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(backend.device)
     return summary
 
 
@@ -59,3 +68,4 @@ class _NoCompute:
 
     def run(self, buf, items):
         return [memoryview(buf[it.src_offset : it.src_offset + it.nbytes].numpy()) for it in items]
+from dsv3conv.split_mtp import split_mtp  # noqa: E402,F401  (re-exported: the split-mtp API)

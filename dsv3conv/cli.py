@@ -168,6 +168,11 @@ def dequant(
     max_shard_size: Annotated[
         Optional[str], typer.Option("--max-shard-size", help="Re-shard to files of at most SIZE (e.g. 5GB).")
     ] = None,
+    buffer_size: Annotated[
+        Optional[str],
+        typer.Option("--buffer-size", help="Bytes read per step (default 64MB on CPU, 256MB on GPU); memory in use "
+                     "is about 5x this on the host and 3x on the GPU."),
+    ] = None,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -181,7 +186,7 @@ def dequant(
     with _errors():
         result = dequantize(
             src, dst, mtp=mtp, device=device, dtype=dtype, resume=resume, overwrite=overwrite,
-            max_shard_size=max_shard_size, dry_run=dry_run, progress=not (quiet or json_out and not err.is_terminal),
+            max_shard_size=max_shard_size, dry_run=dry_run, buffer_size=buffer_size, progress=not (quiet or json_out and not err.is_terminal),
         )
     _print_result(result, json_out, dry_run)
 
@@ -214,13 +219,53 @@ def _print_result(result: dict, json_out: bool, dry_run: bool) -> None:
 
 # ------------------------------------------------------------------------------------------ split-mtp
 @app.command("split-mtp")
-def split_mtp(src: CkptArg) -> None:
+def split_mtp(
+    src: CkptArg,
+    main_out: Annotated[
+        Optional[Path], typer.Option("--main-out", help="Write the checkpoint without its MTP layers here.")
+    ] = None,
+    mtp_out: Annotated[
+        Optional[Path], typer.Option("--mtp-out", help="Write the MTP layers here as a standalone draft checkpoint.")
+    ] = None,
+    mtp_layout: Annotated[
+        str, typer.Option("--mtp-layout", help="sglang: draft without embed_tokens and shared_head.head; full: keep them.")
+    ] = "sglang",
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
     """Drop the MTP layers from a checkpoint, or extract them as a standalone draft checkpoint.
+
+    Tensors are copied byte for byte (FP8 or BF16); shards without MTP tensors are copied whole.
 
     Example: dsv3conv split-mtp ~/models/DeepSeek-V3 --main-out ~/models/V3-main --mtp-out ~/models/V3-mtp
     """
-    err.print("dsv3conv: split-mtp is not built yet")
-    raise typer.Exit(2)
+    from dsv3conv.api import split_mtp as run_split
+
+    with _errors():
+        result = run_split(
+            src, main_out=main_out, mtp_out=mtp_out, mtp_layout=mtp_layout, resume=resume, overwrite=overwrite,
+            dry_run=dry_run, progress=not (quiet or json_out and not err.is_terminal),
+        )
+    if json_out:
+        _print_json(result)
+        return
+    for key, what in (("main", "main model"), ("mtp", f"MTP draft ({mtp_layout} layout)")):
+        part = result[key]
+        if part is None:
+            continue
+        if dry_run:
+            out.print(f"[bold]{what}[/]")
+            _print_result(part, False, True)
+            continue
+        out.print(
+            f"wrote {what} {part['output']}: {part['shards']} shards ({part['shards_copied_whole']} copied whole, "
+            f"{part['shards_skipped']} already complete), {part['tensors_copied']} tensors, "
+            f"{part['tensors_dropped']} left out, {_fmt_bytes(part['bytes_written'])} in {part['seconds']:.1f} s",
+            markup=False,
+        )
 
 
 # --------------------------------------------------------------------------------------------- verify

@@ -203,12 +203,14 @@ def _st_dtype(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------- real shapes
 def make_real_shapes(
     root: str | os.PathLike, *, num_layers: int = 2, num_experts: int = 16, mtp: bool = False,
-    shard_bytes: int = 4 * 1024**3, seed: int = 0,
+    shard_bytes: int = 4 * 1024**3, seed: int = 0, vocab_size: int | None = None,
 ) -> Path:
     """Write a checkpoint with the true DeepSeek-V3 tensor shapes (fewer layers/experts), random data."""
     root = Path(root)
     config = default_config()
     config.update(num_hidden_layers=num_layers, n_routed_experts=num_experts, num_nextn_predict_layers=int(mtp))
+    if vocab_size is not None:  # the embedding and head are BF16 copies: shrink them to keep FP8 dominant
+        config["vocab_size"] = vocab_size
     config["first_k_dense_replace"] = min(config["first_k_dense_replace"], max(num_layers - 1, 0))
     specs = deepseek_v3_tensors(config)
     total = sum(math.prod(s) * DTYPE_SIZES[d] for _, s, d in specs)
