@@ -270,13 +270,58 @@ def split_mtp(
 
 # --------------------------------------------------------------------------------------------- verify
 @app.command()
-def verify(ckpt: CkptArg) -> None:
+def verify(
+    ckpt: CkptArg,
+    against: Annotated[
+        Optional[Path],
+        typer.Option("--against", help="The FP8 source CKPT was converted from: compare with its dequantized tensors.",
+                     show_default=False),
+    ] = None,
+    sample: Annotated[
+        Optional[float],
+        typer.Option("--sample", metavar="FRACTION",
+                     help="Read this fraction of the tensors (default 0.05; at least one per dtype).", show_default=False),
+    ] = None,
+    full: Annotated[bool, typer.Option("--full", help="Read every tensor.")] = False,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
     """Prove a checkpoint is whole, and that a converted one equals its dequantized source.
 
     Example: dsv3conv verify ~/models/DeepSeek-V3-bf16 --against ~/models/DeepSeek-V3
     """
-    err.print("dsv3conv: verify is not built yet")
-    raise typer.Exit(2)
+    from rich.text import Text
+
+    from dsv3conv.verify import verify_checkpoint
+
+    with _errors():
+        report = verify_checkpoint(
+            ckpt, against=against, sample=sample, full=full, device=device,
+            progress=not (quiet or json_out and not err.is_terminal),
+        )
+    if json_out:
+        _print_json(report)
+    else:
+        t = Table(title=Text(f"verify {ckpt}" + (f" against {against}" if against else ""), style="bold"),
+                  title_justify="left")
+        t.add_column("check", style="bold", no_wrap=True)
+        t.add_column("result", no_wrap=True)
+        t.add_column("detail")
+        for c in report["checks"]:
+            t.add_row(c["name"], "[green]pass[/]" if c["ok"] else "[bold red]FAIL[/]", Text(c["detail"]))
+        out.print(t)
+        failed = [c["name"] for c in report["checks"] if not c["ok"]]
+        if report["mismatches"]:
+            out.print(f"[bold red]{len(report['mismatches'])} tensors differ from the source:[/]")
+            for name in report["mismatches"]:
+                out.print(f"  {name}", markup=False)
+        if failed:
+            out.print(f"[bold red]{len(failed)} of {len(report['checks'])} checks failed:[/] {', '.join(failed)}")
+        else:
+            out.print(f"[green]all {len(report['checks'])} checks passed[/]")
+    if not report["ok"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -12,9 +12,9 @@ import fcntl
 import json
 import os
 import queue
-import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -30,14 +30,6 @@ from dsv3conv.writer import PARTIAL_SUFFIX, AtomicFile, write_bytes_atomic
 LOCK_NAME = ".dsv3conv.lock"
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 MAX_GAP_BYTES = 1 << 20  # small tensors between two read pieces are read along rather than seeked over
-
-
-@dataclass
-class Batch:
-    file: FilePlan
-    buf: torch.Tensor | None  # pooled input buffer (uint8)
-    items: list[Item]
-    out_bytes: int
 
 
 @dataclass
@@ -156,122 +148,126 @@ def _copy_file(src: Path, dst: Path) -> None:
             out.write(chunk)
 
 
-def _run_files(plan, backend, todo, stats, progress, chunk_bytes, depth) -> None:
+def _run_files(plan: Plan, backend, todo, stats: Stats, progress, chunk_bytes: int, depth: int) -> None:
+    """Readers fill pooled buffers, this thread converts, writers put each batch at its planned offset.
+
+    Every output byte's offset is known from the plan, so batches may finish in any order: several reader
+    and writer threads keep a fast disk (or tmpfs) busy, and each file is renamed into place by whichever
+    writer completes its last batch.
+    """
+    specs = [spec for k, f in todo for spec in _batch_specs(k, f, chunk_bytes)]
+    remaining = {k: 0 for k, _ in todo}
+    for spec in specs:
+        remaining[spec.k] += 1
+    open_files: dict[int, AtomicFile] = {}
+    files_lock = threading.Lock()
     pool: queue.Queue[torch.Tensor] = queue.Queue()
     for _ in range(depth + 2):
         pool.put(torch.empty(chunk_bytes + MAX_GAP_BYTES, dtype=torch.uint8, pin_memory=backend.pin_memory))
-    work_q: queue.Queue = queue.Queue(maxsize=depth)
-    write_q: queue.Queue = queue.Queue(maxsize=depth)
+    ready: queue.Queue = queue.Queue()
     stop = threading.Event()
     errors: list[BaseException] = []
+    next_spec = iter(specs)
+    spec_lock = threading.Lock()
+    scales = _ScaleCache(plan.source)
+    n_io = max(1, min(4, (os.cpu_count() or 2) // 2))
 
-    def put(q: queue.Queue, item) -> None:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                pass
+    def fail(exc: BaseException) -> None:
+        errors.append(exc)
+        stop.set()
 
     def get(q: queue.Queue):
-        while True:
+        while not stop.is_set():
             try:
-                return q.get(timeout=0.1)
+                return q.get(timeout=0.05)
             except queue.Empty:
-                if stop.is_set():
-                    raise _Stopped() from None
+                pass
+        raise _Stopped()
 
     def reader() -> None:
+        handles: dict[str, object] = {}
         try:
-            scales = _ScaleCache(plan.source)
-            for k, f in todo:
-                if stop.is_set():
+            while not stop.is_set():
+                with spec_lock:
+                    spec = next(next_spec, None)
+                if spec is None:
                     return
-                put(work_q, ("open", k, f))
-                if f.copy_of is None:
-                    for batch in _batches(plan.source, f, pool, chunk_bytes, scales, get, stop):
-                        put(work_q, ("batch", batch))
-                put(work_q, ("close", k, f))
-            put(work_q, None)
+                buf = get(pool) if spec.span_len or spec.pieces else None
+                items = _read_batch(plan.source, spec, buf, handles, scales)
+                ready.put((spec, buf, items))
         except _Stopped:
             pass
         except BaseException as exc:  # noqa: BLE001  (handed to the main thread)
-            errors.append(exc)
-            stop.set()
-
-    def writer() -> None:
-        out: AtomicFile | None = None
-        try:
-            while True:
-                msg = get(write_q)
-                if msg is None:
-                    return
-                if msg[0] == "open":
-                    _, k, f = msg
-                    if f.copy_of is not None:
-                        _copy_file(plan.source / f.copy_of, plan.dest / f.name)
-                        if progress:
-                            progress(f.size, k, f.name)
-                        continue
-                    out = AtomicFile(plan.dest / f.name)
-                    out.write(f.header)
-                    if progress:
-                        progress(len(f.header), k, f.name)
-                elif msg[0] == "batch":
-                    _, batch, outs, k = msg
-                    for piece in outs:
-                        out.write(piece)
-                    if batch.buf is not None:
-                        pool.put(batch.buf)
-                    if progress:
-                        progress(batch.out_bytes, k, batch.file.name)
-                elif msg[0] == "close":
-                    _, k, f = msg
-                    if out is not None:
-                        if out.written != f.size:
-                            raise Dsv3Error(f"{out.final}: wrote {out.written} bytes, the plan says {f.size}; this is a bug")
-                        out.commit()
-                        out = None
-                    stats.files_written += 1
-                    stats.bytes_written += f.size
-        except _Stopped:
-            pass
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-            stop.set()
+            fail(exc)
         finally:
-            if out is not None:
-                out.abort()
+            for fh in handles.values():
+                fh.close()
 
-    threads = [threading.Thread(target=reader, name="dsv3conv-reader", daemon=True),
-               threading.Thread(target=writer, name="dsv3conv-writer", daemon=True)]
-    for t in threads:
-        t.start()
-    try:
-        current = -1
-        while True:
-            msg = get(work_q)
-            if msg is None:
-                put(write_q, None)
-                break
-            if msg[0] == "batch":
-                batch = msg[1]
-                outs = backend.run(batch.buf, batch.items) if batch.items else []
-                put(write_q, ("batch", batch, outs, current))
+    def output(spec: _BatchSpec) -> AtomicFile:
+        with files_lock:
+            out = open_files.get(spec.k)
+            if out is None:
+                out = open_files[spec.k] = AtomicFile(plan.dest / spec.file.name)
+                out.pwrite(spec.file.header, 0)
+                if progress:
+                    progress(len(spec.file.header), spec.k, spec.file.name)
+            return out
+
+    def write(spec: _BatchSpec, buf, outs) -> None:
+        try:
+            if stop.is_set():
+                return
+            if spec.file.copy_of is not None:
+                _copy_file(plan.source / spec.file.copy_of, plan.dest / spec.file.name)
+                done = True
             else:
-                current = msg[1]
-                put(write_q, msg)
-        threads[1].join()
+                out = output(spec)
+                offset = spec.out_offset
+                for piece in outs:
+                    out.pwrite(piece, offset)
+                    offset += len(piece)
+                if buf is not None:
+                    pool.put(buf)
+                with files_lock:
+                    remaining[spec.k] -= 1
+                    done = remaining[spec.k] == 0
+                    if done:
+                        del open_files[spec.k]
+                if done:
+                    if out.written != spec.file.size:
+                        raise Dsv3Error(f"{out.final}: wrote {out.written} bytes, the plan says {spec.file.size}; this is a bug")
+                    out.commit()
+            if progress:
+                progress(spec.out_bytes if spec.file.copy_of is None else spec.file.size, spec.k, spec.file.name)
+            if done:
+                with files_lock:
+                    stats.files_written += 1
+                    stats.bytes_written += spec.file.size
+        except BaseException as exc:  # noqa: BLE001
+            fail(exc)
+
+    readers = [threading.Thread(target=reader, name=f"dsv3conv-reader-{i}", daemon=True) for i in range(n_io)]
+    for t in readers:
+        t.start()
+    writers = ThreadPoolExecutor(max_workers=n_io, thread_name_prefix="dsv3conv-writer")
+    try:
+        for _ in range(len(specs)):
+            spec, buf, items = get(ready)
+            outs = backend.run(buf, items) if items else []
+            writers.submit(write, spec, buf, outs)
+        writers.shutdown(wait=True)
     except _Stopped:
         pass
     except BaseException:
         stop.set()
-        for t in threads:
-            t.join()
         raise
-    stop.set()
-    for t in threads:
-        t.join()
+    finally:
+        stop.set()
+        writers.shutdown(wait=True, cancel_futures=True)
+        for t in readers:
+            t.join()
+        for out in open_files.values():
+            out.abort()
     if errors:
         raise errors[0]
 
@@ -281,12 +277,27 @@ class _Stopped(Exception):
 
 
 class _ScaleCache:
-    """Scales are small and may sit in another shard: read each once, as float32."""
+    """Scales are small and may sit in another shard: read each once, as float32 (the last few kept)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, keep: int = 64):
         self.root = root
+        self.keep = keep
+        self._cache: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
 
     def get(self, info) -> torch.Tensor:
+        with self._lock:
+            hit = self._cache.get(info.name)
+        if hit is not None:
+            return hit
+        scale = self._read(info)
+        with self._lock:
+            if len(self._cache) >= self.keep:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[info.name] = scale
+        return scale
+
+    def _read(self, info) -> torch.Tensor:
         buf = bytearray(info.nbytes)
         with open(self.root / info.file, "rb", buffering=0) as f:
             read_into(f, info.offset, memoryview(buf), self.root / info.file)
@@ -316,56 +327,64 @@ def _pieces(t: TensorPlan, chunk_bytes: int) -> Iterator[tuple[int, int]]:
         yield r0 * cols, min(rows_per, rows - r0) * cols
 
 
-def _batches(root, f: FilePlan, pool, chunk_bytes, scales: _ScaleCache, get, stop) -> Iterator[Batch]:
-    """Group the file's tensor pieces into batches of contiguous source bytes, read them into pool buffers."""
-    handles: dict[str, object] = {}
-    pending: list[tuple[TensorPlan, int, int]] = []  # (tensor, start in tensor, bytes)
-    span_start = span_end = -1
-    span_file = None
+@dataclass
+class _BatchSpec:
+    """One read -> convert -> write step, decided before any data moves."""
 
-    def flush() -> Batch | None:
-        nonlocal pending, span_start, span_end, span_file
-        if not pending:
-            return None
-        buf = get(pool)
-        fh = handles.get(span_file) or handles.setdefault(span_file, open(root / span_file, "rb", buffering=0))
-        read_into(fh, span_start, memoryview(buf.numpy())[: span_end - span_start], root / span_file)
-        items, out_bytes = [], 0
-        for t, start, n in pending:
-            src_off = t.source.offset + start - span_start
-            if t.converts:
-                rows_in, cols = n // t.shape[1], t.shape[1]
-                r0 = start // cols
-                full = scale_cache.setdefault(t.scale.name, scales.get(t.scale))
-                sc = full[r0 // 128 : -(-(r0 + rows_in) // 128)]
-                items.append(Item(src_off, n, rows_in, cols, sc.contiguous(), t.dtype))
-                out_bytes += rows_in * cols * TORCH_DTYPES[t.dtype].itemsize
-            else:
-                items.append(Item(src_off, n))
-                out_bytes += n
-        batch = Batch(f, buf, items, out_bytes)
-        pending, span_start, span_end, span_file = [], -1, -1, None
-        return batch
+    k: int  # index of the output file in the plan
+    file: FilePlan
+    src_file: str | None
+    span_start: int  # absolute offset of the read in the source file
+    span_len: int
+    pieces: list[tuple[TensorPlan, int, int]]  # (tensor, start byte in the tensor's source, source bytes)
+    out_offset: int  # absolute offset of the batch's first output byte in the output file
+    out_bytes: int
 
-    scale_cache: dict[str, torch.Tensor] = {}
-    try:
-        for t in f.tensors:
-            for start, n in _pieces(t, chunk_bytes):
-                if stop.is_set():
-                    return
-                a = t.source.offset + start
-                fits = (
-                    span_file == t.source.file and span_end <= a <= span_end + MAX_GAP_BYTES
-                    and a + n - span_start <= chunk_bytes + MAX_GAP_BYTES
-                )
-                if pending and not fits:
-                    yield flush()
-                if not pending:
-                    span_file, span_start = t.source.file, a
-                pending.append((t, start, n))
-                span_end = a + n
-        if pending:
-            yield flush()
-    finally:
-        for fh in handles.values():
-            fh.close()
+
+def _batch_specs(k: int, f: FilePlan, chunk_bytes: int) -> list[_BatchSpec]:
+    """Group the file's tensor pieces into batches of contiguous source bytes (interleaved small scales read along)."""
+    if f.copy_of is not None:
+        return [_BatchSpec(k, f, None, 0, 0, [], 0, f.size)]
+    specs: list[_BatchSpec] = []
+    out_offset = len(f.header)
+    cur: _BatchSpec | None = None
+    for t in f.tensors:
+        for start, n in _pieces(t, chunk_bytes):
+            a = t.source.offset + start
+            out_n = n // t.source.itemsize * TORCH_DTYPES[t.dtype].itemsize if t.converts else n
+            fits = cur is not None and (
+                cur.src_file == t.source.file
+                and cur.span_start + cur.span_len <= a <= cur.span_start + cur.span_len + MAX_GAP_BYTES
+                and a + n - cur.span_start <= chunk_bytes + MAX_GAP_BYTES
+            )
+            if not fits:
+                cur = _BatchSpec(k, f, t.source.file, a, 0, [], out_offset, 0)
+                specs.append(cur)
+            cur.pieces.append((t, start, n))
+            cur.span_len = a + n - cur.span_start
+            cur.out_bytes += out_n
+            out_offset += out_n
+    if not specs:  # a file of empty tensors still gets its header
+        specs.append(_BatchSpec(k, f, None, 0, 0, [], out_offset, 0))
+    return specs
+
+
+def _read_batch(root: Path, spec: _BatchSpec, buf, handles: dict, scales: _ScaleCache) -> list[Item]:
+    """Read the batch's source span into `buf`; describe each piece for the backend."""
+    if not spec.pieces:
+        return []
+    fh = handles.get(spec.src_file)
+    if fh is None:
+        fh = handles[spec.src_file] = open(root / spec.src_file, "rb", buffering=0)
+    read_into(fh, spec.span_start, memoryview(buf.numpy())[: spec.span_len], root / spec.src_file)
+    items = []
+    for t, start, n in spec.pieces:
+        src_off = t.source.offset + start - spec.span_start
+        if t.converts:
+            cols = t.shape[1]
+            r0, rows = start // cols, n // cols
+            sc = scales.get(t.scale)[r0 // 128 : -(-(r0 + rows) // 128)]
+            items.append(Item(src_off, n, rows, cols, sc.contiguous(), t.dtype))
+        else:
+            items.append(Item(src_off, n))
+    return items

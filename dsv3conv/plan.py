@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsv3conv.checkpoint import INDEX_NAME, Checkpoint, TensorInfo
+from dsv3conv.checkpoint import Checkpoint, TensorInfo
 from dsv3conv.errors import Dsv3Error, UsageError
-from dsv3conv.layout import FP8_DTYPE, fp8_coverage, is_scale, layer_id, mtp_layer_ids
+from dsv3conv.layout import fp8_coverage, is_scale, layer_id, mtp_layer_ids
 from dsv3conv.safetensors_format import DTYPE_SIZES, build_header
 
 OUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
