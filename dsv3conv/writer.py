@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 from dsv3conv.errors import Dsv3Error
@@ -25,12 +26,14 @@ class AtomicFile:
     def __init__(self, final: Path):
         self.final = final
         self.tmp = partial_path(final)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = -1
         try:
+            final.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
             raise _write_error(final, exc) from None
         self.written = 0
+        self._lock = threading.Lock()
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
@@ -42,6 +45,19 @@ class AtomicFile:
         except OSError as exc:
             self.abort()
             raise _write_error(self.final, exc) from None
+
+    def pwrite(self, data, offset: int) -> None:
+        """Write `data` at `offset`; safe from several threads writing disjoint ranges."""
+        view = memoryview(data).cast("B")
+        total = len(view)
+        try:
+            while view:
+                n = os.pwrite(self._fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as exc:
+            raise _write_error(self.final, exc) from None
+        with self._lock:
+            self.written += total
 
     def commit(self) -> None:
         try:
