@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -21,6 +22,12 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 SCALE_SUFFIX = "_scale_inv"
+# JSON files are read whole: refuse sizes no real checkpoint has (the DeepSeek-V3 index is ~9 MB).
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_INDEX_BYTES = 256 * 1024 * 1024
+# config.json fields that layer and MTP logic turn into ranges: non-negative integers, bounded.
+CONFIG_COUNTS = ("num_hidden_layers", "num_nextn_predict_layers", "num_experts_per_tok")
+MAX_CONFIG_COUNT = 100_000
 
 
 @dataclass(frozen=True)
@@ -94,28 +101,43 @@ class Checkpoint:
             self.problems.append(f"{path}: missing; copy config.json from the original release")
             return
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            self.problems.append(f"{path}: unreadable or not JSON ({exc.__class__.__name__}); restore it from the release")
+            config = _read_json(path, MAX_CONFIG_BYTES)
+        except Dsv3Error as exc:
+            self.problems.append(str(exc))
             return
         if not isinstance(config, dict):
             self.problems.append(f"{path}: is not a JSON object; restore it from the release")
             return
+        for key in CONFIG_COUNTS:
+            value = config.get(key)
+            if value is not None and not (_is_count(value) and value <= MAX_CONFIG_COUNT):
+                self.problems.append(
+                    f"{path}: {key} is {_short(value)}, not an integer from 0 to {MAX_CONFIG_COUNT}; fix config.json"
+                )
+                return  # layer and MTP logic must not run on it
+        arch = config.get("architectures")
+        if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+            self.problems.append(f"{path}: architectures is {_short(arch)}, not a list of class names; fix config.json")
+            return
         self.config = config
 
     def _load_index(self, path: Path) -> list[str]:
-        try:
-            index = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise Dsv3Error(f"{path}: unreadable or not JSON ({exc.__class__.__name__}); restore it from the release") from None
+        index = _read_json(path, MAX_INDEX_BYTES)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise Dsv3Error(f"{path}: has no `weight_map` object of tensor name -> shard file; restore it from the release")
+        metadata = index.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise Dsv3Error(f"{path}: `metadata` is {type(metadata).__name__}, not an object; restore it from the release")
         for name, file in weight_map.items():
+            if len(name) > 1024 or not name.isprintable():
+                raise Dsv3Error(f"{path}: tensor name {_short(name)} is not a plain tensor name; restore it from the release")
             if not _is_safe_relative(file):
                 raise Dsv3Error(
-                    f"{path}: tensor `{name}` points at {file!r}, outside the checkpoint; refusing to open it"
+                    f"{path}: tensor `{name}` points at {_short(file)}, outside the checkpoint; refusing to open it"
                 )
+        if not weight_map:
+            self.problems.append(f"{path}: `weight_map` is empty; restore it from the release")
         self.index = index
         return sorted(set(weight_map.values()))
 
@@ -204,7 +226,45 @@ def read_into(f, offset: int, view: memoryview, path: Path) -> None:
 
 
 def _is_safe_relative(file: str) -> bool:
-    if not file or "\\" in file or "\x00" in file:
+    if not file or "\\" in file or not file.isprintable() or len(file) > 4096:
         return False
     p = PurePosixPath(file)
-    return not p.is_absolute() and ".." not in p.parts
+    return bool(p.parts) and not p.is_absolute() and ".." not in p.parts
+
+
+def _read_json(path: Path, limit: int) -> object:
+    """Parse a JSON file of at most `limit` bytes; a FIFO, a device or a damaged file is one Dsv3Error line."""
+    restore = "restore it from the release"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never wait on a FIFO
+    except PermissionError:
+        raise Dsv3Error(f"{path}: not readable (permission denied); fix its permissions") from None
+    except OSError as exc:
+        raise Dsv3Error(f"{path}: unreadable ({exc.strerror}); {restore}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Dsv3Error(f"{path}: is not a regular file; {restore}")
+        if st.st_size > limit:
+            raise Dsv3Error(f"{path}: {st.st_size} bytes, far larger than such a file can be (limit {limit}); {restore}")
+        raw = bytearray()
+        while len(raw) <= limit and (chunk := os.read(fd, 1 << 20)):
+            raw += chunk
+    except OSError as exc:
+        raise Dsv3Error(f"{path}: unreadable ({exc.strerror}); {restore}") from None
+    finally:
+        os.close(fd)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else exc.__class__.__name__
+        raise Dsv3Error(f"{path}: not valid JSON ({reason}); {restore}") from None
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = ascii(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

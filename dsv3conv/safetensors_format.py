@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,11 @@ from dsv3conv.errors import HeaderError
 # Largest header accepted. The real DeepSeek-V3 shards have headers of ~100 KB; safetensors caps at 100 MB.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 HEADER_ALIGN = 8
+# Limits that keep a hostile header from costing time or memory (products of huge shapes, endless names);
+# real checkpoints are far inside them. Sizes and offsets must fit the format's u64 fields.
+MAX_NDIM = 64
+MAX_NAME_CHARS = 1024
+MAX_U64 = 2**64 - 1
 
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
@@ -61,8 +67,25 @@ class Header:
 def read_header(path: Path) -> Header:
     """Read and validate the header of `path`, reading only the length field and the JSON text."""
     try:
-        with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
+        # O_NONBLOCK: a FIFO planted under a shard's name must be refused, not waited on forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except IsADirectoryError:
+        raise HeaderError(f"{path}: is a directory, not a safetensors file") from None
+    except PermissionError:
+        raise HeaderError(f"{path}: not readable (permission denied); fix its permissions") from None
+    except FileNotFoundError:
+        raise HeaderError(f"{path}: file is missing; download it again") from None
+    except OSError as exc:
+        raise HeaderError(f"{path}: cannot be opened ({exc.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise HeaderError(f"{path}: is a directory, not a safetensors file")
+        raise HeaderError(f"{path}: is not a regular file (a device, FIFO or socket); replace it with the shard")
+    file_size = st.st_size
+    with os.fdopen(fd, "rb") as f:
+        try:
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise HeaderError(f"{path}: truncated inside the header length ({file_size} bytes); download it again")
@@ -76,12 +99,10 @@ def read_header(path: Path) -> Header:
                     f"{path}: header length {header_len} is larger than the file ({file_size} bytes); the file is truncated, download it again"
                 )
             raw = f.read(header_len)
-    except IsADirectoryError:
-        raise HeaderError(f"{path}: is a directory, not a safetensors file") from None
-    except PermissionError:
-        raise HeaderError(f"{path}: not readable (permission denied); fix its permissions") from None
-    except FileNotFoundError:
-        raise HeaderError(f"{path}: file is missing; download it again") from None
+        except OSError as exc:
+            raise HeaderError(f"{path}: read failed ({exc.strerror}); check the disk and download it again") from None
+    if len(raw) < header_len:
+        raise HeaderError(f"{path}: ended inside the header (the file shrank while being read); download it again")
     header = parse_header(raw, path)
     data_avail = file_size - header.data_start
     if header.data_size > data_avail:
@@ -101,6 +122,10 @@ def parse_header(raw: bytes, path: Path | str = "<header>") -> Header:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HeaderError(f"{path}: header is not valid JSON ({exc.__class__.__name__}: {exc}); the file is damaged") from None
+    except RecursionError:
+        raise HeaderError(f"{path}: header is not valid safetensors JSON (nested too deeply); the file is damaged") from None
+    except ValueError:  # an integer literal of thousands of digits
+        raise HeaderError(f"{path}: header holds a number too large for any size or offset; the file is damaged") from None
     if not isinstance(obj, dict):
         raise HeaderError(f"{path}: header is a JSON {type(obj).__name__}, not an object; the file is damaged")
     metadata = obj.pop("__metadata__", None)
@@ -120,19 +145,27 @@ def parse_header(raw: bytes, path: Path | str = "<header>") -> Header:
 
 
 def _parse_entry(name: str, spec: object, path: Path | str) -> TensorEntry:
+    if len(name) > MAX_NAME_CHARS or not name.isprintable():
+        # Names end up in messages and in the output's header: refuse control characters and endless names.
+        what = f"is {len(name)} characters long" if len(name) > MAX_NAME_CHARS else "holds control or unprintable characters"
+        raise HeaderError(f"{path}: tensor name {_short(name)} {what}; the file is damaged")
     if not isinstance(spec, dict):
         raise HeaderError(f"{path}: tensor `{name}` entry is not an object")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-        raise HeaderError(f"{path}: tensor `{name}` has unknown dtype {dtype!r}")
+        raise HeaderError(f"{path}: tensor `{name}` has unknown dtype {_short(dtype)}")
     if not isinstance(shape, list) or not all(_is_nonneg_int(d) for d in shape):
-        raise HeaderError(f"{path}: tensor `{name}` shape {shape!r} is not a list of non-negative integers")
+        raise HeaderError(f"{path}: tensor `{name}` shape {_short(shape)} is not a list of non-negative integers")
+    if len(shape) > MAX_NDIM:
+        raise HeaderError(f"{path}: tensor `{name}` has {len(shape)} dimensions (limit {MAX_NDIM}); the file is damaged")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_nonneg_int(o) for o in offsets)):
-        raise HeaderError(f"{path}: tensor `{name}` data_offsets {offsets!r} is not a pair of non-negative integers")
+        raise HeaderError(f"{path}: tensor `{name}` data_offsets {_short(offsets)} is not a pair of non-negative integers")
     begin, end = offsets
     if end < begin:
         raise HeaderError(f"{path}: tensor `{name}` data_offsets {offsets} end before they begin")
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if expected > MAX_U64:
+        raise HeaderError(f"{path}: tensor `{name}` {dtype} {_short(shape)} would need more than 2**64 bytes; the file is damaged")
     if end - begin != expected:
         raise HeaderError(
             f"{path}: tensor `{name}` covers {end - begin} bytes but {dtype} {shape} needs {expected}"
@@ -141,7 +174,13 @@ def _parse_entry(name: str, spec: object, path: Path | str) -> TensorEntry:
 
 
 def _is_nonneg_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_U64
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """A hostile value as it may appear in a one-line message: escaped, and cut to `limit` characters."""
+    text = ascii(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def build_header(
