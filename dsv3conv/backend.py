@@ -109,8 +109,9 @@ class CudaBackend:
                 dst_off += it.rows * it.cols * TORCH_DTYPES[it.out_dtype].itemsize
                 scale_off += it.scale.numel()
             host_out = torch.empty(out_size, dtype=torch.uint8, pin_memory=True)
+            used = max(it.src_offset + it.nbytes for it in conv)
             with torch.cuda.stream(self.stream):
-                src = buf.to(self.device, non_blocking=True)
+                src = buf[:used].to(self.device, non_blocking=True)
                 dst = torch.empty(out_size, dtype=torch.uint8, device=self.device)
                 sc = torch.cat(scales).to(self.device, non_blocking=True)
                 for dtype in {it.out_dtype for it in conv}:
