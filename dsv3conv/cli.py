@@ -307,7 +307,7 @@ def verify(
                   title_justify="left")
         t.add_column("check", style="bold", no_wrap=True)
         t.add_column("result", no_wrap=True)
-        t.add_column("detail")
+        t.add_column("detail", overflow="fold")
         for c in report["checks"]:
             t.add_row(c["name"], "[green]pass[/]" if c["ok"] else "[bold red]FAIL[/]", Text(c["detail"]))
         out.print(t)
