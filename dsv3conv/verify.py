@@ -3,7 +3,8 @@
 Checks of the checkpoint alone come from the index, the headers and config.json (files, headers, total_size,
 config, layers, mtp, quantization_config, fp8_scales) and from the tensor data (values: no NaN or Inf, scales
 finite and > 0). With a source (`against`), the tensor set, config.json and every compared tensor are held to
-what `dequant` makes of that source: the same backend computes the expected bytes, which must match bit for bit.
+what `dequant` makes of that source: the same backend computes the expected bytes, which must match bit
+for bit.
 
 Data checks cover a deterministic sample of tensors by default (a hash of each name orders them; at least one
 per dtype) or every tensor with `full`. Tensors are read in row chunks with pread by a reader thread into a
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import queue
+import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,7 +30,16 @@ import torch
 
 from dsv3conv.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo, read_into
 from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
-from dsv3conv.layout import BLOCK, FP8_DTYPE, fp8_coverage, is_scale, layer_id, mtp_layer_ids, scale_name
+from dsv3conv.layout import (
+    BLOCK,
+    FP8_DTYPE,
+    fp8_coverage,
+    is_scale,
+    layer_id,
+    mtp_layer_ids,
+    scale_name,
+    scale_shape,
+)
 from dsv3conv.plan import OUT_DTYPES
 from dsv3conv.safetensors_format import DTYPE_SIZES, read_header
 
@@ -78,9 +89,11 @@ def verify_checkpoint(
         raise UsageError("--sample and --full exclude each other; pick one")
     fraction = None if full else (DEFAULT_SAMPLE if sample is None else float(sample))
     if fraction is not None and not 0 < fraction <= 1:
-        raise UsageError(f"--sample {sample}: give a fraction of tensors in (0, 1], such as 0.05, or use --full")
+        raise UsageError(f"--sample {sample}: give a fraction of the tensors in (0, 1], such as 0.05, or --full")
     if chunk_bytes <= 0:
         raise UsageError("chunk_bytes must be positive")
+    if against is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise UsageError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
     root = _require_dir(Path(ckpt_path), "CKPT")
     src_root = _require_dir(Path(against), "--against") if against is not None else None
 
@@ -123,12 +136,13 @@ def _require_dir(path: Path, what: str) -> Path:
     if not path.exists():
         raise UsageError(f"{what} {path}: no such directory; give a checkpoint directory")
     if not path.is_dir():
-        raise UsageError(f"{what} {path}: is a file, not a checkpoint directory; give the directory that holds it")
+        raise UsageError(f"{what} {path}: is a file, not a checkpoint directory; give the directory holding it")
     return path
 
 
 def _result(checks: list[Check], mismatches: list[str]) -> dict:
-    return {"ok": all(c.ok for c in checks), "checks": [c.as_dict() for c in checks], "mismatches": mismatches}
+    ok = all(c.ok for c in checks)
+    return {"ok": ok, "checks": [c.as_dict() for c in checks], "mismatches": mismatches}
 
 
 # ---------------------------------------------------------------------------- checks from headers only
@@ -150,6 +164,8 @@ def _check_files(ckpt: Checkpoint) -> Check:
         problems += [f"{name} is listed in {INDEX_NAME} but missing"
                      for name in sorted(listed) if not (ckpt.root / name).is_file()]
         problems += [f"tensor `{n}` appears {k} times in {INDEX_NAME}" for n, k in _duplicate_index_keys(ckpt)]
+        if not weight_map:
+            problems.append(f"{INDEX_NAME}: `weight_map` is empty")
     elif SINGLE_NAME not in listed:
         problems.append(f"no {INDEX_NAME} and no {SINGLE_NAME}; {len(listed)} .safetensors files without an index")
     problems += [f"{name} is not listed in the index (a stray or leftover shard)"
@@ -159,24 +175,27 @@ def _check_files(ckpt: Checkpoint) -> Check:
     for shard in ckpt.shards.values():
         for entry in shard.header.tensors:
             if entry.name in owner:
-                problems.append(f"tensor `{entry.name}` is stored twice: in {owner[entry.name]} and in {shard.name}")
+                problems.append(
+                    f"tensor `{entry.name}` is stored twice: in {owner[entry.name]} and in {shard.name}")
             else:
                 owner[entry.name] = shard.name
     if ckpt.index is not None:
         for tensor, file in weight_map.items():
             if file not in ckpt.shards:
                 continue  # the missing or damaged file is reported on its own
+            listed_as = f"tensor `{tensor}` is listed in the index under {file}"
             if tensor not in owner:
-                problems.append(f"tensor `{tensor}` is listed in the index under {file} but absent from every shard")
+                problems.append(f"{listed_as} but absent from every shard")
             elif owner[tensor] != file:
-                problems.append(f"tensor `{tensor}` is listed in the index under {file} but stored in {owner[tensor]}")
+                problems.append(f"{listed_as} but stored in {owner[tensor]}")
         problems += [f"tensor `{t}` is stored in {f} but missing from the index"
                      for t, f in owner.items() if t not in weight_map]
     if problems:
         return Check("files", False, _join(problems))
     if ckpt.index is None:
         return Check("files", True, f"{SINGLE_NAME}: {len(ckpt.tensors):,} tensors, no other shards")
-    return Check("files", True, f"{len(listed)} shard files, {len(ckpt.tensors):,} tensors; index and shards agree")
+    return Check("files", True,
+                 f"{len(listed)} shard files, {len(ckpt.tensors):,} tensors; index and shards agree")
 
 
 def _duplicate_index_keys(ckpt: Checkpoint) -> list[tuple[str, int]]:
@@ -222,7 +241,8 @@ def _check_headers(ckpt: Checkpoint) -> Check:
     if problems:
         return Check("headers", False, _join(problems))
     size = sum(s.file_size for s in ckpt.shards.values())
-    return Check("headers", True, f"{len(ckpt.shards)} headers valid; file sizes match the headers ({size:,} bytes)")
+    return Check("headers", True,
+                 f"{len(ckpt.shards)} headers valid; file sizes match the headers ({size:,} bytes)")
 
 
 def _check_total_size(ckpt: Checkpoint) -> Check:
@@ -231,10 +251,11 @@ def _check_total_size(ckpt: Checkpoint) -> Check:
         return Check("total_size", True, f"single file, no index; {actual:,} tensor bytes")
     total = (ckpt.index.get("metadata") or {}).get("total_size")
     if total is None:
-        return Check("total_size", False, f"{INDEX_NAME} has no metadata.total_size; the tensors hold {actual:,} bytes")
+        return Check("total_size", False,
+                     f"{INDEX_NAME} has no metadata.total_size; the tensors hold {actual:,} bytes")
     if not isinstance(total, int) or isinstance(total, bool) or total != actual:
         return Check("total_size", False,
-                     f"{INDEX_NAME} metadata.total_size is {total!r} but the tensors in the shards hold {actual:,} bytes")
+                     f"{INDEX_NAME} metadata.total_size is {total!r} but the shards' tensors hold {actual:,} bytes")
     return Check("total_size", True, f"{total:,} bytes, the sum of the tensors")
 
 
@@ -243,7 +264,7 @@ def _check_config(ckpt: Checkpoint) -> list[Check]:
     path = ckpt.root / CONFIG_NAME
     config = ckpt.config
     if config is None:
-        why = next((line for line in ckpt.problems if line.startswith(str(path))), f"{path}: missing or unreadable")
+        why = next((p for p in ckpt.problems if p.startswith(str(path))), f"{path}: missing or unreadable")
         return [Check("config", False, why)] + [
             Check(n, False, f"not checked: {why}") for n in ("layers", "mtp", "quantization_config")]
     checks = [Check("config", True, f"{path.name}: model_type {config.get('model_type')!r}")]
@@ -262,10 +283,11 @@ def _check_config(ckpt: Checkpoint) -> list[Check]:
                 parts.append(f"no tensors for main layers {_ids(missing)}")
             if undeclared:
                 parts.append(f"layers {_ids(undeclared)} hold tensors but are not declared (main or MTP)")
-            checks.append(Check("layers", False, "; ".join(parts) + "; fix config.json or restore the missing shards"))
+            parts.append("fix config.json or restore the missing shards")
+            checks.append(Check("layers", False, "; ".join(parts)))
         else:
-            checks.append(Check("layers", True, f"num_hidden_layers={n_main}: main layers 0..{n_main - 1} present"
-                                if n_main else "num_hidden_layers=0"))
+            present = f": main layers 0..{n_main - 1} present" if n_main else ""
+            checks.append(Check("layers", True, f"num_hidden_layers={n_main}{present}"))
 
     n_mtp = config.get("num_nextn_predict_layers", 0) or 0
     problems = []
@@ -283,7 +305,8 @@ def _check_config(ckpt: Checkpoint) -> list[Check]:
         checks.append(Check("mtp", False, f"{path}: " + "; ".join(problems) + "; fix config.json"))
     elif mtp_ids:
         layers = "layers" if len(mtp_ids) > 1 else "layer"
-        checks.append(Check("mtp", True, f"num_nextn_predict_layers={n_mtp}: MTP {layers} {_ids(mtp_ids)} present"))
+        checks.append(Check("mtp", True,
+                            f"num_nextn_predict_layers={n_mtp}: MTP {layers} {_ids(mtp_ids)} present"))
     else:
         checks.append(Check("mtp", True, "no MTP layers declared, none present"))
 
@@ -291,7 +314,8 @@ def _check_config(ckpt: Checkpoint) -> list[Check]:
     has_qc = bool(config.get("quantization_config"))
     if has_fp8 and not has_qc:
         checks.append(Check("quantization_config", False,
-                            f"{path}: F8_E4M3 tensors present but no quantization_config; loaders would read them as plain weights"))
+                            f"{path}: F8_E4M3 tensors present but no quantization_config; loaders would read "
+                            "them as plain weights"))
     elif has_qc and not has_fp8:
         checks.append(Check("quantization_config", False,
                             f"{path}: quantization_config present but no F8_E4M3 tensors; loaders would try to load "
@@ -335,10 +359,12 @@ class _Expect:
 def _check_source(src: Checkpoint) -> Check:
     problems = list(src.problems)
     cov = fp8_coverage(src.tensors)
-    problems += [f"tensor `{n}` is F8_E4M3 but `{scale_name(n)}` is missing" for n in cov.unscaled] + cov.bad_scales
+    problems += [f"tensor `{n}` is F8_E4M3 but `{scale_name(n)}` is missing" for n in cov.unscaled]
+    problems += cov.bad_scales
     if problems:
         return Check("source", False, f"{src.root}: " + _join(problems))
-    return Check("source", True, f"{src.root}: {len(src.tensors):,} tensors, {len(cov.pairs):,} FP8 weights with scales")
+    return Check("source", True,
+                 f"{src.root}: {len(src.tensors):,} tensors, {len(cov.pairs):,} FP8 weights with scales")
 
 
 @dataclass
@@ -370,6 +396,8 @@ def _match_tensors(ckpt: Checkpoint, src: Checkpoint) -> _Match:
     for name in sorted(want & set(ckpt.tensors)):
         got, source = ckpt.tensors[name], src.tensors[name]
         scale = src.tensors[pairs[name]] if name in pairs else None
+        if scale is not None and not _usable_pair(source, scale):
+            continue  # the source check reports it; there is nothing to compare with
         if scale is not None:
             ok_dtype = got.dtype in _DTYPE_NAMES and got.dtype == out_dtype
             want_dtype = out_dtype if out_dtype in _DTYPE_NAMES else "BF16, F16 or F32"
@@ -378,10 +406,15 @@ def _match_tensors(ckpt: Checkpoint, src: Checkpoint) -> _Match:
         if ok_dtype and got.shape == source.shape:
             expected[name] = _Expect(source, scale)
         else:
-            misformed[name] = (f"tensor `{name}` is {got.dtype} {list(got.shape)} but the source's {source.dtype} "
-                               f"{list(source.shape)} makes {want_dtype} {list(source.shape)}")
+            misformed[name] = (f"tensor `{name}` is {got.dtype} {list(got.shape)} but the source's "
+                               f"{source.dtype} {list(source.shape)} makes {want_dtype} {list(source.shape)}")
     return _Match(expected, sorted(want - set(ckpt.tensors)), sorted(set(ckpt.tensors) - want), misformed,
                   out_dtype, mtp_dropped, len(src.tensors) - len(want))
+
+
+def _usable_pair(weight: TensorInfo, scale: TensorInfo) -> bool:
+    return (len(weight.shape) == 2 and scale.shape == scale_shape(weight.shape)
+            and scale.dtype in TORCH_DTYPES and scale.dtype != FP8_DTYPE)
 
 
 def _check_tensor_set(m: _Match) -> Check:
@@ -394,13 +427,15 @@ def _check_tensor_set(m: _Match) -> Check:
     if problems:
         return Check("tensor_set", False, _join(problems))
     n_conv = sum(e.scale is not None for e in m.expected.values())
-    return Check("tensor_set", True,
-                 f"{len(m.expected):,} tensors as expected: {n_conv:,} dequantized"
-                 + (f" to {m.out_dtype}" if m.out_dtype else "") + f", {len(m.expected) - n_conv:,} copied; "
-                 + f"{m.dropped:,} dropped" + (" (scales and the MTP layers)" if m.mtp_dropped else " (scales)"))
+    to = f" to {m.out_dtype}" if m.out_dtype else ""
+    why = "scales and the MTP layers" if m.mtp_dropped else "scales"
+    return Check("tensor_set", True, f"{len(m.expected):,} tensors as expected: {n_conv:,} dequantized{to}, "
+                 f"{len(m.expected) - n_conv:,} copied; {m.dropped:,} dropped ({why})")
 
 
-def _check_config_vs_source(ckpt: Checkpoint, src: Checkpoint, out_dtype: str | None, mtp_dropped: bool) -> Check:
+def _check_config_vs_source(
+    ckpt: Checkpoint, src: Checkpoint, out_dtype: str | None, mtp_dropped: bool
+) -> Check:
     """config.json must be the source's with exactly dequant's changes (see plan.plan_dequant)."""
     if ckpt.config is None or src.config is None:
         which = ckpt.root if ckpt.config is None else src.root
@@ -456,7 +491,9 @@ class _Scan:
     device: str = ""
 
 
-def _tasks(ckpt: Checkpoint, src: Checkpoint | None, expected: dict[str, _Expect], fraction: float | None) -> list[_Task]:
+def _tasks(
+    ckpt: Checkpoint, src: Checkpoint | None, expected: dict[str, _Expect], fraction: float | None
+) -> list[_Task]:
     pool = [n for n in ckpt.tensors if not is_scale(n)]
     if src is not None:
         def group(n: str) -> tuple:
@@ -692,7 +729,8 @@ def _check_values(raw: torch.Tensor, info: TensorInfo, e0: int, res: _TensorResu
         if res.bad_first < 0:
             res.bad_first = e0 + int(bad.nonzero()[0, 0])
             values = raw.view(TORCH_DTYPES[info.dtype])[bad].to(torch.float32)
-            res.bad_kind = "NaN" if bool(values.isnan().any()) else "Inf" if bool(values.isinf().any()) else "<= 0"
+            kinds = ("NaN", values.isnan()), ("Inf", values.isinf())
+            res.bad_kind = next((k for k, hit in kinds if bool(hit.any())), "<= 0")
         res.bad_values += count
 
 
@@ -735,8 +773,8 @@ def _values_check(scan: _Scan, tasks: list[_Task], ckpt: Checkpoint, fraction: f
             problems.append(f"tensor `{t.info.name}`: {r.error}")
         elif r.bad_values:
             what = "values that are not finite and > 0" if is_scale(t.info.name) else "NaN or Inf values"
-            problems.append(f"tensor `{t.info.name}` ({t.info.dtype}, {t.info.file}) has {r.bad_values:,} {what} "
-                            f"({r.bad_kind} first at {_where(r.bad_first, t.info.shape)})")
+            problems.append(f"tensor `{t.info.name}` ({t.info.dtype}, {t.info.file}) has {r.bad_values:,} "
+                            f"{what} ({r.bad_kind} first at {_where(r.bad_first, t.info.shape)})")
     sampled = sum(t.sampled for t in tasks)
     scales = len(tasks) - sampled
     others = sum(not is_scale(n) for n in ckpt.tensors)
@@ -749,7 +787,9 @@ def _values_check(scan: _Scan, tasks: list[_Task], ckpt: Checkpoint, fraction: f
                  + (f" (sample {fraction:g}, at least one tensor per dtype)" if fraction is not None else ""))
 
 
-def _data_check(scan: _Scan, tasks: list[_Task], expected: dict[str, _Expect], fraction: float | None) -> Check:
+def _data_check(
+    scan: _Scan, tasks: list[_Task], expected: dict[str, _Expect], fraction: float | None
+) -> Check:
     compared = [t for t in tasks if t.expect is not None]
     n_conv = sum(t.expect.scale is not None for t in compared)
     lines = []
@@ -759,14 +799,14 @@ def _data_check(scan: _Scan, tasks: list[_Task], expected: dict[str, _Expect], f
             lines.append(f"tensor `{t.info.name}`: not compared: {r.error}")
         elif r.differ:
             lines.append(
-                f"tensor `{t.info.name}` ({t.info.file}): {r.differ:,} of {t.info.numel:,} elements differ from the "
-                f"{'dequantized' if t.expect.scale is not None else 'copied'} source, largest difference "
-                f"{_fmt_diff(r.max_diff)} (first at {_where(r.diff_first, t.info.shape)})")
+                f"tensor `{t.info.name}` ({t.info.file}): {r.differ:,} of {t.info.numel:,} elements differ "
+                f"from the {'dequantized' if t.expect.scale is not None else 'copied'} source, largest "
+                f"difference {_fmt_diff(r.max_diff)} (first at {_where(r.diff_first, t.info.shape)})")
     scope = f"{len(compared):,} of {len(expected):,}" if fraction is not None else f"all {len(compared):,}"
-    how = f"{n_conv:,} dequantized on {scan.device}, {len(compared) - n_conv:,} copied" if n_conv else "all copied"
+    how = f"{n_conv:,} dequantized on {scan.device}, {len(compared) - n_conv:,} copied" if n_conv else "copied"
     if lines:
-        return Check("data_vs_source", False, f"{len(lines):,} of the {len(compared):,} compared tensors differ: "
-                     + "; ".join(lines))
+        head = f"{len(lines):,} of the {len(compared):,} compared tensors differ: "
+        return Check("data_vs_source", False, head + "; ".join(lines))
     return Check("data_vs_source", True, f"{scope} tensors bit-identical to the source ({how})")
 
 
@@ -786,8 +826,10 @@ class _Progress:
         )
 
         self.n = n_tensors
-        self._p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                           TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
+        self._p = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled,
+        )
         self._p.start()
         self._task = self._p.add_task(f"verify 0/{n_tensors} tensors", total=total)
 

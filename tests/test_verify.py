@@ -112,7 +112,10 @@ def test_float16_and_resharded_outputs_pass(tiny_src, tmp_path):
 
 def test_sample_is_deterministic_and_covers_every_group():
     names = [f"t{i}" for i in range(200)]
-    group = (lambda n: "rare" if n == "t17" else "common")
+
+    def group(n: str) -> str:
+        return "rare" if n == "t17" else "common"
+
     first = _choose(names, group, 0.05)
     assert first == _choose(list(reversed(names)), group, 0.05)
     assert len(first) in (10, 11) and "t17" in first
@@ -170,6 +173,15 @@ def test_tensor_removed_from_index(damaged):
     assert f"`{COPIED}`" in failed(report)["files"] and "missing from the index" in failed(report)["files"]
 
 
+def test_tensor_listed_twice_in_index(damaged):
+    text = (damaged / INDEX_NAME).read_text()
+    entry = f'"{COPIED}": '
+    start = text.index(entry)
+    line = text[start : text.index("\n", start)]
+    (damaged / INDEX_NAME).write_text(text.replace(line, line.rstrip(",") + ",\n    " + line.rstrip(",") + ",", 1))
+    assert f"tensor `{COPIED}` appears 2 times" in failed(verify_checkpoint(damaged))["files"]
+
+
 @pytest.mark.parametrize("layers", [2, 4])
 def test_config_with_wrong_layer_count(damaged, tiny_src, layers):
     edit_config(damaged, num_hidden_layers=layers)
@@ -224,6 +236,8 @@ def test_usage_errors(outputs, tmp_path):
         verify_checkpoint(tmp_path / "absent")
     with pytest.raises(UsageError):
         verify_checkpoint(outputs["keep"], against=tmp_path / "absent")
+    with pytest.raises(UsageError):
+        verify_checkpoint(outputs["keep"], against=outputs["keep"], device="tpu")
 
 
 # ------------------------------------------------------------------------------------ the command
@@ -256,5 +270,3 @@ def test_cli_table_and_usage_errors(outputs, damaged):
     proc = run_cli("verify", outputs["keep"], "-q", check=0)
     assert "all 9 checks passed" in proc.stdout
     assert "exclude each other" in run_cli("verify", outputs["keep"], "--full", "--sample", "0.5", check=2).stderr
-    run_cli("verify", outputs["keep"], "--sample", "0", check=2)
-    run_cli("verify", outputs["keep"] / "nowhere", check=2)
