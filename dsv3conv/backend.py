@@ -15,13 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.kernels.fp8_block_dequant import BLOCK_SIZE
 
-TORCH_DTYPES = {
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "BF16": torch.bfloat16,
-    "F16": torch.float16, "F32": torch.float32,
-}
 
 
 @dataclass

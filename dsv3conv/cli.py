@@ -57,7 +57,7 @@ def _main(
 
 
 @contextmanager
-def _errors():
+def _errors(writes: bool = False):
     """Map the project's errors to one line on stderr and the exit code; a traceback only with --debug."""
     try:
         yield
@@ -67,7 +67,8 @@ def _errors():
         err.print(f"dsv3conv: error: {exc}", markup=False)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        err.print("dsv3conv: interrupted; temporary files removed, rerun with --resume to finish", markup=False)
+        hint = "; temporary files removed, rerun with --resume to finish" if writes else ""
+        err.print(f"dsv3conv: interrupted{hint}", markup=False)
         raise typer.Exit(130) from None
     except OSError as exc:
         if _state["debug"]:
@@ -183,7 +184,7 @@ def dequant(
     """
     from dsv3conv.api import dequantize
 
-    with _errors():
+    with _errors(writes=True):
         result = dequantize(
             src, dst, mtp=mtp, device=device, dtype=dtype, resume=resume, overwrite=overwrite,
             max_shard_size=max_shard_size, dry_run=dry_run, buffer_size=buffer_size, progress=not (quiet or json_out and not err.is_terminal),
@@ -244,7 +245,7 @@ def split_mtp(
     """
     from dsv3conv.api import split_mtp as run_split
 
-    with _errors():
+    with _errors(writes=True):
         result = run_split(
             src, main_out=main_out, mtp_out=mtp_out, mtp_layout=mtp_layout, resume=resume, overwrite=overwrite,
             dry_run=dry_run, progress=not (quiet or json_out and not err.is_terminal),

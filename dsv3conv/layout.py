@@ -56,7 +56,7 @@ def default_config() -> dict:
 # ------------------------------------------------------------------------------------- FP8 coverage
 @dataclass(frozen=True)
 class Fp8Coverage:
-    pairs: dict[str, str]  # FP8 weight -> its scale tensor
+    pairs: dict[str, str]  # FP8 weight -> its scale tensor (of a valid shape and dtype)
     unscaled: list[str]  # FP8 weights without a scale
     orphan_scales: list[str]  # scales without an FP8 weight
     bad_scales: list[str]  # one line per scale of the wrong shape or dtype
@@ -72,7 +72,6 @@ def fp8_coverage(tensors: Mapping[str, TensorInfo], block: int = BLOCK) -> Fp8Co
         if scale is None:
             unscaled.append(name)
             continue
-        pairs[name] = sname
         if len(info.shape) != 2:
             bad.append(f"tensor `{name}` is {FP8_DTYPE} with shape {list(info.shape)}; only 2-D block-scaled weights are supported")
         elif scale.shape != scale_shape(info.shape, block):
@@ -82,7 +81,9 @@ def fp8_coverage(tensors: Mapping[str, TensorInfo], block: int = BLOCK) -> Fp8Co
             )
         elif scale.dtype not in SCALE_DTYPES:
             bad.append(f"tensor `{sname}` has dtype {scale.dtype}; scales must be one of {', '.join(SCALE_DTYPES)}")
-    scaled = set(pairs.values())
+        else:
+            pairs[name] = sname
+    scaled = {scale_name(n) for n, t in tensors.items() if t.dtype == FP8_DTYPE and not is_scale(n)}
     orphans = [n for n in tensors if is_scale(n) and n not in scaled]
     return Fp8Coverage(pairs, sorted(unscaled), sorted(orphans), bad)
 

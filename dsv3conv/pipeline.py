@@ -21,7 +21,8 @@ from typing import Iterator
 
 import torch
 
-from dsv3conv.backend import Item, TORCH_DTYPES
+from dsv3conv.backend import Item
+from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.checkpoint import CONFIG_NAME, INDEX_NAME, read_into
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.plan import FilePlan, Plan, TensorPlan

@@ -18,15 +18,12 @@ from typing import Callable
 import torch
 
 from dsv3conv.checkpoint import INDEX_NAME
+from dsv3conv.dtypes import SAFETENSORS_DTYPES, TORCH_DTYPES
 from dsv3conv.layout import FP8_DTYPE, deepseek_v3_tensors, default_config, is_scale, scale_name
 from dsv3conv.safetensors_format import DTYPE_SIZES, build_header
 from dsv3conv.writer import AtomicFile, write_bytes_atomic
 
 E4M3_MAX = 448.0
-TORCH_DTYPES = {
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "BF16": torch.bfloat16,
-    "F16": torch.float16, "F32": torch.float32, "U8": torch.uint8, "I64": torch.int64,
-}
 SCALE_DTYPE_CHOICES = ("F32", "BF16", "F16", "F8_E8M0")
 
 TensorSpec = tuple[str, tuple[int, ...], str]
@@ -197,7 +194,7 @@ def make_tiny(
 
 
 def _st_dtype(dtype: torch.dtype) -> str:
-    return {v: k for k, v in TORCH_DTYPES.items()}[dtype]
+    return SAFETENSORS_DTYPES[dtype]
 
 
 # --------------------------------------------------------------------------------------- real shapes

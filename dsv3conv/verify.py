@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo, read_into
 from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
 from dsv3conv.layout import (
@@ -49,10 +50,6 @@ DEPTH = 3
 LIST_LIMIT = 5  # names shown in one check's detail before "(and N more)"
 MTP_MARKERS = (".enorm.", ".hnorm.", ".eh_proj.")  # tensors only an MTP layer holds
 
-TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
-}
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Bits that are all ones exactly when an IEEE value is Inf or NaN.
 _EXPONENT_MASKS = {"BF16": 0x7F80, "F16": 0x7C00, "F32": 0x7F800000, "F64": 0x7FF0000000000000}
