@@ -1,0 +1,265 @@
+"""Split the MTP (Multi-Token-Prediction) layers off a checkpoint, byte for byte.
+
+Two outputs, each a plan that `pipeline.execute` carries out; no tensor is ever decoded:
+
+- main (`plan_split_main`): the checkpoint without its MTP layers. Shards that hold no MTP tensor are copied
+  whole and unchanged; shards that do are rewritten without them under the same name (an emptied shard is
+  left out). config.json gets `num_nextn_predict_layers: 0`; the index loses the MTP tensors.
+- draft (`plan_split_mtp`): the MTP layers alone as a standalone checkpoint, `model.layers.{id}.` renamed to
+  `model.layers.{id - num_hidden_layers}.`, config with `num_hidden_layers` = the number of MTP layers and
+  `architectures: ["DeepseekV3ForCausalLMNextN"]`. Layout `sglang` leaves out the layer's copies of the
+  embedding and the head (the draft shares the target model's); `full` keeps them (vLLM-style loaders).
+
+The MTP layer ids come from config.json (`num_hidden_layers` .. + `num_nextn_predict_layers` - 1), never a
+fixed 61. FP8 and BF16 checkpoints alike: scales are tensors like any other and are copied with their weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from dsv3conv.checkpoint import Checkpoint, ShardInfo
+from dsv3conv.errors import Dsv3Error, UsageError
+from dsv3conv.layout import FP8_DTYPE, fp8_coverage, layer_id, mtp_layer_ids
+from dsv3conv.plan import FilePlan, Plan, TensorPlan, _check_layers, _file, _index, _shard, check_dest
+from dsv3conv.writer import partial_path
+
+LAYOUTS = ("sglang", "full")
+_LAYOUT_ERROR = "--mtp-layout {!r}: choose sglang (no embed_tokens/shared_head.head) or full"
+NEXTN_ARCHITECTURE = "DeepseekV3ForCausalLMNextN"
+SHARED_WITH_TARGET = (".embed_tokens.weight", ".shared_head.head.weight")  # left out by the sglang layout
+DRAFT_SHARD_BYTES = 5 * 1000**3
+FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): share the source's extents (btrfs, XFS, bcachefs)
+COPY_CHUNK = 64 * 1024 * 1024
+# copy_file_range cannot serve these files here (another filesystem, old kernel, unsupported): stream instead
+NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM, errno.ETXTBSY)
+
+
+# --------------------------------------------------------------------------------------------- plans
+def plan_split_main(ckpt: Checkpoint, dest: Path) -> Plan:
+    """The checkpoint without its MTP layers: untouched shards copied whole, the others rewritten."""
+    config, mtp_ids = _mtp_source(ckpt, dest)
+    files: list[FilePlan] = []
+    dropped: list[str] = []
+    for shard in ckpt.shards.values():
+        entries = [_keep(ckpt, e.name) for e in shard.header.tensors]
+        kept = [t for t in entries if layer_id(t.name) not in mtp_ids]
+        dropped += [t.name for t in entries if layer_id(t.name) in mtp_ids]
+        if len(kept) == len(entries):
+            files.append(FilePlan(shard.name, tuple(kept), _source_header(shard), copy_of=shard.name))
+        elif kept:
+            files.append(_file(shard.name, kept))
+    new_config = copy.deepcopy(config)
+    new_config["num_nextn_predict_layers"] = 0
+    changes = [f"num_nextn_predict_layers: {config.get('num_nextn_predict_layers')} -> 0"]
+    index = _index(ckpt, files) if ckpt.index is not None else None
+    return Plan("split-mtp", ckpt.root, dest, files, index, new_config, changes, ckpt.extra_files(),
+                sorted(dropped))
+
+
+def plan_split_mtp(ckpt: Checkpoint, dest: Path, layout: str = "sglang") -> Plan:
+    """The MTP layers as a standalone draft checkpoint, renumbered from 0.
+
+    `dropped` lists only the MTP tensors the layout leaves out (the main model's tensors are just not taken).
+    """
+    if layout not in LAYOUTS:
+        raise UsageError(_LAYOUT_ERROR.format(layout))
+    config, mtp_ids = _mtp_source(ckpt, dest)
+    n_main = int(config["num_hidden_layers"])
+    chosen, dropped = [], []
+    for shard in ckpt.shards.values():  # source order: long sequential reads
+        for entry in shard.header.tensors:
+            layer = layer_id(entry.name)
+            if layer not in mtp_ids:
+                continue
+            if layout == "sglang" and entry.name.endswith(SHARED_WITH_TARGET):
+                dropped.append(entry.name)
+                continue
+            chosen.append((entry.name, layer))
+    _check_pairs(ckpt, [name for name, _ in chosen])
+    entries = [_keep(ckpt, name, _renumber(name, layer, layer - n_main)) for name, layer in chosen]
+    files = _shard([("", entries)], DRAFT_SHARD_BYTES)
+
+    new_config = copy.deepcopy(config)
+    changes = []
+    if n_main != len(mtp_ids):
+        changes.append(f"num_hidden_layers: {n_main} -> {len(mtp_ids)}")
+    new_config["num_hidden_layers"] = len(mtp_ids)
+    if config.get("architectures") != [NEXTN_ARCHITECTURE]:
+        changes.append(f"architectures: {config.get('architectures')} -> {[NEXTN_ARCHITECTURE]}")
+    new_config["architectures"] = [NEXTN_ARCHITECTURE]
+    if "quantization_config" in new_config and not any(t.dtype == FP8_DTYPE for t in entries):
+        del new_config["quantization_config"]
+        changes.append("removed quantization_config (no FP8 tensors in the draft)")
+    index = _index(ckpt, files)
+    return Plan("split-mtp", ckpt.root, dest, files, index, new_config, changes, ckpt.extra_files(),
+                sorted(dropped))
+
+
+def _mtp_source(ckpt: Checkpoint, dest: Path) -> tuple[dict, set[int]]:
+    """The config and MTP layer ids of a clean checkpoint that has MTP layers."""
+    check_dest(ckpt.root, dest)
+    ckpt.require_clean()
+    config = ckpt.require_config()
+    mtp_ids = set(mtp_layer_ids(config))
+    if not mtp_ids:
+        raise UsageError(
+            f"{ckpt.root / 'config.json'}: declares no MTP layers (num_nextn_predict_layers is 0 or absent); "
+            "there is nothing to split"
+        )
+    _check_layers(ckpt, config)
+    return config, mtp_ids
+
+
+def _keep(ckpt: Checkpoint, name: str, new_name: str | None = None) -> TensorPlan:
+    """A tensor copied byte for byte (no scale: never decoded), optionally under a new name."""
+    info = ckpt.tensors[name]
+    return TensorPlan(new_name or name, info, None, info.dtype, info.shape)
+
+
+def _renumber(name: str, layer: int, new_layer: int) -> str:
+    """`model.layers.61.mlp.gate.weight` -> `model.layers.0.mlp.gate.weight`."""
+    old = f"model.layers.{layer}."
+    return f"model.layers.{new_layer}." + name[len(old):]
+
+
+def _source_header(shard: ShardInfo) -> bytes:
+    """The shard's own header bytes: a copied shard is complete (for --resume) when it starts with them."""
+    with open(shard.path, "rb") as f:
+        header = f.read(shard.header.data_start)
+    if len(header) != shard.header.data_start:
+        raise Dsv3Error(f"{shard.path}: shorter than its header; the file changed while planning, rerun")
+    return header
+
+
+def _check_pairs(ckpt: Checkpoint, names: list[str]) -> None:
+    """An FP8 weight of the draft must travel with its scale (and a scale with its weight)."""
+    cov = fp8_coverage({n: ckpt.tensors[n] for n in names})
+    if cov.unscaled:
+        name = cov.unscaled[0]
+        raise Dsv3Error(
+            f"tensor `{name}` is F8_E4M3 but `{name}_scale_inv` is missing from the MTP layer; "
+            "restore the missing shard or scale"
+        )
+    if cov.orphan_scales:
+        raise Dsv3Error(
+            f"tensor `{cov.orphan_scales[0]}` is a scale without its F8_E4M3 weight; "
+            "the checkpoint is incomplete"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- API
+def split_mtp(
+    src: str | os.PathLike,
+    main_out: str | os.PathLike | None = None,
+    mtp_out: str | os.PathLike | None = None,
+    mtp_layout: str = "sglang", resume: bool = False, overwrite: bool = False, dry_run: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Write the checkpoint without its MTP layers (`main_out`) and/or the MTP draft (`mtp_out`).
+
+    Both plans are made, and both outputs checked, before anything is written. Returns
+    `{"source", "mtp_layers", "main": summary | None, "mtp": summary | None}` (what `--json` prints).
+    """
+    from dsv3conv.api import run_plan  # api re-exports this function: import it late to avoid a cycle
+
+    if main_out is None and mtp_out is None:
+        raise UsageError("give --main-out DIR, --mtp-out DIR or both")
+    if mtp_layout not in LAYOUTS:
+        raise UsageError(_LAYOUT_ERROR.format(mtp_layout))
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other; pick one")
+    if main_out is not None and mtp_out is not None:
+        a, b = Path(main_out).resolve(), Path(mtp_out).resolve()
+        if a == b or a in b.parents or b in a.parents:
+            raise UsageError(f"--main-out {main_out} and --mtp-out {mtp_out} must be separate directories")
+    ckpt = Checkpoint.open(src)
+    plans = {}
+    if main_out is not None:
+        plans["main"] = plan_split_main(ckpt, Path(main_out))
+    if mtp_out is not None:
+        plans["mtp"] = plan_split_mtp(ckpt, Path(mtp_out), mtp_layout)
+    if not dry_run:
+        from dsv3conv.pipeline import prepare_dest
+
+        for plan in plans.values():  # refuse a non-empty second output before writing the first
+            if plan.dest.exists():
+                prepare_dest(plan.dest, resume=resume, overwrite=overwrite)
+
+    n_main = int(ckpt.config["num_hidden_layers"])
+    mtp_ids = sorted(mtp_layer_ids(ckpt.config))
+    result = {"source": str(ckpt.root), "mtp_layers": mtp_ids, "main": None, "mtp": None}
+    for key, plan in plans.items():
+        summary = run_plan(plan, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress)
+        summary["shards_copied_whole"] = sum(f.copy_of is not None for f in plan.files)
+        if key == "mtp":
+            summary["layout"] = mtp_layout
+            summary["renamed"] = [f"model.layers.{i}. -> model.layers.{i - n_main}." for i in mtp_ids]
+        result[key] = summary
+    return result
+
+
+# ------------------------------------------------------------------------------------------ fast copy
+def copy_file_fast(src: Path, dst: Path) -> None:
+    """Copy `src` (following symlinks) to `dst`: a temporary name, fsync, then an atomic rename.
+
+    Fastest first: a reflink (FICLONE; the filesystem shares the extents), else `copy_file_range` (the
+    kernel copies, no trip through user space; ext4, NFS 4.2 and CIFS do it server- or block-side), else a
+    plain streamed copy. Never a hard link: a later edit of either file must not change the other.
+    """
+    tmp = partial_path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            size = os.fstat(fin.fileno()).st_size
+            if not _reflink(fin.fileno(), fout.fileno()):
+                done = _copy_range(fin.fileno(), fout.fileno(), size)
+                _stream(fin, fout, done)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise Dsv3Error(f"{dst}: disk full while writing; free space and rerun with --resume") from None
+        raise Dsv3Error(f"{dst}: copying {src} failed ({exc.strerror or exc})") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _reflink(fd_in: int, fd_out: int) -> bool:
+    try:
+        fcntl.ioctl(fd_out, FICLONE, fd_in)
+        return True
+    except OSError:  # EOPNOTSUPP (ext4, tmpfs), EXDEV (another filesystem), EINVAL...: copy instead
+        return False
+
+
+def _copy_range(fd_in: int, fd_out: int, size: int) -> int:
+    """Bytes copied in the kernel; stops early (for the stream to finish) where the kernel cannot."""
+    if not hasattr(os, "copy_file_range"):
+        return 0
+    done = 0
+    while done < size:
+        try:
+            n = os.copy_file_range(fd_in, fd_out, min(COPY_CHUNK * 16, size - done), done, done)
+        except OSError as exc:
+            if exc.errno in NO_KERNEL_COPY:
+                return done
+            raise
+        if n == 0:  # a filesystem that reports nothing copied (some virtual ones): stream the rest
+            return done
+        done += n
+    return done
+
+
+def _stream(fin, fout, start: int) -> None:
+    fin.seek(start)
+    fout.seek(start)
+    while chunk := fin.read(COPY_CHUNK):
+        fout.write(chunk)
