@@ -28,8 +28,21 @@ def layer_id(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+NEXTN_ARCHITECTURE = "DeepseekV3ForCausalLMNextN"
+
+
+def is_nextn_draft(config: Mapping) -> bool:
+    """A standalone MTP draft (`split-mtp --mtp-out`): its layers, numbered from 0, are the MTP modules."""
+    return NEXTN_ARCHITECTURE in (config.get("architectures") or [])
+
+
 def mtp_layer_ids(config: Mapping) -> list[int]:
-    """Ids of the MTP layers: they follow the main layers (61 for DeepSeek-V3, 78 for GLM-style models)."""
+    """Ids of the MTP layers: they follow the main layers (61 for DeepSeek-V3, 78 for GLM-style models).
+
+    A NextN draft declares `num_nextn_predict_layers` too, but has no layers after its own: none.
+    """
+    if is_nextn_draft(config):
+        return []
     first = int(config.get("num_hidden_layers", 0))
     return list(range(first, first + int(config.get("num_nextn_predict_layers", 0) or 0)))
 

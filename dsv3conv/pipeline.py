@@ -26,7 +26,7 @@ from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.checkpoint import CONFIG_NAME, INDEX_NAME, read_into
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.plan import FilePlan, Plan, TensorPlan
-from dsv3conv.writer import PARTIAL_SUFFIX, AtomicFile, write_bytes_atomic
+from dsv3conv.writer import PARTIAL_SUFFIX, AtomicFile, copy_file_fast, write_bytes_atomic
 
 LOCK_NAME = ".dsv3conv.lock"
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
@@ -142,11 +142,7 @@ def execute(
     return stats
 
 
-def _copy_file(src: Path, dst: Path) -> None:
-    """Copy a file (following symlinks) under a temporary name, then rename it into place."""
-    with AtomicFile(dst) as out, open(src, "rb") as f:
-        while chunk := f.read(16 * 1024 * 1024):
-            out.write(chunk)
+_copy_file = copy_file_fast  # following symlinks; reflink / copy_file_range where the filesystem allows
 
 
 def _run_files(plan: Plan, backend, todo, stats: Stats, progress, chunk_bytes: int, depth: int) -> None:

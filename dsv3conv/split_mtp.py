@@ -17,26 +17,18 @@ fixed 61. FP8 and BF16 checkpoints alike: scales are tensors like any other and 
 from __future__ import annotations
 
 import copy
-import errno
-import fcntl
 import os
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint, ShardInfo
 from dsv3conv.errors import Dsv3Error, UsageError
-from dsv3conv.layout import FP8_DTYPE, fp8_coverage, layer_id, mtp_layer_ids
+from dsv3conv.layout import FP8_DTYPE, NEXTN_ARCHITECTURE, fp8_coverage, layer_id, mtp_layer_ids
 from dsv3conv.plan import FilePlan, Plan, TensorPlan, _check_layers, _file, _index, _shard, check_dest
-from dsv3conv.writer import partial_path
 
 LAYOUTS = ("sglang", "full")
 _LAYOUT_ERROR = "--mtp-layout {!r}: choose sglang (no embed_tokens/shared_head.head) or full"
-NEXTN_ARCHITECTURE = "DeepseekV3ForCausalLMNextN"
 SHARED_WITH_TARGET = (".embed_tokens.weight", ".shared_head.head.weight")  # left out by the sglang layout
 DRAFT_SHARD_BYTES = 5 * 1000**3
-FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): share the source's extents (btrfs, XFS, bcachefs)
-COPY_CHUNK = 64 * 1024 * 1024
-# copy_file_range cannot serve these files here (another filesystem, old kernel, unsupported): stream instead
-NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM, errno.ETXTBSY)
 
 
 # --------------------------------------------------------------------------------------------- plans
@@ -92,6 +84,9 @@ def plan_split_mtp(ckpt: Checkpoint, dest: Path, layout: str = "sglang") -> Plan
     if config.get("architectures") != [NEXTN_ARCHITECTURE]:
         changes.append(f"architectures: {config.get('architectures')} -> {[NEXTN_ARCHITECTURE]}")
     new_config["architectures"] = [NEXTN_ARCHITECTURE]
+    if new_config.get("first_k_dense_replace"):  # every draft layer is an MoE layer
+        changes.append(f"first_k_dense_replace: {new_config['first_k_dense_replace']} -> 0")
+        new_config["first_k_dense_replace"] = 0
     if "quantization_config" in new_config and not any(t.dtype == FP8_DTYPE for t in entries):
         del new_config["quantization_config"]
         changes.append("removed quantization_config (no FP8 tensors in the draft)")
@@ -204,62 +199,3 @@ def split_mtp(
 
 
 # ------------------------------------------------------------------------------------------ fast copy
-def copy_file_fast(src: Path, dst: Path) -> None:
-    """Copy `src` (following symlinks) to `dst`: a temporary name, fsync, then an atomic rename.
-
-    Fastest first: a reflink (FICLONE; the filesystem shares the extents), else `copy_file_range` (the
-    kernel copies, no trip through user space; ext4, NFS 4.2 and CIFS do it server- or block-side), else a
-    plain streamed copy. Never a hard link: a later edit of either file must not change the other.
-    """
-    tmp = partial_path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            size = os.fstat(fin.fileno()).st_size
-            if not _reflink(fin.fileno(), fout.fileno()):
-                done = _copy_range(fin.fileno(), fout.fileno(), size)
-                _stream(fin, fout, done)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise Dsv3Error(f"{dst}: disk full while writing; free space and rerun with --resume") from None
-        raise Dsv3Error(f"{dst}: copying {src} failed ({exc.strerror or exc})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _reflink(fd_in: int, fd_out: int) -> bool:
-    try:
-        fcntl.ioctl(fd_out, FICLONE, fd_in)
-        return True
-    except OSError:  # EOPNOTSUPP (ext4, tmpfs), EXDEV (another filesystem), EINVAL...: copy instead
-        return False
-
-
-def _copy_range(fd_in: int, fd_out: int, size: int) -> int:
-    """Bytes copied in the kernel; stops early (for the stream to finish) where the kernel cannot."""
-    if not hasattr(os, "copy_file_range"):
-        return 0
-    done = 0
-    while done < size:
-        try:
-            n = os.copy_file_range(fd_in, fd_out, min(COPY_CHUNK * 16, size - done), done, done)
-        except OSError as exc:
-            if exc.errno in NO_KERNEL_COPY:
-                return done
-            raise
-        if n == 0:  # a filesystem that reports nothing copied (some virtual ones): stream the rest
-            return done
-        done += n
-    return done
-
-
-def _stream(fin, fout, start: int) -> None:
-    fin.seek(start)
-    fout.seek(start)
-    while chunk := fin.read(COPY_CHUNK):
-        fout.write(chunk)

@@ -35,6 +35,7 @@ from dsv3conv.layout import (
     BLOCK,
     FP8_DTYPE,
     fp8_coverage,
+    is_nextn_draft,
     is_scale,
     layer_id,
     mtp_layer_ids,
@@ -295,7 +296,7 @@ def _check_config(ckpt: Checkpoint) -> list[Check]:
         problems.append(f"num_nextn_predict_layers={n_mtp} declares MTP layers {_ids(mtp_ids)} but there are "
                         f"no tensors for {_ids(absent)}")
     marked = sorted({layer_id(n) for n in ckpt.tensors if any(m in n for m in MTP_MARKERS)} - {None})
-    if marked and marked != [i for i in mtp_ids if i in ids]:
+    if marked and not is_nextn_draft(config) and marked != [i for i in mtp_ids if i in ids]:
         problems.append(f"layers {_ids(marked)} hold MTP tensors (enorm/hnorm/eh_proj) but the MTP layers "
                         f"declared are {_ids(mtp_ids) or 'none'}")
     if problems:

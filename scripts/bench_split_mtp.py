@@ -8,8 +8,6 @@ cache, then times:
 - `cp -r SRC DIR` and the same followed by `sync` of its files (split-mtp fsyncs every file it writes, so
   `cp -r` + sync is the like-for-like figure);
 - `python -m dsv3conv split-mtp SRC --main-out DIR` as a user runs it (process start included);
-- the same with `pipeline._copy_file` replaced by `split_mtp.copy_file_fast` (reflink / copy_file_range;
-  harmless where the pipeline already calls it).
 
 Prints one markdown row. Usage:
     .venv/bin/python scripts/bench_split_mtp.py [--root DIR] [--vocab 16000] [--layers 2] [--experts 16]
@@ -26,25 +24,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 from dsv3conv import synthetic
 from dsv3conv.api import split_mtp
-from dsv3conv.layout import default_config
-
-# The CLI with the one-line pipeline change applied (pipeline._copy_file -> split_mtp.copy_file_fast).
-FAST_CLI = (
-    "import sys; from dsv3conv import pipeline, split_mtp; pipeline._copy_file = split_mtp.copy_file_fast; "
-    "from dsv3conv.cli import app; sys.argv[0] = 'dsv3conv'; app()"
-)
-
 
 def build(root: Path, layers: int, experts: int, vocab: int, shard_mb: int) -> None:
-    config = default_config()
-    config["vocab_size"] = vocab
-    with mock.patch.object(synthetic, "default_config", lambda: dict(config)):
-        synthetic.make_real_shapes(root, num_layers=layers, num_experts=experts, mtp=True,
-                                   shard_bytes=shard_mb * 1024**2)
+    synthetic.make_real_shapes(root, num_layers=layers, num_experts=experts, mtp=True,
+                               shard_bytes=shard_mb * 1024**2, vocab_size=vocab)
 
 
 def dir_bytes(root: Path) -> int:
@@ -88,13 +74,11 @@ def main() -> None:
         out = root / "out"
         args_ = ["split-mtp", str(src), "--main-out", str(out), "--json", "-q"]
         cmd = [sys.executable, "-m", "dsv3conv", *args_]
-        cmd_fast = [sys.executable, "-c", FAST_CLI, *args_]
         runs = {
             "cp": lambda: subprocess.run(["cp", "-r", str(src), str(out)], check=True),
             "cp_sync": lambda: (subprocess.run(["cp", "-r", str(src), str(out)], check=True),
                                 subprocess.run(["sync", *map(str, out.iterdir())], check=True)),
             "split": lambda: subprocess.run(cmd, check=True, capture_output=True, text=True),
-            "split_fast": lambda: subprocess.run(cmd_fast, check=True, capture_output=True, text=True),
             "start": lambda: subprocess.run([sys.executable, "-c", "import dsv3conv.api, dsv3conv.pipeline"]),
         }
         best: dict[str, float] = {}
@@ -110,18 +94,17 @@ def main() -> None:
                     out_bytes = dir_bytes(out)
                     summary = split_mtp(src, main_out=out, dry_run=True)["main"]
                 shutil.rmtree(out, ignore_errors=True)
-        t_cp, t_cp_sync, proc_t, fast_t = best["cp"], best["cp_sync"], best["split"], best["split_fast"]
+        t_cp, t_cp_sync, proc_t = best["cp"], best["cp_sync"], best["split"]
 
         print(f"source {dir_bytes(src) / 1e9:.2f} GB in {len(shards)} shards; main-out {out_bytes / 1e9:.2f} GB "
               f"({summary['shards_copied_whole']} of {summary['shards']} shards copied whole); "
               f"process start (python + torch import) {best['start']:.1f} s; "
-              f"split-mtp's own time {best['split_inner']:.1f} s, with fast copy {best['split_fast_inner']:.1f} s",
+              f"split-mtp's own time {best['split_inner']:.1f} s",
               file=sys.stderr)
-        print("| source | main-out | cp -r | cp -r + sync | split-mtp --main-out | ratio to cp -r + sync "
-              "| split-mtp, fast copy | ratio |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| source | main-out | cp -r | cp -r + sync | split-mtp --main-out | ratio to cp -r + sync |")
+        print("|---|---|---|---|---|---|")
         print(f"| {dir_bytes(src) / 1e9:.2f} GB | {out_bytes / 1e9:.2f} GB | {t_cp:.1f} s | {t_cp_sync:.1f} s "
-              f"| {proc_t:.1f} s | {proc_t / t_cp_sync:.2f} | {fast_t:.1f} s | {fast_t / t_cp_sync:.2f} |")
+              f"| {proc_t:.1f} s | {proc_t / t_cp_sync:.2f} |")
     finally:
         if not args.keep and args.root is None:
             shutil.rmtree(root, ignore_errors=True)
