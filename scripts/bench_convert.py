@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the source between runs")
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each measurement (root)")
+    ap.add_argument("--experts", type=int, default=64, help="routed experts per MoE layer (real: 256)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -90,10 +91,12 @@ def main() -> None:
     from dsv3conv.synthetic import make_real_shapes
 
     src = args.dir / "src"
-    # Real tensor shapes; a MoE layer with 64 experts holds ~3.1 GB, the dense layer 0 ~0.8 GB (vocab shrunk
-    # to 16384 so that the BF16 embedding and head stay as small a share as in the release).
-    experts = 64
-    layers = max(2, round((args.gb - 0.8) / 3.1) + 1)
+    # Real tensor shapes; a MoE layer holds ~0.23 GB + 44 MB per expert (3.1 GB with 64 experts), the dense
+    # layer 0 ~0.8 GB (vocab shrunk to 16384 so that the BF16 embedding and head stay as small a share as in
+    # the release).
+    experts = args.experts
+    moe_gb = 0.23 + 0.044 * experts
+    layers = max(2, round((args.gb - 0.8) / moe_gb) + 1)
     if not (src / "model.safetensors.index.json").exists():
         shutil.rmtree(args.dir, ignore_errors=True)
         t = time.perf_counter()
