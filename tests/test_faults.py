@@ -1,0 +1,227 @@
+"""Faults during a run: a full disk, a file-size limit, Ctrl-C, kill -9, two runs on one output.
+
+After each: one clear line and the documented exit code, no partial file under a final name, no temporary
+file left behind (kill -9 excepted: the next run removes it), and `--resume` finishes with bytes identical
+to an uninterrupted run.
+
+Runs that must be caught mid-way go through a small wrapper (HOOKS) that starts the real CLI after making
+two steps announce themselves on stderr and pause: the conversion of a batch and the rename of a finished
+shard. The pipeline itself has no test hooks.
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from dsv3conv import backend
+from dsv3conv.checkpoint import INDEX_NAME
+from dsv3conv.writer import PARTIAL_SUFFIX
+from tests.test_errors import ENV, TIMEOUT, assert_one_line_error, cli_here
+
+LOCK_NAME = ".dsv3conv.lock"
+
+HOOKS = r"""
+import os, sys, time
+from dsv3conv import backend, writer
+
+def say(text):
+    sys.stderr.write(f"test-hook: {text}\n")
+    sys.stderr.flush()
+
+commit_delay = float(os.environ.get("HOOK_COMMIT_DELAY", "0"))
+convert_delay = float(os.environ.get("HOOK_CONVERT_DELAY", "0"))
+real_commit, real_run = writer.AtomicFile.commit, backend.CpuBackend.run
+
+def commit(self):
+    if self.final.name.endswith(".safetensors"):
+        say(f"commit {self.final.name}")
+        time.sleep(commit_delay)
+    real_commit(self)
+
+def run(self, buf, items):
+    say("convert")
+    time.sleep(convert_delay)
+    return real_run(self, buf, items)
+
+writer.AtomicFile.commit = commit
+backend.CpuBackend.run = run
+sys.argv = ["dsv3conv", *sys.argv[1:]]
+from dsv3conv.cli import main
+main()
+"""
+
+
+class Watched:
+    """A dsv3conv process whose stderr is read as it comes, to act when a hook announces a step."""
+
+    def __init__(self, *args, hooks: dict[str, float] | None = None, **popen):
+        env = dict(ENV, **{f"HOOK_{k.upper()}_DELAY": str(v) for k, v in (hooks or {}).items()})
+        self.proc = subprocess.Popen([sys.executable, "-c", HOOKS, *map(str, args)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, env=env, **popen)
+        self.lines: list[str] = []
+        self._eof = False
+        self._cv = threading.Condition()
+        self._pump = threading.Thread(target=self._read, daemon=True)
+        self._pump.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            with self._cv:
+                self.lines.append(line)
+                self._cv.notify_all()
+        with self._cv:
+            self._eof = True
+            self._cv.notify_all()
+
+    def wait_for(self, marker: str, count: int = 1) -> None:
+        def seen() -> int:
+            return sum(marker in line for line in self.lines)
+        with self._cv:
+            self._cv.wait_for(lambda: seen() >= count or self._eof, TIMEOUT)
+            assert seen() >= count, f"`{marker}` x{count} never announced; stderr:\n{''.join(self.lines)}"
+
+    def finish(self) -> tuple[int, str]:
+        """Exit status and stderr, less the hooks' own lines."""
+        rc = self.proc.wait(TIMEOUT)
+        self._pump.join(TIMEOUT)
+        return rc, "".join(line for line in self.lines if not line.startswith("test-hook:"))
+
+
+@pytest.fixture(autouse=True)
+def _eager_backend(monkeypatch):
+    monkeypatch.setattr(backend, "_compiled_dequant", lambda: backend._fused_dequant)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_src, tmp_path_factory) -> Path:
+    """An uninterrupted conversion of the tiny checkpoint: what every interrupted run must end up equal to."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backend, "_compiled_dequant", lambda: backend._fused_dequant)
+        proc = cli_here("dequant", tiny_src, out, "--quiet", "--device", "cpu")
+    assert proc.returncode == 0, proc
+    return out
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+def assert_nothing_damaged(dst: Path, reference: Path, *, leftovers_allowed: bool = False) -> list[str]:
+    """Every file under a final name is byte-identical to the reference; no index or config before the end."""
+    names = listing(dst)
+    partials = [n for n in names if n.endswith(PARTIAL_SUFFIX)]
+    if not leftovers_allowed:
+        assert not partials and LOCK_NAME not in names, names
+    finals = [n for n in names if n.endswith(".safetensors")]
+    for name in finals:
+        assert (dst / name).read_bytes() == (reference / name).read_bytes(), f"{name}: damaged under its final name"
+    if len(finals) < len([n for n in listing(reference) if n.endswith(".safetensors")]):
+        assert INDEX_NAME not in names and "config.json" not in names, f"index/config written before the shards: {names}"
+    return finals
+
+
+def assert_resume_completes(src: Path, dst: Path, reference: Path) -> None:
+    proc = cli_here("dequant", src, dst, "--resume", "--quiet", "--device", "cpu")
+    assert proc.returncode == 0, proc
+    assert listing(dst) == listing(reference)
+    for name in listing(reference):
+        assert (dst / name).read_bytes() == (reference / name).read_bytes(), f"{name} differs after --resume"
+
+
+# --------------------------------------------------------------------------------------- full disks
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 3 MB tmpfs: the tiny conversion (4.3 MB of shards) fills it in its third shard."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mnt)], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_disk_full_mid_write_then_resume(tiny_src, small_tmpfs, reference):
+    dst = small_tmpfs / "out"
+    line = assert_one_line_error(cli_here("dequant", tiny_src, dst, "--quiet", "--device", "cpu"), 1,
+                                 "disk full", "free space and rerun with --resume")
+    assert str(dst) in line and ".safetensors" in line
+    finals = assert_nothing_damaged(dst, reference)
+    assert 1 <= len(finals) < 4, finals  # it did fill up mid-run
+    subprocess.run(["mount", "-o", "remount,size=16M", str(small_tmpfs)], check=True)  # space freed
+    assert_resume_completes(tiny_src, dst, reference)
+
+
+def test_file_size_limit_mid_write_then_resume(tiny_src, tmp_path, reference):
+    """RLIMIT_FSIZE: writes past it fail with EFBIG (SIGXFSZ is ignored) instead of killing the process."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_100_000, 1_100_000))  # the second shard is 1.2 MB
+
+    dst = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "dsv3conv", "dequant", str(tiny_src), str(dst), "--quiet",
+                           "--device", "cpu"], capture_output=True, text=True, env=ENV, timeout=TIMEOUT,
+                          preexec_fn=limit, check=False)
+    assert proc.returncode != -signal.SIGXFSZ, "killed by SIGXFSZ: the signal must be ignored"
+    assert_one_line_error(proc, 1, "file size limit", "rerun with --resume")
+    finals = assert_nothing_damaged(dst, reference)
+    assert len(finals) < 4, finals
+    assert_resume_completes(tiny_src, dst, reference)
+
+
+# ---------------------------------------------------------------------------------- interruptions
+@pytest.mark.parametrize("landing", ["converting", "committing"])
+def test_ctrl_c_mid_run_cleans_up_then_resume(tiny_src, tmp_path, reference, landing):
+    dst = tmp_path / "out"
+    run = Watched("dequant", tiny_src, dst, "--quiet", "--device", "cpu",
+                  hooks={"convert": 0.5, "commit": 0.0} if landing == "converting" else {"commit": 1.0})
+    if landing == "converting":
+        run.wait_for("test-hook: convert", 2)
+    else:
+        run.wait_for("test-hook: commit", 2)
+        assert any(p.name.endswith(PARTIAL_SUFFIX) for p in dst.iterdir()), "no partial file: not mid-write"
+    run.proc.send_signal(signal.SIGINT)
+    rc, stderr = run.finish()
+    assert rc == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr and "--resume" in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert_nothing_damaged(dst, reference)
+    assert_resume_completes(tiny_src, dst, reference)
+
+
+def test_kill_9_mid_write_then_resume(tiny_src, tmp_path, reference):
+    dst = tmp_path / "out"
+    run = Watched("dequant", tiny_src, dst, "--quiet", "--device", "cpu", hooks={"commit": 5.0})
+    run.wait_for("test-hook: commit", 1)  # the first shard is written in full, not yet renamed
+    assert any(p.name.endswith(PARTIAL_SUFFIX) for p in dst.iterdir())
+    run.proc.kill()
+    assert run.finish()[0] == -signal.SIGKILL
+    assert_nothing_damaged(dst, reference, leftovers_allowed=True)
+    # A plain rerun does not mistake the leftovers for an empty directory.
+    assert_one_line_error(cli_here("dequant", tiny_src, dst, "--quiet", "--device", "cpu"), 2, "not empty", "--resume")
+    assert_resume_completes(tiny_src, dst, reference)
+
+
+def test_second_run_on_the_same_output_refuses(tiny_src, tmp_path, reference):
+    dst = tmp_path / "out"
+    first = Watched("dequant", tiny_src, dst, "--quiet", "--device", "cpu", hooks={"commit": 1.0})
+    first.wait_for("test-hook: commit", 1)  # holding the lock, mid-run
+    for flags, code, needles in ((["--resume"], 1, ["another dsv3conv run", str(dst)]),
+                                 (["--overwrite"], 1, ["another dsv3conv run"]),
+                                 ([], 2, ["not empty"])):
+        second = cli_here("dequant", tiny_src, dst, "--quiet", "--device", "cpu", *flags)
+        assert_one_line_error(second, code, *needles)
+    assert first.proc.poll() is None, "the first run ended before the second tried: the test proves nothing"
+    rc, stderr = first.finish()
+    assert rc == 0, stderr
+    assert listing(dst) == listing(reference)
+    for name in listing(reference):
+        assert (dst / name).read_bytes() == (reference / name).read_bytes(), name
