@@ -10,26 +10,36 @@ import os
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint
-from dsv3conv.plan import Plan, parse_size, plan_dequant
+from dsv3conv.plan import Plan, assign_parts, parse_part, parse_size, plan_dequant
 
 
 def dequantize(
     src: str | os.PathLike, dst: str | os.PathLike, *, mtp: str = "keep", device: str = "auto",
     dtype: str = "bfloat16", resume: bool = False, overwrite: bool = False,
     max_shard_size: str | int | None = None, dry_run: bool = False, progress: bool = False,
-    buffer_size: str | int | None = None,
+    buffer_size: str | int | None = None, part: str | tuple[int, int] | None = None,
 ) -> dict:
-    """Convert an FP8 checkpoint to `dtype`; return the summary `--json` prints."""
+    """Convert an FP8 checkpoint to `dtype`; return the summary `--json` prints.
+
+    `part="K/N"`: convert only part K of N (N independent jobs writing into one DST; the last one to finish
+    writes the index and config).
+    """
     ckpt = Checkpoint.open(src)
     size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     plan = plan_dequant(ckpt, Path(dst), out_dtype=dtype, mtp=mtp, max_shard_size=size)
     return run_plan(plan, device=device, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress,
-                    buffer_size=buffer_size)
+                    buffer_size=buffer_size, part=part)
 
 
 def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrite: bool = False,
-             dry_run: bool = False, progress: bool = False, buffer_size: str | int | None = None) -> dict:
+             dry_run: bool = False, progress: bool = False, buffer_size: str | int | None = None,
+             part: str | tuple[int, int] | None = None) -> dict:
+    part = parse_part(part) if isinstance(part, str) else part
     summary = plan.summary()
+    if part is not None:
+        owner = assign_parts(plan.files, part[1])
+        summary["part"] = f"{part[0]}/{part[1]}"
+        summary["part_shards"] = [f.name for f, k in zip(plan.files, owner) if k == part[0]]
     if dry_run:
         summary["files"] = [
             {"name": f.name, "tensors": len(f.tensors), "converted": sum(t.converts for t in f.tensors),
@@ -48,10 +58,11 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
     chunk = chunk or (DEFAULT_CHUNK_BYTES * 4 if getattr(backend, "pin_memory", False) else DEFAULT_CHUNK_BYTES)
     with ByteProgress(plan, enabled=progress) as bar:
         stats = execute(plan, backend or _NoCompute(), resume=resume, overwrite=overwrite, progress=bar.advance,
-                        chunk_bytes=chunk)
+                        chunk_bytes=chunk, part=part)
     summary.update(
         device=backend.name if backend else "none", shards_skipped=stats.files_skipped,
         bytes_written=stats.bytes_written, seconds=round(stats.seconds, 3), buffer_bytes=chunk,
+        finalized=stats.finalized, waiting_for=stats.waiting_for,
     )
     if backend is not None and backend.name.startswith("cuda"):
         import torch

@@ -37,6 +37,11 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on st
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Finish an earlier run into DST: complete files are kept.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the checkpoint files already in DST.")]
+PartOpt = Annotated[
+    Optional[str],
+    typer.Option("--part", help="Only part K/N of the shards (a job array index); the last part to finish "
+                 "writes the index and config."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (a CUDA GPU if present, else CPU), cpu, cuda or cuda:N.")]
 
 
@@ -174,6 +179,7 @@ def dequant(
         typer.Option("--buffer-size", help="Bytes read per step (default 64MB on CPU, 256MB on GPU); memory in use "
                      "is about 5x this on the host and 3x on the GPU."),
     ] = None,
+    part: PartOpt = None,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -187,7 +193,7 @@ def dequant(
     with _errors(writes=True):
         result = dequantize(
             src, dst, mtp=mtp, device=device, dtype=dtype, resume=resume, overwrite=overwrite,
-            max_shard_size=max_shard_size, dry_run=dry_run, buffer_size=buffer_size, progress=not (quiet or json_out and not err.is_terminal),
+            max_shard_size=max_shard_size, dry_run=dry_run, buffer_size=buffer_size, part=part, progress=not (quiet or json_out and not err.is_terminal),
         )
     _print_result(result, json_out, dry_run)
 
@@ -216,6 +222,10 @@ def _print_result(result: dict, json_out: bool, dry_run: bool) -> None:
         f"on {result['device']}",
         markup=False,
     )
+    if "part" in result:
+        done = "index and config written" if result["finalized"] else (
+            f"{len(result['waiting_for'])} shards still to come from other parts; the last part writes index and config")
+        out.print(f"part {result['part']}: {len(result['part_shards'])} shards; {done}", markup=False)
 
 
 # ------------------------------------------------------------------------------------------ split-mtp
@@ -233,6 +243,7 @@ def split_mtp(
     ] = "sglang",
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
+    part: PartOpt = None,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -248,7 +259,7 @@ def split_mtp(
     with _errors(writes=True):
         result = run_split(
             src, main_out=main_out, mtp_out=mtp_out, mtp_layout=mtp_layout, resume=resume, overwrite=overwrite,
-            dry_run=dry_run, progress=not (quiet or json_out and not err.is_terminal),
+            dry_run=dry_run, progress=not (quiet or json_out and not err.is_terminal), part=part,
         )
     if json_out:
         _print_json(result)

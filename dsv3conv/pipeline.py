@@ -25,10 +25,11 @@ from dsv3conv.backend import Item
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.checkpoint import CONFIG_NAME, INDEX_NAME, read_into
 from dsv3conv.errors import Dsv3Error, UsageError
-from dsv3conv.plan import FilePlan, Plan, TensorPlan
-from dsv3conv.writer import PARTIAL_SUFFIX, AtomicFile, copy_file_fast, write_bytes_atomic
+from dsv3conv.plan import FilePlan, Plan, TensorPlan, assign_parts
+from dsv3conv.writer import PARTIAL_SUFFIX, AtomicFile, copy_file_fast, partial_path, write_bytes_atomic
 
 LOCK_NAME = ".dsv3conv.lock"
+FINALIZE_LOCK_NAME = ".dsv3conv.finalize.lock"
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 MAX_GAP_BYTES = 1 << 20  # small tensors between two read pieces are read along rather than seeked over
 
@@ -40,6 +41,8 @@ class Stats:
     bytes_written: int = 0
     seconds: float = 0.0
     skipped: list[str] = field(default_factory=list)
+    finalized: bool = False
+    waiting_for: list[str] = field(default_factory=list)  # shards other parts have yet to write
 
 
 # ----------------------------------------------------------------------------------------- the dest
@@ -55,7 +58,7 @@ def prepare_dest(dest: Path, *, resume: bool, overwrite: bool) -> None:
         raise Dsv3Error(f"{dest}: cannot create the output directory ({exc.strerror}); choose a writable path") from None
     if not os.access(dest, os.W_OK | os.X_OK):
         raise Dsv3Error(f"{dest}: output directory is not writable; fix its permissions or choose another path")
-    entries = [p for p in dest.iterdir() if p.name != LOCK_NAME]
+    entries = [p for p in dest.iterdir() if not p.name.startswith(LOCK_NAME) and p.name != FINALIZE_LOCK_NAME]
     if entries and not (resume or overwrite):
         raise UsageError(
             f"{dest}: output directory is not empty; pass --resume to finish an earlier run or --overwrite to replace it"
@@ -63,31 +66,38 @@ def prepare_dest(dest: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 class DestLock:
-    """An exclusive lock on DST: a second run on the same output refuses instead of corrupting it."""
+    """An exclusive lock on DST (or on one part of it): a second run refuses instead of corrupting it.
 
-    def __init__(self, dest: Path):
-        self.path = dest / LOCK_NAME
+    `wait=True` blocks instead (used around the final index/config write that parts may reach together).
+    """
+
+    def __init__(self, dest: Path, name: str = LOCK_NAME, wait: bool = False):
+        self.path = dest / name
+        self.wait = wait
         self._fd = -1
 
     def __enter__(self) -> "DestLock":
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._fd)
             raise Dsv3Error(f"{self.path.parent}: another dsv3conv run is writing here (lock {self.path}); wait for it") from None
         return self
 
     def __exit__(self, *exc) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        if not self.wait:  # a shared finalize lock stays: another part may hold or await it
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
         os.close(self._fd)
 
 
-def remove_partials(dest: Path) -> None:
-    for p in dest.glob(".*" + PARTIAL_SUFFIX):
+def remove_partials(dest: Path, files: list[FilePlan] | None = None) -> None:
+    """Remove leftovers of interrupted runs: all of them, or only those of `files` (another part may be running)."""
+    paths = dest.glob(".*" + PARTIAL_SUFFIX) if files is None else (partial_path(dest / f.name) for f in files)
+    for p in paths:
         p.unlink(missing_ok=True)
 
 
@@ -105,22 +115,33 @@ def is_complete(path: Path, file: FilePlan) -> bool:
 # --------------------------------------------------------------------------------------------- runs
 def execute(
     plan: Plan, backend, *, resume: bool = False, overwrite: bool = False, progress=None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = 3,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = 3, part: tuple[int, int] | None = None,
 ) -> Stats:
-    """Write the plan's output. `progress(nbytes, file_index, file_name)` is called as bytes are written."""
+    """Write the plan's output. `progress(nbytes, file_index, file_name)` is called as bytes are written.
+
+    `part=(k, n)`: write only the shards of part k of n (see `plan.assign_parts`); N such jobs may run at once
+    into one DST. Whichever run finds every shard complete writes the other files, the index and the config.
+    """
     start = time.perf_counter()
-    prepare_dest(plan.dest, resume=resume, overwrite=overwrite)
+    if part is not None and overwrite:
+        raise UsageError("--part and --overwrite exclude each other: parts share DST; empty it first")
+    prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite)
     stats = Stats()
-    with DestLock(plan.dest):
-        remove_partials(plan.dest)
+    mine = list(enumerate(plan.files))
+    if part is not None:
+        owner = assign_parts(plan.files, part[1])
+        mine = [(k, f) for k, f in mine if owner[k] == part[0]]
+    lock = LOCK_NAME if part is None else f"{LOCK_NAME}.part-{part[0]}-of-{part[1]}"
+    with DestLock(plan.dest, lock):
+        remove_partials(plan.dest, None if part is None else [f for _, f in mine])
         if overwrite:
             for name in (INDEX_NAME, CONFIG_NAME):
                 (plan.dest / name).unlink(missing_ok=True)
             for p in plan.dest.glob("*.safetensors"):
                 p.unlink()
         todo = []
-        for k, f in enumerate(plan.files):
-            if resume and is_complete(plan.dest / f.name, f):
+        for k, f in mine:
+            if (resume or part is not None) and is_complete(plan.dest / f.name, f):
                 stats.files_skipped += 1
                 stats.skipped.append(f.name)
                 if progress:
@@ -130,16 +151,30 @@ def execute(
         try:
             if todo:
                 _run_files(plan, backend, todo, stats, progress, chunk_bytes, depth)
-            for rel in plan.extra_files:
-                _copy_file(plan.source / rel, plan.dest / rel)
-            if plan.index is not None:
-                write_bytes_atomic(plan.dest / INDEX_NAME, (json.dumps(plan.index, indent=2) + "\n").encode())
-            if plan.config is not None:
-                write_bytes_atomic(plan.dest / CONFIG_NAME, (json.dumps(plan.config, indent=2) + "\n").encode())
+            if part is None:
+                _finalize(plan)
+                stats.finalized = True
+            else:
+                with DestLock(plan.dest, FINALIZE_LOCK_NAME, wait=True):
+                    missing = [f.name for f in plan.files if not is_complete(plan.dest / f.name, f)]
+                    if not missing:
+                        _finalize(plan)
+                        stats.finalized = True
+                    stats.waiting_for = missing
         finally:
-            remove_partials(plan.dest)
+            remove_partials(plan.dest, None if part is None else [f for _, f in mine])
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _finalize(plan: Plan) -> None:
+    """Other files first, then the index, then config.json: a checkpoint is loadable only once all is there."""
+    for rel in plan.extra_files:
+        _copy_file(plan.source / rel, plan.dest / rel)
+    if plan.index is not None:
+        write_bytes_atomic(plan.dest / INDEX_NAME, (json.dumps(plan.index, indent=2) + "\n").encode())
+    if plan.config is not None:
+        write_bytes_atomic(plan.dest / CONFIG_NAME, (json.dumps(plan.config, indent=2) + "\n").encode())
 
 
 _copy_file = copy_file_fast  # following symlinks; reflink / copy_file_range where the filesystem allows
@@ -219,10 +254,10 @@ def _run_files(plan: Plan, backend, todo, stats: Stats, progress, chunk_bytes: i
                 done = True
             else:
                 out = output(spec)
-                offset = spec.out_offset
-                for piece in outs:
+                if len(outs) != len(spec.out_offsets):
+                    raise Dsv3Error(f"{out.final}: {len(outs)} output pieces for {len(spec.out_offsets)} planned; this is a bug")
+                for piece, offset in zip(outs, spec.out_offsets):
                     out.pwrite(piece, offset)
-                    offset += len(piece)
                 if buf is not None:
                     pool.put(buf)
                 with files_lock:
@@ -312,6 +347,8 @@ class _ScaleCache:
 
 def _pieces(t: TensorPlan, chunk_bytes: int) -> Iterator[tuple[int, int]]:
     """(start byte, bytes) of the source pieces of one tensor: whole, or row chunks of 128-row multiples."""
+    if t.op == "quant_scale":  # written by its weight's pieces
+        return
     if not t.converts:
         for start in range(0, t.source.nbytes, chunk_bytes):
             yield start, min(chunk_bytes, t.source.nbytes - start)
@@ -319,9 +356,10 @@ def _pieces(t: TensorPlan, chunk_bytes: int) -> Iterator[tuple[int, int]]:
             yield 0, 0
         return
     rows, cols = t.shape
-    rows_per = max(128, (chunk_bytes // max(cols, 1)) // 128 * 128)
+    row_bytes = cols * t.source.itemsize
+    rows_per = max(128, (chunk_bytes // max(row_bytes, 1)) // 128 * 128)
     for r0 in range(0, rows, rows_per):
-        yield r0 * cols, min(rows_per, rows - r0) * cols
+        yield r0 * row_bytes, min(rows_per, rows - r0) * row_bytes
 
 
 @dataclass
@@ -334,36 +372,55 @@ class _BatchSpec:
     span_start: int  # absolute offset of the read in the source file
     span_len: int
     pieces: list[tuple[TensorPlan, int, int]]  # (tensor, start byte in the tensor's source, source bytes)
-    out_offset: int  # absolute offset of the batch's first output byte in the output file
+    out_offsets: list[int]  # absolute offset in the output file of each piece the backend returns, in order
     out_bytes: int
 
 
 def _batch_specs(k: int, f: FilePlan, chunk_bytes: int) -> list[_BatchSpec]:
     """Group the file's tensor pieces into batches of contiguous source bytes (interleaved small scales read along)."""
     if f.copy_of is not None:
-        return [_BatchSpec(k, f, None, 0, 0, [], 0, f.size)]
+        return [_BatchSpec(k, f, None, 0, 0, [], [], f.size)]
     specs: list[_BatchSpec] = []
-    out_offset = len(f.header)
+    where, at = {}, len(f.header)  # each tensor's data offset in the output file
+    for t in f.tensors:
+        where[t.name] = at
+        at += t.nbytes
     cur: _BatchSpec | None = None
     for t in f.tensors:
         for start, n in _pieces(t, chunk_bytes):
             a = t.source.offset + start
-            out_n = n // t.source.itemsize * TORCH_DTYPES[t.dtype].itemsize if t.converts else n
             fits = cur is not None and (
                 cur.src_file == t.source.file
                 and cur.span_start + cur.span_len <= a <= cur.span_start + cur.span_len + MAX_GAP_BYTES
                 and a + n - cur.span_start <= chunk_bytes + MAX_GAP_BYTES
             )
             if not fits:
-                cur = _BatchSpec(k, f, t.source.file, a, 0, [], out_offset, 0)
+                cur = _BatchSpec(k, f, t.source.file, a, 0, [], [], 0)
                 specs.append(cur)
             cur.pieces.append((t, start, n))
             cur.span_len = a + n - cur.span_start
-            cur.out_bytes += out_n
-            out_offset += out_n
+            for offset, out_n in _outputs(t, start, n, where):
+                cur.out_offsets.append(offset)
+                cur.out_bytes += out_n
     if not specs:  # a file of empty tensors still gets its header
-        specs.append(_BatchSpec(k, f, None, 0, 0, [], out_offset, 0))
+        specs.append(_BatchSpec(k, f, None, 0, 0, [], [], 0))
     return specs
+
+
+def _outputs(t: TensorPlan, start: int, n: int, where: dict[str, int]) -> list[tuple[int, int]]:
+    """(output offset, bytes) of what one source piece becomes: one piece, or for "quant" the FP8 rows
+    and then their rows of scales (the piece holds whole 128-row blocks, except at the tensor's end)."""
+    if not t.converts:
+        return [(where[t.name] + start, n)]
+    first, count = start // t.source.itemsize, n // t.source.itemsize  # elements
+    size = TORCH_DTYPES[t.dtype].itemsize
+    out = [(where[t.name] + first * size, count * size)]
+    if t.op == "quant":
+        s, cols = t.emits, t.shape[1]
+        r0, rows = (first // cols, count // cols) if cols else (0, 0)
+        row_bytes = s.shape[1] * TORCH_DTYPES[s.dtype].itemsize
+        out.append((where[s.name] + r0 // 128 * row_bytes, -(-rows // 128) * row_bytes))
+    return out
 
 
 def _read_batch(root: Path, spec: _BatchSpec, buf, handles: dict, scales: _ScaleCache) -> list[Item]:
@@ -377,7 +434,12 @@ def _read_batch(root: Path, spec: _BatchSpec, buf, handles: dict, scales: _Scale
     items = []
     for t, start, n in spec.pieces:
         src_off = t.source.offset + start - spec.span_start
-        if t.converts:
+        if t.op == "quant":
+            cols = t.shape[1]
+            rows = n // t.source.itemsize // cols if cols else 0
+            items.append(Item(src_off, n, rows, cols, None, t.dtype, src_dtype=t.source.dtype,
+                              scale_fmt=t.scale_fmt, scale_dtype=t.emits.dtype, name=t.name))
+        elif t.converts:
             cols = t.shape[1]
             r0, rows = start // cols, n // cols
             sc = scales.get(t.scale)[r0 // 128 : -(-(r0 + rows) // 128)]

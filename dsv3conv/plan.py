@@ -24,13 +24,25 @@ SHARD_METADATA = {"format": "pt"}
 
 @dataclass(frozen=True)
 class TensorPlan:
-    """One output tensor: its name, where it comes from, and what happens to it."""
+    """One output tensor: its name, where it comes from, and what happens to it.
+
+    op: "copy" (bytes unchanged), "dequant" (FP8 with `scale` -> `dtype`), "quant" (BF16/F16/F32 -> FP8; the
+    weight also emits `emits`, its scale tensor, from the same source rows) or "quant_scale" (that scale:
+    written by its weight's pieces, never read on its own). Left empty, op follows `scale`.
+    """
 
     name: str
     source: TensorInfo
     scale: TensorInfo | None  # set when the tensor is dequantized
     dtype: str  # output dtype
     shape: tuple[int, ...]
+    op: str = ""
+    emits: TensorPlan | None = None  # op "quant": the scale tensor planned in the same file
+    scale_fmt: str = ""  # op "quant": "float" or "ue8m0"
+
+    def __post_init__(self) -> None:
+        if not self.op:
+            object.__setattr__(self, "op", "dequant" if self.scale is not None else "copy")
 
     @property
     def nbytes(self) -> int:
@@ -38,7 +50,8 @@ class TensorPlan:
 
     @property
     def converts(self) -> bool:
-        return self.scale is not None
+        """Computed from its source (dequantized or quantized), not copied; a scale emitted counts as neither."""
+        return self.op in ("dequant", "quant")
 
 
 @dataclass(frozen=True)
@@ -57,7 +70,7 @@ class FilePlan:
 
 @dataclass
 class Plan:
-    kind: str  # "dequant" or "split-mtp"
+    kind: str  # "dequant", "split-mtp" or "quant"
     source: Path
     dest: Path
     files: list[FilePlan]
@@ -74,7 +87,8 @@ class Plan:
 
     @property
     def bytes_in(self) -> int:
-        return sum(t.source.nbytes + (t.scale.nbytes if t.scale else 0) for f in self.files for t in f.tensors)
+        return sum(t.source.nbytes + (t.scale.nbytes if t.scale else 0)
+                   for f in self.files for t in f.tensors if t.op != "quant_scale")
 
     @property
     def converted(self) -> int:
@@ -82,7 +96,7 @@ class Plan:
 
     @property
     def copied(self) -> int:
-        return sum(not t.converts for f in self.files for t in f.tensors)
+        return sum(t.op == "copy" for f in self.files for t in f.tensors)
 
     def summary(self) -> dict:
         return {
@@ -91,6 +105,30 @@ class Plan:
             "bytes_in": self.bytes_in, "bytes_out": sum(f.size for f in self.files), "total_size": self.total_size,
             "config_changes": self.config_changes, "extra_files": self.extra_files,
         }
+
+
+def parse_part(text: str | None) -> tuple[int, int] | None:
+    """'2/3' -> (2, 3): part 2 of 3 (1-based), as a job array index would give it."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise UsageError(f"--part {text!r}: give K/N with 1 <= K <= N, e.g. --part 2/8")
+    return int(m.group(1)), int(m.group(2))
+
+
+def assign_parts(files: list[FilePlan], n_parts: int) -> list[int]:
+    """Part (1-based) of each output file: largest first to the lightest part, so parts end together.
+
+    Deterministic: every job of an array computes the same assignment from the same plan.
+    """
+    load = [0] * n_parts
+    part = [0] * len(files)
+    for i in sorted(range(len(files)), key=lambda i: (-files[i].size, files[i].name)):
+        k = min(range(n_parts), key=lambda k: (load[k], k))
+        part[i] = k + 1
+        load[k] += files[i].size
+    return part
 
 
 def parse_size(text: str) -> int:

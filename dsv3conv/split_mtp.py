@@ -153,7 +153,7 @@ def split_mtp(
     main_out: str | os.PathLike | None = None,
     mtp_out: str | os.PathLike | None = None,
     mtp_layout: str = "sglang", resume: bool = False, overwrite: bool = False, dry_run: bool = False,
-    progress: bool = False,
+    progress: bool = False, part: str | tuple[int, int] | None = None,
 ) -> dict:
     """Write the checkpoint without its MTP layers (`main_out`) and/or the MTP draft (`mtp_out`).
 
@@ -183,13 +183,13 @@ def split_mtp(
 
         for plan in plans.values():  # refuse a non-empty second output before writing the first
             if plan.dest.exists():
-                prepare_dest(plan.dest, resume=resume, overwrite=overwrite)
+                prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite)
 
     n_main = int(ckpt.config["num_hidden_layers"])
     mtp_ids = sorted(mtp_layer_ids(ckpt.config))
     result = {"source": str(ckpt.root), "mtp_layers": mtp_ids, "main": None, "mtp": None}
     for key, plan in plans.items():
-        summary = run_plan(plan, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress)
+        summary = run_plan(plan, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress, part=part)
         summary["shards_copied_whole"] = sum(f.copy_of is not None for f in plan.files)
         if key == "mtp":
             summary["layout"] = mtp_layout

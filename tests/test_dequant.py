@@ -231,3 +231,33 @@ def test_resume_rewrites_a_file_that_does_not_match_the_plan(tmp_path, tiny_src)
     victim.write_bytes(good[: len(good) // 2])  # e.g. copied in by hand, half-finished
     s = dequantize(tiny_src, tmp_path / "out", device="cpu", resume=True)
     assert victim.read_bytes() == good and s["shards_skipped"] == s["shards"] - 1
+
+
+# ------------------------------------------------------------------------------------ --part K/N jobs
+def test_three_parts_equal_one_run(tmp_path):
+    make_tiny(tmp_path / "src", num_hidden_layers=6, n_shards=7)
+    dequantize(tmp_path / "src", tmp_path / "ref", device="cpu")
+    env = dict(os.environ, DSV3CONV_NO_COMPILE="1")
+    # two parts in parallel, as a job array would run them, then the third alone: it finalizes
+    procs = [subprocess.Popen([sys.executable, "-m", "dsv3conv", "dequant", tmp_path / "src", tmp_path / "out",
+                               "--device", "cpu", "--quiet", "--json", "--part", f"{k}/3"],
+                              env=env, stdout=subprocess.PIPE, text=True) for k in (1, 2)]
+    results = [json.loads(p.communicate()[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert not (tmp_path / "out" / "config.json").exists(), "config written before every part finished"
+    assert all(r["waiting_for"] for r in results)
+    last = dequantize(tmp_path / "src", tmp_path / "out", device="cpu", part="3/3")
+    assert last["finalized"] and not last["waiting_for"]
+    shards = [set(r["part_shards"]) for r in results] + [set(last["part_shards"])]
+    assert set().union(*shards) == {p.name for p in (tmp_path / "ref").glob("*.safetensors")}
+    assert sum(map(len, shards)) == 7
+    ref = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == ref
+    for name in ref:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+def test_part_is_validated(tmp_path, tiny_src):
+    for bad in ("0/3", "4/3", "x", "1/0"):
+        proc = run_cli("dequant", tiny_src, tmp_path / "out", "--part", bad, check=2)
+        assert "--part" in proc.stderr
