@@ -116,8 +116,8 @@ def copy_file_fast(src: Path, dst: Path) -> None:
     plain streamed copy. Never a hard link: a later edit of either file must not change the other.
     """
     tmp = partial_path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
             size = os.fstat(fin.fileno()).st_size
             if not _reflink(fin.fileno(), fout.fileno()):
@@ -128,8 +128,8 @@ def copy_file_fast(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise Dsv3Error(f"{dst}: disk full while writing; free space and rerun with --resume") from None
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EROFS) or exc.filename in (str(tmp), str(dst.parent)):
+            raise _write_error(dst, exc) from None  # the output side: disk full, size limit, not writable
         raise Dsv3Error(f"{dst}: copying {src} failed ({exc.strerror or exc})") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
