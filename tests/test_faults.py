@@ -225,3 +225,54 @@ def test_second_run_on_the_same_output_refuses(tiny_src, tmp_path, reference):
     assert listing(dst) == listing(reference)
     for name in listing(reference):
         assert (dst / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+# ------------------------------------------------------------------------------------------ split-mtp
+@pytest.fixture(scope="module")
+def split_reference(tiny_src, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("split-reference")
+    proc = cli_here("split-mtp", tiny_src, "--main-out", out / "main", "--mtp-out", out / "mtp", "--quiet")
+    assert proc.returncode == 0, proc
+    return out
+
+
+def assert_split_resume_completes(src: Path, out: Path, reference: Path) -> None:
+    proc = cli_here("split-mtp", src, "--main-out", out / "main", "--mtp-out", out / "mtp", "--resume", "--quiet")
+    assert proc.returncode == 0, proc
+    assert listing(out) == listing(reference)
+    for name in listing(reference):
+        if (reference / name).is_file():
+            assert (out / name).read_bytes() == (reference / name).read_bytes(), f"{name} differs after --resume"
+
+
+def test_split_mtp_disk_full_then_resume(tiny_src, tmp_path, split_reference):
+    """1 MB fills during the main model's second shard (whole-file copies and rewritten shards alike)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)], capture_output=True,
+                      check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+    try:
+        proc = cli_here("split-mtp", tiny_src, "--main-out", mnt / "main", "--mtp-out", mnt / "mtp", "--quiet")
+        assert_one_line_error(proc, 1, "disk full", "rerun with --resume")
+        for part in ("main", "mtp"):
+            if (mnt / part).exists():
+                assert_nothing_damaged(mnt / part, split_reference / part)
+        subprocess.run(["mount", "-o", "remount,size=16M", str(mnt)], check=True)
+        assert_split_resume_completes(tiny_src, mnt, split_reference)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_split_mtp_file_size_limit_then_resume(tiny_src, tmp_path, split_reference):
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))  # every main shard is larger
+
+    proc = subprocess.run([sys.executable, "-m", "dsv3conv", "split-mtp", str(tiny_src), "--main-out",
+                           str(tmp_path / "main"), "--mtp-out", str(tmp_path / "mtp"), "--quiet"],
+                          capture_output=True, text=True, env=ENV, timeout=TIMEOUT, preexec_fn=limit, check=False)
+    assert_one_line_error(proc, 1, "file size limit", "rerun with --resume")
+    for part in ("main", "mtp"):
+        if (tmp_path / part).exists():
+            assert_nothing_damaged(tmp_path / part, split_reference / part)
+    assert_split_resume_completes(tiny_src, tmp_path, split_reference)
