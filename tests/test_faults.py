@@ -25,8 +25,6 @@ from dsv3conv.checkpoint import INDEX_NAME
 from dsv3conv.writer import PARTIAL_SUFFIX
 from tests.test_errors import ENV, TIMEOUT, assert_one_line_error, cli_here
 
-LOCK_NAME = ".dsv3conv.lock"
-
 HOOKS = r"""
 import os, sys, time
 from dsv3conv import backend, writer
@@ -119,7 +117,7 @@ def assert_nothing_damaged(dst: Path, reference: Path, *, leftovers_allowed: boo
     names = listing(dst)
     partials = [n for n in names if n.endswith(PARTIAL_SUFFIX)]
     if not leftovers_allowed:
-        assert not partials and LOCK_NAME not in names, names
+        assert not partials, names  # (the lock file may stay: it is not a partial file)
     finals = [n for n in names if n.endswith(".safetensors")]
     for name in finals:
         assert (dst / name).read_bytes() == (reference / name).read_bytes(), f"{name}: damaged under its final name"
@@ -225,6 +223,43 @@ def test_second_run_on_the_same_output_refuses(tiny_src, tmp_path, reference):
     assert listing(dst) == listing(reference)
     for name in listing(reference):
         assert (dst / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+@pytest.mark.xfail(strict=True, reason="pipeline.py DestLock.__exit__ unlinks the lock file before closing it: a "
+                   "run that opened the old file just before can still flock that orphaned inode, and a third run "
+                   "creates and locks a new file, so two runs hold 'the' lock at once. Keep the lock file (do not "
+                   "unlink; prepare_dest already ignores it), or after flock check fstat(fd).st_ino == "
+                   "stat(path).st_ino and retry")
+def test_lock_holds_when_one_run_ends_as_another_starts(tmp_path, monkeypatch):
+    """Run A ends between run B opening the lock file and locking it; then run C starts: B or C must refuse."""
+    import fcntl
+
+    from dsv3conv.errors import Dsv3Error
+    from dsv3conv.pipeline import DestLock
+
+    dst = tmp_path / "out"
+    dst.mkdir()
+    a = DestLock(dst).__enter__()
+    real_flock = fcntl.flock
+    calls = []
+
+    def flock_after_a_ends(fd, op):
+        if not calls:
+            a.__exit__(None, None, None)  # A finishes right now
+        calls.append(fd)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_a_ends)
+    b = DestLock(dst)
+    try:
+        b.__enter__()
+    except Dsv3Error:
+        return  # B noticed A's lock file went away and refused: never two holders
+    try:
+        with pytest.raises(Dsv3Error, match="another dsv3conv run"):
+            DestLock(dst).__enter__()
+    finally:
+        b.__exit__(None, None, None)
 
 
 # ------------------------------------------------------------------------------------------ split-mtp
