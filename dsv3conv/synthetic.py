@@ -12,14 +12,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from dsv3conv.checkpoint import INDEX_NAME
 from dsv3conv.dtypes import SAFETENSORS_DTYPES, TORCH_DTYPES
-from dsv3conv.layout import FP8_DTYPE, deepseek_v3_tensors, default_config, is_scale, scale_name
+from dsv3conv.layout import FP8_DTYPE, deepseek_v3_tensors, default_config, is_scale, scale_name, scale_shape
 from dsv3conv.safetensors_format import DTYPE_SIZES, build_header
 from dsv3conv.writer import AtomicFile, write_bytes_atomic
 
@@ -91,7 +92,7 @@ def write_checkpoint(
         names = ["model.safetensors"]
     weight_map, total = {}, 0
     for fname, items in zip(names, shards):
-        header, offsets = build_header([(n, d, s) for n, d, s, _ in items], {"format": "pt"})
+        header, _ = build_header([(n, d, s) for n, d, s, _ in items], {"format": "pt"})
         data_size = sum(math.prod(s) * DTYPE_SIZES[d] for _, d, s, _ in items)
         if sparse:
             with open(root / fname, "wb") as f:
@@ -163,8 +164,19 @@ def make_tiny(
     if scale_dtype == "F8_E8M0":
         config["quantization_config"] = dict(config["quantization_config"], scale_fmt="ue8m0")
     gen = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
     specs = deepseek_v3_tensors(config)
+    tensors = _random_tensors(specs, gen, lambda w: quantize_blocks(w, scale_dtype))
+    _write_tensors(root, specs, tensors, config, 1 if single_file else n_shards, single_file=single_file)
+    write_extra_files(root, config)
+    return tensors
+
+
+def _random_tensors(
+    specs: list[TensorSpec], gen: torch.Generator,
+    quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """Values for `specs` (scales come from `quantize`, whatever dtype the spec names for them)."""
+    tensors: dict[str, torch.Tensor] = {}
     for name, shape, dtype in specs:
         if is_scale(name):
             continue
@@ -172,29 +184,214 @@ def make_tiny(
             # Weights with per-block magnitude differences, so that every block gets its own scale.
             w = torch.randn(shape, generator=gen) * 0.02
             w *= torch.rand((shape[0], 1), generator=gen) * 4 + 0.25
-            q, s = quantize_blocks(w, scale_dtype)
+            q, s = quantize(w)
             tensors[name], tensors[scale_name(name)] = q, s
         elif name.endswith("norm.weight"):
             tensors[name] = (1 + 0.1 * torch.randn(shape, generator=gen)).to(TORCH_DTYPES[dtype])
         else:
             tensors[name] = (0.02 * torch.randn(shape, generator=gen)).to(TORCH_DTYPES[dtype])
-    spec_dtypes = {n: ("F8_E4M3" if t.dtype == torch.float8_e4m3fn else _st_dtype(t.dtype)) for n, t in tensors.items()}
+    return tensors
+
+
+def _write_tensors(
+    root: Path, specs: list[TensorSpec], tensors: dict[str, torch.Tensor], config: dict, n_shards: int,
+    single_file: bool = False, names: list[str] | None = None,
+) -> None:
+    """Write `tensors` in the order of `specs`, split into `n_shards` of about equal bytes."""
+    spec_dtypes = {n: _st_dtype(t.dtype) for n, t in tensors.items()}
     ordered = [(n, tuple(tensors[n].shape), spec_dtypes[n]) for n, _, _ in specs]
-    groups = split_by_bytes(ordered, 1 if single_file else n_shards)
-    if not single_file and n_shards > 1:
+    groups = split_by_bytes(ordered, n_shards)
+    moved = scale_name("model.layers.0.self_attn.o_proj.weight")
+    if not single_file and n_shards > 1 and moved in tensors:
         # Store one scale in another shard than its weight, as the release sometimes does.
-        moved = scale_name("model.layers.0.self_attn.o_proj.weight")
         for g in groups:
             g[:] = [s for s in g if s[0] != moved]
         groups[-1].append((moved, tuple(tensors[moved].shape), spec_dtypes[moved]))
     shards = [[(n, d, s, (lambda n=n: tensor_bytes(tensors[n]))) for n, s, d in g] for g in groups]
-    write_checkpoint(root, shards, config, single_file=single_file)
-    write_extra_files(root, config)
-    return tensors
+    write_checkpoint(root, shards, config, names=names, single_file=single_file)
 
 
 def _st_dtype(dtype: torch.dtype) -> str:
     return SAFETENSORS_DTYPES[dtype]
+
+
+# ------------------------------------------------------------------------------------------- siblings
+SIBLINGS = ("r1", "v3-0324", "v3.1", "v3.1-e8m0", "v3.2", "kimi-k2", "mtp78", "qwen3")
+"""Other releases in the DeepSeek-V3 FP8 block format, at tiny sizes (see `make_sibling`)."""
+
+_R1_MISSING_KEYS = ("aux_loss_alpha", "pretraining_tp", "seq_aux")
+_QWEN3_QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                       "weight_block_size": [128, 128]}
+
+
+def unpadded_shard_name(k: int, n: int) -> str:
+    """Shard names as Kimi-K2 spells them (`model-1-of-61.safetensors`)."""
+    return f"model-{k}-of-{n}.safetensors"
+
+
+def sibling_config(kind: str) -> dict:
+    """The tiny config.json of sibling `kind` (one of `SIBLINGS`)."""
+    if kind not in SIBLINGS:
+        raise ValueError(f"kind must be one of {SIBLINGS}")
+    if kind == "qwen3":
+        return {
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
+            "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 1, "head_dim": 64, "hidden_act": "silu",
+            "hidden_size": 200, "initializer_range": 0.02, "intermediate_size": 300, "max_position_embeddings": 512,
+            "max_window_layers": 2, "num_attention_heads": 2, "num_hidden_layers": 2, "num_key_value_heads": 1,
+            "quantization_config": dict(_QWEN3_QUANTIZATION), "rms_norm_eps": 1e-06, "rope_scaling": None,
+            "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+            "use_cache": True, "use_sliding_window": False, "vocab_size": 320,
+        }
+    c = tiny_config()
+    if kind == "r1":  # R1's config.json lacks these three keys of V3's
+        for key in _R1_MISSING_KEYS:
+            c.pop(key)
+    elif kind == "v3.1":  # UE8M0 scale values (powers of two) stored as F32 tensors
+        c["quantization_config"] = dict(c["quantization_config"], scale_fmt="ue8m0")
+    elif kind == "v3.2":
+        c.update(architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32",
+                 index_n_heads=2, index_head_dim=64, index_topk=2048)
+    elif kind == "kimi-k2":  # no MTP, 384 routed experts (tiny ones), one MoE layer
+        c.update(model_type="kimi_k2", num_hidden_layers=2, num_nextn_predict_layers=0, n_routed_experts=384,
+                 num_experts_per_tok=8, moe_intermediate_size=16, routed_scaling_factor=2.827)
+    elif kind == "mtp78":  # MTP layer at 78, as GLM-style releases put it; few experts to stay small
+        c.update(num_hidden_layers=78, first_k_dense_replace=3, n_routed_experts=2, num_experts_per_tok=1)
+    return c
+
+
+def sibling_tensors(kind: str, config: dict) -> list[TensorSpec]:
+    """(name, shape, dtype) of every tensor of sibling `kind` under `config`, in release order."""
+    if kind == "qwen3":
+        return qwen3_tensors(config)
+    specs = deepseek_v3_tensors(config)
+    if kind == "v3.2":
+        specs = _after_attention(specs, lambda layer: _indexer_tensors(layer, config))
+    elif kind == "kimi-k2":
+        rope_half = config["qk_rope_head_dim"] // 2
+        specs = _after_attention(
+            specs, lambda layer: [(f"model.layers.{layer}.self_attn.rotary_emb.inv_freq", (rope_half,), "BF16")]
+        )
+    return specs
+
+
+def qwen3_tensors(config: dict) -> list[TensorSpec]:
+    """A Qwen3 FP8 dense model: no MoE, no MTP; every linear layer FP8 with a *_scale_inv sibling."""
+    hidden, vocab, inter = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    out: list[TensorSpec] = [("model.embed_tokens.weight", (vocab, hidden), "BF16")]
+
+    def fp8(name: str, shape: tuple[int, int]) -> None:
+        out.extend([(name, shape, FP8_DTYPE), (scale_name(name), scale_shape(shape), "BF16")])
+
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        out.append((f"{p}.input_layernorm.weight", (hidden,), "BF16"))
+        fp8(f"{p}.self_attn.q_proj.weight", (heads * head_dim, hidden))
+        fp8(f"{p}.self_attn.k_proj.weight", (kv_heads * head_dim, hidden))
+        fp8(f"{p}.self_attn.v_proj.weight", (kv_heads * head_dim, hidden))
+        fp8(f"{p}.self_attn.o_proj.weight", (hidden, heads * head_dim))
+        out.append((f"{p}.self_attn.q_norm.weight", (head_dim,), "BF16"))
+        out.append((f"{p}.self_attn.k_norm.weight", (head_dim,), "BF16"))
+        out.append((f"{p}.post_attention_layernorm.weight", (hidden,), "BF16"))
+        fp8(f"{p}.mlp.gate_proj.weight", (inter, hidden))
+        fp8(f"{p}.mlp.up_proj.weight", (inter, hidden))
+        fp8(f"{p}.mlp.down_proj.weight", (hidden, inter))
+    out.append(("model.norm.weight", (hidden,), "BF16"))
+    if not config.get("tie_word_embeddings"):
+        out.append(("lm_head.weight", (vocab, hidden), "BF16"))
+    return out
+
+
+def _indexer_tensors(layer: int, config: dict) -> list[TensorSpec]:
+    """DeepSeek-V3.2's sparse-attention indexer: wq_b and wk FP8 with scales; k_norm and weights_proj BF16."""
+    p = f"model.layers.{layer}.self_attn.indexer"
+    heads, dim = config["index_n_heads"], config["index_head_dim"]
+    wq_b, wk = (heads * dim, config["q_lora_rank"]), (dim, config["hidden_size"])
+    return [
+        (f"{p}.wq_b.weight", wq_b, FP8_DTYPE), (f"{p}.wq_b.weight_scale_inv", scale_shape(wq_b), "F32"),
+        (f"{p}.wk.weight", wk, FP8_DTYPE), (f"{p}.wk.weight_scale_inv", scale_shape(wk), "F32"),
+        (f"{p}.k_norm.weight", (dim,), "BF16"), (f"{p}.k_norm.bias", (dim,), "BF16"),
+        (f"{p}.weights_proj.weight", (heads, config["hidden_size"]), "BF16"),
+    ]
+
+
+def _after_attention(specs: list[TensorSpec], extra: Callable[[int], list[TensorSpec]]) -> list[TensorSpec]:
+    """Insert `extra(layer)` after each layer's attention output projection (and its scale)."""
+    out: list[TensorSpec] = []
+    for spec in specs:
+        out.append(spec)
+        m = re.fullmatch(r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight_scale_inv", spec[0])
+        if m:
+            out.extend(extra(int(m.group(1))))
+    return out
+
+
+def make_sibling(
+    root: str | os.PathLike, kind: str, *, seed: int = 0, n_shards: int | None = None,
+    config_overrides: dict | None = None,
+) -> dict[str, torch.Tensor]:
+    """Write a tiny FP8 checkpoint of another release of the format; return its tensors.
+
+    r1         DeepSeek-R1: V3's layout; config.json without aux_loss_alpha, pretraining_tp, seq_aux
+    v3-0324    DeepSeek-V3-0324: V3's layout and config keys
+    v3.1       `scale_fmt: ue8m0`: power-of-two scale values stored as F32
+    v3.1-e8m0  `scale_fmt: ue8m0` with F8_E8M0 scale tensors
+    v3.2       V3.2-style sparse-attention indexer tensors in every layer (model_type deepseek_v32)
+    kimi-k2    model_type kimi_k2, 384 routed experts, no MTP, BF16 rotary_emb.inv_freq tensors,
+               unpadded shard names (`model-1-of-61.safetensors`)
+    mtp78      the MTP layer at id 78 (78 main layers)
+    qwen3      Qwen3 FP8: dense, no MTP, q/k/v/o_proj, q_norm/k_norm, BF16 scales
+
+    `config_overrides` changes config.json fields before the tensors are derived from it.
+    """
+    root = Path(root)
+    config = sibling_config(kind)
+    config.update(config_overrides or {})
+    specs = sibling_tensors(kind, config)
+    # (dtype whose rounding the scale values get, dtype the scale tensors are stored in)
+    rounding, stored = {"qwen3": ("BF16", "BF16"), "v3.1": ("F8_E8M0", "F32"),
+                        "v3.1-e8m0": ("F8_E8M0", "F8_E8M0")}.get(kind, ("F32", "F32"))
+    if kind == "v3.1-e8m0":
+        config["quantization_config"] = dict(config["quantization_config"], scale_fmt="ue8m0")
+
+    def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, scale = quantize_blocks(w, rounding)
+        return q, scale.to(TORCH_DTYPES[stored])  # exact: powers of two fit in F32
+
+    tensors = _random_tensors(specs, torch.Generator().manual_seed(seed), quantize)
+    for name, t in tensors.items():
+        if name.endswith("rotary_emb.inv_freq"):  # the values a rotary embedding computes
+            dim = 2 * t.numel()
+            exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+            tensors[name] = (1.0 / config.get("rope_theta", 10000) ** exponents).to(t.dtype)
+    n = n_shards or {"kimi-k2": 61, "mtp78": 8}.get(kind, 4)
+    names = [unpadded_shard_name(k + 1, n) for k in range(n)] if kind == "kimi-k2" else None
+    _write_tensors(root, specs, tensors, config, n, names=names)
+    _write_sibling_files(root, kind)
+    return tensors
+
+
+def _write_sibling_files(root: Path, kind: str) -> None:
+    """The non-weight files of the release: tokenizer, generation config, remote code where it has some."""
+    files = {
+        "tokenizer_config.json": json.dumps({"model_max_length": 512}),
+        "generation_config.json": json.dumps({"bos_token_id": 0, "eos_token_id": 1}),
+        "README.md": f"# Synthetic {kind}-style checkpoint made by dsv3conv\n",
+        "LICENSE": "Synthetic test data; no license restrictions.\n",
+    }
+    if kind == "qwen3":
+        files.update({"vocab.json": "{}", "merges.txt": "#version: 0.2\n"})
+    else:
+        files.update({"configuration_deepseek.py": "# remote code placeholder\n",
+                      "modeling_deepseek.py": "# remote code placeholder\n"})
+    if kind == "kimi-k2":
+        files.update({"tiktoken.model": "placeholder\n", "tokenization_kimi.py": "# remote code placeholder\n"})
+    else:
+        files["tokenizer.json"] = json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}})
+    for name, text in files.items():
+        (root / name).write_text(text + ("" if text.endswith("\n") else "\n"), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------- real shapes
