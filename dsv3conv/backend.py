@@ -4,7 +4,8 @@
 - `CudaBackend`: the Triton kernel of `dsv3conv.kernels.fp8_block_dequant`, one grouped launch per batch,
   host buffers pinned, copies asynchronous on a side stream.
 Both compute round_to_nearest_even(float32(w) * float32(scale)) and are tested bit for bit against
-`reference_dequant`.
+`reference_dequant`. The way back, BF16 -> FP8 (`quant`), follows `reference_quant` bit for bit: on the CPU
+with compiled torch (block maxima, then the division), on CUDA with `dsv3conv.kernels.fp8_block_quant`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,17 @@ import torch
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.kernels.fp8_block_dequant import BLOCK_SIZE
+from dsv3conv.kernels.fp8_block_quant import E4M3_MAX, block_scales
 
 
 
 @dataclass
 class Item:
-    """One piece of a batch: a tensor chunk to convert, or bytes to copy through unchanged."""
+    """One piece of a batch: a tensor chunk to convert, or bytes to copy through unchanged.
+
+    A chunk to dequantize (`scale` set) gives one output piece; a chunk to quantize (`scale_fmt` set) gives
+    two: its e4m3 bytes, then its rows of scales (`scale_dtype`).
+    """
 
     src_offset: int  # in the batch's input buffer
     nbytes: int  # input bytes
@@ -31,10 +37,18 @@ class Item:
     cols: int = 0
     scale: torch.Tensor | None = None  # float32 [ceil(rows/128), ceil(cols/128)] for this chunk
     out_dtype: str = ""
+    src_dtype: str = ""  # quant: BF16, F16 or F32
+    scale_fmt: str = ""  # quant: "float" or "ue8m0"
+    scale_dtype: str = ""  # quant: F32, BF16, F16 or F8_E8M0
+    name: str = ""  # quant: the tensor, for error messages
 
     @property
     def converts(self) -> bool:
         return self.scale is not None
+
+    @property
+    def quantizes(self) -> bool:
+        return bool(self.scale_fmt)
 
 
 def _fused_dequant(w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -59,6 +73,69 @@ def _compiled_dequant():
         return _fused_dequant
 
 
+def _block_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| per 128x128 block (edge blocks: their stored elements only), float32; NaN counts as +inf."""
+    rows, cols = x.shape
+    a = x.to(torch.float32).abs()
+    a = torch.where(a.isnan(), float("inf"), a)
+    pr, pc = -rows % BLOCK_SIZE, -cols % BLOCK_SIZE
+    padded = torch.nn.functional.pad(a, (0, pc, 0, pr))
+    return padded.view((rows + pr) // BLOCK_SIZE, BLOCK_SIZE, (cols + pc) // BLOCK_SIZE, BLOCK_SIZE).amax(dim=(1, 3))
+
+
+def _fused_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """One pass over `x`: each element divided by its block's (stored, float32) scale, clamped, cast to e4m3."""
+    rows, cols = x.shape
+    r = torch.arange(rows, device=x.device) // BLOCK_SIZE
+    c = torch.arange(cols, device=x.device) // BLOCK_SIZE
+    return (x.to(torch.float32) / scale[r[:, None], c[None, :]]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+@functools.cache
+def _compiled_quant():
+    """(block amax, quantize) compiled once for any shape; eager torch where compilation is unavailable."""
+    if os.environ.get("DSV3CONV_NO_COMPILE"):
+        return _block_amax, _fused_quant
+    try:
+        amax, quant = torch.compile(_block_amax, dynamic=True), torch.compile(_fused_quant, dynamic=True)
+        probe = torch.zeros((3, 5), dtype=torch.bfloat16)
+        quant(probe, amax(probe) + 1)  # compile now, so a failure falls back here
+        return amax, quant
+    except Exception:  # noqa: BLE001  (no compiler toolchain, unsupported platform: stay correct, be slower)
+        return _block_amax, _fused_quant
+
+
+def _typed(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bytes viewed as `dtype`; copied first when their offset is not a multiple of the element size."""
+    if data.storage_offset() % dtype.itemsize or data.data_ptr() % dtype.itemsize:
+        data = data.clone()
+    return data.view(dtype)
+
+
+def _quant_outputs(q: torch.Tensor, scale: torch.Tensor) -> list[memoryview]:
+    return [memoryview(q.reshape(-1).view(torch.uint8).numpy()).cast("B"),
+            memoryview(scale.reshape(-1).view(torch.uint8).numpy()).cast("B")]
+
+
+def check_quant_scales(it: Item, scale: torch.Tensor, w: torch.Tensor) -> None:
+    """A scale that is not finite means NaN/Inf in the block, or a scale beyond the scale dtype: refuse."""
+    s = scale.to(torch.float32)
+    bad = ~torch.isfinite(s)
+    if not bool(bad.any()):
+        return
+    i, j = (int(v) for v in bad.nonzero()[0])
+    block = w[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE, j * BLOCK_SIZE : (j + 1) * BLOCK_SIZE].to(torch.float32)
+    if not bool(torch.isfinite(block).all()):
+        raise Dsv3Error(
+            f"tensor `{it.name}` holds NaN or Inf values ({int(bad.sum())} of the 128x128 blocks read at once); "
+            "fix the weights, or keep the tensor unquantized with --skip"
+        )
+    raise Dsv3Error(
+        f"tensor `{it.name}`: a block's largest magnitude {block.abs().max().item():g} needs a scale beyond "
+        f"{it.scale_dtype} (largest {torch.finfo(TORCH_DTYPES[it.scale_dtype]).max:g}); use --scale-dtype float32"
+    )
+
+
 class CpuBackend:
     name = "cpu"
     pin_memory = False
@@ -71,6 +148,9 @@ class CpuBackend:
         outs = []
         for it in items:
             data = buf[it.src_offset : it.src_offset + it.nbytes]
+            if it.quantizes:
+                outs += self._quant(data, it)
+                continue
             if not it.converts:
                 outs.append(memoryview(data.numpy()))
                 continue
@@ -78,6 +158,14 @@ class CpuBackend:
             out = self._fn(w, it.scale, TORCH_DTYPES[it.out_dtype])
             outs.append(memoryview(out.view(torch.uint8).numpy()).cast("B"))
         return outs
+
+    @staticmethod
+    def _quant(data: torch.Tensor, it: Item) -> list[memoryview]:
+        w = _typed(data, TORCH_DTYPES[it.src_dtype]).view(it.rows, it.cols)
+        block_amax, fused_quant = _compiled_quant() if w.numel() else (_block_amax, _fused_quant)
+        scale = block_scales(block_amax(w), it.scale_fmt, TORCH_DTYPES[it.scale_dtype])
+        check_quant_scales(it, scale, w)
+        return _quant_outputs(fused_quant(w, scale.to(torch.float32)), scale)
 
 
 class CudaBackend:
@@ -96,6 +184,7 @@ class CudaBackend:
 
     def run(self, buf: torch.Tensor, items: list[Item]) -> list[memoryview]:
         conv = [it for it in items if it.converts]
+        quants = self._quant(buf, [it for it in items if it.quantizes])
         outs: list[memoryview | None] = [None] * len(items)
         if conv:
             out_size = sum(it.rows * it.cols * TORCH_DTYPES[it.out_dtype].itemsize for it in conv)
@@ -124,12 +213,42 @@ class CudaBackend:
                 conv_views.append(view[pos : pos + n])
                 pos += n
             conv_iter = iter(conv_views)
+        pieces: list[memoryview] = []
         for i, it in enumerate(items):
             if it.converts:
                 outs[i] = next(conv_iter)
+            elif it.quantizes:
+                pieces += quants.pop(0)
+                continue
             else:
                 outs[i] = memoryview(buf[it.src_offset : it.src_offset + it.nbytes].numpy())
-        return outs  # type: ignore[return-value]
+            pieces.append(outs[i])
+        return pieces
+
+    def _quant(self, buf: torch.Tensor, items: list[Item]) -> list[list[memoryview]]:
+        """Quantize each item with the Triton kernel, one launch per chunk; e4m3 and scales back in pinned memory."""
+        if not items:
+            return []
+        from dsv3conv.kernels import fp8_block_quant as kq
+
+        results = []
+        with torch.cuda.stream(self.stream):
+            for it in items:
+                src = buf[it.src_offset : it.src_offset + it.nbytes].to(self.device, non_blocking=True)
+                w = _typed(src, TORCH_DTYPES[it.src_dtype]).view(it.rows, it.cols)
+                q, s = kq.quant(w, it.scale_fmt, TORCH_DTYPES[it.scale_dtype])
+                host_q = torch.empty(q.shape, dtype=torch.uint8, pin_memory=True)
+                host_s = torch.empty(s.shape, dtype=s.dtype, pin_memory=True)
+                host_q.copy_(q.view(torch.uint8), non_blocking=True)
+                host_s.copy_(s, non_blocking=True)
+                results.append((it, host_q, host_s))
+        self.stream.synchronize()
+        outs = []
+        for it, host_q, host_s in results:
+            w = _typed(buf[it.src_offset : it.src_offset + it.nbytes], TORCH_DTYPES[it.src_dtype])
+            check_quant_scales(it, host_s, w.view(it.rows, it.cols))
+            outs.append(_quant_outputs(host_q, host_s))
+        return outs
 
 
 def make_backend(device: str):
