@@ -228,6 +228,46 @@ def _print_result(result: dict, json_out: bool, dry_run: bool) -> None:
         out.print(f"part {result['part']}: {len(result['part_shards'])} shards; {done}", markup=False)
 
 
+# ---------------------------------------------------------------------------------------------- quant
+@app.command()
+def quant(
+    src: Annotated[Path, typer.Argument(help="BF16 (or F16/F32) checkpoint directory.", show_default=False)],
+    dst: Annotated[Path, typer.Argument(help="Output directory (absent or empty).", show_default=False)],
+    scale_fmt: Annotated[
+        str, typer.Option("--scale-fmt", help="float: scale = amax/448; ue8m0: rounded up to a power of two.")
+    ] = "float",
+    scale_dtype: Annotated[
+        str, typer.Option("--scale-dtype", help="float32, bfloat16, float16 or float8_e8m0fnu (needs ue8m0).")
+    ] = "float32",
+    skip: Annotated[
+        Optional[list[str]],
+        typer.Option("--skip", metavar="REGEX", help="Keep tensors whose name matches unquantized (repeatable)."),
+    ] = None,
+    mtp: Annotated[str, typer.Option("--mtp", help="keep: quantize the MTP layers too; drop: leave them out.")] = "keep",
+    device: DeviceOpt = "auto",
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    dry_run: DryRunOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """BF16 -> 128x128 block FP8 (e4m3), the weights the release has in FP8; writes scales and quantization_config.
+
+    Example: dsv3conv quant ~/models/V3-finetuned-bf16 ~/models/V3-finetuned-fp8 --scale-fmt ue8m0
+    """
+    from dsv3conv.api import quantize
+
+    with _errors(writes=True):
+        result = quantize(
+            src, dst, scale_fmt=scale_fmt, scale_dtype=scale_dtype, skip=skip or [], mtp=mtp, device=device,
+            resume=resume, overwrite=overwrite, dry_run=dry_run, progress=not (quiet or json_out and not err.is_terminal),
+        )
+    _print_result(result, json_out, dry_run)
+    if not json_out and result["tensors_skipped"]:
+        out.print(f"  {result['tensors_skipped']} weights kept unquantized by --skip (listed in "
+                  "quantization_config.modules_to_not_convert)")
+
+
 # ------------------------------------------------------------------------------------------ split-mtp
 @app.command("split-mtp")
 def split_mtp(
