@@ -54,7 +54,7 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
     from dsv3conv.progress import ByteProgress
 
     backend = make_backend(device) if plan.converted else None
-    chunk = parse_size(buffer_size) if isinstance(buffer_size, str) else buffer_size
+    chunk = parse_size(buffer_size, "--buffer-size") if isinstance(buffer_size, str) else buffer_size
     chunk = chunk or (DEFAULT_CHUNK_BYTES * 4 if getattr(backend, "pin_memory", False) else DEFAULT_CHUNK_BYTES)
     with ByteProgress(plan, enabled=progress) as bar:
         stats = execute(plan, backend or _NoCompute(), resume=resume, overwrite=overwrite, progress=bar.advance,

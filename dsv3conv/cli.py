@@ -31,7 +31,9 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 _state = {"debug": False}
 
 # Options shared by several subcommands, declared once.
-CkptArg = Annotated[Path, typer.Argument(help="Checkpoint directory (index + shards, or model.safetensors).", show_default=False)]
+# readable=False: the reader's own one-line error names an unreadable directory (Typer's check prints a panel).
+CkptArg = Annotated[Path, typer.Argument(help="Checkpoint directory (index + shards, or model.safetensors).",
+                                         show_default=False, readable=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")]
@@ -164,7 +166,7 @@ def _print_inspect(r: dict) -> None:
 # -------------------------------------------------------------------------------------------- dequant
 @app.command()
 def dequant(
-    src: Annotated[Path, typer.Argument(help="FP8 checkpoint directory.", show_default=False)],
+    src: Annotated[Path, typer.Argument(help="FP8 checkpoint directory.", show_default=False, readable=False)],
     dst: Annotated[Path, typer.Argument(help="Output directory (absent or empty).", show_default=False)],
     mtp: Annotated[str, typer.Option("--mtp", help="keep: convert the MTP layers too; drop: leave them out.")] = "keep",
     device: DeviceOpt = "auto",
@@ -231,7 +233,8 @@ def _print_result(result: dict, json_out: bool, dry_run: bool) -> None:
 # ---------------------------------------------------------------------------------------------- quant
 @app.command()
 def quant(
-    src: Annotated[Path, typer.Argument(help="BF16 (or F16/F32) checkpoint directory.", show_default=False)],
+    src: Annotated[Path, typer.Argument(help="BF16 (or F16/F32) checkpoint directory.", show_default=False,
+                                        readable=False)],
     dst: Annotated[Path, typer.Argument(help="Output directory (absent or empty).", show_default=False)],
     scale_fmt: Annotated[
         str, typer.Option("--scale-fmt", help="float: scale = amax/448; ue8m0: rounded up to a power of two.")
@@ -380,4 +383,6 @@ def main() -> None:
     # Writing past a file-size limit must be an error we can report, not a silent kill.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # A job scheduler's SIGTERM (time limit, preemption) cleans up like Ctrl-C: no partial file is left.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     app()

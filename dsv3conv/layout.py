@@ -123,6 +123,8 @@ def parameter_counts(tensors: Iterable[tuple[str, tuple[int, ...]]], config: Map
         if is_scale(name):
             out["scales"] += n
             continue
+        if name.endswith(".inv_freq"):  # rotary buffers some releases store (Kimi-K2): not parameters
+            continue
         layer = layer_id(name)
         if layer in mtp_ids:
             out["mtp"] += n

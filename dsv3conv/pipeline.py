@@ -77,20 +77,30 @@ class DestLock:
         self._fd = -1
 
     def __enter__(self) -> "DestLock":
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise Dsv3Error(f"{self.path.parent}: another dsv3conv run is writing here (lock {self.path}); wait for it") from None
-        return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise Dsv3Error(
+                    f"{self.path.parent}: another dsv3conv run is writing here (lock {self.path}); wait for it"
+                ) from None
+            try:
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                self._fd = fd
+                return self
+            os.close(fd)  # we locked a file the previous holder has just removed: lock the current one
 
     def __exit__(self, *exc) -> None:
-        if not self.wait:  # a shared finalize lock stays: another part may hold or await it
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+        # Unlink while holding the lock; a run that opened the old file finds it removed and tries again.
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
         os.close(self._fd)
 
 
@@ -194,8 +204,10 @@ def _run_files(plan: Plan, backend, todo, stats: Stats, progress, chunk_bytes: i
     open_files: dict[int, AtomicFile] = {}
     files_lock = threading.Lock()
     pool: queue.Queue[torch.Tensor] = queue.Queue()
+    # A 128-row block is never split: a very wide FP8 tensor may need more than `chunk_bytes`.
+    buf_bytes = max([chunk_bytes + MAX_GAP_BYTES] + [s.span_len for s in specs])
     for _ in range(depth + 2):
-        pool.put(torch.empty(chunk_bytes + MAX_GAP_BYTES, dtype=torch.uint8, pin_memory=backend.pin_memory))
+        pool.put(torch.empty(buf_bytes, dtype=torch.uint8, pin_memory=backend.pin_memory))
     ready: queue.Queue = queue.Queue()
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -443,7 +455,7 @@ def _read_batch(root: Path, spec: _BatchSpec, buf, handles: dict, scales: _Scale
             cols = t.shape[1]
             r0, rows = start // cols, n // cols
             sc = scales.get(t.scale)[r0 // 128 : -(-(r0 + rows) // 128)]
-            items.append(Item(src_off, n, rows, cols, sc.contiguous(), t.dtype))
+            items.append(Item(src_off, n, rows, cols, sc.clone(), t.dtype))
         else:
             items.append(Item(src_off, n))
     return items

@@ -131,11 +131,11 @@ def assign_parts(files: list[FilePlan], n_parts: int) -> list[int]:
     return part
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--max-shard-size") -> int:
     """'5GB', '500MB', '4GiB', '123' -> bytes."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)\s*", text.upper())
     if not m:
-        raise UsageError(f"--max-shard-size {text!r}: give a size such as 5GB, 500MB or 4GiB")
+        raise UsageError(f"{option} {text!r}: give a size such as 5GB, 500MB or 4GiB")
     power = " KMGT".index(m.group(2) or " ")
     base = 1024 if m.group(3).startswith("I") else 1000
     return int(float(m.group(1)) * base**power)
@@ -161,18 +161,7 @@ def plan_dequant(
     check_dest(ckpt.root, dest)
     ckpt.require_clean()
     config = ckpt.require_config()
-    cov = fp8_coverage(ckpt.tensors)
-    if cov.unscaled:
-        name = cov.unscaled[0]
-        raise Dsv3Error(
-            f"tensor `{name}` is F8_E4M3 but `{name}_scale_inv` is missing from the index and from every shard"
-            f"{_more(cov.unscaled)}; restore the missing shard or scale"
-        )
-    if cov.bad_scales:
-        raise Dsv3Error(cov.bad_scales[0] + _more(cov.bad_scales))
-    if cov.orphan_scales:
-        name = cov.orphan_scales[0]
-        raise Dsv3Error(f"tensor `{name}` is a scale without its F8_E4M3 weight{_more(cov.orphan_scales)}; the checkpoint is incomplete")
+    cov = require_fp8_pairs(ckpt)
     mtp_ids = set(mtp_layer_ids(config))
     if mtp == "drop" and not mtp_ids:
         raise UsageError(
@@ -219,6 +208,23 @@ def plan_dequant(
         "dequant", ckpt.root, dest, files, _index(ckpt, files), new_config, changes, ckpt.extra_files(),
         sorted(set(dropped)), dtype,
     )
+
+
+def require_fp8_pairs(ckpt: Checkpoint):
+    """Every FP8 weight has a usable scale and every scale a weight, or the checkpoint is refused."""
+    cov = fp8_coverage(ckpt.tensors)
+    if cov.unscaled:
+        name = cov.unscaled[0]
+        raise Dsv3Error(
+            f"tensor `{name}` is F8_E4M3 but `{name}_scale_inv` is missing from the index and from every shard"
+            f"{_more(cov.unscaled)}; restore the missing shard or scale"
+        )
+    if cov.bad_scales:
+        raise Dsv3Error(cov.bad_scales[0] + _more(cov.bad_scales))
+    if cov.orphan_scales:
+        name = cov.orphan_scales[0]
+        raise Dsv3Error(f"tensor `{name}` is a scale without its F8_E4M3 weight{_more(cov.orphan_scales)}; the checkpoint is incomplete")
+    return cov
 
 
 def _check_layers(ckpt: Checkpoint, config: dict) -> None:

@@ -23,7 +23,8 @@ from pathlib import Path
 from dsv3conv.checkpoint import Checkpoint, ShardInfo
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.layout import FP8_DTYPE, NEXTN_ARCHITECTURE, fp8_coverage, layer_id, mtp_layer_ids
-from dsv3conv.plan import FilePlan, Plan, TensorPlan, _check_layers, _file, _index, _shard, check_dest
+from dsv3conv.plan import (FilePlan, Plan, TensorPlan, _check_layers, _file, _index, _shard, check_dest,
+                           require_fp8_pairs)
 
 LAYOUTS = ("sglang", "full")
 _LAYOUT_ERROR = "--mtp-layout {!r}: choose sglang (no embed_tokens/shared_head.head) or full"
@@ -107,6 +108,7 @@ def _mtp_source(ckpt: Checkpoint, dest: Path) -> tuple[dict, set[int]]:
             "there is nothing to split"
         )
     _check_layers(ckpt, config)
+    require_fp8_pairs(ckpt)  # copied byte for byte, but never an FP8 weight without its scale
     return config, mtp_ids
 
 

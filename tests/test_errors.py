@@ -539,9 +539,6 @@ def test_unreadable_input_file(src, tmp_path, what):
     assert_inspect_flags(src, *needles, run=cli_unprivileged)
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py: Typer's Path argument checks readability itself (readable=True by "
-                   "default) and answers with a multi-line usage panel, exit 2; declare CkptArg and dequant's src "
-                   "with readable=False so Checkpoint.open's one-line 'directory is not readable' is shown")
 def test_unreadable_input_directory(src, tmp_path):
     src.chmod(0o000)
     try:
@@ -571,12 +568,6 @@ def test_debug_lets_the_traceback_through(src, tmp_path):
 
 # ------------------------------------------------------------------------------- verify and split-mtp
 ALL_ROWS = SHARD_ROWS + INDEX_ROWS + SCALE_ROWS + CONFIG_ROWS
-SPLIT_MTP_COPIES_BAD_PAIRS = pytest.mark.xfail(
-    strict=True,
-    reason="split_mtp.py: --main-out copies a checkpoint whose FP8 weight has no usable scale (missing, wrong "
-           "shape or dtype, orphan) without a word, exit 0; _mtp_source should refuse as plan_dequant does "
-           "(fp8_coverage over all tensors: unscaled, bad_scales, orphan_scales)",
-)
 
 
 @pytest.mark.parametrize("row, damage, needles", ALL_ROWS, ids=[r[0] for r in ALL_ROWS])
@@ -594,7 +585,7 @@ def test_verify_flags(src, row, damage, needles):
 
 @pytest.mark.parametrize(
     "row, damage, needles",
-    [pytest.param(*r, id=r[0], marks=[SPLIT_MTP_COPIES_BAD_PAIRS] if r in SCALE_ROWS else []) for r in ALL_ROWS],
+    [pytest.param(*r, id=r[0]) for r in ALL_ROWS],
 )
 def test_split_mtp_refuses(src, tmp_path, row, damage, needles):
     damage(src)
@@ -632,18 +623,12 @@ def test_split_mtp_outputs(src, tmp_path):
     (["--dtype", "int8"], "--dtype"), (["--device", "tpu"], "--device"), (["--mtp", "maybe"], "--mtp"),
     (["--max-shard-size", "0"], "--max-shard-size"), (["--max-shard-size", "lots"], "--max-shard-size"),
     (["--resume", "--overwrite"], "exclude each other"),
-    pytest.param(["--buffer-size", "lots"], "--buffer-size", marks=pytest.mark.xfail(
-        strict=True, reason="plan.parse_size names --max-shard-size in its message whatever option it parses; "
-                            "api.run_plan uses it for --buffer-size: give parse_size the option name")),
+    (["--buffer-size", "lots"], "--buffer-size"),
 ])
 def test_bad_options_are_one_line_usage_errors(tiny_src, tmp_path, option, needle):
     assert_dequant_refuses(tiny_src, tmp_path / "out", needle, code=2, extra=tuple(option))
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.py _run_files: pool buffers hold chunk_bytes + 1 MB, but _pieces "
-                   "never cuts an FP8 tensor below 128 rows, so a 128-row block larger than the buffer is read "
-                   "short and backend.run raises RuntimeError (traceback). Size the buffers to at least the "
-                   "largest batch span (max spec.span_len), or refuse with one line naming the tensor")
 def test_small_buffer_with_a_wide_fp8_tensor(tmp_path):
     """--buffer-size 1KB and an FP8 weight whose 128-row block is 2 MB: exact output, or one clear line."""
     q, s = quantize_blocks(torch.randn(256, 16384) * 0.02)

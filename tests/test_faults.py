@@ -225,11 +225,6 @@ def test_second_run_on_the_same_output_refuses(tiny_src, tmp_path, reference):
         assert (dst / name).read_bytes() == (reference / name).read_bytes(), name
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.py DestLock.__exit__ unlinks the lock file before closing it: a "
-                   "run that opened the old file just before can still flock that orphaned inode, and a third run "
-                   "creates and locks a new file, so two runs hold 'the' lock at once. Keep the lock file (do not "
-                   "unlink; prepare_dest already ignores it), or after flock check fstat(fd).st_ino == "
-                   "stat(path).st_ino and retry")
 def test_lock_holds_when_one_run_ends_as_another_starts(tmp_path, monkeypatch):
     """Run A ends between run B opening the lock file and locking it; then run C starts: B or C must refuse."""
     import fcntl

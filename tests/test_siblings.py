@@ -35,10 +35,6 @@ SPECIFIC_FP8 = {
 }  # every other sibling: a routed expert of layer 1
 SCALE_DTYPES = {"v3.1-e8m0": torch.float8_e8m0fnu, "qwen3": torch.bfloat16}  # every other sibling: float32
 KIMI_SHARD_RE = re.compile(r"^model-([1-9]\d*)-of-61\.safetensors$")
-PARAMS_XFAIL = {
-    "kimi-k2": "layout.parameter_counts counts the BF16 rotary_emb.inv_freq buffers as parameters "
-               "(dsv3conv/layout.py, parameter_counts: skip names ending in `.inv_freq` as it skips scales)",
-}
 
 
 @dataclass
@@ -121,9 +117,7 @@ def test_inspect(sib):
     assert scale_dtypes == {SCALE_DTYPES.get(sib.kind, torch.float32)}
 
 
-def test_inspect_parameter_figures(sib, request):
-    if sib.kind in PARAMS_XFAIL:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=PARAMS_XFAIL[sib.kind]))
+def test_inspect_parameter_figures(sib):
     r = inspect_checkpoint(Checkpoint.open(sib.src))
     assert r["params"] == _expected_params(sib.tensors, sib.config)
 
