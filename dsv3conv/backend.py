@@ -59,6 +59,15 @@ def _fused_dequant(w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype)
     return (w.to(torch.float32) * scale[r[:, None], c[None, :]]).to(out_dtype)
 
 
+def _unspecialized(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Mark every size as unbacked, so that one compiled graph serves all shapes (no 0/1 specialization and
+    recompilation for a 1-row scale or a 1-column tensor)."""
+    for t in tensors:
+        for dim in range(t.dim()):
+            torch._dynamo.decorators.mark_unbacked(t, dim)
+    return tensors
+
+
 @functools.cache
 def _compiled_dequant():
     """The fused dequant compiled once for any shape; eager torch where compilation is unavailable."""
@@ -155,7 +164,7 @@ class CpuBackend:
                 outs.append(memoryview(data.numpy()))
                 continue
             w = data.view(torch.float8_e4m3fn).view(it.rows, it.cols)
-            out = self._fn(w, it.scale, TORCH_DTYPES[it.out_dtype])
+            out = self._fn(*_unspecialized(w, it.scale), TORCH_DTYPES[it.out_dtype])
             outs.append(memoryview(out.view(torch.uint8).numpy()).cast("B"))
         return outs
 
