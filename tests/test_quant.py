@@ -143,7 +143,7 @@ def test_round_trip_of_a_release_made_with_the_same_recipe(ckpts, tmp_path):
 
     - F32 scales, dequantized to BF16 (the usual path), then quantized: every FP8 byte comes back; the scales
       do not (0 of 242 equal): dequant rounds q * s to BF16, so the block maximum 448 * s re-enters with 8
-      significant bits and the new scale amax / 448 differs from s by up to 2^-9 relative.
+      significant bits and the new scale amax / 448 differs from s by up to 2^-8 relative (half a BF16 step).
     - F32 scales through a float32 dequant: FP8 bytes and scales all come back.
     - UE8M0 (F8_E8M0 scales): the dequantized values all come back; 12 of 242 blocks (about 5%, 1.3% of the
       bytes) come back with half the scale and doubled codes: their largest |q| had rounded down to 224, and
