@@ -11,11 +11,11 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 case "${1:-tmpfs}" in
   tmpfs)
     python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -5
-    [ -f scripts/gpu_check_quant.py ] && python3 scripts/gpu_check_quant.py 2>&1 | tee "$OUT/gpu_check_quant.log" | tail -25
     python3 scripts/bench_convert.py --device cuda --gb "${GB:-20}" --dir /dev/shm/dsv3conv-bench \
       --json "$OUT/bench_tmpfs.json" 2>&1 | tee "$OUT/bench_tmpfs.txt"
     ;;
   disk)
+    [ -f scripts/gpu_check_quant.py ] && python3 scripts/gpu_check_quant.py 2>&1 | tee "$OUT/gpu_check_quant.log" | tail -25
     python3 scripts/bench_convert.py --device cuda --gb "${GB:-16}" --dir /tmp/dsv3conv-bench --cold \
       --json "$OUT/bench_disk.json" 2>&1 | tee "$OUT/bench_disk.txt"
     ;;
