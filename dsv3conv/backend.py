@@ -51,21 +51,22 @@ class Item:
         return bool(self.scale_fmt)
 
 
-def _fused_dequant(w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """One pass over `w`: each element times its block's scale, rounded once to `out_dtype`."""
+def _fused_dequant(w: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    """One pass over `w`: each element times its block's scale, rounded once to `out`'s dtype, into `out`.
+
+    Writing into a caller's buffer (rather than a new tensor) keeps fresh pages out of the hot loop: twice
+    the speed on the CPU for 64 MB chunks.
+    """
     rows, cols = w.shape
     r = torch.arange(rows, device=w.device) // BLOCK_SIZE
     c = torch.arange(cols, device=w.device) // BLOCK_SIZE
-    return (w.to(torch.float32) * scale[r[:, None], c[None, :]]).to(out_dtype)
+    out.copy_((w.to(torch.float32) * scale[r[:, None], c[None, :]]).to(out.dtype))
 
 
-def _unspecialized(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Mark every size as unbacked, so that one compiled graph serves all shapes (no 0/1 specialization and
-    recompilation for a 1-row scale or a 1-column tensor)."""
-    for t in tensors:
-        for dim in range(t.dim()):
-            torch._dynamo.decorators.mark_unbacked(t, dim)
-    return tensors
+# Compiled code specializes sizes 0 and 1 (a 1-row scale, a 1-column tensor); such small pieces take the
+# eager path, so that a handful of compiled graphs serves every shape (marking sizes unbacked instead costs
+# 2-3x in speed).
+MIN_COMPILED_DIM = 2 * BLOCK_SIZE
 
 
 @functools.cache
@@ -76,7 +77,7 @@ def _compiled_dequant():
     try:
         fn = torch.compile(_fused_dequant, dynamic=True)
         probe = torch.zeros((3, 5), dtype=torch.float8_e4m3fn)
-        fn(probe, torch.ones((1, 1)), torch.bfloat16)  # compile now, so a failure falls back here
+        fn(probe, torch.ones((1, 1)), torch.empty((3, 5), dtype=torch.bfloat16))  # compile now: fail here
         return fn
     except Exception:  # noqa: BLE001  (no compiler toolchain, unsupported platform: stay correct, be slower)
         return _fused_dequant
@@ -148,13 +149,18 @@ def check_quant_scales(it: Item, scale: torch.Tensor, w: torch.Tensor) -> None:
 class CpuBackend:
     name = "cpu"
     pin_memory = False
+    takes_out = True  # run() accepts a recycled output buffer
 
     def __init__(self) -> None:
         self._fn = _compiled_dequant()
 
-    def run(self, buf: torch.Tensor, items: list[Item]) -> list[memoryview]:
-        """Convert or pass through each item of `buf`; return the output pieces in order."""
+    def run(self, buf: torch.Tensor, items: list[Item], out: torch.Tensor | None = None) -> list[memoryview]:
+        """Convert or pass through each item of `buf`; return the output pieces in order.
+
+        Dequantized pieces are written into `out` (a uint8 buffer the caller recycles) where it has room.
+        """
         outs = []
+        pos = 0
         for it in items:
             data = buf[it.src_offset : it.src_offset + it.nbytes]
             if it.quantizes:
@@ -164,8 +170,15 @@ class CpuBackend:
                 outs.append(memoryview(data.numpy()))
                 continue
             w = data.view(torch.float8_e4m3fn).view(it.rows, it.cols)
-            out = self._fn(*_unspecialized(w, it.scale), TORCH_DTYPES[it.out_dtype])
-            outs.append(memoryview(out.view(torch.uint8).numpy()).cast("B"))
+            dtype = TORCH_DTYPES[it.out_dtype]
+            n = it.rows * it.cols * dtype.itemsize
+            if out is not None and pos + n <= out.numel():
+                dst, pos = out[pos : pos + n], pos + n
+            else:
+                dst = torch.empty(n, dtype=torch.uint8)
+            fn = self._fn if min(it.rows, it.cols) >= MIN_COMPILED_DIM else _fused_dequant
+            fn(w, it.scale, dst.view(dtype).view(it.rows, it.cols))
+            outs.append(memoryview(dst.numpy()))
         return outs
 
     @staticmethod

@@ -209,6 +209,11 @@ def _run_files(plan: Plan, backend, todo, stats: Stats, progress, chunk_bytes: i
     for _ in range(depth + 2):
         pool.put(torch.empty(buf_bytes, dtype=torch.uint8, pin_memory=backend.pin_memory))
     ready: queue.Queue = queue.Queue()
+    out_pool: queue.Queue[torch.Tensor] = queue.Queue()  # outputs of CPU conversions, recycled like inputs
+    if getattr(backend, "takes_out", False):
+        out_bytes = max([0] + [s.out_bytes for s in specs])
+        for _ in range(depth + 2):
+            out_pool.put(torch.empty(out_bytes, dtype=torch.uint8))
     stop = threading.Event()
     errors: list[BaseException] = []
     next_spec = iter(specs)
@@ -257,7 +262,7 @@ def _run_files(plan: Plan, backend, todo, stats: Stats, progress, chunk_bytes: i
                     progress(len(spec.file.header), spec.k, spec.file.name)
             return out
 
-    def write(spec: _BatchSpec, buf, outs) -> None:
+    def write(spec: _BatchSpec, buf, obuf, outs) -> None:
         try:
             if stop.is_set():
                 return
@@ -272,6 +277,8 @@ def _run_files(plan: Plan, backend, todo, stats: Stats, progress, chunk_bytes: i
                     out.pwrite(piece, offset)
                 if buf is not None:
                     pool.put(buf)
+                if obuf is not None:
+                    out_pool.put(obuf)
                 with files_lock:
                     remaining[spec.k] -= 1
                     done = remaining[spec.k] == 0
@@ -297,8 +304,9 @@ def _run_files(plan: Plan, backend, todo, stats: Stats, progress, chunk_bytes: i
     try:
         for _ in range(len(specs)):
             spec, buf, items = get(ready)
-            outs = backend.run(buf, items) if items else []
-            writers.submit(write, spec, buf, outs)
+            obuf = get(out_pool) if getattr(backend, "takes_out", False) and items else None
+            outs = (backend.run(buf, items, obuf) if obuf is not None else backend.run(buf, items)) if items else []
+            writers.submit(write, spec, buf, obuf, outs)
         writers.shutdown(wait=True)
     except _Stopped:
         pass

@@ -70,7 +70,9 @@ def check_scale_args(scale_fmt: str, scale_dtype: torch.dtype) -> None:
 
 def block_scales(amax: torch.Tensor, scale_fmt: str, scale_dtype: torch.dtype) -> torch.Tensor:
     """The stored scales (in `scale_dtype`) of float32 block maxima `amax` (NaN already mapped to inf)."""
-    s = amax / E4M3_MAX
+    # A tensor divisor: torch on CUDA turns division by a Python scalar into a multiply by its reciprocal,
+    # which is not the correctly rounded quotient the kernels and the CPU compute.
+    s = amax / torch.full_like(amax, E4M3_MAX)
     s = torch.where(amax == 0, torch.ones_like(s), s)
     s = torch.clamp_min(s, scale_floor(scale_dtype))
     if scale_fmt == "ue8m0":
