@@ -309,7 +309,7 @@ def pick_config(rows: int, cols: int, num_sms: int) -> Config:
     """Config for one tensor: 64-row tiles when there are enough of them to keep every SM busy,
     fewer rows per tile for small tensors so more programs are in flight.
 
-    Measured on an H200 (docs/kernel_notes.md): large tensors reach 92-93% of copy bandwidth with
+    Measured on an H200 (kernels/NOTES.md): large tensors reach 92-93% of copy bandwidth with
     (64, 256, 8 warps); tile shape barely matters above ~2000 tiles; small tensors are bound by launch
     and ramp latency, where (16, 256, 4 warps, VEC=-1) was among the best of 14 configs back to back."""
     block_n = 256 if cols > 128 else 128

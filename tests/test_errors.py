@@ -3,7 +3,7 @@
 Every row damages a copy of the tiny checkpoint in one way, then runs each command on it: `inspect` lists
 the problem, `verify` fails a check, `dequant` and `split-mtp` refuse before writing anything. Commands run
 through the Typer app in this process (the same error mapping, no startup cost); representatives, FIFO
-rows and permission rows run in a real process. The error catalogue is docs/errors.md.
+rows and permission rows run in a real process. The error catalogue is in README.md.
 """
 
 from __future__ import annotations
