@@ -79,6 +79,6 @@ class _NoCompute:
 
     def run(self, buf, items):
         return [memoryview(buf[it.src_offset : it.src_offset + it.nbytes].numpy()) for it in items]
+from dsv3conv.quant import quantize  # noqa: E402,F401  (re-exported: the quant API)
 from dsv3conv.split_mtp import split_mtp  # noqa: E402,F401  (re-exported: the split-mtp API)
 from dsv3conv.verify import verify_checkpoint  # noqa: E402,F401  (re-exported: the verify API)
-from dsv3conv.quant import quantize  # noqa: E402,F401  (re-exported: the quant API)

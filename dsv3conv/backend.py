@@ -22,7 +22,6 @@ from dsv3conv.kernels.fp8_block_dequant import BLOCK_SIZE
 from dsv3conv.kernels.fp8_block_quant import E4M3_MAX, block_scales
 
 
-
 @dataclass
 class Item:
     """One piece of a batch: a tensor chunk to convert, or bytes to copy through unchanged.

@@ -22,8 +22,8 @@ from typing import Iterator
 import torch
 
 from dsv3conv.backend import Item
-from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.checkpoint import CONFIG_NAME, INDEX_NAME, read_into
+from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.plan import FilePlan, Plan, TensorPlan, assign_parts
 from dsv3conv.writer import PARTIAL_SUFFIX, AtomicFile, copy_file_fast, partial_path, write_bytes_atomic

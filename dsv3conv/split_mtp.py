@@ -23,8 +23,17 @@ from pathlib import Path
 from dsv3conv.checkpoint import Checkpoint, ShardInfo
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.layout import FP8_DTYPE, NEXTN_ARCHITECTURE, fp8_coverage, layer_id, mtp_layer_ids
-from dsv3conv.plan import (FilePlan, Plan, TensorPlan, _check_layers, _file, _index, _shard, check_dest,
-                           require_fp8_pairs)
+from dsv3conv.plan import (
+    FilePlan,
+    Plan,
+    TensorPlan,
+    _check_layers,
+    _file,
+    _index,
+    _shard,
+    check_dest,
+    require_fp8_pairs,
+)
 
 LAYOUTS = ("sglang", "full")
 _LAYOUT_ERROR = "--mtp-layout {!r}: choose sglang (no embed_tokens/shared_head.head) or full"

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo, read_into
+from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
 from dsv3conv.layout import (
     BLOCK,

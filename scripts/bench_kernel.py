@@ -18,11 +18,12 @@ import math
 import sys
 import time
 
-import dsv3conv.kernels.fp8_block_dequant as fbd
 import torch
 import triton
 import triton.language as tl
 from triton.testing import do_bench
+
+import dsv3conv.kernels.fp8_block_dequant as fbd
 
 SHAPES = [
     (7168, 18432), (18432, 7168), (2048, 7168), (576, 7168), (24576, 1536), (32768, 512), (7168, 16384),

@@ -28,6 +28,7 @@ from pathlib import Path
 from dsv3conv import synthetic
 from dsv3conv.api import split_mtp
 
+
 def build(root: Path, layers: int, experts: int, vocab: int, shard_mb: int) -> None:
     synthetic.make_real_shapes(root, num_layers=layers, num_experts=experts, mtp=True,
                                shard_bytes=shard_mb * 1024**2, vocab_size=vocab)

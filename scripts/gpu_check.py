@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+
 from dsv3conv.kernels.fp8_block_dequant import (
     dequant,
     dequant_segments,

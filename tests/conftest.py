@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from dsv3conv.synthetic import make_tiny
-
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -31,6 +30,7 @@ from dsv3conv import backend
 from dsv3conv.checkpoint import INDEX_NAME, Checkpoint
 from dsv3conv.cli import app
 from dsv3conv.errors import Dsv3Error, HeaderError
+from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.safetensors_format import MAX_HEADER_BYTES, build_header, read_header
 from dsv3conv.synthetic import make_tiny, quantize_blocks, tensor_bytes, tiny_config, write_checkpoint
 

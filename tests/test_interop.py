@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 
 from dsv3conv.api import dequantize, split_mtp
 from dsv3conv.checkpoint import Checkpoint
+from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.layout import deepseek_v3_tensors, layer_id
 from dsv3conv.synthetic import make_sibling, make_tiny, tiny_config
 

@@ -107,6 +107,7 @@ def check_encoder_exhaustive() -> None:
 
 def _check_shapes(encode_bits: bool | None) -> None:
     import torch
+
     from dsv3conv.kernels.fp8_block_quant import quant, reference_quant
 
     gen = torch.Generator().manual_seed(1)
@@ -125,6 +126,7 @@ def _check_shapes(encode_bits: bool | None) -> None:
 def check_shapes() -> None:
     """encode_bits=None: in the interpreter the launcher picks the integer encoder (as below sm89)."""
     import torch
+
     from dsv3conv.kernels.fp8_block_quant import resolve_encode_bits
 
     assert resolve_encode_bits(torch.device("cpu"), None) is True
@@ -133,6 +135,7 @@ def check_shapes() -> None:
 
 def check_576x7168() -> None:
     import torch
+
     from dsv3conv.kernels.fp8_block_quant import quant, reference_quant
 
     w = _weights(576, 7168, torch.bfloat16, torch.Generator().manual_seed(2))
@@ -146,6 +149,7 @@ def check_576x7168() -> None:
 def check_native_cast_scales() -> None:
     """The native-cast path runs in the interpreter and its scales are exact (its e4m3 bytes: see the top)."""
     import torch
+
     from dsv3conv.kernels.fp8_block_quant import quant, reference_quant
 
     gen = torch.Generator().manual_seed(3)
@@ -162,6 +166,7 @@ def check_special_blocks() -> None:
     """All-zero block: scale 1 and q 0 (so dequant gives 0); tiny values: the scale dtype's smallest normal;
     NaN/Inf: an infinite scale (e8m0: NaN); float16 overflow: inf."""
     import torch
+
     from dsv3conv.kernels.fp8_block_quant import quant, reference_quant
 
     w = torch.zeros((130, 260), dtype=torch.bfloat16)
@@ -186,6 +191,7 @@ def check_special_blocks() -> None:
 
 def check_out_arguments_and_validation() -> None:
     import torch
+
     from dsv3conv.kernels.fp8_block_quant import quant, reference_quant
 
     w = _weights(200, 300, torch.bfloat16, torch.Generator().manual_seed(4))
@@ -261,6 +267,7 @@ def test_interpreted(check: str, interp_results: dict[str, str]) -> None:
 def test_reference_by_hand() -> None:
     """The reference needs only torch: a 129 x 257 weight with known block maxima."""
     import torch
+
     from dsv3conv.kernels.fp8_block_quant import reference_quant
 
     w = torch.ones((129, 257), dtype=torch.bfloat16)

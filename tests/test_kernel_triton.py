@@ -74,6 +74,7 @@ def _compare(out, ref, label: str) -> None:
 def check_decoder_exhaustive() -> None:
     """All 256 e4m3 codes through both load paths map exactly like torch's float8_e4m3fn -> float32."""
     import torch
+
     from dsv3conv.kernels.fp8_block_dequant import dequant
 
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(2, 128)
@@ -101,6 +102,7 @@ def check_decoder_exhaustive() -> None:
 def check_e8m0_scales_exhaustive() -> None:
     """All 256 e8m0 scale codes (incl. 0 -> 2^-127 and 255 -> NaN) decode like torch's conversion."""
     import torch
+
     from dsv3conv.kernels.fp8_block_dequant import dequant, reference_dequant
 
     gen = torch.Generator().manual_seed(1)
@@ -148,6 +150,7 @@ def check_16bit_scale_decoders_exhaustive() -> None:
 
 def _check_shapes(decode_bits: bool) -> None:
     import torch
+
     from dsv3conv.kernels.fp8_block_dequant import dequant, reference_dequant
 
     gen = torch.Generator().manual_seed(2 + int(decode_bits))
@@ -185,6 +188,7 @@ def check_shapes_decode_bits() -> None:
 def check_out_argument_strided() -> None:
     """`out=` is written in place, also when it is a column slice of a wider tensor (row stride != cols)."""
     import torch
+
     from dsv3conv.kernels.fp8_block_dequant import dequant, reference_dequant
 
     gen = torch.Generator().manual_seed(4)
@@ -203,6 +207,7 @@ def check_out_argument_strided() -> None:
 
 def _check_segments(out_dtype, decode_bits: bool) -> None:
     import torch
+
     from dsv3conv.kernels.fp8_block_dequant import dequant_segments, reference_dequant
 
     gen = torch.Generator().manual_seed(5)
@@ -271,6 +276,7 @@ def check_segments_float16() -> None:
 def check_validation_errors() -> None:
     """Bad inputs raise ValueError naming the shapes, never an assert or a kernel fault."""
     import torch
+
     from dsv3conv.kernels.fp8_block_dequant import dequant, dequant_segments, resolve_decode_bits
 
     w = torch.zeros((576, 300), dtype=torch.uint8)
@@ -335,6 +341,7 @@ def check_validation_errors() -> None:
 
 def check_empty() -> None:
     import torch
+
     from dsv3conv.kernels.fp8_block_dequant import dequant, dequant_segments
 
     out = dequant(torch.zeros((0, 7), dtype=torch.uint8), torch.ones((0, 1)))
@@ -398,6 +405,7 @@ def test_interpreted(check: str, interp_results: dict[str, str]) -> None:
 def test_reference_partial_blocks() -> None:
     """The reference needs only torch; it handles partial edge blocks (here 129 x 257)."""
     import torch
+
     from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 
     w = torch.full((129, 257), 0x38, dtype=torch.uint8)  # e4m3 0x38 == 1.0

@@ -22,8 +22,8 @@ from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.layout import layer_id, mtp_layer_ids
 from dsv3conv.safetensors_format import read_header
 from dsv3conv.split_mtp import plan_split_main, plan_split_mtp
-from dsv3conv.writer import copy_file_fast
 from dsv3conv.synthetic import make_tiny
+from dsv3conv.writer import copy_file_fast
 from tests.conftest import run_cli
 
 SHARED = (".embed_tokens.weight", ".shared_head.head.weight")
