@@ -13,15 +13,20 @@ from rich.progress import (
 )
 
 
+def byte_progress(enabled: bool) -> Progress:
+    """A rich progress bar on stderr counting bytes: description, bar, bytes, throughput, ETA."""
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled, transient=False,
+    )
+
+
 class ByteProgress:
     def __init__(self, plan, enabled: bool = True):
         self.enabled = enabled
         self.n_files = len(plan.files)
         self.total = sum(f.size for f in plan.files)
-        self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled, transient=False,
-        )
+        self._progress = byte_progress(enabled)
         self._task = None
 
     def __enter__(self) -> "ByteProgress":

@@ -813,21 +813,10 @@ class _Progress:
     """Bytes read, throughput and ETA on stderr."""
 
     def __init__(self, total: int, n_tensors: int, enabled: bool):
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+        from dsv3conv.progress import byte_progress
 
         self.n = n_tensors
-        self._p = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled,
-        )
+        self._p = byte_progress(enabled)
         self._p.start()
         self._task = self._p.add_task(f"verify 0/{n_tensors} tensors", total=total)
 
