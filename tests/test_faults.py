@@ -43,10 +43,10 @@ def commit(self):
         time.sleep(commit_delay)
     real_commit(self)
 
-def run(self, buf, items):
+def run(self, buf, items, *out):
     say("convert")
     time.sleep(convert_delay)
-    return real_run(self, buf, items)
+    return real_run(self, buf, items, *out)
 
 writer.AtomicFile.commit = commit
 backend.CpuBackend.run = run
