@@ -116,6 +116,8 @@ def inspect(ckpt: CkptArg, json_out: JsonOpt = False) -> None:
     else:
         _print_inspect(report)
     if report["problems"]:
+        n = len(report["problems"])
+        err.print(f"dsv3conv: error: {ckpt}: {n} problem{'s' if n > 1 else ''} found (listed on stdout)", markup=False)
         raise typer.Exit(1)
 
 
