@@ -252,6 +252,7 @@ def quant(
     device: DeviceOpt = "auto",
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
+    part: PartOpt = None,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -266,6 +267,7 @@ def quant(
         result = quantize(
             src, dst, scale_fmt=scale_fmt, scale_dtype=scale_dtype, skip=skip or [], mtp=mtp, device=device,
             resume=resume, overwrite=overwrite, dry_run=dry_run, progress=not (quiet or json_out and not err.is_terminal),
+            part=part,
         )
     _print_result(result, json_out, dry_run)
     if not json_out and result["tensors_skipped"]:

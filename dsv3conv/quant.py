@@ -181,6 +181,7 @@ def quantize(
     src: str | os.PathLike, dst: str | os.PathLike, *, scale_fmt: str = "float", scale_dtype: str = "float32",
     skip: list[str] | tuple[str, ...] = (), mtp: str = "keep", device: str = "auto", resume: bool = False,
     overwrite: bool = False, dry_run: bool = False, progress: bool = False, buffer_size: str | int | None = None,
+    part: str | tuple[int, int] | None = None,
 ) -> dict:
     """Quantize a BF16 checkpoint to 128x128 block FP8; return the summary `--json` prints.
 
@@ -199,6 +200,6 @@ def quantize(
     ckpt = Checkpoint.open(src)
     plan = plan_quant(ckpt, Path(dst), scale_fmt=scale_fmt, scale_dtype=scale_dtype, skip=skip, mtp=mtp)
     result = run_plan(plan, device=device, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress,
-                      buffer_size=buffer_size)
+                      buffer_size=buffer_size, part=part)
     extra = quant_summary(plan)
     return {**result, **{k: extra[k] for k in ("scales_written", "tensors_skipped", "scale_fmt")}}

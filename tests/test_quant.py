@@ -318,3 +318,18 @@ def test_transformers_loads_the_output_with_the_expected_values(tmp_path):
     w = "model.layers.0.self_attn.q_a_proj.weight"
     ok, detail = _bound_holds(src[w], ours[w], ours[w + "_scale_inv"])
     assert ok, detail
+
+
+def test_quant_in_parts_equals_one_run(tmp_path):
+    from dsv3conv.api import dequantize, quantize
+    from dsv3conv.synthetic import make_tiny
+
+    make_tiny(tmp_path / "fp8", num_hidden_layers=4, n_shards=5)
+    dequantize(tmp_path / "fp8", tmp_path / "bf16", device="cpu")
+    quantize(tmp_path / "bf16", tmp_path / "ref", device="cpu")
+    first = quantize(tmp_path / "bf16", tmp_path / "out", device="cpu", part="2/2")
+    assert not first["finalized"] and not (tmp_path / "out" / "config.json").exists()
+    last = quantize(tmp_path / "bf16", tmp_path / "out", device="cpu", part="1/2")
+    assert last["finalized"]
+    for p in (tmp_path / "ref").iterdir():
+        assert (tmp_path / "out" / p.name).read_bytes() == p.read_bytes(), p.name
