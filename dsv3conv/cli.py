@@ -343,27 +343,67 @@ def verify(
     ] = None,
     full: Annotated[bool, typer.Option("--full", help="Read every tensor.")] = False,
     device: DeviceOpt = "auto",
+    part: Annotated[
+        Optional[str],
+        typer.Option("--part", help="Read only the data of the shards of part K/N (a job array index); the header "
+                     "checks run in every part. Merge the --json reports with verify-combine."),
+    ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Prove a checkpoint is whole, and that a converted one equals its dequantized source.
 
+    With --part K/N each job of an array reads one part of the shards; save each report with --json and
+    merge them with `dsv3conv verify-combine part-*.json`.
+
     Example: dsv3conv verify ~/models/DeepSeek-V3-bf16 --against ~/models/DeepSeek-V3
     """
-    from rich.text import Text
-
     from dsv3conv.verify import verify_checkpoint
 
     with _errors():
         report = verify_checkpoint(
             ckpt, against=against, sample=sample, full=full, device=device,
-            progress=not (quiet or json_out and not err.is_terminal),
+            progress=not (quiet or json_out and not err.is_terminal), part=part,
         )
+    title = f"verify {ckpt}" + (f" against {against}" if against else "") + (f" part {report['part']}" if part else "")
+    _print_verify(report, title, json_out)
+    if not json_out and part:
+        out.print(f"part {report['part']}: {len(report['part_shards'])} shards read: "
+                  f"{', '.join(report['part_shards']) or 'none'}", markup=False)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command("verify-combine")
+def verify_combine(
+    reports: Annotated[list[Path], typer.Argument(help="The JSON reports of `verify --part K/N --json`, one per part.",
+                                                  show_default=False)],
+    json_out: JsonOpt = False,
+) -> None:
+    """Merge the reports of `verify --part K/N` into one verdict: exit 0 only if every check passes in every part.
+
+    Parts 1..N of one N must all be given, each once (a missing one is named; exit 1). A check passes only if
+    it passes in every part; the tensors that differ are the union of the parts'.
+
+    Example: dsv3conv verify-combine verify-1.json verify-2.json verify-3.json
+    """
+    from dsv3conv.verify import combine_reports
+
+    with _errors():
+        report = combine_reports(reports)
+    _print_verify(report, f"verify: {report['parts']} parts combined", json_out)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+def _print_verify(report: dict, title: str, json_out: bool) -> None:
+    """The report of verify (or of its combined parts): JSON, or a table of checks and a verdict."""
+    from rich.text import Text
+
     if json_out:
         _print_json(report)
     else:
-        t = Table(title=Text(f"verify {ckpt}" + (f" against {against}" if against else ""), style="bold"),
-                  title_justify="left")
+        t = Table(title=Text(title, style="bold"), title_justify="left")
         t.add_column("check", style="bold", no_wrap=True)
         t.add_column("result", no_wrap=True)
         t.add_column("detail", overflow="fold")
@@ -379,8 +419,6 @@ def verify(
             out.print(f"[bold red]{len(failed)} of {len(report['checks'])} checks failed:[/] {', '.join(failed)}")
         else:
             out.print(f"[green]all {len(report['checks'])} checks passed[/]")
-    if not report["ok"]:
-        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -9,6 +9,10 @@ for bit.
 Data checks cover a deterministic sample of tensors by default (a hash of each name orders them; at least one
 per dtype) or every tensor with `full`. Tensors are read in row chunks with pread by a reader thread into a
 small pool of buffers, never a whole shard at once; the calling thread computes and compares.
+
+With `part` (K/N, a job array index) the data checks cover only the tensors stored in the shards assigned to
+part K (by size, the rule of plan.assign_parts); the header checks run in every part. `combine_reports`
+merges the N part reports into one.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from dsv3conv.layout import (
     scale_name,
     scale_shape,
 )
-from dsv3conv.plan import OUT_DTYPES
+from dsv3conv.plan import OUT_DTYPES, assign_parts, parse_part
 from dsv3conv.safetensors_format import DTYPE_SIZES, read_header
 
 DEFAULT_SAMPLE = 0.05
@@ -76,13 +80,17 @@ def verify_checkpoint(
     device: str = "cpu",
     progress: bool = False,
     chunk_bytes: int = CHUNK_BYTES,
+    part: str | None = None,
 ) -> dict:
     """Check `ckpt_path` (and, with `against`, that it is what `dequant` makes of that FP8 source).
 
     `sample`: the fraction of tensors whose data is read (default 0.05); `full`: read every tensor.
-    Returns `{"ok": bool, "checks": [{"name", "ok", "detail"}], "mismatches": [tensor names]}`; problems in
-    the data are reported there, never raised. Raises UsageError for impossible requests.
+    `part`: "K/N": read only the data of the shards assigned to part K of N (the header checks run whole).
+    Returns `{"ok": bool, "checks": [{"name", "ok", "detail"}], "mismatches": [tensor names]}`, with `part`
+    also `"part": "K/N"` and `"part_shards": [file names]`; problems in the data are reported there, never
+    raised. Raises UsageError for impossible requests.
     """
+    k_n = parse_part(part)
     if full and sample is not None:
         raise UsageError("--sample and --full exclude each other; pick one")
     fraction = None if full else (DEFAULT_SAMPLE if sample is None else float(sample))
@@ -98,7 +106,8 @@ def verify_checkpoint(
     try:
         ckpt = Checkpoint.open(root)
     except Dsv3Error as exc:
-        return _result([Check("files", False, str(exc))], [])
+        return _result([Check("files", False, str(exc))], [], k_n, [])
+    shards = part_shards(ckpt, *k_n) if k_n is not None else None
     checks = [_check_files(ckpt), _check_headers(ckpt), _check_total_size(ckpt)]
     checks += _check_config(ckpt)
     checks.append(_check_fp8_scales(ckpt))
@@ -121,13 +130,20 @@ def verify_checkpoint(
 
     expected = match.expected if match is not None else {}
     tasks = _tasks(ckpt, src, expected, fraction)
+    if shards is not None:  # the sample is the whole run's, cut to this part: the parts add up to it
+        in_part = set(shards)
+        tasks = [t for t in tasks if t.info.file in in_part]
+        expected = {n: e for n, e in expected.items() if ckpt.tensors[n].file in in_part}
     scan = _scan(ckpt, src, tasks, device if src is not None else None, chunk_bytes, progress)
-    checks.append(_values_check(scan, tasks, ckpt, fraction))
+    data_checks = [_values_check(scan, tasks, ckpt, fraction, shards)]
     if src is not None:
-        compare = _data_check(scan, tasks, expected, fraction)
+        data_checks.append(_data_check(scan, tasks, expected, fraction))
         mismatches |= set(scan.differs)
-        against_checks.append(compare)
-    return _result(checks + against_checks, sorted(mismatches))
+    if k_n is not None:
+        where = f" [part {k_n[0]}/{k_n[1]}: {len(shards)} of {len(_shard_files(ckpt))} shards]"
+        data_checks = [Check(c.name, c.ok, c.detail + where) for c in data_checks]
+    checks.append(data_checks[0])
+    return _result(checks + against_checks + data_checks[1:], sorted(mismatches), k_n, shards)
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -138,9 +154,101 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def _result(checks: list[Check], mismatches: list[str]) -> dict:
+def _result(checks: list[Check], mismatches: list[str], k_n: tuple[int, int] | None = None,
+            shards: list[str] | None = None) -> dict:
     ok = all(c.ok for c in checks)
-    return {"ok": ok, "checks": [c.as_dict() for c in checks], "mismatches": mismatches}
+    report = {"ok": ok, "checks": [c.as_dict() for c in checks], "mismatches": mismatches}
+    if k_n is not None:
+        report["part"] = f"{k_n[0]}/{k_n[1]}"
+        report["part_shards"] = list(shards or [])
+    return report
+
+
+# ------------------------------------------------------------------------------------ parts of a run
+@dataclass(frozen=True)
+class _SizedFile:
+    """What plan.assign_parts reads of an output file: its name and size."""
+
+    name: str
+    size: int
+
+
+def part_shards(ckpt: Checkpoint, k: int, n: int) -> list[str]:
+    """The shard files of part `k` of `n`: largest first to the lightest part, ties by name (assign_parts)."""
+    names = sorted(_shard_files(ckpt))
+    sized = []
+    for name in names:
+        shard = ckpt.shards.get(name)
+        path = ckpt.root / name
+        size = shard.file_size if shard is not None else (path.stat().st_size if path.is_file() else 0)
+        sized.append(_SizedFile(name, size))
+    return [name for name, p in zip(names, assign_parts(sized, n)) if p == k]
+
+
+def combine_reports(paths: list[str | os.PathLike]) -> dict:
+    """Merge the JSON reports of `verify --part K/N` for K = 1..N into one report.
+
+    Every part must be there exactly once, all of the same N. A check passes only if it passes in every part;
+    mismatches are the union. Raises Dsv3Error (exit 1) for a missing, repeated or unreadable report.
+    """
+    if not paths:
+        raise UsageError("verify-combine: give the JSON reports of `verify --part K/N --json`, one per part")
+    by_part: dict[int, dict] = {}
+    n_parts: int | None = None
+    for path in map(Path, paths):
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise Dsv3Error(f"{path}: not a JSON report ({exc}); save `verify --part K/N --json` output") from None
+        if not isinstance(report, dict) or not isinstance(report.get("part"), str) or "checks" not in report:
+            raise Dsv3Error(f"{path}: not the JSON report of `verify --part K/N --json`")
+        try:
+            k, n = parse_part(report["part"])
+        except UsageError:
+            raise Dsv3Error(f"{path}: part {report['part']!r} is not K/N") from None
+        if n_parts is not None and n != n_parts:
+            raise Dsv3Error(f"{path}: part {k}/{n}, but the other reports are parts of {n_parts}")
+        n_parts = n
+        if k in by_part:
+            raise Dsv3Error(f"part {k}/{n} given twice ({by_part[k]['_path']} and {path}); give each part once")
+        by_part[k] = {**report, "_path": str(path)}
+    missing = [k for k in range(1, n_parts + 1) if k not in by_part]
+    if missing:
+        names = ", ".join(f"{k}/{n_parts}" for k in missing)
+        raise Dsv3Error(f"no report for part {names}; run `verify --part K/N --json` for it and combine again")
+    owner: dict[str, int] = {}
+    for k in sorted(by_part):
+        for shard in by_part[k].get("part_shards", []):
+            if shard in owner:
+                raise Dsv3Error(f"shard {shard} is in parts {owner[shard]}/{n_parts} and {k}/{n_parts}: "
+                                "the reports are not of one checkpoint")
+            owner[shard] = k
+
+    order: list[str] = []
+    per_name: dict[str, dict[int, dict]] = {}
+    for k in sorted(by_part):
+        for c in by_part[k]["checks"]:
+            if c["name"] not in per_name:
+                order.append(c["name"])
+                per_name[c["name"]] = {}
+            per_name[c["name"]][k] = c
+    checks = []
+    for name in order:
+        got = per_name[name]
+        absent = [k for k in sorted(by_part) if k not in got]
+        ok = not absent and all(c["ok"] for c in got.values())
+        details = {c["detail"] for c in got.values()}
+        if len(details) == 1 and not absent:
+            detail = details.pop()
+        else:
+            shown = [k for k in sorted(got) if ok or not got[k]["ok"]]
+            detail = "; ".join(f"part {k}/{n_parts}: {got[k]['detail']}" for k in shown)
+            detail += "".join(f"; part {k}/{n_parts}: not run" for k in absent)
+        checks.append(Check(name, ok, detail.lstrip("; ")))
+    mismatches = sorted({m for r in by_part.values() for m in r.get("mismatches", [])})
+    report = _result(checks, mismatches)
+    report["parts"] = n_parts
+    return report
 
 
 # ---------------------------------------------------------------------------- checks from headers only
@@ -763,7 +871,8 @@ def _compare(want: torch.Tensor, got: torch.Tensor, info: TensorInfo, e0: int, r
     res.max_diff = max(res.max_diff, float(diff.max()))
 
 
-def _values_check(scan: _Scan, tasks: list[_Task], ckpt: Checkpoint, fraction: float | None) -> Check:
+def _values_check(scan: _Scan, tasks: list[_Task], ckpt: Checkpoint, fraction: float | None,
+                  shards: list[str] | None = None) -> Check:
     problems = []
     for t in tasks:
         r = scan.results[t.info.name]
@@ -775,7 +884,7 @@ def _values_check(scan: _Scan, tasks: list[_Task], ckpt: Checkpoint, fraction: f
                             f"{what} ({r.bad_kind} first at {_where(r.bad_first, t.info.shape)})")
     sampled = sum(t.sampled for t in tasks)
     scales = len(tasks) - sampled
-    others = sum(not is_scale(n) for n in ckpt.tensors)
+    others = sum(not is_scale(n) and (shards is None or t.file in shards) for n, t in ckpt.tensors.items())
     what = f"{sampled:,} of {others:,} tensors" if fraction is not None else f"all {others:,} tensors"
     if scales:
         what += f" and all {scales:,} scales"

@@ -270,3 +270,70 @@ def test_cli_table_and_usage_errors(outputs, damaged):
     proc = run_cli("verify", outputs["keep"], "-q", check=0)
     assert "all 9 checks passed" in proc.stdout
     assert "exclude each other" in run_cli("verify", outputs["keep"], "--full", "--sample", "0.5", check=2).stderr
+
+
+# ------------------------------------------------------------------------------------ --part K/N jobs
+def verify_parts(root: Path, src: Path, tmp_path: Path, n: int = 3) -> list[Path]:
+    """Run `verify --part k/n --against --full --json` for every part; the report files, in part order."""
+    paths = []
+    for k in range(1, n + 1):
+        proc = run_cli("verify", root, "--against", src, "--full", "--device", "cpu", "--json", "--part", f"{k}/{n}")
+        assert proc.returncode in (0, 1), proc.stderr
+        path = tmp_path / f"verify-{k}.json"
+        path.write_text(proc.stdout)
+        paths.append(path)
+    return paths
+
+
+def test_parts_pass_and_combine(outputs, tiny_src, tmp_path, monkeypatch):
+    monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
+    paths = verify_parts(outputs["keep"], tiny_src, tmp_path)
+    reports = [json.loads(p.read_text()) for p in paths]
+    for k, r in enumerate(reports, 1):
+        assert r["ok"], failed(r)
+        assert r["part"] == f"{k}/3" and r["part_shards"]
+        assert list(checks(r)) == ["files", "headers", "total_size", "config", "layers", "mtp",
+                                   "quantization_config", "fp8_scales", "values", "source", "tensor_set",
+                                   "config_vs_source", "data_vs_source"]
+    shards = [s for r in reports for s in r["part_shards"]]
+    assert sorted(shards) == sorted(Checkpoint.open(outputs["keep"]).shards)  # each shard in exactly one part
+    # the parts' data checks add up to the whole run's
+    whole = verify_checkpoint(outputs["keep"], against=tiny_src, full=True)
+    count = int(checks(whole)["data_vs_source"]["detail"].split()[1])
+    assert sum(int(checks(r)["data_vs_source"]["detail"].split()[1]) for r in reports) == count
+
+    proc = run_cli("verify-combine", *paths, "--json", check=0)
+    combined = json.loads(proc.stdout)
+    assert combined["ok"] and combined["mismatches"] == [] and combined["parts"] == 3
+    assert [c["name"] for c in combined["checks"]] == [c["name"] for c in reports[0]["checks"]]
+    assert "all 13 checks passed" in run_cli("verify-combine", *reversed(paths), check=0).stdout
+
+
+def test_flipped_byte_fails_only_its_part(damaged, tiny_src, tmp_path, monkeypatch):
+    monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
+    flip_byte(damaged, CONVERTED, 1000)
+    shard = Checkpoint.open(damaged).tensors[CONVERTED].file
+    paths = verify_parts(damaged, tiny_src, tmp_path)
+    for p in paths:
+        r = json.loads(p.read_text())
+        if shard in r["part_shards"]:
+            assert not r["ok"] and set(failed(r)) == {"data_vs_source"} and r["mismatches"] == [CONVERTED]
+        else:
+            assert r["ok"] and r["mismatches"] == [], failed(r)
+    proc = run_cli("verify-combine", *paths, "--json", check=1)
+    combined = json.loads(proc.stdout)
+    assert set(failed(combined)) == {"data_vs_source"} and combined["mismatches"] == [CONVERTED]
+    assert CONVERTED in failed(combined)["data_vs_source"]
+    proc = run_cli("verify-combine", *paths, check=1)
+    assert "1 of 13 checks failed" in proc.stdout and CONVERTED in proc.stdout
+
+
+def test_combine_needs_every_part_once(outputs, tiny_src, tmp_path, monkeypatch):
+    monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
+    paths = verify_parts(outputs["drop"], tiny_src, tmp_path)
+    proc = run_cli("verify-combine", paths[0], paths[2], check=1)
+    assert "part 2/3" in proc.stderr and proc.stdout == ""
+    assert "given twice" in run_cli("verify-combine", *paths, paths[1], check=1).stderr
+    (tmp_path / "other.json").write_text(json.dumps({"ok": True, "checks": [], "mismatches": []}))
+    assert "--part" in run_cli("verify-combine", *paths, tmp_path / "other.json", check=1).stderr
+    assert "--part" in run_cli("verify", outputs["drop"], "--part", "4/3", check=2).stderr
