@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint
+from dsv3conv.errors import UsageError
 from dsv3conv.plan import Plan, assign_parts, parse_part, parse_size, plan_dequant
 
 
@@ -49,25 +50,33 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
         summary["dropped"] = plan.dropped
         summary["config"] = plan.config
         return summary
-    from dsv3conv.backend import make_backend
-    from dsv3conv.pipeline import DEFAULT_CHUNK_BYTES, execute
+    from dsv3conv.backend import device_list, make_backend
+    from dsv3conv.pipeline import DEFAULT_CHUNK_BYTES, execute, execute_on_devices
     from dsv3conv.progress import ByteProgress
 
-    backend = make_backend(device) if plan.converted else None
+    devices = device_list(device) if plan.converted else []
+    if len(devices) > 1 and (part is not None or overwrite):
+        raise UsageError(f"--device {device}: several devices run as parts of one job; "
+                         "not with --part (one device per job) or --overwrite (empty DST first)")
+    backends = [make_backend(d) for d in devices]
+    backend = backends[0] if backends else None
     chunk = parse_size(buffer_size, "--buffer-size") if isinstance(buffer_size, str) else buffer_size
     chunk = chunk or (DEFAULT_CHUNK_BYTES * 4 if getattr(backend, "pin_memory", False) else DEFAULT_CHUNK_BYTES)
     with ByteProgress(plan, enabled=progress) as bar:
-        stats = execute(plan, backend or _NoCompute(), resume=resume, overwrite=overwrite, progress=bar.advance,
-                        chunk_bytes=chunk, part=part)
+        if len(backends) > 1:
+            stats = execute_on_devices(plan, backends, resume=resume, progress=bar.advance, chunk_bytes=chunk)
+        else:
+            stats = execute(plan, backend or _NoCompute(), resume=resume, overwrite=overwrite,
+                            progress=bar.advance, chunk_bytes=chunk, part=part)
     summary.update(
-        device=backend.name if backend else "none", shards_skipped=stats.files_skipped,
+        device=",".join(b.name for b in backends) if backends else "none", shards_skipped=stats.files_skipped,
         bytes_written=stats.bytes_written, seconds=round(stats.seconds, 3), buffer_bytes=chunk,
         finalized=stats.finalized, waiting_for=stats.waiting_for,
     )
     if backend is not None and backend.name.startswith("cuda"):
         import torch
 
-        summary["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(backend.device)
+        summary["gpu_peak_bytes"] = max(torch.cuda.max_memory_allocated(b.device) for b in backends)
     return summary
 
 

@@ -272,6 +272,16 @@ class CudaBackend:
         return outs
 
 
+def device_list(device: str) -> list[str]:
+    """`cuda:all`: every visible GPU; `cuda:0,cuda:1`: those (a device may be named twice: two workers);
+    anything else: that one device."""
+    if device == "cuda:all":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda:all: no CUDA GPU is visible to torch; use --device cpu")
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [d.strip() for d in device.split(",") if d.strip()] or [device]
+
+
 def make_backend(device: str):
     """`auto`: a CUDA GPU when present, else the CPU; `cpu`; `cuda`; `cuda:N`."""
     if device == "auto":
@@ -281,8 +291,11 @@ def make_backend(device: str):
     if device == "cuda" or device.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu")
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise UsageError(f"--device {device!r}: choose auto, cpu, cuda, cuda:N, cuda:all or a list") from None
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices are visible")
         return CudaBackend(dev)
-    raise UsageError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
+    raise UsageError(f"--device {device!r}: choose auto, cpu, cuda, cuda:N, cuda:all or a list (cuda:0,cuda:1)")

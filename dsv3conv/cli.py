@@ -44,7 +44,8 @@ PartOpt = Annotated[
     typer.Option("--part", help="Only part K/N of the shards (a job array index); the last part to finish "
                  "writes the index and config."),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (a CUDA GPU if present, else CPU), cpu, cuda or cuda:N.")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", help="auto (a CUDA GPU if present, else CPU), cpu, cuda, cuda:N, or several: cuda:all, cuda:0,cuda:1.")]
 
 
 def _version(value: bool) -> None:

@@ -177,6 +177,42 @@ def execute(
     return stats
 
 
+def execute_on_devices(
+    plan: Plan, backends: list, *, resume: bool = False, progress=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Stats:
+    """One worker per device (`--device cuda:all`): worker i writes part i+1 of N (shards balanced by bytes, so
+    all finish together); whichever finishes last writes the index and config, as separate `--part` jobs do."""
+    prepare_dest(plan.dest, resume=resume, overwrite=False)
+    n = len(backends)
+    results: list[Stats | BaseException] = [Stats()] * n
+
+    def work(i: int) -> None:
+        try:
+            results[i] = execute(plan, backends[i], resume=True, progress=progress, chunk_bytes=chunk_bytes,
+                                 part=(i + 1, n))
+        except BaseException as exc:  # noqa: BLE001  (re-raised below)
+            results[i] = exc
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(i,), name=f"dsv3conv-device-{i}") for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    total = Stats(seconds=time.perf_counter() - start)
+    for r in results:
+        total.files_written += r.files_written
+        total.files_skipped += r.files_skipped
+        total.bytes_written += r.bytes_written
+        total.skipped += r.skipped
+        total.finalized |= r.finalized
+    total.waiting_for = [] if total.finalized else sorted({f for r in results for f in r.waiting_for})
+    return total
+
+
 def _finalize(plan: Plan) -> None:
     """Other files first, then the index, then config.json: a checkpoint is loadable only once all is there."""
     for rel in plan.extra_files:

@@ -261,3 +261,19 @@ def test_part_is_validated(tmp_path, tiny_src):
     for bad in ("0/3", "4/3", "x", "1/0"):
         proc = run_cli("dequant", tiny_src, tmp_path / "out", "--part", bad, check=2)
         assert "--part" in proc.stderr
+
+
+def test_several_devices_share_the_shards(tmp_path):
+    """`--device cuda:all` runs one worker per device, each a part; two CPU workers stand in for two GPUs here."""
+    make_tiny(tmp_path / "src", num_hidden_layers=5, n_shards=6)
+    dequantize(tmp_path / "src", tmp_path / "ref", device="cpu")
+    s = dequantize(tmp_path / "src", tmp_path / "out", device="cpu,cpu")
+    assert s["device"] == "cpu,cpu" and s["finalized"] and s["shards"] == 6
+    ref = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ref
+    for name in ref:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    proc = run_cli("dequant", tmp_path / "src", tmp_path / "x", "--device", "cpu,cpu", "--part", "1/2", check=2)
+    assert "--device" in proc.stderr
+    proc = run_cli("dequant", tmp_path / "src", tmp_path / "y", "--device", "cuda:all", check=2)
+    assert "cuda:all" in proc.stderr
