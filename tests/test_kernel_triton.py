@@ -12,20 +12,13 @@ a GPU by scripts/gpu_check.py).
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
 import sys
-import traceback
 
 import pytest
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+from tests.triton_interp import collect_checks, interpreted, needs_triton, run_checks
 
 SHAPES = [(1, 1), (129, 257), (128, 128), (300, 1000), (576, 300)]
-_WORKER_TIMEOUT_S = 600
 
 
 # ---------------------------------------------------------------- checks (run in the child process only)
@@ -352,48 +345,12 @@ def check_empty() -> None:
     assert bool((dst == 0xAB).all()), "empty segments wrote to dst"
 
 
-CHECKS = [name for name in list(globals()) if name.startswith("check_")]
-
-
-def _run_checks(result_path: str) -> None:
-    """Child process body: run every check under the interpreter, write {name: "ok" | message}."""
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    import torch
-
-    torch.set_num_threads(2)
-    results = {}
-    for name in CHECKS:
-        try:
-            globals()[name]()
-            results[name] = "ok"
-        except AssertionError as e:
-            results[name] = f"AssertionError: {e}"
-        except Exception:  # noqa: BLE001 - report any failure of a check as its result
-            results[name] = traceback.format_exc(limit=6)
-    with open(result_path, "w") as f:
-        json.dump(results, f)
-
-
-# ---------------------------------------------------------------- tests (pytest process)
+CHECKS = collect_checks(globals())
 
 
 @pytest.fixture(scope="module")
 def interp_results(tmp_path_factory) -> dict[str, str]:
-    path = tmp_path_factory.mktemp("triton_interp") / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, __file__, str(path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=_WORKER_TIMEOUT_S,
-        check=False,
-    )
-    if proc.returncode != 0 or not path.exists():
-        pytest.fail(
-            f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        )
-    return json.loads(path.read_text())
+    return interpreted(__name__, tmp_path_factory.mktemp("triton_interp"))
 
 
 @needs_triton
@@ -417,4 +374,4 @@ def test_reference_partial_blocks() -> None:
 
 
 if __name__ == "__main__":
-    _run_checks(sys.argv[1])
+    run_checks(globals(), sys.argv[1])
