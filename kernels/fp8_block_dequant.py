@@ -139,12 +139,16 @@ if HAS_TRITON:
         SCALE_KIND: tl.constexpr,
         VEC: tl.constexpr,
         STREAM: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Dequantize one BLOCK_M x BLOCK_N tile; the tile lies inside one 128-row scale block.
 
         VEC > 0 caps the contiguity the compiler sees at VEC elements (true, weaker than the truth) so
         loads take the stores' register layout (no shared-memory conversion between them); VEC = 0 lets
-        the compiler pick. STREAM marks weight loads evict-first and output stores streaming (.cs)."""
+        the compiler pick. STREAM marks weight loads evict-first and output stores streaming (.cs).
+        PDL (launched with programmatic dependent launch, sm90+): the tile's address arithmetic overlaps the
+        previous kernel's tail, memory is touched only after `gdc_wait` (the previous grid complete and
+        its writes visible), and the next kernel may start launching once this tile has its data."""
         row0 = pid_m * BLOCK_M
         col0 = pid_n * BLOCK_N
         offs_m = tl.arange(0, BLOCK_M)
@@ -159,6 +163,8 @@ if HAS_TRITON:
         s_row = s_ptr + (row0 // 128).to(tl.int64) * stride_s
 
         w_ptrs = w_tile + offs_m[:, None] * stride_w + offs_n[None, :]
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         if STREAM:
             w = tl.load(w_ptrs, mask=mask, eviction_policy="evict_first")
         else:
@@ -168,6 +174,8 @@ if HAS_TRITON:
         else:
             w = w.to(tl.float32)
         s = _scale_to_f32(tl.load(s_row + (col0 + offs_n) // 128, mask=cols_in), SCALE_KIND)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         out = (w * s[None, :]).to(o_ptr.dtype.element_ty)  # float32 product, round to nearest even
         o_ptrs = o_tile + offs_m[:, None] * stride_o + offs_n[None, :]
         if STREAM:
@@ -191,6 +199,7 @@ if HAS_TRITON:
         SCALE_KIND: tl.constexpr,
         VEC: tl.constexpr,
         STREAM: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         tiles_n = tl.cdiv(cols, BLOCK_N)
@@ -198,7 +207,7 @@ if HAS_TRITON:
         pid_n = pid % tiles_n
         _dequant_tile(
             w_ptr, s_ptr, o_ptr, rows, cols, stride_w, stride_o, stride_s, pid_m, pid_n,
-            BLOCK_M, BLOCK_N, DECODE_BITS, SCALE_KIND, VEC, STREAM,
+            BLOCK_M, BLOCK_N, DECODE_BITS, SCALE_KIND, VEC, STREAM, PDL,
         )  # fmt: skip
 
     @triton.jit
@@ -238,8 +247,8 @@ if HAS_TRITON:
         pid_n = t % tiles_n
         _dequant_tile(
             src_ptr + src_off, scale_ptr + scale_off, dst_ptr + dst_off, rows, cols, cols, cols,
-            tl.cdiv(cols, 128), pid_m, pid_n, BLOCK_M, BLOCK_N, DECODE_BITS, 0, VEC, STREAM,
-        )  # fmt: skip
+            tl.cdiv(cols, 128), pid_m, pid_n, BLOCK_M, BLOCK_N, DECODE_BITS, 0, VEC, STREAM, False,
+        )  # fmt: skip  (no PDL: the segment table is read before any wait, written by the launch before)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,6 +308,26 @@ def _num_sms(device: torch.device) -> int:
     return _device_info(device)[0]
 
 
+@functools.cache
+def _triton_has_pdl() -> bool:
+    """Triton's `launch_pdl` launch option and its griddepcontrol intrinsics (Triton 3.5+)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        return "launch_pdl" in CUDAOptions.__dataclass_fields__ and hasattr(tl.extra.cuda, "gdc_wait")
+    except (ImportError, AttributeError):
+        return False
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch for single-tensor launches: sm90+ GPUs with a Triton that has it.
+    Back to back, a small tensor's launch and ramp-up then overlap the previous kernel's drain
+    (kernels/NOTES.md). `DSV3CONV_PDL=0` turns it off."""
+    if device.type != "cuda" or _interpreting() or os.environ.get("DSV3CONV_PDL", "1") == "0":
+        return False
+    return _device_info(device)[1] >= (9, 0) and _triton_has_pdl()
+
+
 # A launch config: (BLOCK_M, BLOCK_N, num_warps, VEC, STREAM). VEC -1: 16 bytes of output per vector
 # (see `_dequant_tile`), 0: the compiler's choice. STREAM: evict-first loads, streaming stores.
 Config = tuple[int, int, int, int, bool]
@@ -352,11 +381,12 @@ def _launch_dequant(
     scale_kind = _SCALE_KIND[scale.dtype]
     s = scale if scale_kind == 0 else scale.view(_SCALE_VIEW[scale_kind])
     grid = (_cdiv(rows, block_m) * _cdiv(cols, block_n),)
+    pdl = {"PDL": True, "launch_pdl": True} if use_pdl(weight.device) else {"PDL": False}
     with _device_guard(weight.device):
         _dequant_kernel[grid](
             w, s, out, rows, cols, w.stride(0), out.stride(0), s.stride(0),
             BLOCK_M=block_m, BLOCK_N=block_n, DECODE_BITS=decode_bits, SCALE_KIND=scale_kind,
-            VEC=_vec(vec, out.dtype), STREAM=stream, num_warps=num_warps,
+            VEC=_vec(vec, out.dtype), STREAM=stream, num_warps=num_warps, **pdl,
         )  # fmt: skip
 
 

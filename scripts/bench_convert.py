@@ -4,11 +4,13 @@ In one run, on the same files (a real-shapes synthetic FP8 checkpoint):
   storage bound  plain sequential read of the input (cat) + write of an output-sized file (dd conv=fsync)
   eager          how the existing scripts work: load a whole shard (onto the device), dequantize each tensor
                  with plain torch, `save_file`, fsync
-  dsv3conv       `dsv3conv dequant --device DEVICE`
+  parallel bound the same with N reads and N writes at once (`--parallel-io N`): what N workers can hope for
+  dsv3conv       `dsv3conv dequant --device DEVICE`, once per `--device` given (e.g. cuda, then cuda:all)
 Reports wall time, GB/s of FP8 input, peak host RSS (each in its own process) and peak GPU memory.
 
     python scripts/bench_convert.py --device cpu --gb 8 --dir /tmp/bench
     python scripts/bench_convert.py --device cuda --gb 20 --dir /dev/shm/bench   # tmpfs
+    python scripts/bench_convert.py --device cuda --device cuda:all --parallel-io 2 --skip-eager --dir /dev/shm/b
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def drop_caches() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", action="append", help="repeat to compare devices in one run (default: cpu)")
+    ap.add_argument("--parallel-io", type=int, default=0, help="also measure N concurrent reads + writes")
     ap.add_argument("--gb", type=float, default=8.0, help="approximate FP8+BF16 bytes of the source checkpoint")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/dsv3conv-bench"))
     ap.add_argument("--shard-gb", type=float, default=4.0)
@@ -86,6 +89,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=64, help="routed experts per MoE layer (real: 256)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    devices = args.device or ["cpu"]
 
     from dsv3conv.checkpoint import Checkpoint
     from dsv3conv.synthetic import make_real_shapes
@@ -108,7 +112,7 @@ def main() -> None:
     in_bytes = ckpt.tensor_bytes()
     out_bytes = in_bytes + fp8_bytes - sum(t.nbytes for n, t in ckpt.tensors.items() if n.endswith("_scale_inv"))
     shards = sorted(p for p in src.glob("*.safetensors"))
-    results = {"device": args.device, "input_bytes": in_bytes, "fp8_bytes": fp8_bytes, "output_bytes": out_bytes,
+    results = {"devices": devices, "input_bytes": in_bytes, "fp8_bytes": fp8_bytes, "output_bytes": out_bytes,
                "shards": len(shards), "largest_shard": max(p.stat().st_size for p in shards)}
 
     if args.cold:
@@ -120,47 +124,68 @@ def main() -> None:
     blob.unlink()
     results["read_s"], results["write_s"] = t_read, t_write
     results["storage_bound_s"] = t_read + t_write
+    if args.parallel_io > 1:
+        n = args.parallel_io
+        groups = [" ".join(str(p) for p in shards[i::n]) for i in range(n)]
+        if args.cold:
+            drop_caches()
+        t_read_n, _, _ = timed(["sh", "-c", " & ".join(f"cat {g} > /dev/null" for g in groups if g) + "; wait"])
+        count = out_bytes // n // (16 << 20) + 1
+        t_write_n, _, _ = timed(["sh", "-c", " & ".join(
+            f"dd if=/dev/zero of={args.dir}/write-test-{i}.bin bs=16M count={count} conv=fsync status=none"
+            for i in range(n)) + "; wait"])
+        for i in range(n):
+            (args.dir / f"write-test-{i}.bin").unlink()
+        results["parallel_io"], results["parallel_read_s"], results["parallel_write_s"] = n, t_read_n, t_write_n
 
     if not args.skip_eager:
         if args.cold:
             drop_caches()
         dst = args.dir / "eager"
         shutil.rmtree(dst, ignore_errors=True)
-        t, rss, out = timed([sys.executable, "-c", EAGER, str(src), str(dst), args.device])
+        t, rss, out = timed([sys.executable, "-c", EAGER, str(src), str(dst), devices[0]])
         results["eager_s"], results["eager_rss"] = t, rss
         results["eager_gpu_peak"] = json.loads(out.strip().splitlines()[-1])["gpu_peak"]
         shutil.rmtree(dst, ignore_errors=True)
 
-    if args.cold:
-        drop_caches()
-    dst = args.dir / "dsv3conv"
-    shutil.rmtree(dst, ignore_errors=True)
     # Compile once outside the timed run (the cache makes later runs start fast, as a user's second run does).
-    if args.device == "cpu":
+    if "cpu" in devices:
         subprocess.run([sys.executable, "-c", "from dsv3conv.backend import _compiled_dequant; _compiled_dequant()"],
                        check=True)
-    t, rss, out = timed([sys.executable, "-m", "dsv3conv", "dequant", str(src), str(dst), "--device", args.device,
-                         "--json", "--quiet"])
-    summary = json.loads(out)
-    results["dsv3conv_s"], results["dsv3conv_rss"] = t, rss
-    results["dsv3conv_gpu_peak"] = summary.get("gpu_peak_bytes")
-    shutil.rmtree(dst, ignore_errors=True)
+    for device in devices:
+        if args.cold:
+            drop_caches()
+        dst = args.dir / "dsv3conv"
+        shutil.rmtree(dst, ignore_errors=True)
+        t, rss, out = timed([sys.executable, "-m", "dsv3conv", "dequant", str(src), str(dst), "--device", device,
+                             "--json", "--quiet"])
+        summary = json.loads(out)
+        results.setdefault("dsv3conv", {})[device] = {"s": t, "rss": rss, "gpu_peak": summary.get("gpu_peak_bytes")}
+        shutil.rmtree(dst, ignore_errors=True)
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)
 
     gb = fp8_bytes / 1e9
     r = results
     print(f"\ninput {in_bytes / 1e9:.2f} GB ({gb:.2f} GB FP8) in {r['shards']} shards (largest {r['largest_shard'] / 1e9:.2f} GB), "
-          f"output {out_bytes / 1e9:.2f} GB, device {args.device}")
+          f"output {out_bytes / 1e9:.2f} GB")
     print("| run | wall s | FP8 GB/s | peak RSS | vs storage bound |")
     print("|---|---|---|---|---|")
     sb = r["storage_bound_s"]
     print(f"| storage bound (cat {r['read_s']:.1f} s + dd write {r['write_s']:.1f} s) | {sb:.1f} | {gb / sb:.2f} | - | 1.00x |")
+    if "parallel_io" in r:
+        pb = r["parallel_read_s"] + r["parallel_write_s"]
+        print(f"| parallel bound, {r['parallel_io']} streams (cat {r['parallel_read_s']:.1f} s + dd write "
+              f"{r['parallel_write_s']:.1f} s) | {pb:.1f} | {gb / pb:.2f} | - | {pb / sb:.2f}x |")
     if "eager_s" in r:
-        print(f"| eager whole-shard converter | {r['eager_s']:.1f} | {gb / r['eager_s']:.2f} | {r['eager_rss'] / 1e9:.2f} GB | {r['eager_s'] / sb:.2f}x |")
-    print(f"| dsv3conv dequant | {r['dsv3conv_s']:.1f} | {gb / r['dsv3conv_s']:.2f} | {r['dsv3conv_rss'] / 1e9:.2f} GB | {r['dsv3conv_s'] / sb:.2f}x |")
+        print(f"| eager whole-shard converter ({devices[0]}) | {r['eager_s']:.1f} | {gb / r['eager_s']:.2f} | {r['eager_rss'] / 1e9:.2f} GB | {r['eager_s'] / sb:.2f}x |")
+    for device, d in r["dsv3conv"].items():
+        print(f"| dsv3conv dequant --device {device} | {d['s']:.1f} | {gb / d['s']:.2f} | {d['rss'] / 1e9:.2f} GB | {d['s'] / sb:.2f}x |")
+    first = r["dsv3conv"][devices[0]]["s"]
     if "eager_s" in r:
-        print(f"dsv3conv is {r['eager_s'] / r['dsv3conv_s']:.2f}x faster than the eager converter")
+        print(f"dsv3conv ({devices[0]}) is {r['eager_s'] / first:.2f}x faster than the eager converter")
+    for device in devices[1:]:
+        print(f"--device {device} vs {devices[0]}: {first / r['dsv3conv'][device]['s']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
@@ -269,6 +270,10 @@ def main() -> int:
             "baseline_graph_ms": bench_graph(rotating(sets, baseline_dequant)),
             "ours_host_us": host_us_per_call(rotating(sets, ours)),
         }
+        os.environ["DSV3CONV_PDL"] = "0"  # the same kernel launched without programmatic dependent launch
+        r["ours_nopdl_ms"] = bench(rotating(sets, ours))
+        r["ours_nopdl_graph_ms"] = bench_graph(rotating(sets, ours))
+        del os.environ["DSV3CONV_PDL"]
         results.append(r)
         print(r, flush=True)
         del sets
@@ -295,14 +300,16 @@ def main() -> int:
 
     print(f"\n## {name}: copy {copy_bw:.2f} TB/s (read + write); bf16 out; TB/s (% of copy)")
     print("do_bench: median of one call, L2 flushed; graph: calls back to back in a CUDA graph\n")
+    print(f"PDL (programmatic dependent launch) on this GPU: {fbd.use_pdl(device)}; 'no PDL': DSV3CONV_PDL=0\n")
     print(
-        "| case | GB moved | ours | baseline 128x128/program | torch reference | ours, graph | baseline, graph "
-        "| ours config | exact |"
+        "| case | GB moved | ours | ours, no PDL | baseline 128x128/program | torch reference | ours, graph "
+        "| ours, graph, no PDL | baseline, graph | ours config | exact |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for r in results:
         cells = []
-        for key in ("ours_ms", "baseline_ms", "torch_ms", "ours_graph_ms", "baseline_graph_ms"):
+        for key in ("ours_ms", "ours_nopdl_ms", "baseline_ms", "torch_ms", "ours_graph_ms", "ours_nopdl_graph_ms",
+                    "baseline_graph_ms"):
             if key not in r:
                 cells.append("-")
                 continue

@@ -1,22 +1,44 @@
 #!/usr/bin/env bash
-# One call on a GPU box: install, prove the CUDA pipeline bit-exact, then benchmark end to end.
-#   scripts/gpu_run.sh tmpfs   # tests + bench_convert from /dev/shm
+# One call on a GPU box: install, then each step named (in order). Logs and JSON go to $OUT.
+#   scripts/gpu_run.sh tmpfs   # GPU tests + bench_convert from /dev/shm (1 GPU)
 #   scripts/gpu_run.sh disk    # bench_convert on the local disk, page cache dropped before each run
+#   scripts/gpu_run.sh quant   # quant: the CUDA path stage by stage (gpu_quant_probe), kernel bit-exactness + speed
+#   scripts/gpu_run.sh kernel  # dequant kernel: bit-exactness (gpu_check) and bench_kernel (with and without PDL)
+#   scripts/gpu_run.sh scale   # bench_convert from /dev/shm: one GPU against every GPU (--device cuda:all)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-case "${1:-tmpfs}" in
-  tmpfs)
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -5
-    python3 scripts/bench_convert.py --device cuda --gb "${GB:-20}" --dir /dev/shm/dsv3conv-bench \
-      --json "$OUT/bench_tmpfs.json" 2>&1 | tee "$OUT/bench_tmpfs.txt"
-    ;;
-  disk)
-    [ -f scripts/gpu_check_quant.py ] && python3 scripts/gpu_check_quant.py 2>&1 | tee "$OUT/gpu_check_quant.log" | tail -25
-    python3 scripts/bench_convert.py --device cuda --gb "${GB:-16}" --dir /tmp/dsv3conv-bench --cold \
-      --json "$OUT/bench_disk.json" 2>&1 | tee "$OUT/bench_disk.txt"
-    ;;
-esac
+nproc; free -g | head -2
+for step in "${@:-tmpfs}"; do
+  echo "=== $step $(date +%T)"
+  case "$step" in
+    tmpfs)
+      python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" | tail -5
+      python3 scripts/bench_convert.py --device cuda --gb "${GB:-20}" --dir /dev/shm/dsv3conv-bench \
+        --json "$OUT/bench_tmpfs.json" 2>&1 | tee "$OUT/bench_tmpfs.txt"
+      ;;
+    disk)
+      python3 scripts/bench_convert.py --device cuda --gb "${GB:-16}" --dir /tmp/dsv3conv-bench --cold \
+        --json "$OUT/bench_disk.json" 2>&1 | tee "$OUT/bench_disk.txt"
+      ;;
+    quant)
+      timeout 300 python3 scripts/gpu_quant_probe.py 2>&1 | tee "$OUT/quant_probe.log"
+      timeout 300 python3 -X faulthandler scripts/gpu_check_quant.py --no-pipeline --repeat 10 2>&1 \
+        | tee "$OUT/gpu_check_quant.log" | tail -20
+      ;;
+    kernel)
+      timeout 300 python3 scripts/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log" | tail -4
+      timeout 300 python3 scripts/bench_kernel.py --json "$OUT/bench_kernel.json" 2>&1 | tee "$OUT/bench_kernel.log" | tail -16
+      ;;
+    scale)
+      python3 scripts/bench_convert.py --device cuda --device cuda:all --parallel-io "$(nvidia-smi -L | wc -l)" \
+        --skip-eager --gb "${GB:-20}" --dir /dev/shm/dsv3conv-scale --json "$OUT/bench_scale.json" 2>&1 \
+        | tee "$OUT/bench_scale.txt"
+      ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
+echo "=== done $(date +%T)"

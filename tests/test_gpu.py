@@ -48,3 +48,30 @@ def test_cuda_backend_batch_of_shapes(shape):
         ref = reference_dequant(q, s, torch.bfloat16).view(torch.uint8).reshape(-1)
         got_t = torch.frombuffer(bytearray(got), dtype=torch.uint8)
         assert torch.equal(got_t, ref), f"{tuple(q.shape)}: {(got_t != ref).sum().item()} bytes differ"
+
+
+@pytest.mark.parametrize("pdl", ["1", "0"])
+def test_dequant_chained_launches_see_each_others_writes(monkeypatch, pdl):
+    """Each dequant reads what the kernel just before it wrote and overwrites what that kernel read:
+    programmatic dependent launch (on by default on sm90+) must still order memory like a plain launch."""
+    from dsv3conv.kernels import fp8_block_dequant as k
+
+    monkeypatch.setenv("DSV3CONV_PDL", pdl)
+    gen = torch.Generator().manual_seed(3)
+    rows, cols, steps = 576, 7168, 20
+    s = torch.exp2(torch.randint(-8, 2, (5, 56), generator=gen).float())
+    x0 = (torch.randn((rows, cols), generator=gen) * 8).to(torch.float8_e4m3fn)
+    want, x = [], x0
+    for _ in range(steps):  # on the CPU: dequant, then re-encode the output as the next input
+        want.append(reference_dequant(x, s, torch.bfloat16))
+        x = (want[-1].float() * 0.5).to(torch.float8_e4m3fn)
+    w, sd = x0.cuda(), s.cuda()
+    o = torch.empty((rows, cols), dtype=torch.bfloat16, device="cuda")
+    got = []
+    for _ in range(steps):
+        k.dequant(w, sd, torch.bfloat16, out=o)  # reads w (written by the kernel before), overwrites o
+        got.append(o.clone())  # a kernel reading o
+        w = (o.float() * 0.5).to(torch.float8_e4m3fn)  # kernels writing the next input
+    torch.cuda.synchronize()
+    for i, (g, ref) in enumerate(zip(got, want)):
+        assert torch.equal(g.cpu().view(torch.int16), ref.view(torch.int16)), f"step {i}"
