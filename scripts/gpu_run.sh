@@ -30,6 +30,7 @@ for step in "${@:-tmpfs}"; do
         | tee "$OUT/gpu_check_quant.log" | tail -20
       ;;
     kernel)
+      python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "chained or batch_of_shapes" 2>&1 | tail -3
       timeout 300 python3 scripts/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log" | tail -4
       timeout 300 python3 scripts/bench_kernel.py --json "$OUT/bench_kernel.json" 2>&1 | tee "$OUT/bench_kernel.log" | tail -16
       ;;
