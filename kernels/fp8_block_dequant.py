@@ -146,9 +146,10 @@ if HAS_TRITON:
         VEC > 0 caps the contiguity the compiler sees at VEC elements (true, weaker than the truth) so
         loads take the stores' register layout (no shared-memory conversion between them); VEC = 0 lets
         the compiler pick. STREAM marks weight loads evict-first and output stores streaming (.cs).
-        PDL (launched with programmatic dependent launch, sm90+): the tile's address arithmetic overlaps the
-        previous kernel's tail, memory is touched only after `gdc_wait` (the previous grid complete and
-        its writes visible), and the next kernel may start launching once this tile has its data."""
+        PDL > 0 (launched with programmatic dependent launch, sm90+): the tile's address arithmetic overlaps
+        the previous kernel's tail; memory is touched only after `gdc_wait` (the previous grid complete and
+        its writes visible). The next kernel may start launching once this tile has its data (PDL 1), or
+        as soon as this tile starts (PDL 2)."""
         row0 = pid_m * BLOCK_M
         col0 = pid_n * BLOCK_N
         offs_m = tl.arange(0, BLOCK_M)
@@ -163,7 +164,9 @@ if HAS_TRITON:
         s_row = s_ptr + (row0 // 128).to(tl.int64) * stride_s
 
         w_ptrs = w_tile + offs_m[:, None] * stride_w + offs_n[None, :]
-        if PDL:
+        if PDL == 2:
+            tl.extra.cuda.gdc_launch_dependents()
+        if PDL > 0:
             tl.extra.cuda.gdc_wait()
         if STREAM:
             w = tl.load(w_ptrs, mask=mask, eviction_policy="evict_first")
@@ -174,7 +177,7 @@ if HAS_TRITON:
         else:
             w = w.to(tl.float32)
         s = _scale_to_f32(tl.load(s_row + (col0 + offs_n) // 128, mask=cols_in), SCALE_KIND)
-        if PDL:
+        if PDL == 1:
             tl.extra.cuda.gdc_launch_dependents()
         out = (w * s[None, :]).to(o_ptr.dtype.element_ty)  # float32 product, round to nearest even
         o_ptrs = o_tile + offs_m[:, None] * stride_o + offs_n[None, :]
@@ -247,7 +250,7 @@ if HAS_TRITON:
         pid_n = t % tiles_n
         _dequant_tile(
             src_ptr + src_off, scale_ptr + scale_off, dst_ptr + dst_off, rows, cols, cols, cols,
-            tl.cdiv(cols, 128), pid_m, pid_n, BLOCK_M, BLOCK_N, DECODE_BITS, 0, VEC, STREAM, False,
+            tl.cdiv(cols, 128), pid_m, pid_n, BLOCK_M, BLOCK_N, DECODE_BITS, 0, VEC, STREAM, 0,
         )  # fmt: skip  (no PDL: the segment table is read before any wait, written by the launch before)
 
 
@@ -319,13 +322,14 @@ def _triton_has_pdl() -> bool:
         return False
 
 
-def use_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch for single-tensor launches: sm90+ GPUs with a Triton that has it.
-    Back to back, a small tensor's launch and ramp-up then overlap the previous kernel's drain
-    (kernels/NOTES.md). `DSV3CONV_PDL=0` turns it off."""
-    if device.type != "cuda" or _interpreting() or os.environ.get("DSV3CONV_PDL", "1") == "0":
-        return False
-    return _device_info(device)[1] >= (9, 0) and _triton_has_pdl()
+def pdl_mode(device: torch.device) -> int:
+    """Programmatic dependent launch for single-tensor launches (sm90+ GPUs, a Triton that has it): back to
+    back, a small tensor's launch and ramp-up overlap the previous kernel's drain (kernels/NOTES.md).
+    0: off (`DSV3CONV_PDL=0`); 1: next launch allowed once a tile has loaded; 2: as soon as a tile starts."""
+    mode = os.environ.get("DSV3CONV_PDL", "1")
+    if device.type != "cuda" or _interpreting() or mode not in ("1", "2"):
+        return 0
+    return int(mode) if _device_info(device)[1] >= (9, 0) and _triton_has_pdl() else 0
 
 
 # A launch config: (BLOCK_M, BLOCK_N, num_warps, VEC, STREAM). VEC -1: 16 bytes of output per vector
@@ -381,7 +385,8 @@ def _launch_dequant(
     scale_kind = _SCALE_KIND[scale.dtype]
     s = scale if scale_kind == 0 else scale.view(_SCALE_VIEW[scale_kind])
     grid = (_cdiv(rows, block_m) * _cdiv(cols, block_n),)
-    pdl = {"PDL": True, "launch_pdl": True} if use_pdl(weight.device) else {"PDL": False}
+    mode = pdl_mode(weight.device)
+    pdl = {"PDL": mode, "launch_pdl": True} if mode else {"PDL": 0}
     with _device_guard(weight.device):
         _dequant_kernel[grid](
             w, s, out, rows, cols, w.stride(0), out.stride(0), s.stride(0),

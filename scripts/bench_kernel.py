@@ -230,12 +230,49 @@ def run_sweep(device, gen, copy_bw: float, batch: ExpertBatch) -> list[dict]:
     return rows_out
 
 
+PDL_SWEEP_SHAPES = [(576, 7168), (1536, 7168), (2048, 7168), (32768, 512)]
+PDL_SWEEP_CONFIGS = [
+    (16, 256, 4, -1, False), (16, 256, 4, 0, False), (32, 256, 8, 0, False), (32, 256, 4, -1, False),
+    (16, 128, 4, -1, False), (8, 256, 2, -1, False), (16, 512, 8, -1, False),
+]  # fmt: skip
+
+
+def run_pdl_sweep(device, gen, copy_bw: float) -> list[dict]:
+    """Back to back (CUDA graph) TB/s of single-tensor launches: each config under each PDL mode."""
+    pick = fbd.pick_config
+    rows_out = []
+    sets = {shape: make_sets(*shape, device, gen) for shape in PDL_SWEEP_SHAPES}
+    try:
+        for cfg in PDL_SWEEP_CONFIGS:
+            fbd.pick_config = lambda r, c, n, cfg=cfg: cfg
+            for mode in ("0", "1", "2"):
+                os.environ["DSV3CONV_PDL"] = mode
+                row = {"config": list(cfg), "pdl": int(mode)}
+                for shape in PDL_SWEEP_SHAPES:
+                    call = rotating(sets[shape], ours)
+                    row[f"{shape[0]}x{shape[1]}"] = round(tbps(dq_bytes(*shape), bench_graph(call)), 3)
+                rows_out.append(row)
+                print("pdl sweep", row, flush=True)
+    finally:
+        fbd.pick_config = pick
+        os.environ.pop("DSV3CONV_PDL", None)
+    keys = [f"{r}x{c}" for r, c in PDL_SWEEP_SHAPES]
+    print("\nPDL sweep, back to back (CUDA graph): TB/s (% of copy)")
+    print("| BLOCK_M, BLOCK_N, warps, VEC, STREAM | PDL | " + " | ".join(keys) + " |")
+    print("|---|---|" + "---:|" * len(keys))
+    for row in rows_out:
+        cells = " | ".join(f"{row[k]:.2f} ({100 * row[k] / copy_bw:.0f}%)" for k in keys)
+        print(f"| {tuple(row['config'])} | {row['pdl']} | {cells} |")
+    return rows_out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=str, default=None, help="write the results here")
     parser.add_argument(
         "--sweep", action="store_true", help="also time our kernel under several tile configs"
     )
+    parser.add_argument("--pdl-sweep", action="store_true", help="only: small-tensor configs x PDL modes")
     parser.add_argument("--experts", type=int, default=len(EXPERT_BATCH), help="segments in the expert batch")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -248,6 +285,13 @@ def main() -> int:
     copy_bw = copy_bandwidth(device)
     print(f"device {name}, {sms} SMs; torch {torch.__version__}, triton {triton.__version__}", flush=True)
     print(f"copy bandwidth (read + write): {copy_bw:.3f} TB/s", flush=True)
+
+    if args.pdl_sweep:
+        sweep = run_pdl_sweep(device, gen, copy_bw)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": name, "copy_tbps": copy_bw, "pdl_sweep": sweep}, f, indent=1)
+        return 0
 
     results = []
     for rows, cols in SHAPES:
@@ -300,7 +344,7 @@ def main() -> int:
 
     print(f"\n## {name}: copy {copy_bw:.2f} TB/s (read + write); bf16 out; TB/s (% of copy)")
     print("do_bench: median of one call, L2 flushed; graph: calls back to back in a CUDA graph\n")
-    print(f"PDL (programmatic dependent launch) on this GPU: {fbd.use_pdl(device)}; 'no PDL': DSV3CONV_PDL=0\n")
+    print(f"PDL (programmatic dependent launch) on this GPU: {fbd.pdl_mode(device)}; 'no PDL': DSV3CONV_PDL=0\n")
     print(
         "| case | GB moved | ours | ours, no PDL | baseline 128x128/program | torch reference | ours, graph "
         "| ours, graph, no PDL | baseline, graph | ours config | exact |"

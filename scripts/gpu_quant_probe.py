@@ -5,9 +5,13 @@ Stages, from the smallest piece of the CUDA quant path to the whole pipeline:
   pipeline-1io   `quantize(device="cuda")` with one reader and one writer thread
   pipeline       `quantize(device="cuda")` as users run it (several reader and writer threads)
   pipeline-sync  the same with CUDA_LAUNCH_BLOCKING=1 (run only when `pipeline` fails)
+  pipeline-compiled  `pipeline` with the CPU side compiled too (exactly what users run)
+  cpu-compiled   the CPU path as users get it (torch.compile), on DeepSeek-V3 shapes and a tiny checkpoint
+                 (the other stages use eager torch for the CPU side)
 
-    python scripts/gpu_quant_probe.py            # every stage, a line each; exits 1 on any failure
-    python scripts/gpu_quant_probe.py STAGE      # one stage in this process
+    python scripts/gpu_quant_probe.py                 # every stage, a line each; exits 1 on any failure
+    python scripts/gpu_quant_probe.py --stages a,b    # those stages, each in its own process
+    python scripts/gpu_quant_probe.py STAGE           # one stage in this process
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-STAGES = ["backend", "pipeline-1io", "pipeline"]
+STAGES = ["backend", "pipeline-1io", "pipeline", "cpu-compiled", "pipeline-compiled"]
 
 
 def stage_backend() -> None:
@@ -74,8 +78,40 @@ def stage_pipeline(one_io: bool) -> None:
             print(f"pipeline {fmt}/{sdt}: every file identical to the CPU's", flush=True)
 
 
+def stage_cpu_compiled() -> None:
+    import torch
+
+    from dsv3conv.api import dequantize, quantize
+    from dsv3conv.backend import CpuBackend, Item
+    from dsv3conv.kernels.fp8_block_quant import reference_quant
+    from dsv3conv.synthetic import make_tiny
+
+    gen = torch.Generator().manual_seed(1)
+    for rows, cols in ((2048, 7168), (7168, 2048), (576, 7168), (300, 1000), (129, 257)):
+        w = (torch.randn((rows, cols), generator=gen) * 3).to(torch.bfloat16)
+        raw = w.reshape(-1).view(torch.uint8)
+        q, s = CpuBackend().run(raw, [Item(0, raw.numel(), rows, cols, None, "F8_E4M3", src_dtype="BF16",
+                                           scale_fmt="float", scale_dtype="F32", name="w")])
+        q_ref, s_ref = reference_quant(w)
+        if bytes(q) != q_ref.view(torch.uint8).numpy().tobytes() or bytes(s) != s_ref.numpy().tobytes():
+            raise SystemExit(f"compiled CPU quant [{rows},{cols}] differs from reference_quant")
+        print(f"compiled CPU quant [{rows},{cols}]: identical to reference_quant", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        make_tiny(root / "fp8", num_hidden_layers=4)
+        dequantize(root / "fp8", root / "bf16", device="cpu")
+        quantize(root / "bf16", root / "q", device="cpu", scale_fmt="ue8m0", scale_dtype="float8_e8m0fnu")
+        print("compiled CPU quant of a tiny checkpoint: done", flush=True)
+
+
 def run_stage(stage: str) -> None:
     faulthandler.enable(all_threads=True)
+    if stage == "cpu-compiled":
+        stage_cpu_compiled()
+        return
+    if stage == "pipeline-compiled":
+        stage_pipeline(one_io=False)
+        return
     os.environ.setdefault("DSV3CONV_NO_COMPILE", "1")  # the CPU side is the reference here: eager is enough
     if stage == "backend":
         stage_backend()
@@ -84,15 +120,17 @@ def run_stage(stage: str) -> None:
     elif stage in ("pipeline", "pipeline-sync"):
         stage_pipeline(one_io=False)
     else:
-        raise SystemExit(f"unknown stage {stage!r}: choose from {STAGES + ['pipeline-sync']}")
+        raise SystemExit(f"unknown stage {stage!r}: choose from {STAGES + ['pipeline-sync']}")  # noqa: E501
 
 
 def main() -> int:
-    if len(sys.argv) > 1:
+    stages = list(STAGES)
+    if len(sys.argv) == 3 and sys.argv[1] == "--stages":
+        stages = sys.argv[2].split(",")
+    elif len(sys.argv) > 1:
         run_stage(sys.argv[1])
         return 0
     failed = []
-    stages = list(STAGES)
     while stages:
         stage = stages.pop(0)
         env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -4,6 +4,7 @@
 #   scripts/gpu_run.sh disk    # bench_convert on the local disk, page cache dropped before each run
 #   scripts/gpu_run.sh quant   # quant: the CUDA path stage by stage (gpu_quant_probe), kernel bit-exactness + speed
 #   scripts/gpu_run.sh kernel  # dequant kernel: bit-exactness (gpu_check) and bench_kernel (with and without PDL)
+#   scripts/gpu_run.sh pdl     # bench_kernel --pdl-sweep: small-tensor configs x PDL modes, back to back
 #   scripts/gpu_run.sh scale   # bench_convert from /dev/shm: one GPU against every GPU (--device cuda:all)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
@@ -33,6 +34,12 @@ for step in "${@:-tmpfs}"; do
       python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "chained or batch_of_shapes" 2>&1 | tail -3
       timeout 300 python3 scripts/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log" | tail -4
       timeout 300 python3 scripts/bench_kernel.py --json "$OUT/bench_kernel.json" 2>&1 | tee "$OUT/bench_kernel.log" | tail -16
+      ;;
+    pdl)
+      timeout 300 python3 scripts/bench_kernel.py --pdl-sweep --json "$OUT/bench_pdl.json" 2>&1 | tee "$OUT/bench_pdl.log" | tail -26
+      ;;
+    quant-compiled)
+      timeout 300 python3 scripts/gpu_quant_probe.py --stages cpu-compiled,pipeline-compiled 2>&1 | tee "$OUT/quant_probe2.log"
       ;;
     scale)
       python3 scripts/bench_convert.py --device cuda --device cuda:all --parallel-io "$(nvidia-smi -L | wc -l)" \
