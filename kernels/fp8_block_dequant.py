@@ -325,8 +325,9 @@ def _triton_has_pdl() -> bool:
 def pdl_mode(device: torch.device) -> int:
     """Programmatic dependent launch for single-tensor launches (sm90+ GPUs, a Triton that has it): back to
     back, a small tensor's launch and ramp-up overlap the previous kernel's drain (kernels/NOTES.md).
-    0: off (`DSV3CONV_PDL=0`); 1: next launch allowed once a tile has loaded; 2: as soon as a tile starts."""
-    mode = os.environ.get("DSV3CONV_PDL", "1")
+    0: off (`DSV3CONV_PDL=0`); 1: next launch allowed once a tile has loaded; 2 (default): as soon as a
+    tile starts, measured best on an H200 (71% of copy bandwidth on [576, 7168] back to back; 59% off)."""
+    mode = os.environ.get("DSV3CONV_PDL", "2")
     if device.type != "cuda" or _interpreting() or mode not in ("1", "2"):
         return 0
     return int(mode) if _device_info(device)[1] >= (9, 0) and _triton_has_pdl() else 0

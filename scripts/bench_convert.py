@@ -5,7 +5,8 @@ In one run, on the same files (a real-shapes synthetic FP8 checkpoint):
   eager          how the existing scripts work: load a whole shard (onto the device), dequantize each tensor
                  with plain torch, `save_file`, fsync
   parallel bound the same with N reads and N writes at once (`--parallel-io N`): what N workers can hope for
-  dsv3conv       `dsv3conv dequant --device DEVICE`, once per `--device` given (e.g. cuda, then cuda:all)
+  dsv3conv       `dsv3conv dequant --device DEVICE`, once per `--device` given (e.g. cuda, then cuda:all);
+                 `--device parts:cuda:0,cuda:1` runs one process per listed device at once, each `--part k/N`
 Reports wall time, GB/s of FP8 input, peak host RSS (each in its own process) and peak GPU memory.
 
     python scripts/bench_convert.py --device cpu --gb 8 --dir /tmp/bench
@@ -157,9 +158,17 @@ def main() -> None:
             drop_caches()
         dst = args.dir / "dsv3conv"
         shutil.rmtree(dst, ignore_errors=True)
-        t, rss, out = timed([sys.executable, "-m", "dsv3conv", "dequant", str(src), str(dst), "--device", device,
-                             "--json", "--quiet"])
-        summary = json.loads(out)
+        cmd = [sys.executable, "-m", "dsv3conv", "dequant", str(src), str(dst), "--json", "--quiet"]
+        if device.startswith("parts:"):
+            devs = device.removeprefix("parts:").split(",")
+            script = " & ".join(f"{' '.join(cmd)} --device {d} --part {k}/{len(devs)} > {args.dir}/part-{k}.json"
+                                for k, d in enumerate(devs, 1)) + "; wait"
+            t, rss, _ = timed(["sh", "-c", script])
+            parts = [json.loads((args.dir / f"part-{k}.json").read_text()) for k in range(1, len(devs) + 1)]
+            summary = {"gpu_peak_bytes": max(p.get("gpu_peak_bytes") or 0 for p in parts)}
+        else:
+            t, rss, out = timed(cmd + ["--device", device])
+            summary = json.loads(out)
         results.setdefault("dsv3conv", {})[device] = {"s": t, "rss": rss, "gpu_peak": summary.get("gpu_peak_bytes")}
         shutil.rmtree(dst, ignore_errors=True)
     if not args.keep:
