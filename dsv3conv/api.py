@@ -50,7 +50,7 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
         summary["dropped"] = plan.dropped
         summary["config"] = plan.config
         return summary
-    from dsv3conv.backend import device_list, make_backend
+    from dsv3conv.backend import check_device, device_list, make_backend
     from dsv3conv.pipeline import DEFAULT_CHUNK_BYTES, execute, execute_on_devices
     from dsv3conv.progress import ByteProgress
 
@@ -58,25 +58,30 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
     if len(devices) > 1 and (part is not None or overwrite):
         raise UsageError(f"--device {device}: several devices run as parts of one job; "
                          "not with --part (one device per job) or --overwrite (empty DST first)")
-    backends = [make_backend(d) for d in devices]
-    backend = backends[0] if backends else None
+    devices = [check_device(d) for d in devices]  # refuse a bad name before any worker starts
+    on_gpu = any(d.startswith("cuda") for d in devices)
     chunk = parse_size(buffer_size, "--buffer-size") if isinstance(buffer_size, str) else buffer_size
-    chunk = chunk or (DEFAULT_CHUNK_BYTES * 4 if getattr(backend, "pin_memory", False) else DEFAULT_CHUNK_BYTES)
+    chunk = chunk or (DEFAULT_CHUNK_BYTES * 4 if on_gpu else DEFAULT_CHUNK_BYTES)
+    gpu_peak = None
     with ByteProgress(plan, enabled=progress) as bar:
-        if len(backends) > 1:
-            stats = execute_on_devices(plan, backends, resume=resume, progress=bar.advance, chunk_bytes=chunk)
+        if len(devices) > 1:
+            stats, peak = execute_on_devices(plan, devices, resume=resume, progress=bar.advance, chunk_bytes=chunk)
+            gpu_peak = peak if on_gpu else None
         else:
-            stats = execute(plan, backend or _NoCompute(), resume=resume, overwrite=overwrite,
-                            progress=bar.advance, chunk_bytes=chunk, part=part)
+            backend = make_backend(devices[0]) if devices else _NoCompute()
+            stats = execute(plan, backend, resume=resume, overwrite=overwrite, progress=bar.advance,
+                            chunk_bytes=chunk, part=part)
+            if on_gpu:
+                import torch
+
+                gpu_peak = torch.cuda.max_memory_allocated(backend.device)
     summary.update(
-        device=",".join(b.name for b in backends) if backends else "none", shards_skipped=stats.files_skipped,
+        device=",".join(devices) if devices else "none", shards_skipped=stats.files_skipped,
         bytes_written=stats.bytes_written, seconds=round(stats.seconds, 3), buffer_bytes=chunk,
         finalized=stats.finalized, waiting_for=stats.waiting_for,
     )
-    if backend is not None and backend.name.startswith("cuda"):
-        import torch
-
-        summary["gpu_peak_bytes"] = max(torch.cuda.max_memory_allocated(b.device) for b in backends)
+    if gpu_peak is not None:
+        summary["gpu_peak_bytes"] = gpu_peak
     return summary
 
 

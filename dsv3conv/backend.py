@@ -282,12 +282,12 @@ def device_list(device: str) -> list[str]:
     return [d.strip() for d in device.split(",") if d.strip()] or [device]
 
 
-def make_backend(device: str):
-    """`auto`: a CUDA GPU when present, else the CPU; `cpu`; `cuda`; `cuda:N`."""
+def check_device(device: str) -> str:
+    """The device's name once checked (`auto` resolved): a CUDA device must exist; nothing is started on it."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
-        return CpuBackend()
+        return device
     if device == "cuda" or device.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu")
@@ -297,5 +297,11 @@ def make_backend(device: str):
             raise UsageError(f"--device {device!r}: choose auto, cpu, cuda, cuda:N, cuda:all or a list") from None
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices are visible")
-        return CudaBackend(dev)
+        return device
     raise UsageError(f"--device {device!r}: choose auto, cpu, cuda, cuda:N, cuda:all or a list (cuda:0,cuda:1)")
+
+
+def make_backend(device: str):
+    """`auto`: a CUDA GPU when present, else the CPU; `cpu`; `cuda`; `cuda:N`."""
+    device = check_device(device)
+    return CpuBackend() if device == "cpu" else CudaBackend(torch.device(device))

@@ -71,6 +71,8 @@ def _errors(writes: bool = False):
         yield
     except Dsv3Error as exc:
         if _state["debug"]:
+            if getattr(exc, "worker_traceback", ""):
+                err.print(f"in the worker process:\n{exc.worker_traceback}", markup=False)
             raise
         err.print(f"dsv3conv: error: {exc}", markup=False)
         raise typer.Exit(exc.exit_code) from None

@@ -190,13 +190,6 @@ def quantize(
     """
     from dsv3conv.api import run_plan  # here, not at the top: dsv3conv.api imports this module
 
-    if device == "auto":
-        device = "cpu"
-    elif device != "cpu" and not os.environ.get("DSV3CONV_CUDA_QUANT"):
-        # The Triton quant kernel matched the CPU reference on an H200, but the pipeline check of
-        # `quant --device cuda` crashed there (segfault, unresolved): not offered until proven.
-        raise UsageError(f"--device {device}: quant runs on the CPU for now (its GPU path is not yet validated); "
-                         "use --device cpu")
     ckpt = Checkpoint.open(src)
     plan = plan_quant(ckpt, Path(dst), scale_fmt=scale_fmt, scale_dtype=scale_dtype, skip=skip, mtp=mtp)
     result = run_plan(plan, device=device, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress,

@@ -142,7 +142,6 @@ def check_pipeline(rep: Report) -> None:
     from dsv3conv.api import dequantize, quantize
     from dsv3conv.synthetic import make_tiny
 
-    os.environ["DSV3CONV_CUDA_QUANT"] = "1"  # quant's CUDA path is opt-in until this check passes
 
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)

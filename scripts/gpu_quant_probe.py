@@ -57,7 +57,6 @@ def stage_backend() -> None:
 def stage_pipeline(one_io: bool) -> None:
     if one_io:
         os.cpu_count = lambda: 2  # the pipeline starts cpu_count // 2 reader and writer threads
-    os.environ["DSV3CONV_CUDA_QUANT"] = "1"
     from dsv3conv.api import dequantize, quantize
     from dsv3conv.synthetic import make_tiny
 

@@ -277,3 +277,47 @@ def test_several_devices_share_the_shards(tmp_path):
     assert "--device" in proc.stderr
     proc = run_cli("dequant", tmp_path / "src", tmp_path / "y", "--device", "cuda:all", check=2)
     assert "cuda:all" in proc.stderr
+
+
+def test_a_failing_device_worker_is_one_line_and_leaves_no_damaged_file(tmp_path):
+    """A worker process that meets bad data: the parent exits 1 naming the tensor (no traceback), the other
+    worker is stopped, no shard exists under its final name unless complete, and --resume finishes the job
+    once the data is fixed."""
+    from tests.test_verify import write_at
+
+    make_tiny(tmp_path / "src", num_hidden_layers=5, n_shards=6)
+    dequantize(tmp_path / "src", tmp_path / "ref", device="cpu")
+    scale = "model.layers.0.self_attn.o_proj.weight_scale_inv"
+    good = (tmp_path / "src" / _file_of(tmp_path / "src", scale)).read_bytes()
+    write_at(tmp_path / "src", scale, 0, b"\x00\x00\xc0\x7f")  # a NaN scale
+    proc = run_cli("dequant", tmp_path / "src", tmp_path / "out", "--device", "cpu,cpu", "--quiet", check=1)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"`{scale}`" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    for p in (tmp_path / "out").iterdir():  # whatever exists under a final name is complete and correct
+        if p.suffix == ".safetensors":
+            assert p.read_bytes() == (tmp_path / "ref" / p.name).read_bytes(), p.name
+    assert not (tmp_path / "out" / "config.json").exists()
+    (tmp_path / "src" / _file_of(tmp_path / "src", scale)).write_bytes(good)
+    run_cli("dequant", tmp_path / "src", tmp_path / "out", "--device", "cpu,cpu", "--resume")
+    for p in (tmp_path / "ref").iterdir():
+        assert (tmp_path / "out" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def _file_of(root, tensor: str) -> str:
+    from dsv3conv.checkpoint import Checkpoint
+
+    return Checkpoint.open(root).tensors[tensor].file
+
+
+def test_device_workers_report_progress(tmp_path):
+    """Progress from worker processes reaches the parent: every byte of the output is counted once."""
+    from dsv3conv.checkpoint import Checkpoint
+    from dsv3conv.pipeline import execute_on_devices
+    from dsv3conv.plan import plan_dequant
+
+    make_tiny(tmp_path / "src", num_hidden_layers=5, n_shards=6)
+    plan = plan_dequant(Checkpoint.open(tmp_path / "src"), tmp_path / "out")
+    seen = []
+    stats, peak = execute_on_devices(plan, ["cpu", "cpu"], progress=lambda n, k, name: seen.append(n))
+    assert stats.finalized and stats.files_written == len(plan.files) and peak == 0
+    assert sum(seen) == sum(f.size for f in plan.files)

@@ -75,3 +75,29 @@ def test_dequant_chained_launches_see_each_others_writes(monkeypatch, pdl):
     torch.cuda.synchronize()
     for i, (g, ref) in enumerate(zip(got, want)):
         assert torch.equal(g.cpu().view(torch.int16), ref.view(torch.int16)), f"step {i}"
+
+
+@pytest.mark.parametrize("fmt,sdt", [("float", "float32"), ("ue8m0", "float8_e8m0fnu"), ("float", "bfloat16")])
+def test_cuda_quant_writes_the_cpu_files(tmp_path, fmt, sdt):
+    """`quant --device cuda` (Triton kernel, several chunks per tensor) writes the CPU path's bytes exactly."""
+    from dsv3conv.api import quantize
+
+    make_tiny(tmp_path / "fp8", num_hidden_layers=4)
+    dequantize(tmp_path / "fp8", tmp_path / "bf16", device="cpu")
+    quantize(tmp_path / "bf16", tmp_path / "cpu", device="cpu", scale_fmt=fmt, scale_dtype=sdt)
+    s = quantize(tmp_path / "bf16", tmp_path / "gpu", device="cuda", scale_fmt=fmt, scale_dtype=sdt,
+                 buffer_size=200_000)
+    assert s["device"].startswith("cuda") and s["finalized"]
+    for p in (tmp_path / "cpu").iterdir():
+        assert (tmp_path / "gpu" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_cuda_all_uses_every_gpu(tmp_path):
+    """`--device cuda:all`: one worker process per GPU, the same bytes as one GPU."""
+    make_tiny(tmp_path / "src", num_hidden_layers=5, n_shards=6)
+    dequantize(tmp_path / "src", tmp_path / "one", device="cuda")
+    s = dequantize(tmp_path / "src", tmp_path / "all", device="cuda:all")
+    assert s["device"] == ",".join(f"cuda:{i}" for i in range(torch.cuda.device_count())) and s["finalized"]
+    assert s["gpu_peak_bytes"] > 0
+    for p in (tmp_path / "one").iterdir():
+        assert (tmp_path / "all" / p.name).read_bytes() == p.read_bytes(), p.name
