@@ -192,12 +192,16 @@ def execute_on_devices(
 
     prepare_dest(plan.dest, resume=resume, overwrite=False)
     n = len(devices)
-    ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or thread state
-    events = ctx.Queue()
-    cpu_threads = max(1, (os.cpu_count() or 1) // max(1, sum(d == "cpu" for d in devices)))
+    as_threads = os.environ.get("DSV3CONV_WORKERS") == "threads"  # for side-by-side measurements
+    if as_threads:
+        events, cpu_threads, make = queue.Queue(), 0, threading.Thread
+    else:
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or thread state
+        events, make = ctx.Queue(), ctx.Process
+        cpu_threads = max(1, (os.cpu_count() or 1) // max(1, sum(d == "cpu" for d in devices)))
     workers = [
-        ctx.Process(target=_device_worker, name=f"dsv3conv-{d}",
-                    args=(plan, d, (i + 1, n), resume, chunk_bytes, events, cpu_threads, progress is not None))
+        make(target=_device_worker, name=f"dsv3conv-{d}",
+             args=(plan, d, (i + 1, n), resume, chunk_bytes, events, cpu_threads, progress is not None))
         for i, d in enumerate(devices)
     ]  # fmt: skip
     start = time.perf_counter()
@@ -213,7 +217,7 @@ def execute_on_devices(
                 if dead:  # killed without a word (out of memory, a signal): say which one
                     k = dead[0]
                     raise Dsv3Error(f"the worker for --device {devices[k]} (part {k + 1}/{n}) died with exit code "
-                                    f"{workers[k].exitcode}; rerun with --resume to finish the remaining shards") from None
+                                    f"{getattr(workers[k], 'exitcode', None)}; rerun with --resume to finish the remaining shards") from None
                 continue
             if kind == "progress":
                 progress(*payload)
@@ -223,13 +227,14 @@ def execute_on_devices(
                     raise _worker_error(devices[i], i, n, payload)
     except BaseException:
         for w in workers:
-            if w.is_alive():
+            if w.is_alive() and not as_threads:
                 os.kill(w.pid, signal.SIGTERM)  # each removes its partial files, as on Ctrl-C
         raise
     finally:
         for w in workers:
             w.join()
-        events.close()
+        if not as_threads:
+            events.close()
     total = Stats(seconds=time.perf_counter() - start)
     gpu_peak = 0
     for _, (stats, peak) in results.values():
@@ -255,10 +260,12 @@ def _device_worker(plan, device, part, resume, chunk_bytes, events, cpu_threads,
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    in_process = threading.current_thread() is threading.main_thread()  # a worker process, not a thread
+    if in_process:
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
     try:
-        if device == "cpu":
+        if device == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)  # CPU workers share the cores
         backend = make_backend(device)
         progress = (lambda *a: events.put(("progress", i, a))) if report else None
@@ -272,8 +279,9 @@ def _device_worker(plan, device, part, resume, chunk_bytes, events, cpu_threads,
 
         code = exc.exit_code if isinstance(exc, Dsv3Error) else 1
         result = ("error", i, (type(exc).__name__, str(exc), code, traceback.format_exc()))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a late stop from the parent changes nothing
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if in_process:  # done: a late stop from the parent changes nothing
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     events.put(result)
 
 
