@@ -127,9 +127,11 @@ def is_complete(path: Path, file: FilePlan) -> bool:
 def execute(
     plan: Plan, backend, *, resume: bool = False, overwrite: bool = False, progress=None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = 3, part: tuple[int, int] | None = None,
+    cancel: threading.Event | None = None,
 ) -> Stats:
     """Write the plan's output. `progress(nbytes, file_index, file_name)` is called as bytes are written.
 
+    `cancel`: set by another thread to stop this run as Ctrl-C would (partial files removed).
     `part=(k, n)`: write only the shards of part k of n (see `plan.assign_parts`); N such jobs may run at once
     into one DST. Whichever run finds every shard complete writes the other files, the index and the config.
     """
@@ -161,7 +163,7 @@ def execute(
                 todo.append((k, f))
         try:
             if todo:
-                _run_files(plan, backend, todo, stats, progress, chunk_bytes, depth)
+                _run_files(plan, backend, todo, stats, progress, chunk_bytes, depth, cancel)
             if part is None:
                 _finalize(plan)
                 stats.finalized = True
@@ -181,27 +183,29 @@ def execute(
 def execute_on_devices(
     plan: Plan, devices: list[str], *, resume: bool = False, progress=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> tuple[Stats, int]:
-    """One worker process per device (`--device cuda:all`): worker i writes part i+1 of N (shards balanced by
-    bytes, so all finish together); whichever finishes last writes the index and config, as separate `--part`
-    jobs do. Returns the merged stats and the largest GPU memory peak of any worker.
+    """One worker per device (`--device cuda:all`): worker i writes part i+1 of N (shards balanced by bytes, so
+    all finish together); whichever finishes last writes the index and config, as separate `--part` jobs do.
+    Returns the merged stats and the largest GPU memory peak of any worker.
 
-    Processes, not threads: on a 2-GPU H200 host, two worker processes converted 1.51x faster than one GPU,
-    two worker threads of one process only 1.19x (README, Performance): each process has its own
-    interpreter, pinned-memory allocator and CUDA context."""
+    Workers are threads of this process; `DSV3CONV_WORKERS=processes` makes them spawned processes instead.
+    Measured on a 2-GPU H200 host from tmpfs (README, Performance): threads 1.16-1.19x one GPU (two runs),
+    processes 0.69x (one run, cause not found), separate `--part` jobs 1.11-1.51x: one process's host side,
+    not the GPU, is the limit (two `--part` jobs on one GPU were as fast as on two)."""
     import multiprocessing
 
     prepare_dest(plan.dest, resume=resume, overwrite=False)
     n = len(devices)
-    as_threads = os.environ.get("DSV3CONV_WORKERS") == "threads"  # for side-by-side measurements
+    as_threads = os.environ.get("DSV3CONV_WORKERS", "threads") != "processes"
+    cancel = None
     if as_threads:
-        events, cpu_threads, make = queue.Queue(), 0, threading.Thread
+        events, cpu_threads, make, cancel = queue.Queue(), 0, threading.Thread, threading.Event()
     else:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or thread state
         events, make = ctx.Queue(), ctx.Process
         cpu_threads = max(1, (os.cpu_count() or 1) // max(1, sum(d == "cpu" for d in devices)))
     workers = [
         make(target=_device_worker, name=f"dsv3conv-{d}",
-             args=(plan, d, (i + 1, n), resume, chunk_bytes, events, cpu_threads, progress is not None))
+             args=(plan, d, (i + 1, n), resume, chunk_bytes, events, cpu_threads, progress is not None, cancel))
         for i, d in enumerate(devices)
     ]  # fmt: skip
     start = time.perf_counter()
@@ -229,6 +233,8 @@ def execute_on_devices(
         for w in workers:
             if w.is_alive() and not as_threads:
                 os.kill(w.pid, signal.SIGTERM)  # each removes its partial files, as on Ctrl-C
+        if cancel is not None:
+            cancel.set()
         raise
     finally:
         for w in workers:
@@ -249,7 +255,7 @@ def execute_on_devices(
     return total, gpu_peak
 
 
-def _device_worker(plan, device, part, resume, chunk_bytes, events, cpu_threads, report) -> None:
+def _device_worker(plan, device, part, resume, chunk_bytes, events, cpu_threads, report, cancel=None) -> None:
     """One `execute_on_devices` worker: its part on its device; progress, result or error to the parent."""
     from dsv3conv.backend import make_backend
 
@@ -269,7 +275,8 @@ def _device_worker(plan, device, part, resume, chunk_bytes, events, cpu_threads,
             torch.set_num_threads(cpu_threads)  # CPU workers share the cores
         backend = make_backend(device)
         progress = (lambda *a: events.put(("progress", i, a))) if report else None
-        stats = execute(plan, backend, resume=True, progress=progress, chunk_bytes=chunk_bytes, part=part)
+        stats = execute(plan, backend, resume=True, progress=progress, chunk_bytes=chunk_bytes, part=part,
+                        cancel=cancel)
         peak = torch.cuda.max_memory_allocated(backend.device) if device.startswith("cuda") else 0
         result = ("done", i, (stats, peak))
     except KeyboardInterrupt:
@@ -311,7 +318,8 @@ def _finalize(plan: Plan) -> None:
 _copy_file = copy_file_fast  # following symlinks; reflink / copy_file_range where the filesystem allows
 
 
-def _run_files(plan: Plan, backend, todo, stats: Stats, progress, chunk_bytes: int, depth: int) -> None:
+def _run_files(plan: Plan, backend, todo, stats: Stats, progress, chunk_bytes: int, depth: int,
+               cancel: threading.Event | None = None) -> None:
     """Readers fill pooled buffers, this thread converts, writers put each batch at its planned offset.
 
     Every output byte's offset is known from the plan, so batches may finish in any order: several reader
@@ -348,6 +356,8 @@ def _run_files(plan: Plan, backend, todo, stats: Stats, progress, chunk_bytes: i
 
     def get(q: queue.Queue):
         while not stop.is_set():
+            if cancel is not None and cancel.is_set():
+                raise KeyboardInterrupt
             try:
                 return q.get(timeout=0.05)
             except queue.Empty:

@@ -7,7 +7,7 @@ In one run, on the same files (a real-shapes synthetic FP8 checkpoint):
   parallel bound the same with N reads and N writes at once (`--parallel-io N`): what N workers can hope for
   dsv3conv       `dsv3conv dequant --device DEVICE`, once per `--device` given (e.g. cuda, then cuda:all);
                  `--device parts:cuda:0,cuda:1` runs one process per listed device at once, each `--part k/N`;
-                 `--device threads:cuda:all` runs the device workers as threads of one process
+                 `--device processes:cuda:all` runs the device workers as spawned processes (default: threads)
 Reports wall time, GB/s of FP8 input, peak host RSS (each in its own process) and peak GPU memory.
 
     python scripts/bench_convert.py --device cpu --gb 8 --dir /tmp/bench
@@ -168,8 +168,8 @@ def main() -> None:
             parts = [json.loads((args.dir / f"part-{k}.json").read_text()) for k in range(1, len(devs) + 1)]
             summary = {"gpu_peak_bytes": max(p.get("gpu_peak_bytes") or 0 for p in parts)}
         else:
-            env = dict(os.environ, DSV3CONV_WORKERS="threads") if device.startswith("threads:") else None
-            t, rss, out = timed(cmd + ["--device", device.removeprefix("threads:")], env=env)
+            env = dict(os.environ, DSV3CONV_WORKERS="processes") if device.startswith("processes:") else None
+            t, rss, out = timed(cmd + ["--device", device.removeprefix("processes:")], env=env)
             summary = json.loads(out)
         if device in results.get("dsv3conv", {}):
             device = f"{device} (again)"

@@ -5,8 +5,8 @@
 #   scripts/gpu_run.sh quant   # quant: the CUDA path stage by stage (gpu_quant_probe), kernel bit-exactness + speed
 #   scripts/gpu_run.sh kernel  # dequant kernel: bit-exactness (gpu_check) and bench_kernel (with and without PDL)
 #   scripts/gpu_run.sh pdl     # bench_kernel --pdl-sweep: small-tensor configs x PDL modes, back to back
-#   scripts/gpu_run.sh scale   # bench_convert from /dev/shm: one GPU, every GPU (--device cuda:all; and as
-#                              # separate --part processes), two workers on one GPU (--device cuda:0,cuda:0)
+#   scripts/gpu_run.sh scale   # bench_convert from /dev/shm: one GPU, every GPU (--device cuda:all as threads,
+#                              # as processes, as separate --part jobs), two workers on one GPU (cuda:0,cuda:0)
 #   scripts/gpu_run.sh tests   # tests/test_gpu.py
 #   scripts/gpu_run.sh quant-e2e  # bench_quant_convert: quant --device cpu against --device cuda, same files
 #   scripts/gpu_run.sh write   # bench_write: N writer threads of one process against N processes on /dev/shm
@@ -57,7 +57,7 @@ for step in "${@:-tmpfs}"; do
       ;;
     scale)
       n=$(nvidia-smi -L | wc -l); all=$(seq -s, -f "cuda:%g" 0 $((n - 1)))
-      devs=(--device cuda --device cuda:all --device "parts:$all" --device cuda:0,cuda:0)
+      devs=(--device cuda --device cuda:all --device processes:cuda:all --device "parts:$all" --device cuda:0,cuda:0)
       python3 scripts/bench_convert.py "${devs[@]}" --parallel-io "$n" \
         --skip-eager --gb "${GB:-20}" --dir /dev/shm/dsv3conv-scale --json "$OUT/bench_scale.json" 2>&1 \
         | tee "$OUT/bench_scale.txt"

@@ -263,8 +263,10 @@ def test_part_is_validated(tmp_path, tiny_src):
         assert "--part" in proc.stderr
 
 
-def test_several_devices_share_the_shards(tmp_path):
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_several_devices_share_the_shards(tmp_path, monkeypatch, workers):
     """`--device cuda:all` runs one worker per device, each a part; two CPU workers stand in for two GPUs here."""
+    monkeypatch.setenv("DSV3CONV_WORKERS", workers)
     make_tiny(tmp_path / "src", num_hidden_layers=5, n_shards=6)
     dequantize(tmp_path / "src", tmp_path / "ref", device="cpu")
     s = dequantize(tmp_path / "src", tmp_path / "out", device="cpu,cpu")
@@ -279,12 +281,14 @@ def test_several_devices_share_the_shards(tmp_path):
     assert "cuda:all" in proc.stderr
 
 
-def test_a_failing_device_worker_is_one_line_and_leaves_no_damaged_file(tmp_path):
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_a_failing_device_worker_is_one_line_and_leaves_no_damaged_file(tmp_path, monkeypatch, workers):
     """A worker process that meets bad data: the parent exits 1 naming the tensor (no traceback), the other
     worker is stopped, no shard exists under its final name unless complete, and --resume finishes the job
     once the data is fixed."""
     from tests.test_verify import write_at
 
+    monkeypatch.setenv("DSV3CONV_WORKERS", workers)
     make_tiny(tmp_path / "src", num_hidden_layers=5, n_shards=6)
     dequantize(tmp_path / "src", tmp_path / "ref", device="cpu")
     scale = "model.layers.0.self_attn.o_proj.weight_scale_inv"
@@ -309,12 +313,14 @@ def _file_of(root, tensor: str) -> str:
     return Checkpoint.open(root).tensors[tensor].file
 
 
-def test_device_workers_report_progress(tmp_path):
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_device_workers_report_progress(tmp_path, monkeypatch, workers):
     """Progress from worker processes reaches the parent: every byte of the output is counted once."""
     from dsv3conv.checkpoint import Checkpoint
     from dsv3conv.pipeline import execute_on_devices
     from dsv3conv.plan import plan_dequant
 
+    monkeypatch.setenv("DSV3CONV_WORKERS", workers)
     make_tiny(tmp_path / "src", num_hidden_layers=5, n_shards=6)
     plan = plan_dequant(Checkpoint.open(tmp_path / "src"), tmp_path / "out")
     seen = []
