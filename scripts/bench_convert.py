@@ -57,17 +57,26 @@ print(json.dumps({"gpu_peak": peak}))
 """
 
 
+# Linux starts a new program's peak-RSS count at the RSS of the process it was forked from (this script,
+# which may hold gigabytes after building a checkpoint): a small wrapper process launches the measured one.
+RSS_WRAPPER = (
+    "import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:]); _, st, ru = os.wait4(p.pid, 0); "
+    "sys.stderr.write(f'@@maxrss {ru.ru_maxrss}\\n'); sys.exit(os.waitstatus_to_exitcode(st))"
+)
+
+
 def timed(cmd: list[str], env=None) -> tuple[float, int, str]:
-    """Run a command in its own process: wall seconds, peak RSS bytes, stdout."""
+    """Run a command in its own process: wall seconds, peak RSS bytes (its process tree's largest), stdout."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
-    out = proc.stdout.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.Popen([sys.executable, "-c", RSS_WRAPPER, *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    out, err = proc.communicate()
     elapsed = time.perf_counter() - start
+    lines = err.decode(errors="replace").splitlines()
     if proc.returncode != 0:
-        raise SystemExit(f"{cmd[:4]} failed with {proc.returncode}")
-    return elapsed, usage.ru_maxrss * 1024, out
+        raise SystemExit(f"{cmd[:4]} failed with {proc.returncode}:\n" + "\n".join(lines[-20:]))
+    rss = next(int(line.split()[1]) for line in reversed(lines) if line.startswith("@@maxrss"))
+    return elapsed, rss * 1024, out.decode()
 
 
 def drop_caches() -> None:
