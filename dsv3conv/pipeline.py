@@ -8,6 +8,7 @@ bounded by the pool (`chunk_bytes` x `depth`), never by shard size.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -214,10 +215,12 @@ def execute_on_devices(
     results: dict[int, tuple] = {}
     try:
         while len(results) < n:
+            # Gone before the wait, and still no result after it: a worker puts its result before it ends.
+            gone = [k for k, w in enumerate(workers) if not w.is_alive()]
             try:
                 kind, i, payload = events.get(timeout=0.5)
             except queue.Empty:
-                dead = [k for k, w in enumerate(workers) if k not in results and not w.is_alive()]
+                dead = [k for k in gone if k not in results]
                 if dead:  # killed without a word (out of memory, a signal): say which one
                     k = dead[0]
                     raise Dsv3Error(f"the worker for --device {devices[k]} (part {k + 1}/{n}) died with exit code "
@@ -230,15 +233,19 @@ def execute_on_devices(
                 if kind == "error":
                     raise _worker_error(devices[i], i, n, payload)
     except BaseException:
+        if cancel is not None:
+            cancel.set()
         for w in workers:
             if w.is_alive() and not as_threads:
                 os.kill(w.pid, signal.SIGTERM)  # each removes its partial files, as on Ctrl-C
-        if cancel is not None:
-            cancel.set()
         raise
     finally:
         for w in workers:
-            w.join()
+            while w.is_alive():
+                w.join(timeout=0.1)
+                with contextlib.suppress(queue.Empty):  # a process cannot end while its messages wait
+                    while True:
+                        events.get_nowait()
         if not as_threads:
             events.close()
     total = Stats(seconds=time.perf_counter() - start)

@@ -8,7 +8,9 @@ In one run, on the same files (a real-shapes synthetic FP8 checkpoint):
   dsv3conv       `dsv3conv dequant --device DEVICE`, once per `--device` given (e.g. cuda, then cuda:all);
                  `--device parts:cuda:0,cuda:1` runs one process per listed device at once, each `--part k/N`;
                  `--device processes:cuda:all` runs the device workers as spawned processes (default: threads)
-Reports wall time, GB/s of FP8 input, peak host RSS (each in its own process) and peak GPU memory.
+Reports wall time, GB/s of FP8 input, peak host RSS and peak GPU memory. Peak RSS is the largest single
+process of the run: with `parts:` or `processes:` each worker process counts alone, with threads one process
+holds every worker.
 
     python scripts/bench_convert.py --device cpu --gb 8 --dir /tmp/bench
     python scripts/bench_convert.py --device cuda --gb 20 --dir /dev/shm/bench   # tmpfs
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -77,6 +80,13 @@ def timed(cmd: list[str], env=None) -> tuple[float, int, str]:
         raise SystemExit(f"{cmd[:4]} failed with {proc.returncode}:\n" + "\n".join(lines[-20:]))
     rss = next(int(line.split()[1]) for line in reversed(lines) if line.startswith("@@maxrss"))
     return elapsed, rss * 1024, out.decode()
+
+
+def all_of(commands: list[str]) -> str:
+    """A shell script running the commands at once and failing if any of them fails."""
+    starts = "; ".join(f"{c} & p{k}=$!" for k, c in enumerate(commands))
+    waits = "; ".join(f"wait $p{k} || rc=1" for k in range(len(commands)))
+    return f"rc=0; {starts}; {waits}; exit $rc"
 
 
 def drop_caches() -> None:
@@ -140,11 +150,11 @@ def main() -> None:
         groups = [" ".join(str(p) for p in shards[i::n]) for i in range(n)]
         if args.cold:
             drop_caches()
-        t_read_n, _, _ = timed(["sh", "-c", " & ".join(f"cat {g} > /dev/null" for g in groups if g) + "; wait"])
+        t_read_n, _, _ = timed(["sh", "-c", all_of([f"cat {g} > /dev/null" for g in groups if g])])
         count = out_bytes // n // (16 << 20) + 1
-        t_write_n, _, _ = timed(["sh", "-c", " & ".join(
+        t_write_n, _, _ = timed(["sh", "-c", all_of([
             f"dd if=/dev/zero of={args.dir}/write-test-{i}.bin bs=16M count={count} conv=fsync status=none"
-            for i in range(n)) + "; wait"])
+            for i in range(n)])])
         for i in range(n):
             (args.dir / f"write-test-{i}.bin").unlink()
         results["parallel_io"], results["parallel_read_s"], results["parallel_write_s"] = n, t_read_n, t_write_n
@@ -154,13 +164,15 @@ def main() -> None:
             drop_caches()
         dst = args.dir / "eager"
         shutil.rmtree(dst, ignore_errors=True)
-        t, rss, out = timed([sys.executable, "-c", EAGER, str(src), str(dst), devices[0]])
+        eager_device = devices[0].split(":", 1)[1] if devices[0].startswith(("parts:", "processes:")) else devices[0]
+        eager_device = "cuda:0" if eager_device == "cuda:all" else eager_device.split(",")[0]
+        t, rss, out = timed([sys.executable, "-c", EAGER, str(src), str(dst), eager_device])
         results["eager_s"], results["eager_rss"] = t, rss
         results["eager_gpu_peak"] = json.loads(out.strip().splitlines()[-1])["gpu_peak"]
         shutil.rmtree(dst, ignore_errors=True)
 
     # Compile once outside the timed run (the cache makes later runs start fast, as a user's second run does).
-    if "cpu" in devices:
+    if any("cpu" in d for d in devices):
         subprocess.run([sys.executable, "-c", "from dsv3conv.backend import _compiled_dequant; _compiled_dequant()"],
                        check=True)
     for device in devices:
@@ -171,9 +183,9 @@ def main() -> None:
         cmd = [sys.executable, "-m", "dsv3conv", "dequant", str(src), str(dst), "--json", "--quiet"]
         if device.startswith("parts:"):
             devs = device.removeprefix("parts:").split(",")
-            script = " & ".join(f"{' '.join(cmd)} --device {d} --part {k}/{len(devs)} > {args.dir}/part-{k}.json"
-                                for k, d in enumerate(devs, 1)) + "; wait"
-            t, rss, _ = timed(["sh", "-c", script])
+            t, rss, _ = timed(["sh", "-c", all_of([
+                f"{shlex.join(cmd)} --device {d} --part {k}/{len(devs)} > {shlex.quote(str(args.dir / f'part-{k}.json'))}"
+                for k, d in enumerate(devs, 1)])])
             parts = [json.loads((args.dir / f"part-{k}.json").read_text()) for k in range(1, len(devs) + 1)]
             summary = {"gpu_peak_bytes": max(p.get("gpu_peak_bytes") or 0 for p in parts)}
         else:

@@ -50,7 +50,7 @@ def test_cuda_backend_batch_of_shapes(shape):
         assert torch.equal(got_t, ref), f"{tuple(q.shape)}: {(got_t != ref).sum().item()} bytes differ"
 
 
-@pytest.mark.parametrize("pdl", ["1", "0"])
+@pytest.mark.parametrize("pdl", ["2", "1", "0"])
 def test_dequant_chained_launches_see_each_others_writes(monkeypatch, pdl):
     """Each dequant reads what the kernel just before it wrote and overwrites what that kernel read:
     programmatic dependent launch (on by default on sm90+) must still order memory like a plain launch."""
@@ -101,3 +101,34 @@ def test_cuda_all_uses_every_gpu(tmp_path):
     assert s["gpu_peak_bytes"] > 0
     for p in (tmp_path / "one").iterdir():
         assert (tmp_path / "all" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+@pytest.mark.parametrize("pdl", ["2", "1", "0"])
+def test_dequant_back_to_back_reads_the_previous_dequant_output(monkeypatch, pdl):
+    """Dequant launches directly after each other, each reading (as raw e4m3 bytes) what the one before wrote:
+    with programmatic dependent launch the second may start early, and must still wait for that data."""
+    from dsv3conv.kernels import fp8_block_dequant as k
+
+    monkeypatch.setenv("DSV3CONV_PDL", pdl)
+    gen = torch.Generator().manual_seed(4)
+    rows, cols, steps = 576, 7168, 12
+    s = torch.exp2(torch.randint(-3, 1, (5, 56), generator=gen).float())
+    x = (torch.randn((rows, cols), generator=gen) * 4).to(torch.float8_e4m3fn)
+
+    def as_e4m3(o: torch.Tensor) -> torch.Tensor:  # the low bytes of a bf16 output, read as e4m3 codes
+        return o.view(torch.uint8)[:, :cols].view(torch.float8_e4m3fn)
+
+    def canonical(t: torch.Tensor) -> torch.Tensor:
+        return torch.where(t.isnan(), torch.full_like(t, float("nan")), t).view(torch.int16)
+
+    want, w = [], x
+    for _ in range(steps):
+        want.append(reference_dequant(w, s, torch.bfloat16))
+        w = as_e4m3(want[-1])
+    sd, w, got = s.cuda(), x.cuda(), []
+    for _ in range(steps):
+        got.append(k.dequant(w, sd, torch.bfloat16))
+        w = as_e4m3(got[-1])
+    torch.cuda.synchronize()
+    for i, (g, ref) in enumerate(zip(got, want)):
+        assert torch.equal(canonical(g.cpu()), canonical(ref)), f"step {i}"
