@@ -4,7 +4,7 @@ Checks of the checkpoint alone come from the index, the headers and config.json 
 config, layers, mtp, quantization_config, fp8_scales) and from the tensor data (values: no NaN or Inf, scales
 finite and > 0). With a source (`against`), the tensor set, config.json and every compared tensor are held to
 what `dequant` makes of that source: the same backend computes the expected bytes, which must match bit
-for bit.
+for bit. A CKPT that `quant` made from a BF16/F16/F32 source is held to quant of it instead (verify_quant.py).
 
 Data checks cover a deterministic sample of tensors by default (a hash of each name orders them; at least one
 per dtype) or every tensor with `full`. Tensors are read in row chunks with pread by a reader thread into a
@@ -48,6 +48,7 @@ from dsv3conv.layout import (
 )
 from dsv3conv.plan import OUT_DTYPES, assign_parts, parse_part
 from dsv3conv.safetensors_format import DTYPE_SIZES, read_header
+from dsv3conv.verify_quant import QuantMatch, compare_quant, is_quant_output, match_quant
 
 DEFAULT_SAMPLE = 0.05
 CHUNK_BYTES = 32 * 1024 * 1024
@@ -114,6 +115,7 @@ def verify_checkpoint(
 
     src: Checkpoint | None = None
     match: _Match | None = None
+    qmatch: QuantMatch | None = None
     against_checks: list[Check] = []
     mismatches: set[str] = set()
     if src_root is not None:
@@ -123,10 +125,19 @@ def verify_checkpoint(
             against_checks.append(Check("source", False, str(exc)))
         if src is not None:
             against_checks.append(_check_source(src))
-            match = _match_tensors(ckpt, src)
-            mismatches |= set(match.misformed)
-            against_checks += [_check_tensor_set(match),
-                               _check_config_vs_source(ckpt, src, match.out_dtype, match.mtp_dropped)]
+            if is_quant_output(ckpt, src):
+                qmatch = match_quant(ckpt, src)
+                mismatches |= set(qmatch.misformed)
+                against_checks += _quant_checks(ckpt, qmatch)
+            else:
+                match = _match_tensors(ckpt, src)
+                mismatches |= set(match.misformed)
+                against_checks += [_check_tensor_set(match),
+                                   _check_config_vs_source(ckpt, src, match.out_dtype, match.mtp_dropped)]
+    if qmatch is not None:  # CKPT is a quant output: its data is held to quant of SRC (verify_quant.py)
+        quant_check, differ = _quant_data_check(ckpt, src, qmatch, fraction, shards)
+        mismatches |= differ
+        src = None  # the scan below checks CKPT's values only
 
     expected = match.expected if match is not None else {}
     tasks = _tasks(ckpt, src, expected, fraction)
@@ -139,6 +150,8 @@ def verify_checkpoint(
     if src is not None:
         data_checks.append(_data_check(scan, tasks, expected, fraction))
         mismatches |= set(scan.differs)
+    if qmatch is not None:
+        data_checks.append(quant_check)
     if k_n is not None:
         where = f" [part {k_n[0]}/{k_n[1]}: {len(shards)} of {len(_shard_files(ckpt))} shards]"
         data_checks = [Check(c.name, c.ok, c.detail + where) for c in data_checks]
@@ -554,19 +567,70 @@ def _check_config_vs_source(
             want[key] = dtype_name
     if mtp_dropped:
         want["num_nextn_predict_layers"] = 0
-    missing = object()
-    diffs = []
-    for key in sorted(set(want) | set(ckpt.config)):
-        a, b = want.get(key, missing), ckpt.config.get(key, missing)
-        if a != b:
-            shown_a = "absent" if a is missing else _short_json(a)
-            shown_b = "absent" if b is missing else _short_json(b)
-            diffs.append(f"`{key}`: expected {shown_a}, found {shown_b}")
+    diffs = _config_diffs(want, ckpt.config)
     if diffs:
         return Check("config_vs_source", False, f"{ckpt.root / CONFIG_NAME}: " + _join(diffs))
     return Check("config_vs_source", True, "the source's config with only dequant's changes"
                  + f" (quantization_config removed, torch_dtype {dtype_name!r}"
                  + (", num_nextn_predict_layers 0)" if mtp_dropped else ")"))
+
+
+def _config_diffs(want: dict, got: dict, prefix: str = "") -> list[str]:
+    """One line per differing key; nested objects (quantization_config) key by key."""
+    missing = object()
+    diffs = []
+    for key in sorted(set(want) | set(got)):
+        a, b = want.get(key, missing), got.get(key, missing)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_diffs(a, b, f"{prefix}{key}.")
+            continue
+        shown_a = "absent" if a is missing else _short_json(a)
+        shown_b = "absent" if b is missing else _short_json(b)
+        diffs.append(f"`{prefix}{key}`: expected {shown_a}, found {shown_b}")
+    return diffs
+
+
+def _quant_checks(ckpt: Checkpoint, m: QuantMatch) -> list[Check]:
+    """tensor_set and config_vs_source of a quant output (verify_quant.match_quant)."""
+    if m.error:
+        return [Check("tensor_set", False, m.error), Check("config_vs_source", False, m.error)]
+    if m.problems:
+        tensor_set = Check("tensor_set", False, _join(m.problems))
+    else:
+        n_quant = sum(t.op == "quant" for t in m.planned.values())
+        n_copy = sum(t.op == "copy" for t in m.planned.values())
+        tensor_set = Check("tensor_set", True, f"{len(m.planned):,} tensors as quant of the source makes them "
+                           f"({m.settings}): {n_quant:,} quantized, each with its scale, {n_copy:,} copied")
+    if ckpt.config is None:
+        config = Check("config_vs_source", False, f"{ckpt.root / CONFIG_NAME}: missing or unreadable")
+    else:
+        diffs = _config_diffs(m.config or {}, ckpt.config)
+        config = (Check("config_vs_source", False, f"{ckpt.root / CONFIG_NAME}: " + _join(diffs)) if diffs else
+                  Check("config_vs_source", True, "the source's config with only quant's changes "
+                        "(quantization_config added, torch_dtype 'bfloat16')"))
+    return [tensor_set, config]
+
+
+def _quant_data_check(ckpt: Checkpoint, src: Checkpoint, m: QuantMatch, fraction: float | None,
+                      shards: list[str] | None) -> tuple[Check, set[str]]:
+    """data_vs_source of a quant output: a sample (or all) of the weights quantized again and compared."""
+    pool = [n for n, t in m.planned.items() if t.op != "quant_scale"
+            and (shards is None or ckpt.tensors[n].file in shards)]
+    names = sorted(_choose(pool, lambda n: (m.planned[n].op, ckpt.tensors[n].dtype), fraction),
+                   key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].offset))
+    if m.error:
+        return Check("data_vs_source", False, f"not compared: {m.error}"), set()
+    result = compare_quant(ckpt, src, m.planned, names)
+    if result.differ:
+        lines = [f"tensor `{n}` ({ckpt.tensors[n].file}): {what}" for n, what in result.differ.items()]
+        head = f"{len(lines):,} of the {len(names):,} compared tensors differ: "
+        return Check("data_vs_source", False, head + "; ".join(lines[:20])), set(result.differ)
+    total = len(pool)
+    scope = f"{len(names):,} of {total:,}" if fraction is not None else f"all {len(names):,}"
+    return Check("data_vs_source", True, f"{scope} tensors bit-identical to quant of the source "
+                 f"({result.quantized:,} quantized again on cpu, e4m3 codes and scales; {result.copied:,} copied)"), set()
 
 
 # ---------------------------------------------------------------------------------- the data scan

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -234,6 +235,61 @@ def test_verify_accepts_the_output(ckpts):
     report = verify_checkpoint(ckpts["root"] / "q", full=True)
     failed = [c for c in report["checks"] if not c["ok"]]
     assert report["ok"], failed
+
+
+def _checks(report: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in report["checks"]}
+
+
+def test_verify_against_holds_the_output_to_quant_of_the_source(ckpts, tmp_path):
+    """`verify Q --against BF16`: tensor set, config and data held to quant of the source, bit for bit;
+    a changed e4m3 byte, scale or copied byte, or a config edit, is named."""
+    from tests.test_verify import write_at
+
+    report = verify_checkpoint(ckpts["root"] / "q", against=ckpts["root"] / "bf16", full=True)
+    c = _checks(report)
+    assert report["ok"], [x for x in report["checks"] if not x["ok"]]
+    assert "68 quantized, each with its scale, 31 copied" in c["tensor_set"]["detail"]
+    assert "all 99 tensors bit-identical to quant of the source" in c["data_vs_source"]["detail"]
+    sampled = _checks(verify_checkpoint(ckpts["root"] / "q", against=ckpts["root"] / "bf16"))["data_vs_source"]
+    assert sampled["ok"] and " of 99 tensors bit-identical" in sampled["detail"]
+
+    damaged = tmp_path / "q"
+    shutil.copytree(ckpts["root"] / "q", damaged)
+    weight, copied = "model.layers.1.self_attn.o_proj.weight", "model.norm.weight"
+    write_at(damaged, weight, 5, b"\x11")
+    write_at(damaged, weight + "_scale_inv", 0, b"\x00\x00\x80\x3f")  # 1.0
+    write_at(damaged, copied, 0, b"\x00\x40")
+    config = json.loads((damaged / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [64, 64]
+    (damaged / "config.json").write_text(json.dumps(config))
+    report = verify_checkpoint(damaged, against=ckpts["root"] / "bf16", full=True)
+    c = _checks(report)
+    assert not report["ok"] and sorted(report["mismatches"]) == sorted([weight, copied])
+    data = c["data_vs_source"]["detail"]
+    assert f"`{weight}`" in data and "1 of 12,800 e4m3 codes and 1 of 2 scales differ" in data and f"`{copied}`" in data, data
+    assert "e4m3 codes" in data and "bytes differ from the copied source" in data
+    assert "`quantization_config.weight_block_size`: expected [128, 128], found [64, 64]" in c["config_vs_source"]["detail"]
+
+
+def test_verify_against_reads_the_settings_the_output_declares(ckpts, tmp_path, monkeypatch):
+    """ue8m0 scales as F8_E8M0, skipped weights and a dropped MTP layer: verify plans the same quant."""
+    monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
+    bf16, dst = ckpts["root"] / "bf16", tmp_path / "out"
+    quantize(bf16, dst, device="cpu", scale_fmt="ue8m0", scale_dtype="float8_e8m0fnu", skip=[r"experts\.1\."],
+             mtp="drop")
+    report = verify_checkpoint(dst, against=bf16, full=True)
+    c = _checks(report)
+    assert report["ok"], [x for x in report["checks"] if not x["ok"]]
+    assert "scale_fmt ue8m0, scale dtype float8_e8m0fnu, 6 weights skipped, MTP drop" in c["tensor_set"]["detail"]
+    # A config that no longer says ue8m0, over E8M0 scales: no quant run makes that, and verify says why.
+    config = json.loads((dst / "config.json").read_text())
+    del config["quantization_config"]["scale_fmt"]
+    (dst / "config.json").write_text(json.dumps(config))
+    report = verify_checkpoint(dst, against=bf16)
+    detail = _checks(report)["tensor_set"]["detail"]
+    assert not report["ok"] and "cannot plan quant of the source with CKPT's settings" in detail
+    assert "float8_e8m0fnu holds powers of two only" in detail
 
 
 def test_plan_refusals(ckpts, tmp_path):
