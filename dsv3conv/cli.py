@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 a problem found in the data or a runtime failure; 2 a u
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -26,8 +27,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Off a terminal (a CI log, a file, a pipe) rich would wrap tables at 80 columns: give them room, unless
+# COLUMNS says otherwise.
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+out = Console(highlight=False, soft_wrap=True, width=_WIDTH)
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=_WIDTH)
 _state = {"debug": False}
 
 # Options shared by several subcommands, declared once.

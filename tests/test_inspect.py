@@ -89,6 +89,14 @@ def test_human_output_names_the_figures(tiny_src):
         assert text in proc.stdout, proc.stdout
 
 
+def test_output_off_a_terminal_is_not_wrapped_at_80_columns(tiny_src, monkeypatch):
+    """In a CI log or a file the quantization row stays on one line (rich would wrap at 80 columns)."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    proc = run_cli("inspect", tiny_src, check=0)
+    row = next(line for line in proc.stdout.splitlines() if "quantization" in line)
+    assert '"weight_block_size": [128, 128]}' in row, proc.stdout
+
+
 def test_symlinked_snapshot_directory(tmp_path, tiny_src):
     """A Hugging Face cache snapshot: every file is a symlink into blobs/."""
     blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
