@@ -47,6 +47,7 @@ class QuantMatch:
 def match_quant(ckpt: Checkpoint, src: Checkpoint) -> QuantMatch:
     """Plan `quant` of SRC with CKPT's declared settings; hold CKPT's tensor set to the plan."""
     from dsv3conv.quant import plan_quant
+    from dsv3conv.verify import _names  # verify imports this module: its helper is taken at call time
 
     m = QuantMatch()
     qc = (ckpt.config or {}).get("quantization_config") or {}
@@ -144,8 +145,3 @@ def compare_quant(ckpt: Checkpoint, src: Checkpoint, planned: dict[str, TensorPl
 def _elements_differ(a: torch.Tensor, b: torch.Tensor, got_info: TensorPlan) -> int:
     size = DTYPE_SIZES[got_info.dtype]
     return int((a.view(-1, size) != b.view(-1, size)).any(dim=1).sum())
-
-
-def _names(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(f"`{n}`" for n in names[:limit])
-    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
