@@ -340,8 +340,8 @@ def verify(
     ckpt: CkptArg,
     against: Annotated[
         Optional[Path],
-        typer.Option("--against", help="The FP8 source CKPT was converted from: compare with its dequantized tensors.",
-                     show_default=False),
+        typer.Option("--against", help="The source CKPT was converted from: compare with its dequantized tensors "
+                     "(or, for a quant output, with quant of it).", show_default=False),
     ] = None,
     sample: Annotated[
         Optional[float],
@@ -349,7 +349,9 @@ def verify(
                      help="Read this fraction of the tensors (default 0.05; at least one per dtype).", show_default=False),
     ] = None,
     full: Annotated[bool, typer.Option("--full", help="Read every tensor.")] = False,
-    device: DeviceOpt = "auto",
+    device: Annotated[str, typer.Option(
+        "--device", help="Where --against dequantizes: auto (a CUDA GPU if present, else CPU), cpu, cuda or cuda:N.")
+    ] = "auto",
     part: Annotated[
         Optional[str],
         typer.Option("--part", help="Read only the data of the shards of part K/N (a job array index); the header "

@@ -99,8 +99,8 @@ def verify_checkpoint(
         raise UsageError(f"--sample {sample}: give a fraction of the tensors in (0, 1], such as 0.05, or --full")
     if chunk_bytes <= 0:
         raise UsageError("chunk_bytes must be positive")
-    if against is not None and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise UsageError(f"--device {device!r}: choose auto, cpu, cuda or cuda:N")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise UsageError(f"--device {device!r}: verify runs on one device: choose auto, cpu, cuda or cuda:N")
     root = _require_dir(Path(ckpt_path), "CKPT")
     src_root = _require_dir(Path(against), "--against") if against is not None else None
 

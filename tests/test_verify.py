@@ -337,3 +337,9 @@ def test_combine_needs_every_part_once(outputs, tiny_src, tmp_path, monkeypatch)
     (tmp_path / "other.json").write_text(json.dumps({"ok": True, "checks": [], "mismatches": []}))
     assert "--part" in run_cli("verify-combine", *paths, tmp_path / "other.json", check=1).stderr
     assert "--part" in run_cli("verify", outputs["drop"], "--part", "4/3", check=2).stderr
+
+
+def test_device_is_checked_with_or_without_against(tiny_src):
+    for bad in ("gpu", "cuda:all", "cpu,cpu"):
+        proc = run_cli("verify", tiny_src, "--device", bad, check=2)
+        assert "verify runs on one device" in proc.stderr and "Traceback" not in proc.stderr
