@@ -11,25 +11,18 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
 from dsv3conv.backend import CpuBackend, Item
 from dsv3conv.kernels.fp8_block_quant import reference_quant
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_cpu import median_seconds  # noqa: E402  (one timing helper for the CPU benchmarks)
+
 SHAPES = [(7168, 18432), (2048, 7168), (7168, 2048), (576, 7168), (24576, 1536), (32768, 512)]
-
-
-def median_seconds(fn, repeat: int) -> float:
-    fn()  # warm up (and compile)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
