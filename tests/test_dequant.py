@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,38 +15,7 @@ from dsv3conv.api import dequantize
 from dsv3conv.backend import CpuBackend, Item
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.synthetic import make_tiny, quantize_blocks
-from tests.conftest import run_cli
-
-
-def load_all(root) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    tensors, meta = {}, {}
-    for p in sorted(root.glob("*.safetensors")):
-        with safe_open(str(p), "pt") as f:
-            meta[p.name] = f.metadata()
-            for k in f.keys():
-                tensors[k] = f.get_tensor(k)
-    return tensors, meta
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)
-
-
-def assert_bit_exact(out: dict, src: dict, dtype=torch.bfloat16, names=None) -> int:
-    converted = 0
-    for name, t in src.items():
-        if name.endswith("_scale_inv") or (names is not None and name not in names):
-            continue
-        if t.dtype == torch.float8_e4m3fn:
-            ref = reference_dequant(t, src[name + "_scale_inv"], dtype)
-            got = out[name]
-            assert got.dtype == dtype, name
-            diff = (got.float() - ref.float()).abs().max().item()
-            assert torch.equal(bits(got), bits(ref)), f"{name}: not bit-exact, max |diff| {diff}"
-            converted += 1
-        else:
-            assert torch.equal(bits(out[name]), bits(t)), f"{name}: copied tensor changed"
-    return converted
+from tests.conftest import ENV, Paused, assert_bit_exact, bits, cli, load_all, write_at
 
 
 # ------------------------------------------------------------------------------------ the CPU kernel
@@ -175,14 +142,14 @@ def test_small_chunks_split_tensors_and_stay_exact(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the CLI
 def test_cli_json_summary_and_dry_run(tmp_path, tiny_src):
-    proc = run_cli("dequant", tiny_src, tmp_path / "plan", "--dry-run", "--json", check=0)
+    proc = cli("dequant", tiny_src, tmp_path / "plan", "--dry-run", "--json", check=0)
     plan = json.loads(proc.stdout)
     assert not (tmp_path / "plan").exists(), "dry run wrote something"
     assert plan["tensors_converted"] == 68 and plan["tensors_dropped"] == 68
     assert "removed quantization_config" in plan["config_changes"]
-    proc = run_cli("dequant", tiny_src, tmp_path / "plan", "--dry-run", check=0)
+    proc = cli("dequant", tiny_src, tmp_path / "plan", "--dry-run", check=0)
     assert "dry run: nothing written" in proc.stdout and "removed quantization_config" in proc.stdout
-    proc = run_cli("dequant", tiny_src, tmp_path / "out", "--json", "--device", "cpu", check=0)
+    proc = cli("dequant", tiny_src, tmp_path / "out", "--json", "--device", "cpu", check=0)
     s = json.loads(proc.stdout)
     assert s["device"] == "cpu" and s["tensors_converted"] == 68 and s["shards"] == 4
     assert s["bytes_written"] == sum(p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors"))
@@ -193,27 +160,25 @@ def test_refuses_non_empty_dst_and_resume_overwrite(tmp_path, tiny_src):
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "precious.txt").write_text("keep me")
-    proc = run_cli("dequant", tiny_src, dst, check=2)
+    proc = cli("dequant", tiny_src, dst, check=2)
     assert "not empty" in proc.stderr and "--resume" in proc.stderr and "Traceback" not in proc.stderr
     assert (dst / "precious.txt").read_text() == "keep me"
-    run_cli("dequant", tiny_src, dst, "--overwrite", "--quiet", check=0)
+    cli("dequant", tiny_src, dst, "--overwrite", "--quiet", check=0)
     assert (dst / "precious.txt").read_text() == "keep me"
-    run_cli("dequant", tiny_src, tmp_path / "in" / "x", check=0)
-    proc = run_cli("dequant", tiny_src, tiny_src / "inside", check=2)
+    cli("dequant", tiny_src, tmp_path / "in" / "x", check=0)
+    proc = cli("dequant", tiny_src, tiny_src / "inside", check=2)
     assert "inside" in proc.stderr
 
 
 def test_resume_after_kill_gives_identical_bytes(tmp_path):
     make_tiny(tmp_path / "src", num_hidden_layers=12, n_shards=12)
     dequantize(tmp_path / "src", tmp_path / "ref", device="cpu")
-    env = dict(os.environ, DSV3CONV_NO_COMPILE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "dsv3conv", "dequant", tmp_path / "src", tmp_path / "out",
-                             "--device", "cpu", "--quiet"], env=env)
-    deadline = time.time() + 60
-    while time.time() < deadline and not list((tmp_path / "out").glob("model-*.safetensors")):
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run = Paused("dequant", tmp_path / "src", tmp_path / "out", "--device", "cpu", "--quiet", pause=("commit",))
+    run.wait_for("commit")
+    run.go()
+    run.wait_for("commit", 2)  # one shard renamed into place, the next written but not renamed
+    run.proc.kill()
+    assert run.finish()[0] == -signal.SIGKILL
     finals = list((tmp_path / "out").glob("model-*.safetensors"))
     complete = [p for p in finals if p.read_bytes() == (tmp_path / "ref" / p.name).read_bytes()]
     assert complete == finals, "a file under a final name is not complete"
@@ -237,11 +202,10 @@ def test_resume_rewrites_a_file_that_does_not_match_the_plan(tmp_path, tiny_src)
 def test_three_parts_equal_one_run(tmp_path):
     make_tiny(tmp_path / "src", num_hidden_layers=6, n_shards=7)
     dequantize(tmp_path / "src", tmp_path / "ref", device="cpu")
-    env = dict(os.environ, DSV3CONV_NO_COMPILE="1")
     # two parts in parallel, as a job array would run them, then the third alone: it finalizes
     procs = [subprocess.Popen([sys.executable, "-m", "dsv3conv", "dequant", tmp_path / "src", tmp_path / "out",
                                "--device", "cpu", "--quiet", "--json", "--part", f"{k}/3"],
-                              env=env, stdout=subprocess.PIPE, text=True) for k in (1, 2)]
+                              env=ENV, stdout=subprocess.PIPE, text=True) for k in (1, 2)]
     results = [json.loads(p.communicate()[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert not (tmp_path / "out" / "config.json").exists(), "config written before every part finished"
@@ -259,7 +223,7 @@ def test_three_parts_equal_one_run(tmp_path):
 
 def test_part_is_validated(tmp_path, tiny_src):
     for bad in ("0/3", "4/3", "x", "1/0"):
-        proc = run_cli("dequant", tiny_src, tmp_path / "out", "--part", bad, check=2)
+        proc = cli("dequant", tiny_src, tmp_path / "out", "--part", bad, check=2)
         assert "--part" in proc.stderr
 
 
@@ -275,9 +239,9 @@ def test_several_devices_share_the_shards(tmp_path, monkeypatch, workers):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ref
     for name in ref:
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
-    proc = run_cli("dequant", tmp_path / "src", tmp_path / "x", "--device", "cpu,cpu", "--part", "1/2", check=2)
+    proc = cli("dequant", tmp_path / "src", tmp_path / "x", "--device", "cpu,cpu", "--part", "1/2", check=2)
     assert "--device" in proc.stderr
-    proc = run_cli("dequant", tmp_path / "src", tmp_path / "y", "--device", "cuda:all", check=2)
+    proc = cli("dequant", tmp_path / "src", tmp_path / "y", "--device", "cuda:all", check=2)
     assert "cuda:all" in proc.stderr
 
 
@@ -286,15 +250,13 @@ def test_a_failing_device_worker_is_one_line_and_leaves_no_damaged_file(tmp_path
     """A worker process that meets bad data: the parent exits 1 naming the tensor (no traceback), the other
     worker is stopped, no shard exists under its final name unless complete, and --resume finishes the job
     once the data is fixed."""
-    from tests.test_verify import write_at
-
     monkeypatch.setenv("DSV3CONV_WORKERS", workers)
     make_tiny(tmp_path / "src", num_hidden_layers=5, n_shards=6)
     dequantize(tmp_path / "src", tmp_path / "ref", device="cpu")
     scale = "model.layers.0.self_attn.o_proj.weight_scale_inv"
     good = (tmp_path / "src" / _file_of(tmp_path / "src", scale)).read_bytes()
     write_at(tmp_path / "src", scale, 0, b"\x00\x00\xc0\x7f")  # a NaN scale
-    proc = run_cli("dequant", tmp_path / "src", tmp_path / "out", "--device", "cpu,cpu", "--quiet", check=1)
+    proc = cli("dequant", tmp_path / "src", tmp_path / "out", "--device", "cpu,cpu", "--quiet", check=1)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"`{scale}`" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
     for p in (tmp_path / "out").iterdir():  # whatever exists under a final name is complete and correct
@@ -302,7 +264,7 @@ def test_a_failing_device_worker_is_one_line_and_leaves_no_damaged_file(tmp_path
             assert p.read_bytes() == (tmp_path / "ref" / p.name).read_bytes(), p.name
     assert not (tmp_path / "out" / "config.json").exists()
     (tmp_path / "src" / _file_of(tmp_path / "src", scale)).write_bytes(good)
-    run_cli("dequant", tmp_path / "src", tmp_path / "out", "--device", "cpu,cpu", "--resume")
+    cli("dequant", tmp_path / "src", tmp_path / "out", "--device", "cpu,cpu", "--resume")
     for p in (tmp_path / "ref").iterdir():
         assert (tmp_path / "out" / p.name).read_bytes() == p.read_bytes(), p.name
 

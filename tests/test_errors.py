@@ -14,33 +14,26 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
-import threading
-import traceback
 import tracemalloc
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from dsv3conv import backend
 from dsv3conv.checkpoint import INDEX_NAME, Checkpoint
-from dsv3conv.cli import app
 from dsv3conv.errors import Dsv3Error, HeaderError
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.safetensors_format import MAX_HEADER_BYTES, build_header, read_header
 from dsv3conv.synthetic import make_tiny, quantize_blocks, tensor_bytes, tiny_config, write_checkpoint
+from tests.conftest import Run, assert_one_line_error, cli, cli_process
 
-ENV = dict(os.environ, DSV3CONV_NO_COMPILE="1")
 SHARD1 = "model-00001-of-000004.safetensors"
 SHARD2 = "model-00002-of-000004.safetensors"
 SHARD3 = "model-00003-of-000004.safetensors"
 WEIGHT = "model.layers.0.mlp.gate_proj.weight"  # F8_E4M3 [300, 200] in SHARD1
 SCALE = WEIGHT + "_scale_inv"  # F32 [3, 2] in SHARD1, right after its weight
-TIMEOUT = 60  # any run that takes longer hangs: a failure, never a stuck test session
 # Most rows run the Typer app in this process (the same error mapping, no startup). Representatives run
 # in a real process too, to prove the entry point and exit status; `dequant` costs ~2 s there (torch).
 INSPECT_IN_A_PROCESS = {"length-absurd", "name-with-newline", "index-is-fifo"}
@@ -48,61 +41,17 @@ DEQUANT_IN_A_PROCESS = {"length-absurd"}
 
 
 # ---------------------------------------------------------------------------------------- helpers
-@dataclass
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def cli(*args, timeout: float = TIMEOUT, prefix: tuple = ()) -> Run:
-    """`dsv3conv ARGS` in a separate process, exactly as a user runs it (startup costs ~2 s: torch)."""
-    proc = subprocess.run([*prefix, sys.executable, "-m", "dsv3conv", *map(str, args)], capture_output=True,
-                          text=True, env=ENV, timeout=timeout, check=False)
-    return Run(proc.returncode, proc.stdout, proc.stderr)
-
-
-def cli_here(*args) -> Run:
-    """`dsv3conv ARGS` through the same Typer app in this process: the same error mapping, no startup cost.
-
-    An exception escaping the app (what a user would see as a traceback) shows as `Traceback` in stderr.
-    """
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    stderr = result.stderr
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        stderr += "\nTraceback (escaped the CLI): " + "".join(traceback.format_exception(result.exception))
-    return Run(result.exit_code, result.stdout, stderr)
-
-
-def cli_here_bounded(*args, timeout: float = TIMEOUT) -> Run:
-    """cli_here, failing instead of hanging the session if the command blocks (a FIFO opened for reading)."""
-    box: list[Run] = []
-    worker = threading.Thread(target=lambda: box.append(cli_here(*args)), daemon=True)
-    worker.start()
-    worker.join(timeout)
-    assert box, f"dsv3conv {' '.join(map(str, args))} still running after {timeout} s: it hangs"
-    return box[0]
+def cli_bounded(*args) -> Run:
+    return cli(*args, bounded=True)
 
 
 def runner(row: str, in_a_process: set[str]):
     if row in in_a_process:
-        return cli
-    return cli_here_bounded if "fifo" in row else cli_here
+        return cli_process
+    return cli_bounded if "fifo" in row else cli
 
 
-def assert_one_line_error(proc: Run, code: int, *needles: str) -> str:
-    """Exit `code`; stderr is exactly one `dsv3conv: error:` line holding every needle; no traceback."""
-    shown = f"exit {proc.returncode}\nstdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-3000:]}"
-    assert proc.returncode == code, shown
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, shown
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dsv3conv: error: "), shown
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in the message\n{shown}"
-    return lines[0]
-
-
-def assert_inspect_flags(src: Path, *needles: str, run=cli_here) -> None:
+def assert_inspect_flags(src: Path, *needles: str, run=cli) -> None:
     """`inspect` exits 1 and names the problem: in its problem list, or as its one error line."""
     proc = run("inspect", src, "--json")
     shown = f"exit {proc.returncode}\nstdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}"
@@ -115,7 +64,7 @@ def assert_inspect_flags(src: Path, *needles: str, run=cli_here) -> None:
     assert any(all(n in line for n in needles) for line in problems), f"{needles} not in {problems}"
 
 
-def assert_dequant_refuses(src: Path, dst: Path, *needles: str, code: int = 1, extra: tuple = (), run=cli_here) -> str:
+def assert_dequant_refuses(src: Path, dst: Path, *needles: str, code: int = 1, extra: tuple = (), run=cli) -> str:
     """`dequant` refuses with one line and writes nothing."""
     line = assert_one_line_error(run("dequant", src, dst, "--quiet", "--device", "cpu", *extra), code, *needles)
     assert not dst.exists() or not any(dst.iterdir()), sorted(p.name for p in dst.iterdir())
@@ -415,7 +364,7 @@ def test_scale_values_refused_by_dequant(src, tmp_path, value):
     raw[begin + 12 : begin + 16] = struct.pack("<f", value)  # block [1, 1] of [3, 2]
     path.write_bytes(bytes(raw))
     dst = tmp_path / "out"
-    line = assert_one_line_error(cli_here("dequant", src, dst, "--quiet", "--device", "cpu"), 1, SCALE, SHARD1)
+    line = assert_one_line_error(cli("dequant", src, dst, "--quiet", "--device", "cpu"), 1, SCALE, SHARD1)
     assert "scale" in line
     # Nothing that looks finished: no index, no config, no partial file, no shard holding the bad tensor.
     left = sorted(p.name for p in dst.iterdir()) if dst.exists() else []
@@ -470,20 +419,20 @@ def test_mtp_drop_without_mtp_is_a_usage_error(tmp_path):
 def test_src_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_dequant_refuses(tmp_path / "empty", tmp_path / "out", "empty", "not a safetensors checkpoint")
-    assert_one_line_error(cli_here("inspect", tmp_path / "empty"), 1, "not a safetensors checkpoint")
+    assert_one_line_error(cli("inspect", tmp_path / "empty"), 1, "not a safetensors checkpoint")
     (tmp_path / "file").write_text("x")
     assert_dequant_refuses(tmp_path / "file", tmp_path / "out", "is a file, not a checkpoint directory")
-    assert_one_line_error(cli_here("inspect", tmp_path / "file"), 1, "is a file")
+    assert_one_line_error(cli("inspect", tmp_path / "file"), 1, "is a file")
     assert_dequant_refuses(tmp_path / "nowhere", tmp_path / "out", "nowhere", "no such directory")
-    assert_one_line_error(cli_here("inspect", tmp_path / "nowhere"), 1, "no such directory")
+    assert_one_line_error(cli("inspect", tmp_path / "nowhere"), 1, "no such directory")
 
 
 def test_dst_equal_to_or_inside_src(src, tmp_path):
     before = sorted(p.name for p in src.iterdir())
     for dst in (src, src / "out", src / "a" / "b"):
-        assert_one_line_error(cli_here("dequant", src, dst, "--quiet"), 2, "must not be the input directory or inside it")
+        assert_one_line_error(cli("dequant", src, dst, "--quiet"), 2, "must not be the input directory or inside it")
     (tmp_path / "link").symlink_to(src)
-    assert_one_line_error(cli_here("dequant", src, tmp_path / "link" / "out", "--quiet"), 2, "inside it")
+    assert_one_line_error(cli("dequant", src, tmp_path / "link" / "out", "--quiet"), 2, "inside it")
     assert sorted(p.name for p in src.iterdir()) == before
 
 
@@ -491,12 +440,12 @@ def test_dst_not_empty_or_not_a_directory(tiny_src, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "notes.txt").write_text("mine")
-    assert_one_line_error(cli_here("dequant", tiny_src, dst, "--quiet"), 2, str(dst), "not empty", "--resume", "--overwrite")
+    assert_one_line_error(cli("dequant", tiny_src, dst, "--quiet"), 2, str(dst), "not empty", "--resume", "--overwrite")
     assert [p.name for p in dst.iterdir()] == ["notes.txt"] and (dst / "notes.txt").read_text() == "mine"
     (tmp_path / "afile").write_text("x")
-    assert_one_line_error(cli_here("dequant", tiny_src, tmp_path / "afile", "--quiet"), 2, "not a directory")
+    assert_one_line_error(cli("dequant", tiny_src, tmp_path / "afile", "--quiet"), 2, "not a directory")
     assert (tmp_path / "afile").read_text() == "x"
-    line = assert_one_line_error(cli_here("dequant", tiny_src, tmp_path / "afile" / "out", "--quiet"), 1, "afile")
+    line = assert_one_line_error(cli("dequant", tiny_src, tmp_path / "afile" / "out", "--quiet"), 1, "afile")
     assert "output" in line
 
 
@@ -506,8 +455,8 @@ def test_dst_on_read_only_filesystem(tiny_src, tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(dst)], capture_output=True, check=False).returncode:
         pytest.skip("cannot mount a read-only tmpfs here (needs root and CAP_SYS_ADMIN)")
     try:
-        assert_one_line_error(cli_here("dequant", tiny_src, dst, "--quiet"), 1, str(dst), "not writable")
-        assert_one_line_error(cli_here("dequant", tiny_src, dst / "sub", "--quiet"), 1, "cannot create the output directory")
+        assert_one_line_error(cli("dequant", tiny_src, dst, "--quiet"), 1, str(dst), "not writable")
+        assert_one_line_error(cli("dequant", tiny_src, dst / "sub", "--quiet"), 1, "cannot create the output directory")
     finally:
         subprocess.run(["umount", str(dst)], check=True)
 
@@ -527,7 +476,7 @@ def cli_unprivileged(*args) -> Run:
     prefix = _without_dac()
     if prefix is None:
         pytest.skip("running as root and setpriv cannot drop CAP_DAC_OVERRIDE: permission checks cannot be exercised")
-    return cli(*args, prefix=tuple(prefix))
+    return cli_process(*args, prefix=tuple(prefix))
 
 
 @pytest.mark.parametrize("what", [SHARD2, "config.json", INDEX_NAME])
@@ -562,8 +511,8 @@ def test_unwritable_output_directory(tiny_src, tmp_path):
 # -------------------------------------------------------------------------------- --debug and usage
 def test_debug_lets_the_traceback_through(src, tmp_path):
     (src / SHARD2).write_bytes(b"\x01")
-    result = CliRunner().invoke(app, ["--debug", "dequant", str(src), str(tmp_path / "out")])
-    assert isinstance(result.exception, Dsv3Error) and SHARD2 in str(result.exception), result
+    proc = cli("--debug", "dequant", src, tmp_path / "out")
+    assert "Traceback" in proc.stderr and "dsv3conv.errors." in proc.stderr and SHARD2 in proc.stderr, proc.stderr
 
 
 # ------------------------------------------------------------------------------- verify and split-mtp
@@ -600,21 +549,21 @@ def test_verify_and_split_mtp_on_what_is_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
     for what, needle in (("empty", "not a safetensors checkpoint"), ("file", "is a file"), ("nowhere", "no such directory")):
-        proc = cli_here("verify", tmp_path / what, "--json")
+        proc = cli("verify", tmp_path / what, "--json")
         assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr and needle in proc.stdout + proc.stderr, proc
-        split = cli_here("split-mtp", tmp_path / what, "--main-out", tmp_path / "m")
+        split = cli("split-mtp", tmp_path / what, "--main-out", tmp_path / "m")
         assert_one_line_error(split, split.returncode if split.returncode in (1, 2) else 1, needle)
 
 
 def test_split_mtp_outputs(src, tmp_path):
     for main_out in (src, src / "main"):
-        assert_one_line_error(cli_here("split-mtp", src, "--main-out", main_out, "--quiet"), 2, "inside")
+        assert_one_line_error(cli("split-mtp", src, "--main-out", main_out, "--quiet"), 2, "inside")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    assert_one_line_error(cli_here("split-mtp", src, "--main-out", busy, "--quiet"), 2, "not empty")
+    assert_one_line_error(cli("split-mtp", src, "--main-out", busy, "--quiet"), 2, "not empty")
     assert [p.name for p in busy.iterdir()] == ["notes.txt"]
-    assert_one_line_error(cli_here("split-mtp", src, "--main-out", tmp_path / "x", "--mtp-out", tmp_path / "x"), 2,
+    assert_one_line_error(cli("split-mtp", src, "--main-out", tmp_path / "x", "--mtp-out", tmp_path / "x"), 2,
                           "separate")
 
 
@@ -635,7 +584,7 @@ def test_small_buffer_with_a_wide_fp8_tensor(tmp_path):
     config = dict(tiny_config(), num_hidden_layers=0, num_nextn_predict_layers=0)
     write_checkpoint(tmp_path / "src", [[("x.weight", "F8_E4M3", (256, 16384), lambda: tensor_bytes(q)),
                                          ("x.weight_scale_inv", "F32", (2, 128), lambda: tensor_bytes(s))]], config)
-    proc = cli_here("dequant", tmp_path / "src", tmp_path / "out", "--quiet", "--device", "cpu",
+    proc = cli("dequant", tmp_path / "src", tmp_path / "out", "--quiet", "--device", "cpu",
                     "--buffer-size", "1KB")
     if proc.returncode != 0:
         assert_one_line_error(proc, proc.returncode, "x.weight")

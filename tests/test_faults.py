@@ -4,9 +4,9 @@ After each: one clear line and the documented exit code, no partial file under a
 file left behind (kill -9 excepted: the next run removes it), and `--resume` finishes with bytes identical
 to an uninterrupted run.
 
-Runs that must be caught mid-way go through a small wrapper (HOOKS) that starts the real CLI after making
-two steps announce themselves on stderr and pause: the conversion of a batch and the rename of a finished
-shard. The pipeline itself has no test hooks.
+Runs that must be caught mid-way are `Paused` processes (conftest.py): the real CLI, stopped at a named
+step (the conversion of a batch, the rename of a finished shard) until the test lets it go on, so that the
+signal always lands mid-run, however busy the machine.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from __future__ import annotations
 import resource
 import signal
 import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -23,73 +21,7 @@ import pytest
 from dsv3conv import backend
 from dsv3conv.checkpoint import INDEX_NAME
 from dsv3conv.writer import PARTIAL_SUFFIX
-from tests.test_errors import ENV, TIMEOUT, assert_one_line_error, cli_here
-
-HOOKS = r"""
-import os, sys, time
-from dsv3conv import backend, writer
-
-def say(text):
-    sys.stderr.write(f"test-hook: {text}\n")
-    sys.stderr.flush()
-
-commit_delay = float(os.environ.get("HOOK_COMMIT_DELAY", "0"))
-convert_delay = float(os.environ.get("HOOK_CONVERT_DELAY", "0"))
-real_commit, real_run = writer.AtomicFile.commit, backend.CpuBackend.run
-
-def commit(self):
-    if self.final.name.endswith(".safetensors"):
-        say(f"commit {self.final.name}")
-        time.sleep(commit_delay)
-    real_commit(self)
-
-def run(self, buf, items, *out):
-    say("convert")
-    time.sleep(convert_delay)
-    return real_run(self, buf, items, *out)
-
-writer.AtomicFile.commit = commit
-backend.CpuBackend.run = run
-sys.argv = ["dsv3conv", *sys.argv[1:]]
-from dsv3conv.cli import main
-main()
-"""
-
-
-class Watched:
-    """A dsv3conv process whose stderr is read as it comes, to act when a hook announces a step."""
-
-    def __init__(self, *args, hooks: dict[str, float] | None = None, **popen):
-        env = dict(ENV, **{f"HOOK_{k.upper()}_DELAY": str(v) for k, v in (hooks or {}).items()})
-        self.proc = subprocess.Popen([sys.executable, "-c", HOOKS, *map(str, args)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, env=env, **popen)
-        self.lines: list[str] = []
-        self._eof = False
-        self._cv = threading.Condition()
-        self._pump = threading.Thread(target=self._read, daemon=True)
-        self._pump.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            with self._cv:
-                self.lines.append(line)
-                self._cv.notify_all()
-        with self._cv:
-            self._eof = True
-            self._cv.notify_all()
-
-    def wait_for(self, marker: str, count: int = 1) -> None:
-        def seen() -> int:
-            return sum(marker in line for line in self.lines)
-        with self._cv:
-            self._cv.wait_for(lambda: seen() >= count or self._eof, TIMEOUT)
-            assert seen() >= count, f"`{marker}` x{count} never announced; stderr:\n{''.join(self.lines)}"
-
-    def finish(self) -> tuple[int, str]:
-        """Exit status and stderr, less the hooks' own lines."""
-        rc = self.proc.wait(TIMEOUT)
-        self._pump.join(TIMEOUT)
-        return rc, "".join(line for line in self.lines if not line.startswith("test-hook:"))
+from tests.conftest import Paused, assert_one_line_error, cli, cli_process
 
 
 @pytest.fixture(autouse=True)
@@ -103,7 +35,7 @@ def reference(tiny_src, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(backend, "_compiled_dequant", lambda: backend._fused_dequant)
-        proc = cli_here("dequant", tiny_src, out, "--quiet", "--device", "cpu")
+        proc = cli("dequant", tiny_src, out, "--quiet", "--device", "cpu")
     assert proc.returncode == 0, proc
     return out
 
@@ -127,7 +59,7 @@ def assert_nothing_damaged(dst: Path, reference: Path, *, leftovers_allowed: boo
 
 
 def assert_resume_completes(src: Path, dst: Path, reference: Path) -> None:
-    proc = cli_here("dequant", src, dst, "--resume", "--quiet", "--device", "cpu")
+    proc = cli("dequant", src, dst, "--resume", "--quiet", "--device", "cpu")
     assert proc.returncode == 0, proc
     assert listing(dst) == listing(reference)
     for name in listing(reference):
@@ -150,7 +82,7 @@ def small_tmpfs(tmp_path):
 
 def test_disk_full_mid_write_then_resume(tiny_src, small_tmpfs, reference):
     dst = small_tmpfs / "out"
-    line = assert_one_line_error(cli_here("dequant", tiny_src, dst, "--quiet", "--device", "cpu"), 1,
+    line = assert_one_line_error(cli("dequant", tiny_src, dst, "--quiet", "--device", "cpu"), 1,
                                  "disk full", "free space and rerun with --resume")
     assert str(dst) in line and ".safetensors" in line
     finals = assert_nothing_damaged(dst, reference)
@@ -165,9 +97,7 @@ def test_file_size_limit_mid_write_then_resume(tiny_src, tmp_path, reference):
         resource.setrlimit(resource.RLIMIT_FSIZE, (1_100_000, 1_100_000))  # the second shard is 1.2 MB
 
     dst = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "dsv3conv", "dequant", str(tiny_src), str(dst), "--quiet",
-                           "--device", "cpu"], capture_output=True, text=True, env=ENV, timeout=TIMEOUT,
-                          preexec_fn=limit, check=False)
+    proc = cli_process("dequant", tiny_src, dst, "--quiet", "--device", "cpu", preexec_fn=limit)
     assert proc.returncode != -signal.SIGXFSZ, "killed by SIGXFSZ: the signal must be ignored"
     assert_one_line_error(proc, 1, "file size limit", "rerun with --resume")
     finals = assert_nothing_damaged(dst, reference)
@@ -179,14 +109,18 @@ def test_file_size_limit_mid_write_then_resume(tiny_src, tmp_path, reference):
 @pytest.mark.parametrize("landing", ["converting", "committing"])
 def test_ctrl_c_mid_run_cleans_up_then_resume(tiny_src, tmp_path, reference, landing):
     dst = tmp_path / "out"
-    run = Watched("dequant", tiny_src, dst, "--quiet", "--device", "cpu",
-                  hooks={"convert": 0.5, "commit": 0.0} if landing == "converting" else {"commit": 1.0})
     if landing == "converting":
-        run.wait_for("test-hook: convert", 2)
+        run = Paused("dequant", tiny_src, dst, "--quiet", "--device", "cpu", pause=("convert",))
+        run.wait_for("convert")
+        run.go()
+        run.wait_for("convert", 2)  # the second batch waits, the first may be on its way to the disk
     else:
-        run.wait_for("test-hook: commit", 2)
+        run = Paused("dequant", tiny_src, dst, "--quiet", "--device", "cpu", pause=("commit",))
+        run.wait_for("commit")
+        run.go()
+        run.wait_for("commit", 2)  # the second shard is written in full, not yet renamed
         assert any(p.name.endswith(PARTIAL_SUFFIX) for p in dst.iterdir()), "no partial file: not mid-write"
-    run.proc.send_signal(signal.SIGINT)
+    run.interrupt()
     rc, stderr = run.finish()
     assert rc == 130, stderr
     assert "Traceback" not in stderr and "interrupted" in stderr and "--resume" in stderr, stderr
@@ -197,25 +131,25 @@ def test_ctrl_c_mid_run_cleans_up_then_resume(tiny_src, tmp_path, reference, lan
 
 def test_kill_9_mid_write_then_resume(tiny_src, tmp_path, reference):
     dst = tmp_path / "out"
-    run = Watched("dequant", tiny_src, dst, "--quiet", "--device", "cpu", hooks={"commit": 5.0})
-    run.wait_for("test-hook: commit", 1)  # the first shard is written in full, not yet renamed
+    run = Paused("dequant", tiny_src, dst, "--quiet", "--device", "cpu", pause=("commit",))
+    run.wait_for("commit")  # the first shard is written in full, not yet renamed
     assert any(p.name.endswith(PARTIAL_SUFFIX) for p in dst.iterdir())
     run.proc.kill()
     assert run.finish()[0] == -signal.SIGKILL
     assert_nothing_damaged(dst, reference, leftovers_allowed=True)
     # A plain rerun does not mistake the leftovers for an empty directory.
-    assert_one_line_error(cli_here("dequant", tiny_src, dst, "--quiet", "--device", "cpu"), 2, "not empty", "--resume")
+    assert_one_line_error(cli("dequant", tiny_src, dst, "--quiet", "--device", "cpu"), 2, "not empty", "--resume")
     assert_resume_completes(tiny_src, dst, reference)
 
 
 def test_second_run_on_the_same_output_refuses(tiny_src, tmp_path, reference):
     dst = tmp_path / "out"
-    first = Watched("dequant", tiny_src, dst, "--quiet", "--device", "cpu", hooks={"commit": 1.0})
-    first.wait_for("test-hook: commit", 1)  # holding the lock, mid-run
+    first = Paused("dequant", tiny_src, dst, "--quiet", "--device", "cpu", pause=("commit",))
+    first.wait_for("commit")  # holding the lock, mid-run, until the test lets it go on
     for flags, code, needles in ((["--resume"], 1, ["another dsv3conv run", str(dst)]),
                                  (["--overwrite"], 1, ["another dsv3conv run"]),
                                  ([], 2, ["not empty"])):
-        second = cli_here("dequant", tiny_src, dst, "--quiet", "--device", "cpu", *flags)
+        second = cli("dequant", tiny_src, dst, "--quiet", "--device", "cpu", *flags)
         assert_one_line_error(second, code, *needles)
     assert first.proc.poll() is None, "the first run ended before the second tried: the test proves nothing"
     rc, stderr = first.finish()
@@ -261,13 +195,13 @@ def test_lock_holds_when_one_run_ends_as_another_starts(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def split_reference(tiny_src, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("split-reference")
-    proc = cli_here("split-mtp", tiny_src, "--main-out", out / "main", "--mtp-out", out / "mtp", "--quiet")
+    proc = cli("split-mtp", tiny_src, "--main-out", out / "main", "--mtp-out", out / "mtp", "--quiet")
     assert proc.returncode == 0, proc
     return out
 
 
 def assert_split_resume_completes(src: Path, out: Path, reference: Path) -> None:
-    proc = cli_here("split-mtp", src, "--main-out", out / "main", "--mtp-out", out / "mtp", "--resume", "--quiet")
+    proc = cli("split-mtp", src, "--main-out", out / "main", "--mtp-out", out / "mtp", "--resume", "--quiet")
     assert proc.returncode == 0, proc
     assert listing(out) == listing(reference)
     for name in listing(reference):
@@ -283,7 +217,7 @@ def test_split_mtp_disk_full_then_resume(tiny_src, tmp_path, split_reference):
                       check=False).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
     try:
-        proc = cli_here("split-mtp", tiny_src, "--main-out", mnt / "main", "--mtp-out", mnt / "mtp", "--quiet")
+        proc = cli("split-mtp", tiny_src, "--main-out", mnt / "main", "--mtp-out", mnt / "mtp", "--quiet")
         assert_one_line_error(proc, 1, "disk full", "rerun with --resume")
         for part in ("main", "mtp"):
             if (mnt / part).exists():
@@ -298,9 +232,8 @@ def test_split_mtp_file_size_limit_then_resume(tiny_src, tmp_path, split_referen
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))  # every main shard is larger
 
-    proc = subprocess.run([sys.executable, "-m", "dsv3conv", "split-mtp", str(tiny_src), "--main-out",
-                           str(tmp_path / "main"), "--mtp-out", str(tmp_path / "mtp"), "--quiet"],
-                          capture_output=True, text=True, env=ENV, timeout=TIMEOUT, preexec_fn=limit, check=False)
+    proc = cli_process("split-mtp", tiny_src, "--main-out", tmp_path / "main", "--mtp-out", tmp_path / "mtp", "--quiet",
+                       preexec_fn=limit)
     assert_one_line_error(proc, 1, "file size limit", "rerun with --resume")
     for part in ("main", "mtp"):
         if (tmp_path / part).exists():

@@ -9,9 +9,9 @@ from dsv3conv.api import dequantize
 from dsv3conv.backend import CudaBackend, Item
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.synthetic import make_tiny, quantize_blocks
-from tests.test_dequant import assert_bit_exact, load_all
+from tests.conftest import assert_bit_exact, load_all
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("scale_dtype", ["F32", "BF16", "F16", "F8_E8M0"])

@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 
 from dsv3conv.checkpoint import Checkpoint
 from dsv3conv.inspection import inspect_checkpoint
 from dsv3conv.synthetic import make_replica, make_tiny
-from tests.conftest import run_cli
+from tests.conftest import bytes_read, cli, cli_process
+
+HEADERS_BOUND = 64 * 1024**2  # opening the replica reads ~21 MB (index, 163 headers); its tensor data is 688 GB
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +22,11 @@ def replica(tmp_path_factory):
 
 
 def test_replica_figures_from_headers_only(replica):
-    # The replica's data is holes; reading it would show in the disk use and take minutes.
+    # The replica's data is holes (688 GB that take no disk space): inspect reads headers only.
     assert sum(p.stat().st_blocks for p in replica.glob("*.safetensors")) * 512 < 64 * 1024**2
-    start = time.perf_counter()
-    proc = run_cli("inspect", replica, "--json", check=0)
+    before = bytes_read()
+    proc = cli("inspect", replica, "--json", check=0)
+    assert bytes_read() - before < HEADERS_BOUND, "inspect read tensor data, not only headers"
     r = json.loads(proc.stdout)
     assert r["tensors"] == 91991
     assert r["dtypes"] == {"F8_E4M3": 45808, "F32": 45867, "BF16": 316}
@@ -42,15 +42,14 @@ def test_replica_figures_from_headers_only(replica):
     assert round(p["main_activated"] / 1e9, 3) == 36.626
     assert round((p["main_activated"] + p["embedding"]) / 1e9, 3) == 37.552
     assert r["problems"] == []
-    assert time.perf_counter() - start < 30, "header-only inspect of 163 shards must be quick"
 
 
-def test_replica_opens_in_seconds(replica):
-    start = time.perf_counter()
+def test_replica_opens_from_headers_only(replica):
+    before = bytes_read()
     ckpt = Checkpoint.open(replica)
-    elapsed = time.perf_counter() - start
+    read = bytes_read() - before
     assert len(ckpt.shards) == 163 and not ckpt.problems
-    assert elapsed < 5, f"opening 163 headers took {elapsed:.2f} s"
+    assert read < HEADERS_BOUND, f"opening 163 shards read {read} bytes: more than their headers"
 
 
 def _independent_params(tensors: dict, config: dict) -> dict:
@@ -86,7 +85,7 @@ def test_tiny_figures_match_an_independent_count(tmp_path, layers):
 
 
 def test_human_output_names_the_figures(tiny_src):
-    proc = run_cli("inspect", tiny_src, check=0)
+    proc = cli("inspect", tiny_src, check=0)
     for text in ("deepseek_v3", "MTP layer ids", "F8_E4M3", "main model", "MTP unique", "no problems found"):
         assert text in proc.stdout, proc.stdout
 
@@ -94,8 +93,7 @@ def test_human_output_names_the_figures(tiny_src):
 def test_output_off_a_terminal_is_not_wrapped_at_80_columns(tiny_src):
     """In a CI log or a file the quantization row stays on one line (rich would wrap at 80 columns)."""
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    proc = subprocess.run([sys.executable, "-m", "dsv3conv", "inspect", str(tiny_src)], capture_output=True,
-                          text=True, env=env, check=True)
+    proc = cli_process("inspect", tiny_src, env=env, check=0)  # a real process: its stdout is a pipe
     row = next(line for line in proc.stdout.splitlines() if "quantization" in line)
     assert '"weight_block_size": [128, 128]}' in row, proc.stdout
 
@@ -126,6 +124,6 @@ def test_problems_make_exit_code_one(tmp_path):
     index = json.loads((tmp_path / "c" / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.layers.0.ghost.weight"] = "model-00001-of-000004.safetensors"
     (tmp_path / "c" / "model.safetensors.index.json").write_text(json.dumps(index))
-    proc = run_cli("inspect", tmp_path / "c", "--json", check=1)
+    proc = cli("inspect", tmp_path / "c", "--json", check=1)
     problems = json.loads(proc.stdout)["problems"]
     assert any("model.layers.0.ghost.weight" in p for p in problems), problems

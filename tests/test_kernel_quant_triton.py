@@ -8,7 +8,7 @@ The interpreter's own float32 -> float8e4nv cast is not round-to-nearest-even (i
 first dropped bit, drops the carry of a full mantissa and truncates subnormals: measured up to 8 codes
 off), so there the kernel's integer encoder (`encode_bits=True`, the launcher's default in the interpreter)
 is compared with the reference bit for bit, and the native-cast path only for its scales. Both paths are
-compared bit for bit on a GPU by scripts/gpu_check_quant.py. Scales are rounded with integer arithmetic in
+compared bit for bit on a GPU by tests/test_gpu_kernels.py. Scales are rounded with integer arithmetic in
 the kernel, so they are exact here too.
 """
 
@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from tests.triton_interp import collect_checks, interpreted, needs_triton, run_checks
+from tests.conftest import collect_checks, interpreted, run_checks
 
 SHAPES = [(1, 1), (129, 257), (128, 128), (300, 1000), (576, 300)]
 
@@ -223,7 +223,7 @@ def interp_results(tmp_path_factory) -> dict[str, str]:
     return interpreted(__name__, tmp_path_factory.mktemp("triton_interp_quant"))
 
 
-@needs_triton
+@pytest.mark.interp
 @pytest.mark.parametrize("check", CHECKS)
 def test_interpreted(check: str, interp_results: dict[str, str]) -> None:
     assert interp_results.get(check) == "ok", f"{check}: {interp_results.get(check, 'not run')}"

@@ -7,7 +7,7 @@ asserts on that child's result for one check.
 
 The interpreter's float32 -> bfloat16/float16 conversion is not round-to-nearest-even, so float32
 output is compared exactly and 16-bit outputs within one ulp (bit exactness of those is checked on
-a GPU by scripts/gpu_check.py).
+a GPU by tests/test_gpu_kernels.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.triton_interp import collect_checks, interpreted, needs_triton, run_checks
+from tests.conftest import collect_checks, interpreted, run_checks
 
 SHAPES = [(1, 1), (129, 257), (128, 128), (300, 1000), (576, 300)]
 
@@ -78,7 +78,7 @@ def check_decoder_exhaustive() -> None:
         nan_out, nan_ref = out.isnan(), ref.isnan()
         if not decode_bits:
             # The interpreter emulates the native FP8 type without NaN (0x7F -> 480); the GPU's
-            # conversion gives NaN, which scripts/gpu_check.py checks. Here: the 254 other codes.
+            # conversion gives NaN, which tests/test_gpu_kernels.py checks. Here: the 254 other codes.
             nan_out = nan_out | nan_ref
         assert torch.equal(nan_out, nan_ref), (
             f"decode_bits={decode_bits}: NaN at codes {nan_out.flatten().nonzero().flatten().tolist()}, "
@@ -353,7 +353,7 @@ def interp_results(tmp_path_factory) -> dict[str, str]:
     return interpreted(__name__, tmp_path_factory.mktemp("triton_interp"))
 
 
-@needs_triton
+@pytest.mark.interp
 @pytest.mark.parametrize("check", CHECKS)
 def test_interpreted(check: str, interp_results: dict[str, str]) -> None:
     assert interp_results.get(check) == "ok", f"{check}: {interp_results.get(check, 'not run')}"

@@ -30,8 +30,7 @@ from dsv3conv.kernels.fp8_block_quant import reference_quant
 from dsv3conv.quant import QUANTIZATION_CONFIG, is_fp8_weight_name
 from dsv3conv.safetensors_format import DTYPE_SIZES, read_header
 from dsv3conv.synthetic import make_tiny, tiny_config
-from tests.conftest import run_cli
-from tests.test_dequant import bits, load_all
+from tests.conftest import bits, cli, load_all, write_at
 
 SCALE_CONFIGS = [("float", "F32"), ("float", "BF16"), ("float", "F16"), ("ue8m0", "F32"), ("ue8m0", "F8_E8M0")]
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "configuration_deepseek.py",
@@ -244,8 +243,6 @@ def _checks(report: dict) -> dict[str, dict]:
 def test_verify_against_holds_the_output_to_quant_of_the_source(ckpts, tmp_path):
     """`verify Q --against BF16`: tensor set, config and data held to quant of the source, bit for bit;
     a changed e4m3 byte, scale or copied byte, or a config edit, is named."""
-    from tests.test_verify import write_at
-
     report = verify_checkpoint(ckpts["root"] / "q", against=ckpts["root"] / "bf16", full=True)
     c = _checks(report)
     assert report["ok"], [x for x in report["checks"] if not x["ok"]]
@@ -313,13 +310,13 @@ def test_plan_refusals(ckpts, tmp_path):
 def test_cli_dry_run_and_json(ckpts, tmp_path, monkeypatch):
     monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
     bf16 = ckpts["root"] / "bf16"
-    proc = run_cli("quant", bf16, tmp_path / "plan", "--dry-run", "--json", check=0)
+    proc = cli("quant", bf16, tmp_path / "plan", "--dry-run", "--json", check=0)
     plan = json.loads(proc.stdout)
     assert not (tmp_path / "plan").exists(), "dry run wrote something"
     assert plan["tensors_converted"] == plan["scales_written"] == 68 and plan["tensors_dropped"] == 0
     assert plan["config"]["quantization_config"] == QUANTIZATION_CONFIG
     assert "added quantization_config (fp8 e4m3, 128x128 blocks)" in plan["config_changes"]
-    proc = run_cli("quant", ckpts["root"] / "fp8", tmp_path / "out", check=1)
+    proc = cli("quant", ckpts["root"] / "fp8", tmp_path / "out", check=1)
     assert "already holds FP8 tensors" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
 
@@ -327,7 +324,7 @@ def test_cli_dry_run_and_json(ckpts, tmp_path, monkeypatch):
 def test_cli_ue8m0_skip_and_mtp_drop(ckpts, tmp_path, monkeypatch):
     monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
     bf16, dst = ckpts["root"] / "bf16", tmp_path / "out"
-    proc = run_cli("quant", bf16, dst, "--scale-fmt", "ue8m0", "--skip", r"experts\.1\.", "--skip", r"\.o_proj\.",
+    proc = cli("quant", bf16, dst, "--scale-fmt", "ue8m0", "--skip", r"experts\.1\.", "--skip", r"\.o_proj\.",
                    "--mtp", "drop", "--device", "cpu", "--json", check=0)
     s = json.loads(proc.stdout)
     out, _ = load_all(dst)

@@ -22,8 +22,7 @@ from dsv3conv.checkpoint import Checkpoint
 from dsv3conv.errors import UsageError
 from dsv3conv.inspection import inspect_checkpoint
 from dsv3conv.synthetic import SIBLINGS, make_sibling, sibling_config
-from tests.conftest import run_cli
-from tests.test_dequant import assert_bit_exact, load_all
+from tests.conftest import assert_bit_exact, cli, load_all
 
 # What each release is, stated here rather than derived: the MTP layer ids and one FP8 tensor only it has.
 MTP_IDS = {"mtp78": [78], "kimi-k2": [], "qwen3": []}  # every other sibling: [3]
@@ -134,7 +133,7 @@ def test_sibling_configs():
 @pytest.mark.parametrize("kind", ["kimi-k2", "qwen3"])
 def test_inspect_cli_json(tmp_path, kind):
     tensors = make_sibling(tmp_path / "src", kind)
-    report = json.loads(run_cli("inspect", tmp_path / "src", "--json", check=0).stdout)
+    report = json.loads(cli("inspect", tmp_path / "src", "--json", check=0).stdout)
     assert report["problems"] == [] and report["tensors"] == len(tensors)
     if kind == "kimi-k2":
         assert report["shards"] == 61 and report["mtp_layers"] == []
@@ -235,6 +234,6 @@ def test_verify_cli_on_a_sibling(tmp_path, monkeypatch):
     monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
     make_sibling(tmp_path / "src", "qwen3")
     dequantize(tmp_path / "src", tmp_path / "out", device="cpu")
-    report = json.loads(run_cli("verify", tmp_path / "out", "--against", tmp_path / "src", "--full", "--device", "cpu", "--json",
+    report = json.loads(cli("verify", tmp_path / "out", "--against", tmp_path / "src", "--full", "--device", "cpu", "--json",
                                 check=0).stdout)
     assert report["ok"] and report["mismatches"] == []

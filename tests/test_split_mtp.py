@@ -24,7 +24,7 @@ from dsv3conv.safetensors_format import read_header
 from dsv3conv.split_mtp import plan_split_main, plan_split_mtp
 from dsv3conv.synthetic import make_tiny
 from dsv3conv.writer import copy_file_fast
-from tests.conftest import run_cli
+from tests.conftest import cli
 
 SHARED = (".embed_tokens.weight", ".shared_head.head.weight")
 DRAFT_SHARD_RE = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
@@ -238,7 +238,7 @@ def test_no_mtp_layers_is_refused(tmp_path):
     make_tiny(src, num_nextn_predict_layers=0)
     with pytest.raises(UsageError, match="declares no MTP layers"):
         split_mtp(src, main_out=tmp_path / "main")
-    proc = run_cli("split-mtp", src, "--mtp-out", tmp_path / "mtp", check=2)
+    proc = cli("split-mtp", src, "--mtp-out", tmp_path / "mtp", check=2)
     assert proc.stderr.strip().count("\n") == 0 and "no MTP layers" in proc.stderr
     assert not (tmp_path / "main").exists() and not (tmp_path / "mtp").exists()
 
@@ -290,7 +290,7 @@ def test_non_empty_outputs_resume_overwrite(tiny_src, tmp_path):
 
 # --------------------------------------------------------------------------------------------- CLI
 def test_cli_json_both_outputs(tiny_src, tmp_path):
-    proc = run_cli("split-mtp", tiny_src, "--main-out", tmp_path / "main", "--mtp-out", tmp_path / "mtp",
+    proc = cli("split-mtp", tiny_src, "--main-out", tmp_path / "main", "--mtp-out", tmp_path / "mtp",
                    "--mtp-layout", "full", "--json", check=0)
     r = json.loads(proc.stdout)
     assert r["mtp_layers"] == [3] and r["mtp"]["layout"] == "full"
@@ -300,12 +300,12 @@ def test_cli_json_both_outputs(tiny_src, tmp_path):
 
 
 def test_cli_no_output_is_usage_error(tiny_src):
-    proc = run_cli("split-mtp", tiny_src, check=2)
+    proc = cli("split-mtp", tiny_src, check=2)
     assert proc.stderr.strip() == "dsv3conv: error: give --main-out DIR, --mtp-out DIR or both"
 
 
 def test_cli_dry_run_text(tiny_src, tmp_path):
-    proc = run_cli("split-mtp", tiny_src, "--main-out", tmp_path / "main", "--dry-run", check=0)
+    proc = cli("split-mtp", tiny_src, "--main-out", tmp_path / "main", "--dry-run", check=0)
     assert "copy of model-00001" in proc.stdout and "dry run: nothing written" in proc.stdout
     assert not (tmp_path / "main").exists()
 

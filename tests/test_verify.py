@@ -13,7 +13,7 @@ from dsv3conv.checkpoint import INDEX_NAME, Checkpoint
 from dsv3conv.errors import UsageError
 from dsv3conv.safetensors_format import build_header
 from dsv3conv.verify import _choose
-from tests.conftest import run_cli
+from tests.conftest import cli, write_at
 
 CONVERTED = "model.layers.1.mlp.experts.0.up_proj.weight"  # FP8 in the source, BF16 after dequant
 COPIED = "model.layers.1.input_layernorm.weight"  # BF16 in both
@@ -41,13 +41,6 @@ def checks(report: dict) -> dict[str, dict]:
 
 def failed(report: dict) -> dict[str, str]:
     return {c["name"]: c["detail"] for c in report["checks"] if not c["ok"]}
-
-
-def write_at(root: Path, tensor: str, element: int, data: bytes) -> None:
-    info = Checkpoint.open(root).tensors[tensor]
-    with open(root / info.file, "r+b") as f:
-        f.seek(info.offset + element * info.itemsize)
-        f.write(data)
 
 
 def flip_byte(root: Path, tensor: str, element: int) -> None:
@@ -243,7 +236,7 @@ def test_usage_errors(outputs, tmp_path):
 # ------------------------------------------------------------------------------------ the command
 def test_cli_json_shape(outputs, tiny_src, monkeypatch):
     monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
-    proc = run_cli("verify", outputs["drop"], "--against", tiny_src, "--sample", "0.2", "--device", "cpu", "--json",
+    proc = cli("verify", outputs["drop"], "--against", tiny_src, "--sample", "0.2", "--device", "cpu", "--json",
                    check=0)
     report = json.loads(proc.stdout)
     assert set(report) == {"ok", "checks", "mismatches"}
@@ -256,20 +249,20 @@ def test_cli_json_shape(outputs, tiny_src, monkeypatch):
 def test_cli_reports_mismatch(damaged, tiny_src, monkeypatch):
     monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
     flip_byte(damaged, CONVERTED, 5)
-    proc = run_cli("verify", damaged, "--against", tiny_src, "--full", "--device", "cpu", "--json", check=1)
+    proc = cli("verify", damaged, "--against", tiny_src, "--full", "--device", "cpu", "--json", check=1)
     report = json.loads(proc.stdout)
     assert report["ok"] is False and report["mismatches"] == [CONVERTED]
-    proc = run_cli("verify", damaged, "--against", tiny_src, "--full", "--device", "cpu", "--quiet", check=1)
+    proc = cli("verify", damaged, "--against", tiny_src, "--full", "--device", "cpu", "--quiet", check=1)
     assert "data_vs_source" in proc.stdout and CONVERTED in proc.stdout and "1 of 13 checks failed" in proc.stdout
 
 
 def test_cli_table_and_usage_errors(outputs, damaged):
     (damaged / Checkpoint.open(damaged).tensors[COPIED].file).unlink()
-    proc = run_cli("verify", damaged, "-q", check=1)
+    proc = cli("verify", damaged, "-q", check=1)
     assert "files" in proc.stdout and "FAIL" in proc.stdout
-    proc = run_cli("verify", outputs["keep"], "-q", check=0)
+    proc = cli("verify", outputs["keep"], "-q", check=0)
     assert "all 9 checks passed" in proc.stdout
-    assert "exclude each other" in run_cli("verify", outputs["keep"], "--full", "--sample", "0.5", check=2).stderr
+    assert "exclude each other" in cli("verify", outputs["keep"], "--full", "--sample", "0.5", check=2).stderr
 
 
 # ------------------------------------------------------------------------------------ --part K/N jobs
@@ -277,7 +270,7 @@ def verify_parts(root: Path, src: Path, tmp_path: Path, n: int = 3) -> list[Path
     """Run `verify --part k/n --against --full --json` for every part; the report files, in part order."""
     paths = []
     for k in range(1, n + 1):
-        proc = run_cli("verify", root, "--against", src, "--full", "--device", "cpu", "--json", "--part", f"{k}/{n}")
+        proc = cli("verify", root, "--against", src, "--full", "--device", "cpu", "--json", "--part", f"{k}/{n}")
         assert proc.returncode in (0, 1), proc.stderr
         path = tmp_path / f"verify-{k}.json"
         path.write_text(proc.stdout)
@@ -302,11 +295,11 @@ def test_parts_pass_and_combine(outputs, tiny_src, tmp_path, monkeypatch):
     count = int(checks(whole)["data_vs_source"]["detail"].split()[1])
     assert sum(int(checks(r)["data_vs_source"]["detail"].split()[1]) for r in reports) == count
 
-    proc = run_cli("verify-combine", *paths, "--json", check=0)
+    proc = cli("verify-combine", *paths, "--json", check=0)
     combined = json.loads(proc.stdout)
     assert combined["ok"] and combined["mismatches"] == [] and combined["parts"] == 3
     assert [c["name"] for c in combined["checks"]] == [c["name"] for c in reports[0]["checks"]]
-    assert "all 13 checks passed" in run_cli("verify-combine", *reversed(paths), check=0).stdout
+    assert "all 13 checks passed" in cli("verify-combine", *reversed(paths), check=0).stdout
 
 
 def test_flipped_byte_fails_only_its_part(damaged, tiny_src, tmp_path, monkeypatch):
@@ -320,26 +313,26 @@ def test_flipped_byte_fails_only_its_part(damaged, tiny_src, tmp_path, monkeypat
             assert not r["ok"] and set(failed(r)) == {"data_vs_source"} and r["mismatches"] == [CONVERTED]
         else:
             assert r["ok"] and r["mismatches"] == [], failed(r)
-    proc = run_cli("verify-combine", *paths, "--json", check=1)
+    proc = cli("verify-combine", *paths, "--json", check=1)
     combined = json.loads(proc.stdout)
     assert set(failed(combined)) == {"data_vs_source"} and combined["mismatches"] == [CONVERTED]
     assert CONVERTED in failed(combined)["data_vs_source"]
-    proc = run_cli("verify-combine", *paths, check=1)
+    proc = cli("verify-combine", *paths, check=1)
     assert "1 of 13 checks failed" in proc.stdout and CONVERTED in proc.stdout
 
 
 def test_combine_needs_every_part_once(outputs, tiny_src, tmp_path, monkeypatch):
     monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
     paths = verify_parts(outputs["drop"], tiny_src, tmp_path)
-    proc = run_cli("verify-combine", paths[0], paths[2], check=1)
+    proc = cli("verify-combine", paths[0], paths[2], check=1)
     assert "part 2/3" in proc.stderr and proc.stdout == ""
-    assert "given twice" in run_cli("verify-combine", *paths, paths[1], check=1).stderr
+    assert "given twice" in cli("verify-combine", *paths, paths[1], check=1).stderr
     (tmp_path / "other.json").write_text(json.dumps({"ok": True, "checks": [], "mismatches": []}))
-    assert "--part" in run_cli("verify-combine", *paths, tmp_path / "other.json", check=1).stderr
-    assert "--part" in run_cli("verify", outputs["drop"], "--part", "4/3", check=2).stderr
+    assert "--part" in cli("verify-combine", *paths, tmp_path / "other.json", check=1).stderr
+    assert "--part" in cli("verify", outputs["drop"], "--part", "4/3", check=2).stderr
 
 
 def test_device_is_checked_with_or_without_against(tiny_src):
     for bad in ("gpu", "cuda:all", "cpu,cpu"):
-        proc = run_cli("verify", tiny_src, "--device", bad, check=2)
+        proc = cli("verify", tiny_src, "--device", bad, check=2)
         assert "verify runs on one device" in proc.stderr and "Traceback" not in proc.stderr
