@@ -2,7 +2,7 @@
 # Convert one checkpoint with a Slurm job array: N tasks, each `dsv3conv dequant --part K/N` into one shared DST.
 # The task that completes the last shard writes the other files, the index and config.json.
 #
-#   sbatch --array=1-8 scripts/slurm_dequant.sh /shared/DeepSeek-V3 /shared/DeepSeek-V3-bf16
+#   sbatch --array=1-8 scripts/examples/slurm_dequant.sh /shared/DeepSeek-V3 /shared/DeepSeek-V3-bf16
 #
 #SBATCH --job-name=dsv3conv-dequant
 #SBATCH --gres=gpu:1
