@@ -9,7 +9,6 @@ bounded by the pool (`chunk_bytes` x `depth`), never by shard size.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import queue
@@ -25,13 +24,12 @@ import torch
 
 from dsv3conv.backend import Item
 from dsv3conv.checkpoint import CONFIG_NAME, INDEX_NAME, read_into
+from dsv3conv.dest import FINALIZE_LOCK_NAME, LOCK_NAME, DestLock, is_complete, prepare_dest, remove_partials
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
 from dsv3conv.plan import FilePlan, Plan, TensorPlan, assign_parts
-from dsv3conv.writer import PARTIAL_SUFFIX, AtomicFile, copy_file_fast, partial_path, write_bytes_atomic
+from dsv3conv.writer import AtomicFile, copy_file_fast, write_bytes_atomic
 
-LOCK_NAME = ".dsv3conv.lock"
-FINALIZE_LOCK_NAME = ".dsv3conv.finalize.lock"
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 MAX_GAP_BYTES = 1 << 20  # small tensors between two read pieces are read along rather than seeked over
 
@@ -45,83 +43,6 @@ class Stats:
     skipped: list[str] = field(default_factory=list)
     finalized: bool = False
     waiting_for: list[str] = field(default_factory=list)  # shards other parts have yet to write
-
-
-# ----------------------------------------------------------------------------------------- the dest
-def prepare_dest(dest: Path, *, resume: bool, overwrite: bool) -> None:
-    """DST must be absent or empty, unless resuming or overwriting."""
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other; pick one")
-    if dest.exists() and not dest.is_dir():
-        raise UsageError(f"{dest}: exists and is not a directory; choose another output path")
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise Dsv3Error(f"{dest}: cannot create the output directory ({exc.strerror}); choose a writable path") from None
-    if not os.access(dest, os.W_OK | os.X_OK):
-        raise Dsv3Error(f"{dest}: output directory is not writable; fix its permissions or choose another path")
-    entries = [p for p in dest.iterdir() if not p.name.startswith(LOCK_NAME) and p.name != FINALIZE_LOCK_NAME]
-    if entries and not (resume or overwrite):
-        raise UsageError(
-            f"{dest}: output directory is not empty; pass --resume to finish an earlier run or --overwrite to replace it"
-        )
-
-
-class DestLock:
-    """An exclusive lock on DST (or on one part of it): a second run refuses instead of corrupting it.
-
-    `wait=True` blocks instead (used around the final index/config write that parts may reach together).
-    """
-
-    def __init__(self, dest: Path, name: str = LOCK_NAME, wait: bool = False):
-        self.path = dest / name
-        self.wait = wait
-        self._fd = -1
-
-    def __enter__(self) -> "DestLock":
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise Dsv3Error(
-                    f"{self.path.parent}: another dsv3conv run is writing here (lock {self.path}); wait for it"
-                ) from None
-            try:
-                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                current = False
-            if current:
-                self._fd = fd
-                return self
-            os.close(fd)  # we locked a file the previous holder has just removed: lock the current one
-
-    def __exit__(self, *exc) -> None:
-        # Unlink while holding the lock; a run that opened the old file finds it removed and tries again.
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        os.close(self._fd)
-
-
-def remove_partials(dest: Path, files: list[FilePlan] | None = None) -> None:
-    """Remove leftovers of interrupted runs: all of them, or only those of `files` (another part may be running)."""
-    paths = dest.glob(".*" + PARTIAL_SUFFIX) if files is None else (partial_path(dest / f.name) for f in files)
-    for p in paths:
-        p.unlink(missing_ok=True)
-
-
-def is_complete(path: Path, file: FilePlan) -> bool:
-    """A file under its final name is complete when its size and header are exactly what the plan says."""
-    try:
-        if path.stat().st_size != file.size:
-            return False
-        with open(path, "rb") as f:
-            return f.read(len(file.header)) == file.header
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------------------------- runs
@@ -139,7 +60,7 @@ def execute(
     start = time.perf_counter()
     if part is not None and overwrite:
         raise UsageError("--part and --overwrite exclude each other: parts share DST; empty it first")
-    prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite)
+    prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=plan.source)
     stats = Stats()
     mine = list(enumerate(plan.files))
     if part is not None:
@@ -194,7 +115,7 @@ def execute_on_devices(
     not the GPU, is the limit (two `--part` jobs on one GPU were as fast as on two)."""
     import multiprocessing
 
-    prepare_dest(plan.dest, resume=resume, overwrite=False)
+    prepare_dest(plan.dest, resume=resume, overwrite=False, source=plan.source)
     n = len(devices)
     as_threads = os.environ.get("DSV3CONV_WORKERS", "threads") != "processes"
     cancel = None

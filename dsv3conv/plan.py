@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint, TensorInfo
+from dsv3conv.dest import check_dest
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.layout import fp8_coverage, is_scale, layer_id, mtp_layer_ids
 from dsv3conv.safetensors_format import DTYPE_SIZES, build_header
@@ -139,14 +140,6 @@ def parse_size(text: str, option: str = "--max-shard-size") -> int:
     power = " KMGT".index(m.group(2) or " ")
     base = 1024 if m.group(3).startswith("I") else 1000
     return int(float(m.group(1)) * base**power)
-
-
-def check_dest(source: Path, dest: Path) -> None:
-    src, dst = source.resolve(), dest.resolve()
-    if dst == src or src in dst.parents:
-        raise UsageError(f"{dest}: the output must not be the input directory or inside it; choose another path")
-    if dst.exists() and not dst.is_dir():
-        raise UsageError(f"{dest}: exists and is not a directory; choose another output path")
 
 
 # ------------------------------------------------------------------------------------------ dequant

@@ -21,9 +21,10 @@ import re
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint
+from dsv3conv.dest import check_dest
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.layout import BLOCK, is_scale, layer_id, mtp_layer_ids, scale_name, scale_shape
-from dsv3conv.plan import Plan, TensorPlan, _check_layers, _file, _index, _more, check_dest
+from dsv3conv.plan import Plan, TensorPlan, _check_layers, _file, _index, _more
 from dsv3conv.safetensors_format import DTYPE_SIZES
 
 # The weights the DeepSeek-V3 release stores as FP8 (any layer id, MTP layers included).

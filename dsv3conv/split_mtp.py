@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint, ShardInfo
+from dsv3conv.dest import check_apart, check_dest, prepare_dest
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.layout import FP8_DTYPE, NEXTN_ARCHITECTURE, fp8_coverage, layer_id, mtp_layer_ids
 from dsv3conv.plan import (
@@ -31,7 +32,6 @@ from dsv3conv.plan import (
     _file,
     _index,
     _shard,
-    check_dest,
     require_fp8_pairs,
 )
 
@@ -180,9 +180,7 @@ def split_mtp(
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other; pick one")
     if main_out is not None and mtp_out is not None:
-        a, b = Path(main_out).resolve(), Path(mtp_out).resolve()
-        if a == b or a in b.parents or b in a.parents:
-            raise UsageError(f"--main-out {main_out} and --mtp-out {mtp_out} must be separate directories")
+        check_apart(Path(main_out), Path(mtp_out), "--main-out", "--mtp-out")
     ckpt = Checkpoint.open(src)
     plans = {}
     if main_out is not None:
@@ -190,11 +188,9 @@ def split_mtp(
     if mtp_out is not None:
         plans["mtp"] = plan_split_mtp(ckpt, Path(mtp_out), mtp_layout)
     if not dry_run:
-        from dsv3conv.pipeline import prepare_dest
-
         for plan in plans.values():  # refuse a non-empty second output before writing the first
             if plan.dest.exists():
-                prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite)
+                prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=ckpt.root)
 
     n_main = int(ckpt.config["num_hidden_layers"])
     mtp_ids = sorted(mtp_layer_ids(ckpt.config))

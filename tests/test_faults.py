@@ -163,8 +163,8 @@ def test_lock_holds_when_one_run_ends_as_another_starts(tmp_path, monkeypatch):
     """Run A ends between run B opening the lock file and locking it; then run C starts: B or C must refuse."""
     import fcntl
 
+    from dsv3conv.dest import DestLock
     from dsv3conv.errors import Dsv3Error
-    from dsv3conv.pipeline import DestLock
 
     dst = tmp_path / "out"
     dst.mkdir()

@@ -1,0 +1,162 @@
+"""The output directory: kept apart from the source, prepared, locked, and cleaned of partial files.
+
+Apart means apart on disk, not as path strings: a bind mount, a second mount of one volume or a symlinked
+ancestor can make two different strings name one directory. `check_dest` compares the device and inode of
+each existing ancestor of one path with the other path's, both ways.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dsv3conv.errors import Dsv3Error, UsageError
+from dsv3conv.writer import PARTIAL_SUFFIX, partial_path
+
+LOCK_NAME = ".dsv3conv.lock"
+FINALIZE_LOCK_NAME = ".dsv3conv.finalize.lock"
+
+if TYPE_CHECKING:
+    from dsv3conv.plan import FilePlan
+
+
+# ----------------------------------------------------------------------------------------- identity
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of an existing directory or file, following links; None if absent."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _routes(path: Path) -> list[tuple[tuple[int, int], tuple[str, ...]]]:
+    """Each existing ancestor of the path (itself included) as (its identity, the names from it to the path).
+
+    The path is resolved first, so `..` and symlinks are taken as the kernel takes them; a missing tail (an
+    output directory not created yet) stays as names under its deepest existing ancestor. Innermost first.
+    """
+    resolved = Path(os.path.realpath(path))
+    routes = []
+    for ancestor in (resolved, *resolved.parents):
+        ident = _identity(ancestor)
+        if ident is not None:
+            routes.append((ident, resolved.relative_to(ancestor).parts))
+    return routes
+
+
+def _within(a: Path, b: Path) -> bool:
+    """`a` is `b` or lies inside it: some ancestor of `a` is, on disk, `b`'s deepest existing ancestor, and
+    the rest of `a`'s route starts with the rest of `b`'s."""
+    routes_b = _routes(b)
+    if not routes_b:
+        return False
+    id_b, tail_b = routes_b[0]
+    return any(ident == id_b and rel[: len(tail_b)] == tail_b for ident, rel in _routes(a))
+
+
+def overlaps(a: Path, b: Path) -> bool:
+    """True when `a` and `b` are one directory on disk, or one is inside the other (by any route)."""
+    return _within(a, b) or _within(b, a)
+
+
+def check_dest(source: Path, dest: Path) -> None:
+    """The output must not be the source directory, inside it, or hold it, by any route on disk."""
+    if overlaps(source, dest):
+        raise UsageError(
+            f"{dest}: the output must not be the input directory or inside it, nor contain it ({source}; compared "
+            "on disk, through symlinks and bind mounts); choose another path"
+        )
+    if dest.exists() and not dest.is_dir():
+        raise UsageError(f"{dest}: exists and is not a directory; choose another output path")
+
+
+def check_apart(a: Path, b: Path, what_a: str, what_b: str) -> None:
+    """Two outputs of one command must be separate directories on disk, neither inside the other."""
+    if overlaps(a, b):
+        raise UsageError(f"{what_a} {a} and {what_b} {b} must be separate directories, neither inside the other "
+                         "(compared on disk, through symlinks and bind mounts); choose two separate paths")
+
+
+# ------------------------------------------------------------------------------------ preparing DST
+def prepare_dest(dest: Path, *, resume: bool, overwrite: bool, source: Path | None = None) -> None:
+    """DST must be absent or empty, unless resuming or overwriting. Created here.
+
+    With `source`, the aliasing check runs again once DST exists (it may have been created meanwhile).
+    """
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other; pick one")
+    if dest.exists() and not dest.is_dir():
+        raise UsageError(f"{dest}: exists and is not a directory; choose another output path")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Dsv3Error(f"{dest}: cannot create the output directory ({exc.strerror}); choose a writable path") from None
+    if source is not None:
+        check_dest(source, dest)
+    if not os.access(dest, os.W_OK | os.X_OK):
+        raise Dsv3Error(f"{dest}: output directory is not writable; fix its permissions or choose another path")
+    entries = [p for p in dest.iterdir() if not p.name.startswith(LOCK_NAME) and p.name != FINALIZE_LOCK_NAME]
+    if entries and not (resume or overwrite):
+        raise UsageError(
+            f"{dest}: output directory is not empty; pass --resume to finish an earlier run or --overwrite to replace it"
+        )
+
+
+class DestLock:
+    """An exclusive lock on DST (or on one part of it): a second run refuses instead of corrupting it.
+
+    `wait=True` blocks instead (used around the final index/config write that parts may reach together).
+    """
+
+    def __init__(self, dest: Path, name: str = LOCK_NAME, wait: bool = False):
+        self.path = dest / name
+        self.wait = wait
+        self._fd = -1
+
+    def __enter__(self) -> "DestLock":
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise Dsv3Error(
+                    f"{self.path.parent}: another dsv3conv run is writing here (lock {self.path}); wait for it"
+                ) from None
+            try:
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                self._fd = fd
+                return self
+            os.close(fd)  # we locked a file the previous holder has just removed: lock the current one
+
+    def __exit__(self, *exc) -> None:
+        # Unlink while holding the lock; a run that opened the old file finds it removed and tries again.
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+
+
+def remove_partials(dest: Path, files: list[FilePlan] | None = None) -> None:
+    """Remove leftovers of interrupted runs: all of them, or only those of `files` (another part may be running)."""
+    paths = dest.glob(".*" + PARTIAL_SUFFIX) if files is None else (partial_path(dest / f.name) for f in files)
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+def is_complete(path: Path, file: FilePlan) -> bool:
+    """A file under its final name is complete when its size and header are exactly what the plan says."""
+    try:
+        if path.stat().st_size != file.size:
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(file.header)) == file.header
+    except OSError:
+        return False
