@@ -21,7 +21,7 @@ from dsv3conv import dest as dest_mod
 from dsv3conv.dest import check_apart, check_dest, overlaps
 from dsv3conv.errors import UsageError
 from dsv3conv.synthetic import make_tiny
-from tests.test_errors import ENV, TIMEOUT, assert_one_line_error, cli_here
+from tests.conftest import ENV, TIMEOUT, assert_one_line_error, cli
 
 ALIAS = "must not be the input directory or inside it"
 
@@ -108,7 +108,7 @@ def test_every_writer_refuses_an_alias_and_leaves_the_source_untouched(layout, c
     before = tree_digest(t["src"])
     listing = sorted(os.listdir(t["data"]))
     for dst, what in aliases(t):
-        proc = cli_here(*command[1](t["src"], dst, "--quiet", *flags))
+        proc = cli(*command[1](t["src"], dst, "--quiet", *flags))
         line = assert_one_line_error(proc, 2, ALIAS)
         assert str(dst) in line, what
     assert tree_digest(t["src"]) == before
@@ -126,7 +126,7 @@ def test_split_mtp_outputs_must_not_alias_each_other(layout, flags):
     pairs = [(out / "main", out / "main"), (out / "main", t["tmp"] / "out-link" / "main"),
              (out, t["tmp"] / "out-link" / "mtp"), (t["tmp"] / "out-link" / "x" / "mtp", out / "x")]
     for main, mtp in pairs:
-        proc = cli_here("split-mtp", t["src"], "--main-out", main, "--mtp-out", mtp, "--quiet", *flags)
+        proc = cli("split-mtp", t["src"], "--main-out", main, "--mtp-out", mtp, "--quiet", *flags)
         assert_one_line_error(proc, 2, "--main-out", "--mtp-out", "separate directories")
     assert os.listdir(out) == []
 
