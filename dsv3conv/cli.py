@@ -199,7 +199,7 @@ def dequant(
 
     Example: dsv3conv dequant ~/models/DeepSeek-V3 ~/models/DeepSeek-V3-bf16 --mtp drop
     """
-    from dsv3conv.api import dequantize
+    from dsv3conv.commands import dequantize
 
     with _errors(writes=True):
         result = dequantize(
@@ -268,7 +268,7 @@ def quant(
 
     Example: dsv3conv quant ~/models/V3-finetuned-bf16 ~/models/V3-finetuned-fp8 --scale-fmt ue8m0
     """
-    from dsv3conv.api import quantize
+    from dsv3conv.commands import quantize
 
     with _errors(writes=True):
         result = quantize(
@@ -308,7 +308,7 @@ def split_mtp(
 
     Example: dsv3conv split-mtp ~/models/DeepSeek-V3 --main-out ~/models/V3-main --mtp-out ~/models/V3-mtp
     """
-    from dsv3conv.api import split_mtp as run_split
+    from dsv3conv.commands import split_mtp as run_split
 
     with _errors(writes=True):
         result = run_split(

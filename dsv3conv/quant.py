@@ -16,7 +16,6 @@ safetensors library does, so every tensor starts at a multiple of its element si
 from __future__ import annotations
 
 import copy
-import os
 import re
 from pathlib import Path
 
@@ -166,34 +165,3 @@ def plan_quant(
     plan = Plan("quant", ckpt.root, dest, files, _index(ckpt, files), new_config, changes, ckpt.extra_files(),
                 sorted(dropped), fp8_dtype)
     return plan
-
-
-def quant_summary(plan: Plan) -> dict:
-    """The plan's summary with what quant adds: scales written, weights kept unquantized by --skip."""
-    summary = plan.summary()
-    summary["scales_written"] = sum(t.op == "quant_scale" for f in plan.files for t in f.tensors)
-    qc = (plan.config or {}).get("quantization_config") or {}
-    summary["tensors_skipped"] = len(qc.get("modules_to_not_convert") or [])
-    summary["scale_fmt"] = qc.get("scale_fmt", "float")
-    return summary
-
-
-def quantize(
-    src: str | os.PathLike, dst: str | os.PathLike, *, scale_fmt: str = "float", scale_dtype: str = "float32",
-    skip: list[str] | tuple[str, ...] = (), mtp: str = "keep", device: str = "auto", resume: bool = False,
-    overwrite: bool = False, dry_run: bool = False, progress: bool = False, buffer_size: str | int | None = None,
-    part: str | tuple[int, int] | None = None,
-) -> dict:
-    """Quantize a BF16 checkpoint to 128x128 block FP8; return the summary `--json` prints.
-
-        from dsv3conv.api import quantize
-        quantize("V3-finetuned-bf16", "V3-finetuned-fp8", scale_fmt="ue8m0")
-    """
-    from dsv3conv.api import run_plan  # here, not at the top: dsv3conv.api imports this module
-
-    ckpt = Checkpoint.open(src)
-    plan = plan_quant(ckpt, Path(dst), scale_fmt=scale_fmt, scale_dtype=scale_dtype, skip=skip, mtp=mtp)
-    result = run_plan(plan, device=device, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress,
-                      buffer_size=buffer_size, part=part)
-    extra = quant_summary(plan)
-    return {**result, **{k: extra[k] for k in ("scales_written", "tensors_skipped", "scale_fmt")}}

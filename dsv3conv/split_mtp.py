@@ -17,11 +17,10 @@ fixed 61. FP8 and BF16 checkpoints alike: scales are tensors like any other and 
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint, ShardInfo
-from dsv3conv.dest import check_apart, check_dest, prepare_dest
+from dsv3conv.dest import check_dest
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.layout import FP8_DTYPE, NEXTN_ARCHITECTURE, fp8_coverage, layer_id, mtp_layer_ids
 from dsv3conv.plan import (
@@ -36,7 +35,7 @@ from dsv3conv.plan import (
 )
 
 LAYOUTS = ("sglang", "full")
-_LAYOUT_ERROR = "--mtp-layout {!r}: choose sglang (no embed_tokens/shared_head.head) or full"
+LAYOUT_ERROR = "--mtp-layout {!r}: choose sglang (no embed_tokens/shared_head.head) or full"
 SHARED_WITH_TARGET = (".embed_tokens.weight", ".shared_head.head.weight")  # left out by the sglang layout
 DRAFT_SHARD_BYTES = 5 * 1000**3
 
@@ -69,7 +68,7 @@ def plan_split_mtp(ckpt: Checkpoint, dest: Path, layout: str = "sglang") -> Plan
     `dropped` lists only the MTP tensors the layout leaves out (the main model's tensors are just not taken).
     """
     if layout not in LAYOUTS:
-        raise UsageError(_LAYOUT_ERROR.format(layout))
+        raise UsageError(LAYOUT_ERROR.format(layout))
     config, mtp_ids = _mtp_source(ckpt, dest)
     n_main = int(config["num_hidden_layers"])
     chosen, dropped = [], []
@@ -156,53 +155,3 @@ def _check_pairs(ckpt: Checkpoint, names: list[str]) -> None:
             f"tensor `{cov.orphan_scales[0]}` is a scale without its F8_E4M3 weight; "
             "the checkpoint is incomplete"
         )
-
-
-# ----------------------------------------------------------------------------------------------- API
-def split_mtp(
-    src: str | os.PathLike,
-    main_out: str | os.PathLike | None = None,
-    mtp_out: str | os.PathLike | None = None,
-    mtp_layout: str = "sglang", resume: bool = False, overwrite: bool = False, dry_run: bool = False,
-    progress: bool = False, part: str | tuple[int, int] | None = None,
-) -> dict:
-    """Write the checkpoint without its MTP layers (`main_out`) and/or the MTP draft (`mtp_out`).
-
-    Both plans are made, and both outputs checked, before anything is written. Returns
-    `{"source", "mtp_layers", "main": summary | None, "mtp": summary | None}` (what `--json` prints).
-    """
-    from dsv3conv.api import run_plan  # api re-exports this function: import it late to avoid a cycle
-
-    if main_out is None and mtp_out is None:
-        raise UsageError("give --main-out DIR, --mtp-out DIR or both")
-    if mtp_layout not in LAYOUTS:
-        raise UsageError(_LAYOUT_ERROR.format(mtp_layout))
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other; pick one")
-    if main_out is not None and mtp_out is not None:
-        check_apart(Path(main_out), Path(mtp_out), "--main-out", "--mtp-out")
-    ckpt = Checkpoint.open(src)
-    plans = {}
-    if main_out is not None:
-        plans["main"] = plan_split_main(ckpt, Path(main_out))
-    if mtp_out is not None:
-        plans["mtp"] = plan_split_mtp(ckpt, Path(mtp_out), mtp_layout)
-    if not dry_run:
-        for plan in plans.values():  # refuse a non-empty second output before writing the first
-            if plan.dest.exists():
-                prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=ckpt.root)
-
-    n_main = int(ckpt.config["num_hidden_layers"])
-    mtp_ids = sorted(mtp_layer_ids(ckpt.config))
-    result = {"source": str(ckpt.root), "mtp_layers": mtp_ids, "main": None, "mtp": None}
-    for key, plan in plans.items():
-        summary = run_plan(plan, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress, part=part)
-        summary["shards_copied_whole"] = sum(f.copy_of is not None for f in plan.files)
-        if key == "mtp":
-            summary["layout"] = mtp_layout
-            summary["renamed"] = [f"model.layers.{i}. -> model.layers.{i - n_main}." for i in mtp_ids]
-        result[key] = summary
-    return result
-
-
-# ------------------------------------------------------------------------------------------ fast copy

@@ -49,11 +49,11 @@ from dsv3conv.layout import (
 from dsv3conv.plan import OUT_DTYPES, assign_parts, parse_part
 from dsv3conv.safetensors_format import DTYPE_SIZES, read_header
 from dsv3conv.verify_quant import QuantMatch, compare_quant, is_quant_output, match_quant
+from dsv3conv.verify_quant import names as _names
 
 DEFAULT_SAMPLE = 0.05
 CHUNK_BYTES = 32 * 1024 * 1024
 DEPTH = 3
-LIST_LIMIT = 5  # names shown in one check's detail before "(and N more)"
 MTP_MARKERS = (".enorm.", ".hnorm.", ".eh_proj.")  # tensors only an MTP layer holds
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -1015,11 +1015,6 @@ def _fmt_diff(x: float) -> str:
 def _short_json(value) -> str:
     text = json.dumps(value, sort_keys=True)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _names(names: list[str], limit: int = LIST_LIMIT) -> str:
-    shown = ", ".join(f"`{n}`" for n in names[:limit])
-    return shown + (f" (and {len(names) - limit:,} more)" if len(names) > limit else "")
 
 
 def _join(problems: list[str], limit: int = 10) -> str:

@@ -26,6 +26,7 @@ from dsv3conv.safetensors_format import DTYPE_SIZES
 
 SCALE_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E8M0": "float8_e8m0fnu"}
 COPY_CHUNK = 64 * 1024 * 1024
+LIST_LIMIT = 5  # names shown in one check's detail before "(and N more)"
 
 
 def is_quant_output(ckpt: Checkpoint, src: Checkpoint) -> bool:
@@ -44,10 +45,15 @@ class QuantMatch:
     error: str = ""
 
 
+def names(items: list[str], limit: int = LIST_LIMIT) -> str:
+    """`a`, `b`, ... (and N more): tensor names in one check's detail."""
+    shown = ", ".join(f"`{n}`" for n in items[:limit])
+    return shown + (f" (and {len(items) - limit:,} more)" if len(items) > limit else "")
+
+
 def match_quant(ckpt: Checkpoint, src: Checkpoint) -> QuantMatch:
     """Plan `quant` of SRC with CKPT's declared settings; hold CKPT's tensor set to the plan."""
     from dsv3conv.quant import plan_quant
-    from dsv3conv.verify import _names  # verify imports this module: its helper is taken at call time
 
     m = QuantMatch()
     qc = (ckpt.config or {}).get("quantization_config") or {}
@@ -70,9 +76,9 @@ def match_quant(ckpt: Checkpoint, src: Checkpoint) -> QuantMatch:
     missing = sorted(set(want) - set(ckpt.tensors))
     extra = sorted(set(ckpt.tensors) - set(want))
     if extra:
-        m.problems.append(f"not made from the source: {_names(extra)}")
+        m.problems.append(f"not made from the source: {names(extra)}")
     if missing:
-        m.problems.append(f"missing from CKPT: {_names(missing)}")
+        m.problems.append(f"missing from CKPT: {names(missing)}")
     for name in sorted(set(want) & set(ckpt.tensors)):
         got, t = ckpt.tensors[name], want[name]
         if got.dtype == t.dtype and tuple(got.shape) == tuple(t.shape):

@@ -80,7 +80,7 @@ def main() -> None:
             "cp_sync": lambda: (subprocess.run(["cp", "-r", str(src), str(out)], check=True),
                                 subprocess.run(["sync", *map(str, out.iterdir())], check=True)),
             "split": lambda: subprocess.run(cmd, check=True, capture_output=True, text=True),
-            "start": lambda: subprocess.run([sys.executable, "-c", "import dsv3conv.api, dsv3conv.pipeline"]),
+            "start": lambda: subprocess.run([sys.executable, "-c", "import dsv3conv.api, dsv3conv.runner"]),
         }
         best: dict[str, float] = {}
         for _ in range(args.repeat):  # interleaved, best of N: the machine is shared

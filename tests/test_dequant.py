@@ -130,8 +130,8 @@ def test_single_file_source(tmp_path):
 def test_small_chunks_split_tensors_and_stay_exact(tmp_path):
     """Row-chunking of big tensors and batching of small ones, forced with a tiny chunk size."""
     from dsv3conv.checkpoint import Checkpoint
-    from dsv3conv.pipeline import execute
     from dsv3conv.plan import plan_dequant
+    from dsv3conv.runner import execute
 
     src = make_tiny(tmp_path / "src")
     plan = plan_dequant(Checkpoint.open(tmp_path / "src"), tmp_path / "out")
@@ -279,8 +279,8 @@ def _file_of(root, tensor: str) -> str:
 def test_device_workers_report_progress(tmp_path, monkeypatch, workers):
     """Progress from worker processes reaches the parent: every byte of the output is counted once."""
     from dsv3conv.checkpoint import Checkpoint
-    from dsv3conv.pipeline import execute_on_devices
     from dsv3conv.plan import plan_dequant
+    from dsv3conv.runner import execute_on_devices
 
     monkeypatch.setenv("DSV3CONV_WORKERS", workers)
     make_tiny(tmp_path / "src", num_hidden_layers=5, n_shards=6)

@@ -1,259 +1,56 @@
-"""Carry out a plan: read -> convert/copy -> write, overlapped, in bounded memory.
+"""The engine: read -> convert -> write one plan's output files, overlapped, in bounded memory.
 
-The only module that sequences steps. A reader thread does large sequential reads of the source into a
-fixed pool of buffers, the calling thread converts (CPU or GPU backend), a writer thread writes each output
-file under a temporary name and renames it when complete. Index and config are written last. Memory is
-bounded by the pool (`chunk_bytes` x `depth`), never by shard size.
+Reader threads do large sequential reads of the source into a fixed pool of buffers, the calling thread
+converts each batch with a backend, writer threads put each converted piece at its planned offset and
+rename a file into place when its last piece is written. Memory is bounded by the pool (`chunk_bytes` x
+`depth`), never by shard size. What to run and when (destination, devices, index and config) is the
+runner's job.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import queue
-import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from dsv3conv.backend import Item
-from dsv3conv.checkpoint import CONFIG_NAME, INDEX_NAME, read_into
-from dsv3conv.dest import FINALIZE_LOCK_NAME, LOCK_NAME, DestLock, is_complete, prepare_dest, remove_partials
+from dsv3conv.checkpoint import read_into
 from dsv3conv.dtypes import TORCH_DTYPES
-from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
-from dsv3conv.plan import FilePlan, Plan, TensorPlan, assign_parts
-from dsv3conv.writer import AtomicFile, copy_file_fast, write_bytes_atomic
+from dsv3conv.errors import Dsv3Error
+from dsv3conv.plan import FilePlan, Plan, TensorPlan
+from dsv3conv.writer import AtomicFile, copy_file_fast
 
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 MAX_GAP_BYTES = 1 << 20  # small tensors between two read pieces are read along rather than seeked over
 
 
-@dataclass
-class Stats:
-    files_written: int = 0
-    files_skipped: int = 0
-    bytes_written: int = 0
-    seconds: float = 0.0
-    skipped: list[str] = field(default_factory=list)
-    finalized: bool = False
-    waiting_for: list[str] = field(default_factory=list)  # shards other parts have yet to write
+class CopyOnly:
+    """The backend of plans that only copy: nothing to convert."""
+
+    name = "none"
+    pin_memory = False
+
+    def run(self, buf, items):
+        return [memoryview(buf[it.src_offset : it.src_offset + it.nbytes].numpy()) for it in items]
 
 
-# --------------------------------------------------------------------------------------------- runs
-def execute(
-    plan: Plan, backend, *, resume: bool = False, overwrite: bool = False, progress=None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = 3, part: tuple[int, int] | None = None,
-    cancel: threading.Event | None = None,
-) -> Stats:
-    """Write the plan's output. `progress(nbytes, file_index, file_name)` is called as bytes are written.
-
-    `cancel`: set by another thread to stop this run as Ctrl-C would (partial files removed).
-    `part=(k, n)`: write only the shards of part k of n (see `plan.assign_parts`); N such jobs may run at once
-    into one DST. Whichever run finds every shard complete writes the other files, the index and the config.
-    """
-    start = time.perf_counter()
-    if part is not None and overwrite:
-        raise UsageError("--part and --overwrite exclude each other: parts share DST; empty it first")
-    prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=plan.source)
-    stats = Stats()
-    mine = list(enumerate(plan.files))
-    if part is not None:
-        owner = assign_parts(plan.files, part[1])
-        mine = [(k, f) for k, f in mine if owner[k] == part[0]]
-    lock = LOCK_NAME if part is None else f"{LOCK_NAME}.part-{part[0]}-of-{part[1]}"
-    with DestLock(plan.dest, lock):
-        remove_partials(plan.dest, None if part is None else [f for _, f in mine])
-        if overwrite:
-            for name in (INDEX_NAME, CONFIG_NAME):
-                (plan.dest / name).unlink(missing_ok=True)
-            for p in plan.dest.glob("*.safetensors"):
-                p.unlink()
-        todo = []
-        for k, f in mine:
-            if (resume or part is not None) and is_complete(plan.dest / f.name, f):
-                stats.files_skipped += 1
-                stats.skipped.append(f.name)
-                if progress:
-                    progress(f.size, k, f.name)
-            else:
-                todo.append((k, f))
-        try:
-            if todo:
-                _run_files(plan, backend, todo, stats, progress, chunk_bytes, depth, cancel)
-            if part is None:
-                _finalize(plan)
-                stats.finalized = True
-            else:
-                with DestLock(plan.dest, FINALIZE_LOCK_NAME, wait=True):
-                    missing = [f.name for f in plan.files if not is_complete(plan.dest / f.name, f)]
-                    if not missing:
-                        _finalize(plan)
-                        stats.finalized = True
-                    stats.waiting_for = missing
-        finally:
-            remove_partials(plan.dest, None if part is None else [f for _, f in mine])
-    stats.seconds = time.perf_counter() - start
-    return stats
-
-
-def execute_on_devices(
-    plan: Plan, devices: list[str], *, resume: bool = False, progress=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> tuple[Stats, int]:
-    """One worker per device (`--device cuda:all`): worker i writes part i+1 of N (shards balanced by bytes, so
-    all finish together); whichever finishes last writes the index and config, as separate `--part` jobs do.
-    Returns the merged stats and the largest GPU memory peak of any worker.
-
-    Workers are threads of this process; `DSV3CONV_WORKERS=processes` makes them spawned processes instead.
-    Measured on a 2-GPU H200 host from tmpfs (README, Performance): threads 1.16-1.19x one GPU (two runs),
-    processes 0.69x (one run, cause not found), separate `--part` jobs 1.11-1.51x: one process's host side,
-    not the GPU, is the limit (two `--part` jobs on one GPU were as fast as on two)."""
-    import multiprocessing
-
-    prepare_dest(plan.dest, resume=resume, overwrite=False, source=plan.source)
-    n = len(devices)
-    as_threads = os.environ.get("DSV3CONV_WORKERS", "threads") != "processes"
-    cancel = None
-    if as_threads:
-        events, cpu_threads, make, cancel = queue.Queue(), 0, threading.Thread, threading.Event()
-    else:
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or thread state
-        events, make = ctx.Queue(), ctx.Process
-        cpu_threads = max(1, (os.cpu_count() or 1) // max(1, sum(d == "cpu" for d in devices)))
-    workers = [
-        make(target=_device_worker, name=f"dsv3conv-{d}",
-             args=(plan, d, (i + 1, n), resume, chunk_bytes, events, cpu_threads, progress is not None, cancel))
-        for i, d in enumerate(devices)
-    ]  # fmt: skip
-    start = time.perf_counter()
-    for w in workers:
-        w.start()
-    results: dict[int, tuple] = {}
-    try:
-        while len(results) < n:
-            # Gone before the wait, and still no result after it: a worker puts its result before it ends.
-            gone = [k for k, w in enumerate(workers) if not w.is_alive()]
-            try:
-                kind, i, payload = events.get(timeout=0.5)
-            except queue.Empty:
-                dead = [k for k in gone if k not in results]
-                if dead:  # killed without a word (out of memory, a signal): say which one
-                    k = dead[0]
-                    raise Dsv3Error(f"the worker for --device {devices[k]} (part {k + 1}/{n}) died with exit code "
-                                    f"{getattr(workers[k], 'exitcode', None)}; rerun with --resume to finish the remaining shards") from None
-                continue
-            if kind == "progress":
-                progress(*payload)
-            else:
-                results[i] = (kind, payload)
-                if kind == "error":
-                    raise _worker_error(devices[i], i, n, payload)
-    except BaseException:
-        if cancel is not None:
-            cancel.set()
-        for w in workers:
-            if w.is_alive() and not as_threads:
-                os.kill(w.pid, signal.SIGTERM)  # each removes its partial files, as on Ctrl-C
-        raise
-    finally:
-        for w in workers:
-            while w.is_alive():
-                w.join(timeout=0.1)
-                with contextlib.suppress(queue.Empty):  # a process cannot end while its messages wait
-                    while True:
-                        events.get_nowait()
-        if not as_threads:
-            events.close()
-    total = Stats(seconds=time.perf_counter() - start)
-    gpu_peak = 0
-    for _, (stats, peak) in results.values():
-        total.files_written += stats.files_written
-        total.files_skipped += stats.files_skipped
-        total.bytes_written += stats.bytes_written
-        total.skipped += stats.skipped
-        total.finalized |= stats.finalized
-        gpu_peak = max(gpu_peak, peak)
-    waiting = {f for _, (stats, _) in results.values() for f in stats.waiting_for}
-    total.waiting_for = [] if total.finalized else sorted(waiting)
-    return total, gpu_peak
-
-
-def _device_worker(plan, device, part, resume, chunk_bytes, events, cpu_threads, report, cancel=None) -> None:
-    """One `execute_on_devices` worker: its part on its device; progress, result or error to the parent."""
-    from dsv3conv.backend import make_backend
-
-    i = part[0] - 1
-
-    def stop(signum, frame):  # once: a second signal must not cut the cleanup short
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    in_process = threading.current_thread() is threading.main_thread()  # a worker process, not a thread
-    if in_process:
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
-    try:
-        if device == "cpu" and cpu_threads:
-            torch.set_num_threads(cpu_threads)  # CPU workers share the cores
-        backend = make_backend(device)
-        progress = (lambda *a: events.put(("progress", i, a))) if report else None
-        stats = execute(plan, backend, resume=True, progress=progress, chunk_bytes=chunk_bytes, part=part,
-                        cancel=cancel)
-        peak = torch.cuda.max_memory_allocated(backend.device) if device.startswith("cuda") else 0
-        result = ("done", i, (stats, peak))
-    except KeyboardInterrupt:
-        result = ("error", i, ("KeyboardInterrupt", "interrupted", 130, ""))
-    except BaseException as exc:  # noqa: BLE001  (handed to the parent, which exits with it)
-        import traceback
-
-        code = exc.exit_code if isinstance(exc, Dsv3Error) else 1
-        result = ("error", i, (type(exc).__name__, str(exc), code, traceback.format_exc()))
-    if in_process:  # done: a late stop from the parent changes nothing
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    events.put(result)
-
-
-def _worker_error(device: str, i: int, n: int, payload) -> BaseException:
-    name, message, code, tb = payload
-    if name == "KeyboardInterrupt":
-        return KeyboardInterrupt()
-    err_type = {"UsageError": UsageError, "HeaderError": HeaderError}.get(name, Dsv3Error)
-    if err_type is Dsv3Error and name != "Dsv3Error":
-        message = f"the worker for --device {device} (part {i + 1}/{n}) failed: {name}: {message}"
-    err = err_type(message)
-    err.exit_code = code
-    err.worker_traceback = tb  # shown with --debug
-    return err
-
-
-def _finalize(plan: Plan) -> None:
-    """Other files first, then the index, then config.json: a checkpoint is loadable only once all is there."""
-    for rel in plan.extra_files:
-        _copy_file(plan.source / rel, plan.dest / rel)
-    if plan.index is not None:
-        write_bytes_atomic(plan.dest / INDEX_NAME, (json.dumps(plan.index, indent=2) + "\n").encode())
-    if plan.config is not None:
-        write_bytes_atomic(plan.dest / CONFIG_NAME, (json.dumps(plan.config, indent=2) + "\n").encode())
-
-
-_copy_file = copy_file_fast  # following symlinks; reflink / copy_file_range where the filesystem allows
-
-
-def _run_files(plan: Plan, backend, todo, stats: Stats, progress, chunk_bytes: int, depth: int,
-               cancel: threading.Event | None = None) -> None:
+def run_files(plan: Plan, backend, todo, progress, chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = 3,
+              cancel: threading.Event | None = None) -> tuple[int, int]:
     """Readers fill pooled buffers, this thread converts, writers put each batch at its planned offset.
 
     Every output byte's offset is known from the plan, so batches may finish in any order: several reader
     and writer threads keep a fast disk (or tmpfs) busy, and each file is renamed into place by whichever
-    writer completes its last batch.
+    writer completes its last batch. `todo`: (index in `plan.files`, file) pairs. `progress(nbytes, file_index,
+    file_name)` is called as bytes are written; `cancel`, set by another thread, stops the run as Ctrl-C would.
+    Returns (files written, bytes written).
     """
+    written = [0, 0]
     specs = [spec for k, f in todo for spec in _batch_specs(k, f, chunk_bytes)]
     remaining = {k: 0 for k, _ in todo}
     for spec in specs:
@@ -326,7 +123,7 @@ def _run_files(plan: Plan, backend, todo, stats: Stats, progress, chunk_bytes: i
             if stop.is_set():
                 return
             if spec.file.copy_of is not None:
-                _copy_file(plan.source / spec.file.copy_of, plan.dest / spec.file.name)
+                copy_file_fast(plan.source / spec.file.copy_of, plan.dest / spec.file.name)
                 done = True
             else:
                 out = output(spec)
@@ -351,8 +148,8 @@ def _run_files(plan: Plan, backend, todo, stats: Stats, progress, chunk_bytes: i
                 progress(spec.out_bytes if spec.file.copy_of is None else spec.file.size, spec.k, spec.file.name)
             if done:
                 with files_lock:
-                    stats.files_written += 1
-                    stats.bytes_written += spec.file.size
+                    written[0] += 1
+                    written[1] += spec.file.size
         except BaseException as exc:  # noqa: BLE001
             fail(exc)
 
@@ -381,6 +178,7 @@ def _run_files(plan: Plan, backend, todo, stats: Stats, progress, chunk_bytes: i
             out.abort()
     if errors:
         raise errors[0]
+    return written[0], written[1]
 
 
 class _Stopped(Exception):

@@ -1,0 +1,102 @@
+"""What each converting command does: open the source, plan, hand the plan to the runner, add to its summary.
+
+`dsv3conv.api` re-exports these functions for programs; the CLI calls them with its options.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dsv3conv.checkpoint import Checkpoint
+from dsv3conv.dest import check_apart, prepare_dest
+from dsv3conv.errors import UsageError
+from dsv3conv.layout import mtp_layer_ids
+from dsv3conv.plan import parse_size, plan_dequant
+from dsv3conv.quant import plan_quant
+from dsv3conv.runner import run_plan
+from dsv3conv.split_mtp import LAYOUT_ERROR, LAYOUTS, plan_split_main, plan_split_mtp
+
+
+def dequantize(
+    src: str | os.PathLike, dst: str | os.PathLike, *, mtp: str = "keep", device: str = "auto",
+    dtype: str = "bfloat16", resume: bool = False, overwrite: bool = False,
+    max_shard_size: str | int | None = None, dry_run: bool = False, progress: bool = False,
+    buffer_size: str | int | None = None, part: str | tuple[int, int] | None = None,
+) -> dict:
+    """Convert an FP8 checkpoint to `dtype`; return the summary `--json` prints.
+
+    `part="K/N"`: convert only part K of N (N independent jobs writing into one DST; the last one to finish
+    writes the index and config).
+    """
+    ckpt = Checkpoint.open(src)
+    size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+    plan = plan_dequant(ckpt, Path(dst), out_dtype=dtype, mtp=mtp, max_shard_size=size)
+    return run_plan(plan, device=device, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress,
+                    buffer_size=buffer_size, part=part)
+
+
+def quantize(
+    src: str | os.PathLike, dst: str | os.PathLike, *, scale_fmt: str = "float", scale_dtype: str = "float32",
+    skip: list[str] | tuple[str, ...] = (), mtp: str = "keep", device: str = "auto", resume: bool = False,
+    overwrite: bool = False, dry_run: bool = False, progress: bool = False, buffer_size: str | int | None = None,
+    part: str | tuple[int, int] | None = None,
+) -> dict:
+    """Quantize a BF16 checkpoint to 128x128 block FP8; return the summary `--json` prints.
+
+        from dsv3conv.api import quantize
+        quantize("V3-finetuned-bf16", "V3-finetuned-fp8", scale_fmt="ue8m0")
+    """
+    ckpt = Checkpoint.open(src)
+    plan = plan_quant(ckpt, Path(dst), scale_fmt=scale_fmt, scale_dtype=scale_dtype, skip=skip, mtp=mtp)
+    result = run_plan(plan, device=device, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress,
+                      buffer_size=buffer_size, part=part)
+    qc = (plan.config or {}).get("quantization_config") or {}
+    result["scales_written"] = sum(t.op == "quant_scale" for f in plan.files for t in f.tensors)
+    result["tensors_skipped"] = len(qc.get("modules_to_not_convert") or [])
+    result["scale_fmt"] = qc.get("scale_fmt", "float")
+    return result
+
+
+def split_mtp(
+    src: str | os.PathLike,
+    main_out: str | os.PathLike | None = None,
+    mtp_out: str | os.PathLike | None = None,
+    mtp_layout: str = "sglang", resume: bool = False, overwrite: bool = False, dry_run: bool = False,
+    progress: bool = False, part: str | tuple[int, int] | None = None,
+) -> dict:
+    """Write the checkpoint without its MTP layers (`main_out`) and/or the MTP draft (`mtp_out`).
+
+    Both plans are made, and both outputs checked, before anything is written. Returns
+    `{"source", "mtp_layers", "main": summary | None, "mtp": summary | None}` (what `--json` prints).
+    """
+    if main_out is None and mtp_out is None:
+        raise UsageError("give --main-out DIR, --mtp-out DIR or both")
+    if mtp_layout not in LAYOUTS:
+        raise UsageError(LAYOUT_ERROR.format(mtp_layout))
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other; pick one")
+    if main_out is not None and mtp_out is not None:
+        check_apart(Path(main_out), Path(mtp_out), "--main-out", "--mtp-out")
+    ckpt = Checkpoint.open(src)
+    plans = {}
+    if main_out is not None:
+        plans["main"] = plan_split_main(ckpt, Path(main_out))
+    if mtp_out is not None:
+        plans["mtp"] = plan_split_mtp(ckpt, Path(mtp_out), mtp_layout)
+    if not dry_run:
+        for plan in plans.values():  # refuse a non-empty second output before writing the first
+            if plan.dest.exists():
+                prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=ckpt.root)
+
+    n_main = int(ckpt.config["num_hidden_layers"])
+    mtp_ids = sorted(mtp_layer_ids(ckpt.config))
+    result = {"source": str(ckpt.root), "mtp_layers": mtp_ids, "main": None, "mtp": None}
+    for key, plan in plans.items():
+        summary = run_plan(plan, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress, part=part)
+        summary["shards_copied_whole"] = sum(f.copy_of is not None for f in plan.files)
+        if key == "mtp":
+            summary["layout"] = mtp_layout
+            summary["renamed"] = [f"model.layers.{i}. -> model.layers.{i - n_main}." for i in mtp_ids]
+        result[key] = summary
+    return result

@@ -1,0 +1,281 @@
+"""The runner: the one place that carries out a plan, start to finish.
+
+Destination first (checked, locked, leftovers of interrupted runs removed), then the output files through
+the engine on one device or one worker per device, then the other files, the index and config.json last:
+a checkpoint is loadable only once everything is there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv3conv.backend import check_device, device_list, make_backend
+from dsv3conv.checkpoint import CONFIG_NAME, INDEX_NAME
+from dsv3conv.dest import FINALIZE_LOCK_NAME, LOCK_NAME, DestLock, is_complete, prepare_dest, remove_partials
+from dsv3conv.engine import DEFAULT_CHUNK_BYTES, CopyOnly, run_files
+from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
+from dsv3conv.plan import Plan, assign_parts, parse_part, parse_size
+from dsv3conv.progress import ByteProgress
+from dsv3conv.writer import copy_file_fast, write_bytes_atomic
+
+
+@dataclass
+class Stats:
+    files_written: int = 0
+    files_skipped: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    finalized: bool = False
+    waiting_for: list[str] = field(default_factory=list)  # shards other parts have yet to write
+
+
+def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrite: bool = False,
+             dry_run: bool = False, progress: bool = False, buffer_size: str | int | None = None,
+             part: str | tuple[int, int] | None = None) -> dict:
+    part = parse_part(part) if isinstance(part, str) else part
+    summary = plan.summary()
+    if part is not None:
+        owner = assign_parts(plan.files, part[1])
+        summary["part"] = f"{part[0]}/{part[1]}"
+        summary["part_shards"] = [f.name for f, k in zip(plan.files, owner) if k == part[0]]
+    if dry_run:
+        summary["files"] = [
+            {"name": f.name, "tensors": len(f.tensors), "converted": sum(t.converts for t in f.tensors),
+             "bytes": f.size, "copy_of": f.copy_of}
+            for f in plan.files
+        ]
+        summary["dropped"] = plan.dropped
+        summary["config"] = plan.config
+        return summary
+    devices = device_list(device) if plan.converted else []
+    if len(devices) > 1 and (part is not None or overwrite):
+        raise UsageError(f"--device {device}: several devices run as parts of one job; "
+                         "not with --part (one device per job) or --overwrite (empty DST first)")
+    devices = [check_device(d) for d in devices]  # refuse a bad name before any worker starts
+    on_gpu = any(d.startswith("cuda") for d in devices)
+    chunk = parse_size(buffer_size, "--buffer-size") if isinstance(buffer_size, str) else buffer_size
+    chunk = chunk or (DEFAULT_CHUNK_BYTES * 4 if on_gpu else DEFAULT_CHUNK_BYTES)
+    gpu_peak = None
+    with ByteProgress(plan, enabled=progress) as bar:
+        if len(devices) > 1:
+            stats, peak = execute_on_devices(plan, devices, resume=resume, progress=bar.advance, chunk_bytes=chunk)
+            gpu_peak = peak if on_gpu else None
+        else:
+            backend = make_backend(devices[0]) if devices else CopyOnly()
+            stats = execute(plan, backend, resume=resume, overwrite=overwrite, progress=bar.advance,
+                            chunk_bytes=chunk, part=part)
+            if on_gpu:
+                gpu_peak = torch.cuda.max_memory_allocated(backend.device)
+    summary.update(
+        device=",".join(devices) if devices else "none", shards_skipped=stats.files_skipped,
+        bytes_written=stats.bytes_written, seconds=round(stats.seconds, 3), buffer_bytes=chunk,
+        finalized=stats.finalized, waiting_for=stats.waiting_for,
+    )
+    if gpu_peak is not None:
+        summary["gpu_peak_bytes"] = gpu_peak
+    return summary
+
+
+def execute(
+    plan: Plan, backend, *, resume: bool = False, overwrite: bool = False, progress=None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = 3, part: tuple[int, int] | None = None,
+    cancel: threading.Event | None = None,
+) -> Stats:
+    """Write the plan's output. `progress(nbytes, file_index, file_name)` is called as bytes are written.
+
+    `cancel`: set by another thread to stop this run as Ctrl-C would (partial files removed).
+    `part=(k, n)`: write only the shards of part k of n (see `plan.assign_parts`); N such jobs may run at once
+    into one DST. Whichever run finds every shard complete writes the other files, the index and the config.
+    """
+    start = time.perf_counter()
+    if part is not None and overwrite:
+        raise UsageError("--part and --overwrite exclude each other: parts share DST; empty it first")
+    prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=plan.source)
+    stats = Stats()
+    mine = list(enumerate(plan.files))
+    if part is not None:
+        owner = assign_parts(plan.files, part[1])
+        mine = [(k, f) for k, f in mine if owner[k] == part[0]]
+    lock = LOCK_NAME if part is None else f"{LOCK_NAME}.part-{part[0]}-of-{part[1]}"
+    with DestLock(plan.dest, lock):
+        remove_partials(plan.dest, None if part is None else [f for _, f in mine])
+        if overwrite:
+            for name in (INDEX_NAME, CONFIG_NAME):
+                (plan.dest / name).unlink(missing_ok=True)
+            for p in plan.dest.glob("*.safetensors"):
+                p.unlink()
+        todo = []
+        for k, f in mine:
+            if (resume or part is not None) and is_complete(plan.dest / f.name, f):
+                stats.files_skipped += 1
+                if progress:
+                    progress(f.size, k, f.name)
+            else:
+                todo.append((k, f))
+        try:
+            if todo:
+                stats.files_written, stats.bytes_written = run_files(plan, backend, todo, progress, chunk_bytes,
+                                                                     depth, cancel)
+            if part is None:
+                _finalize(plan)
+                stats.finalized = True
+            else:
+                with DestLock(plan.dest, FINALIZE_LOCK_NAME, wait=True):
+                    missing = [f.name for f in plan.files if not is_complete(plan.dest / f.name, f)]
+                    if not missing:
+                        _finalize(plan)
+                        stats.finalized = True
+                    stats.waiting_for = missing
+        finally:
+            remove_partials(plan.dest, None if part is None else [f for _, f in mine])
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def execute_on_devices(
+    plan: Plan, devices: list[str], *, resume: bool = False, progress=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[Stats, int]:
+    """One worker per device (`--device cuda:all`): worker i writes part i+1 of N (shards balanced by bytes, so
+    all finish together); whichever finishes last writes the index and config, as separate `--part` jobs do.
+    Returns the merged stats and the largest GPU memory peak of any worker.
+
+    Workers are threads of this process; `DSV3CONV_WORKERS=processes` makes them spawned processes instead.
+    Measured on a 2-GPU H200 host from tmpfs (README, Performance): threads 1.16-1.19x one GPU (two runs),
+    processes 0.69x (one run, cause not found), separate `--part` jobs 1.11-1.51x: one process's host side,
+    not the GPU, is the limit (two `--part` jobs on one GPU were as fast as on two)."""
+    import multiprocessing
+
+    prepare_dest(plan.dest, resume=resume, overwrite=False, source=plan.source)
+    n = len(devices)
+    as_threads = os.environ.get("DSV3CONV_WORKERS", "threads") != "processes"
+    cancel = None
+    if as_threads:
+        events, cpu_threads, make, cancel = queue.Queue(), 0, threading.Thread, threading.Event()
+    else:
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or thread state
+        events, make = ctx.Queue(), ctx.Process
+        cpu_threads = max(1, (os.cpu_count() or 1) // max(1, sum(d == "cpu" for d in devices)))
+    workers = [
+        make(target=_device_worker, name=f"dsv3conv-{d}",
+             args=(plan, d, (i + 1, n), resume, chunk_bytes, events, cpu_threads, progress is not None, cancel))
+        for i, d in enumerate(devices)
+    ]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    results: dict[int, tuple] = {}
+    try:
+        while len(results) < n:
+            # Gone before the wait, and still no result after it: a worker puts its result before it ends.
+            gone = [k for k, w in enumerate(workers) if not w.is_alive()]
+            try:
+                kind, i, payload = events.get(timeout=0.5)
+            except queue.Empty:
+                dead = [k for k in gone if k not in results]
+                if dead:  # killed without a word (out of memory, a signal): say which one
+                    k = dead[0]
+                    raise Dsv3Error(f"the worker for --device {devices[k]} (part {k + 1}/{n}) died with exit code "
+                                    f"{getattr(workers[k], 'exitcode', None)}; rerun with --resume to finish the remaining shards") from None
+                continue
+            if kind == "progress":
+                progress(*payload)
+            else:
+                results[i] = (kind, payload)
+                if kind == "error":
+                    raise _worker_error(devices[i], i, n, payload)
+    except BaseException:
+        if cancel is not None:
+            cancel.set()
+        for w in workers:
+            if w.is_alive() and not as_threads:
+                os.kill(w.pid, signal.SIGTERM)  # each removes its partial files, as on Ctrl-C
+        raise
+    finally:
+        for w in workers:
+            while w.is_alive():
+                w.join(timeout=0.1)
+                with contextlib.suppress(queue.Empty):  # a process cannot end while its messages wait
+                    while True:
+                        events.get_nowait()
+        if not as_threads:
+            events.close()
+    total = Stats(seconds=time.perf_counter() - start)
+    gpu_peak = 0
+    for _, (stats, peak) in results.values():
+        total.files_written += stats.files_written
+        total.files_skipped += stats.files_skipped
+        total.bytes_written += stats.bytes_written
+        total.finalized |= stats.finalized
+        gpu_peak = max(gpu_peak, peak)
+    waiting = {f for _, (stats, _) in results.values() for f in stats.waiting_for}
+    total.waiting_for = [] if total.finalized else sorted(waiting)
+    return total, gpu_peak
+
+
+def _device_worker(plan, device, part, resume, chunk_bytes, events, cpu_threads, report, cancel=None) -> None:
+    """One `execute_on_devices` worker: its part on its device; progress, result or error to the parent."""
+    from dsv3conv.backend import make_backend
+
+    i = part[0] - 1
+
+    def stop(signum, frame):  # once: a second signal must not cut the cleanup short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    in_process = threading.current_thread() is threading.main_thread()  # a worker process, not a thread
+    if in_process:
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+    try:
+        if device == "cpu" and cpu_threads:
+            torch.set_num_threads(cpu_threads)  # CPU workers share the cores
+        backend = make_backend(device)
+        progress = (lambda *a: events.put(("progress", i, a))) if report else None
+        stats = execute(plan, backend, resume=True, progress=progress, chunk_bytes=chunk_bytes, part=part,
+                        cancel=cancel)
+        peak = torch.cuda.max_memory_allocated(backend.device) if device.startswith("cuda") else 0
+        result = ("done", i, (stats, peak))
+    except KeyboardInterrupt:
+        result = ("error", i, ("KeyboardInterrupt", "interrupted", 130, ""))
+    except BaseException as exc:  # noqa: BLE001  (handed to the parent, which exits with it)
+        import traceback
+
+        code = exc.exit_code if isinstance(exc, Dsv3Error) else 1
+        result = ("error", i, (type(exc).__name__, str(exc), code, traceback.format_exc()))
+    if in_process:  # done: a late stop from the parent changes nothing
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    events.put(result)
+
+
+def _worker_error(device: str, i: int, n: int, payload) -> BaseException:
+    name, message, code, tb = payload
+    if name == "KeyboardInterrupt":
+        return KeyboardInterrupt()
+    err_type = {"UsageError": UsageError, "HeaderError": HeaderError}.get(name, Dsv3Error)
+    if err_type is Dsv3Error and name != "Dsv3Error":
+        message = f"the worker for --device {device} (part {i + 1}/{n}) failed: {name}: {message}"
+    err = err_type(message)
+    err.exit_code = code
+    err.worker_traceback = tb  # shown with --debug
+    return err
+
+
+def _finalize(plan: Plan) -> None:
+    """Other files first, then the index, then config.json: a checkpoint is loadable only once all is there."""
+    for rel in plan.extra_files:
+        copy_file_fast(plan.source / rel, plan.dest / rel)
+    if plan.index is not None:
+        write_bytes_atomic(plan.dest / INDEX_NAME, (json.dumps(plan.index, indent=2) + "\n").encode())
+    if plan.config is not None:
+        write_bytes_atomic(plan.dest / CONFIG_NAME, (json.dumps(plan.config, indent=2) + "\n").encode())
