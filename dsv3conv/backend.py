@@ -1,25 +1,25 @@
 """Compute backends: where FP8 blocks become BF16 (or FP16/FP32).
 
-- `CpuBackend`: one fused pass per tensor chunk (`torch.compile`; eager torch when compiling is unavailable).
+- `CpuBackend`: `dsv3conv.kernels.fp8_block_cpu` (vectorized torch, no compile step) on a pool of threads.
 - `CudaBackend`: the Triton kernel of `dsv3conv.kernels.fp8_block_dequant`, one grouped launch per batch,
   host buffers pinned, copies asynchronous on a side stream.
 Both compute round_to_nearest_even(float32(w) * float32(scale)) and are tested bit for bit against
 `reference_dequant`. The way back, BF16 -> FP8 (`quant`), follows `reference_quant` bit for bit: on the CPU
-with compiled torch (block maxima, then the division), on CUDA with `dsv3conv.kernels.fp8_block_quant`.
+with `fp8_block_cpu.quant_rows`, on CUDA with `dsv3conv.kernels.fp8_block_quant`.
 """
 
 from __future__ import annotations
 
-import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
+from dsv3conv.kernels.fp8_block_cpu import dequant_rows, quant_rows, row_ranges
 from dsv3conv.kernels.fp8_block_dequant import BLOCK_SIZE
-from dsv3conv.kernels.fp8_block_quant import E4M3_MAX, block_scales
 
 
 @dataclass
@@ -48,70 +48,6 @@ class Item:
     @property
     def quantizes(self) -> bool:
         return bool(self.scale_fmt)
-
-
-def _fused_dequant(w: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
-    """One pass over `w`: each element times its block's scale, rounded once to `out`'s dtype, into `out`.
-
-    Writing into a caller's buffer (rather than a new tensor) keeps fresh pages out of the hot loop: twice
-    the speed on the CPU for 64 MB chunks.
-    """
-    rows, cols = w.shape
-    r = torch.arange(rows, device=w.device) // BLOCK_SIZE
-    c = torch.arange(cols, device=w.device) // BLOCK_SIZE
-    out.copy_((w.to(torch.float32) * scale[r[:, None], c[None, :]]).to(out.dtype))
-
-
-# Compiled code specializes sizes 0 and 1 (a 1-row scale, a 1-column tensor); such small pieces take the
-# eager path, so that a handful of compiled graphs serves every shape (marking sizes unbacked instead costs
-# 2-3x in speed).
-MIN_COMPILED_DIM = 2 * BLOCK_SIZE
-
-
-@functools.cache
-def _compiled_dequant():
-    """The fused dequant compiled once for any shape; eager torch where compilation is unavailable."""
-    if os.environ.get("DSV3CONV_NO_COMPILE"):
-        return _fused_dequant
-    try:
-        fn = torch.compile(_fused_dequant, dynamic=True)
-        probe = torch.zeros((3, 5), dtype=torch.float8_e4m3fn)
-        fn(probe, torch.ones((1, 1)), torch.empty((3, 5), dtype=torch.bfloat16))  # compile now: fail here
-        return fn
-    except Exception:  # noqa: BLE001  (no compiler toolchain, unsupported platform: stay correct, be slower)
-        return _fused_dequant
-
-
-def _block_amax(x: torch.Tensor) -> torch.Tensor:
-    """max |x| per 128x128 block (edge blocks: their stored elements only), float32; NaN counts as +inf."""
-    rows, cols = x.shape
-    a = x.to(torch.float32).abs()
-    a = torch.where(a.isnan(), float("inf"), a)
-    pr, pc = -rows % BLOCK_SIZE, -cols % BLOCK_SIZE
-    padded = torch.nn.functional.pad(a, (0, pc, 0, pr))
-    return padded.view((rows + pr) // BLOCK_SIZE, BLOCK_SIZE, (cols + pc) // BLOCK_SIZE, BLOCK_SIZE).amax(dim=(1, 3))
-
-
-def _fused_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """One pass over `x`: each element divided by its block's (stored, float32) scale, clamped, cast to e4m3."""
-    rows, cols = x.shape
-    r = torch.arange(rows, device=x.device) // BLOCK_SIZE
-    c = torch.arange(cols, device=x.device) // BLOCK_SIZE
-    return (x.to(torch.float32) / scale[r[:, None], c[None, :]]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-
-
-@functools.cache
-def _compiled_quant():
-    """(block amax, quantize) compiled once for any shape; eager torch where compilation is unavailable."""
-    if os.environ.get("DSV3CONV_NO_COMPILE"):
-        return _block_amax, _fused_quant
-    try:
-        amax, quant = torch.compile(_block_amax, dynamic=True), torch.compile(_fused_quant, dynamic=True)
-        probe = torch.zeros((3, 5), dtype=torch.bfloat16)
-        quant(probe, amax(probe) + 1)  # compile now, so a failure falls back here
-        return amax, quant
-    except Exception:  # noqa: BLE001  (no compiler toolchain, unsupported platform: stay correct, be slower)
-        return _block_amax, _fused_quant
 
 
 def _typed(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -146,47 +82,98 @@ def check_quant_scales(it: Item, scale: torch.Tensor, w: torch.Tensor) -> None:
 
 
 class CpuBackend:
+    """Every core at once: each tensor piece is cut into row ranges (whole 128-row blocks), converted by a pool
+    of threads (one torch intra-op thread each; torch releases the GIL in its ops) straight into its output."""
+
     name = "cpu"
     pin_memory = False
     takes_out = True  # run() accepts a recycled output buffer
 
-    def __init__(self) -> None:
-        self._fn = _compiled_dequant()
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads or cpu_threads()
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dsv3conv-cpu",
+                                        initializer=torch.set_num_threads, initargs=(1,))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def run(self, buf: torch.Tensor, items: list[Item], out: torch.Tensor | None = None) -> list[memoryview]:
         """Convert or pass through each item of `buf`; return the output pieces in order.
 
-        Dequantized pieces are written into `out` (a uint8 buffer the caller recycles) where it has room.
+        Converted pieces are written into `out` (a uint8 buffer the caller recycles) where it has room.
         """
-        outs = []
+        pieces: list[list[memoryview]] = []
+        jobs: list[tuple] = []
+        quantized = []
         pos = 0
         for it in items:
             data = buf[it.src_offset : it.src_offset + it.nbytes]
             if it.quantizes:
-                outs += self._quant(data, it)
-                continue
-            if not it.converts:
-                outs.append(memoryview(data.numpy()))
-                continue
-            w = data.view(torch.float8_e4m3fn).view(it.rows, it.cols)
-            dtype = TORCH_DTYPES[it.out_dtype]
-            n = it.rows * it.cols * dtype.itemsize
-            if out is not None and pos + n <= out.numel():
-                dst, pos = out[pos : pos + n], pos + n
+                w = _typed(data, TORCH_DTYPES[it.src_dtype]).view(it.rows, it.cols)
+                q, pos = _take(out, pos, it.rows * it.cols)
+                scale = torch.empty(_blocks(it.rows, it.cols), dtype=TORCH_DTYPES[it.scale_dtype])
+                jobs += [(quant_rows, w, q.view(it.rows, it.cols), scale, it.scale_fmt, scale.dtype, r0, r1)
+                         for r0, r1 in row_ranges(it.rows, it.cols, TASK_ELEMS, BLOCK_SIZE)]
+                quantized.append((it, scale, w))
+                pieces.append(_quant_outputs(q, scale))
+            elif it.converts:
+                w = data.view(it.rows, it.cols)
+                dtype = TORCH_DTYPES[it.out_dtype]
+                dst, pos = _take(out, pos, it.rows * it.cols * dtype.itemsize, dtype.itemsize)
+                jobs += [(dequant_rows, w, it.scale, dst.view(dtype).view(it.rows, it.cols), r0, r1)
+                         for r0, r1 in row_ranges(it.rows, it.cols, TASK_ELEMS)]
+                pieces.append([memoryview(dst.numpy())])
             else:
-                dst = torch.empty(n, dtype=torch.uint8)
-            fn = self._fn if min(it.rows, it.cols) >= MIN_COMPILED_DIM else _fused_dequant
-            fn(w, it.scale, dst.view(dtype).view(it.rows, it.cols))
-            outs.append(memoryview(dst.numpy()))
-        return outs
+                pieces.append([memoryview(data.numpy())])
+        self._run_all(jobs)
+        for it, scale, w in quantized:
+            check_quant_scales(it, scale, w)
+        return [m for p in pieces for m in p]
+
+    def _run_all(self, jobs: list[tuple]) -> None:
+        futures = [self._pool.submit(*job) for job in jobs]
+        try:
+            for f in futures:
+                f.result()
+        finally:  # on a failure (or Ctrl-C) stop what has not started; the rest ends with its row range
+            for f in futures:
+                f.cancel()
 
     @staticmethod
     def _quant(data: torch.Tensor, it: Item) -> list[memoryview]:
+        """One item quantized in the calling thread: (e4m3 bytes, scale bytes)."""
         w = _typed(data, TORCH_DTYPES[it.src_dtype]).view(it.rows, it.cols)
-        block_amax, fused_quant = _compiled_quant() if w.numel() else (_block_amax, _fused_quant)
-        scale = block_scales(block_amax(w), it.scale_fmt, TORCH_DTYPES[it.scale_dtype])
+        q = torch.empty((it.rows, it.cols), dtype=torch.uint8)
+        scale = torch.empty(_blocks(it.rows, it.cols), dtype=TORCH_DTYPES[it.scale_dtype])
+        quant_rows(w, q, scale, it.scale_fmt, scale.dtype)
         check_quant_scales(it, scale, w)
-        return _quant_outputs(fused_quant(w, scale.to(torch.float32)), scale)
+        return _quant_outputs(q, scale)
+
+
+# Elements per task of the CPU pool: a few milliseconds of work, many tasks per 64 MB batch.
+TASK_ELEMS = 1 << 20
+
+
+def _blocks(rows: int, cols: int) -> tuple[int, int]:
+    return -(-rows // BLOCK_SIZE), -(-cols // BLOCK_SIZE)
+
+
+def _take(out: torch.Tensor | None, pos: int, nbytes: int, align: int = 1) -> tuple[torch.Tensor, int]:
+    """`nbytes` of `out` from `pos` rounded up to `align` (the element size), or a new buffer where it is full."""
+    pos = -(-pos // align) * align
+    if out is not None and pos + nbytes <= out.numel():
+        return out[pos : pos + nbytes], pos + nbytes
+    return torch.empty(nbytes, dtype=torch.uint8), pos
+
+
+def cpu_threads() -> int:
+    """Threads of the CPU backend: `DSV3CONV_CPU_THREADS`, else every core this process may run on."""
+    env = os.environ.get("DSV3CONV_CPU_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise UsageError(f"DSV3CONV_CPU_THREADS={env!r}: give a whole number of threads, 1 or more")
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class CudaBackend:

@@ -15,7 +15,6 @@ import argparse
 import filecmp
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -56,9 +55,6 @@ def main() -> None:
     first = None
     for device in devices:
         dst = args.dir / f"out-{device.replace(':', '')}"
-        if device == "cpu":  # compile once outside the timed run, as bench_convert does for dequant
-            subprocess.run([sys.executable, "-c", "from dsv3conv.backend import _compiled_quant; _compiled_quant()"],
-                           check=True)
         t, rss, out = timed([sys.executable, "-m", "dsv3conv", "quant", str(src), str(dst), "--device", device,
                              "--json", "--quiet"])
         same = None

@@ -34,7 +34,7 @@ from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.synthetic import make_tiny
 
 REPO = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, DSV3CONV_NO_COMPILE="1")  # child processes: no torch.compile at each start
+ENV = dict(os.environ)  # child processes
 TIMEOUT = 120  # a run still going after this hangs: a failure, never a stuck test session
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 

@@ -21,7 +21,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsv3conv import backend
 from dsv3conv.checkpoint import INDEX_NAME, Checkpoint
 from dsv3conv.errors import Dsv3Error, HeaderError
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
@@ -107,12 +106,6 @@ def edit_json(path: Path, edit) -> None:
     obj = json.loads(path.read_text())
     edit(obj)
     path.write_text(json.dumps(obj, indent=2))
-
-
-@pytest.fixture(autouse=True)
-def _eager_backend(monkeypatch):
-    """In-process runs use eager torch: compiling here would cost a minute and change the session's cache."""
-    monkeypatch.setattr(backend, "_compiled_dequant", lambda: backend._fused_dequant)
 
 
 @pytest.fixture

@@ -18,24 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from dsv3conv import backend
 from dsv3conv.checkpoint import INDEX_NAME
 from dsv3conv.writer import PARTIAL_SUFFIX
 from tests.conftest import Paused, assert_one_line_error, cli, cli_process
-
-
-@pytest.fixture(autouse=True)
-def _eager_backend(monkeypatch):
-    monkeypatch.setattr(backend, "_compiled_dequant", lambda: backend._fused_dequant)
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_src, tmp_path_factory) -> Path:
     """An uninterrupted conversion of the tiny checkpoint: what every interrupted run must end up equal to."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(backend, "_compiled_dequant", lambda: backend._fused_dequant)
-        proc = cli("dequant", tiny_src, out, "--quiet", "--device", "cpu")
+    proc = cli("dequant", tiny_src, out, "--quiet", "--device", "cpu")
     assert proc.returncode == 0, proc
     return out
 

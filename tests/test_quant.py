@@ -269,9 +269,8 @@ def test_verify_against_holds_the_output_to_quant_of_the_source(ckpts, tmp_path)
     assert "`quantization_config.weight_block_size`: expected [128, 128], found [64, 64]" in c["config_vs_source"]["detail"]
 
 
-def test_verify_against_reads_the_settings_the_output_declares(ckpts, tmp_path, monkeypatch):
+def test_verify_against_reads_the_settings_the_output_declares(ckpts, tmp_path):
     """ue8m0 scales as F8_E8M0, skipped weights and a dropped MTP layer: verify plans the same quant."""
-    monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
     bf16, dst = ckpts["root"] / "bf16", tmp_path / "out"
     quantize(bf16, dst, device="cpu", scale_fmt="ue8m0", scale_dtype="float8_e8m0fnu", skip=[r"experts\.1\."],
              mtp="drop")
@@ -307,8 +306,7 @@ def test_plan_refusals(ckpts, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- the CLI
-def test_cli_dry_run_and_json(ckpts, tmp_path, monkeypatch):
-    monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
+def test_cli_dry_run_and_json(ckpts, tmp_path):
     bf16 = ckpts["root"] / "bf16"
     proc = cli("quant", bf16, tmp_path / "plan", "--dry-run", "--json", check=0)
     plan = json.loads(proc.stdout)
@@ -321,8 +319,7 @@ def test_cli_dry_run_and_json(ckpts, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_ue8m0_skip_and_mtp_drop(ckpts, tmp_path, monkeypatch):
-    monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
+def test_cli_ue8m0_skip_and_mtp_drop(ckpts, tmp_path):
     bf16, dst = ckpts["root"] / "bf16", tmp_path / "out"
     proc = cli("quant", bf16, dst, "--scale-fmt", "ue8m0", "--skip", r"experts\.1\.", "--skip", r"\.o_proj\.",
                    "--mtp", "drop", "--device", "cpu", "--json", check=0)

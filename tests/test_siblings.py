@@ -230,8 +230,7 @@ def test_verify_passes_and_finds_damage(sib, tmp_path):
     assert not report["ok"] and report["mismatches"] == [name]
 
 
-def test_verify_cli_on_a_sibling(tmp_path, monkeypatch):
-    monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
+def test_verify_cli_on_a_sibling(tmp_path):
     make_sibling(tmp_path / "src", "qwen3")
     dequantize(tmp_path / "src", tmp_path / "out", device="cpu")
     report = json.loads(cli("verify", tmp_path / "out", "--against", tmp_path / "src", "--full", "--device", "cpu", "--json",

@@ -234,8 +234,7 @@ def test_usage_errors(outputs, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ the command
-def test_cli_json_shape(outputs, tiny_src, monkeypatch):
-    monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
+def test_cli_json_shape(outputs, tiny_src):
     proc = cli("verify", outputs["drop"], "--against", tiny_src, "--sample", "0.2", "--device", "cpu", "--json",
                    check=0)
     report = json.loads(proc.stdout)
@@ -246,8 +245,7 @@ def test_cli_json_shape(outputs, tiny_src, monkeypatch):
     assert proc.stderr == ""  # no progress: --json and stderr is not a terminal
 
 
-def test_cli_reports_mismatch(damaged, tiny_src, monkeypatch):
-    monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
+def test_cli_reports_mismatch(damaged, tiny_src):
     flip_byte(damaged, CONVERTED, 5)
     proc = cli("verify", damaged, "--against", tiny_src, "--full", "--device", "cpu", "--json", check=1)
     report = json.loads(proc.stdout)
@@ -278,8 +276,7 @@ def verify_parts(root: Path, src: Path, tmp_path: Path, n: int = 3) -> list[Path
     return paths
 
 
-def test_parts_pass_and_combine(outputs, tiny_src, tmp_path, monkeypatch):
-    monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
+def test_parts_pass_and_combine(outputs, tiny_src, tmp_path):
     paths = verify_parts(outputs["keep"], tiny_src, tmp_path)
     reports = [json.loads(p.read_text()) for p in paths]
     for k, r in enumerate(reports, 1):
@@ -302,8 +299,7 @@ def test_parts_pass_and_combine(outputs, tiny_src, tmp_path, monkeypatch):
     assert "all 13 checks passed" in cli("verify-combine", *reversed(paths), check=0).stdout
 
 
-def test_flipped_byte_fails_only_its_part(damaged, tiny_src, tmp_path, monkeypatch):
-    monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
+def test_flipped_byte_fails_only_its_part(damaged, tiny_src, tmp_path):
     flip_byte(damaged, CONVERTED, 1000)
     shard = Checkpoint.open(damaged).tensors[CONVERTED].file
     paths = verify_parts(damaged, tiny_src, tmp_path)
@@ -321,8 +317,7 @@ def test_flipped_byte_fails_only_its_part(damaged, tiny_src, tmp_path, monkeypat
     assert "1 of 13 checks failed" in proc.stdout and CONVERTED in proc.stdout
 
 
-def test_combine_needs_every_part_once(outputs, tiny_src, tmp_path, monkeypatch):
-    monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")
+def test_combine_needs_every_part_once(outputs, tiny_src, tmp_path):
     paths = verify_parts(outputs["drop"], tiny_src, tmp_path)
     proc = cli("verify-combine", paths[0], paths[2], check=1)
     assert "part 2/3" in proc.stderr and proc.stdout == ""

@@ -1,0 +1,150 @@
+"""FP8 (e4m3) 128x128 block dequant and quant on the CPU: no compile step, bit-identical to the references.
+
+`dequant_rows` equals `reference_dequant` and `quant_rows` equals `reference_quant`, bit for bit, on a range
+of rows of one tensor. Each is a few vectorized torch ops per step of rows (a step stays inside one 128-row
+scale block and fits in a core's cache), run into caller-owned output tensors. Torch releases the GIL inside
+its ops: callers run many row ranges at once from a pool of threads (one torch intra-op thread each), and
+`row_ranges` cuts a tensor into such ranges. Nothing runs on import.
+
+Dequant decodes e4m3 without torch's scalar float8 conversion: the byte, sign-extended to 16 bits, shifted
+left by 7 and with bit 14 cleared, is the float16 of the e4m3 value times 2^-8 (normals and subnormals alike),
+which the CPU widens to float32 exactly. Multiplying by 256 * scale gives the exact real product the
+reference rounds, hence the same float32 and the same rounded output. Rows holding NaN codes (0x7F, 0xFF)
+and scales where 256 * scale is not finite take the reference's own ops instead.
+
+Quant follows `reference_quant` step for step (block maxima, `block_scales`, division, clamp, cast), a row
+block at a time so nothing is padded or repeated.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .fp8_block_dequant import BLOCK_SIZE
+from .fp8_block_quant import E4M3_MAX, SOURCE_DTYPES, block_scales, check_scale_args
+
+# Elements per step: scratch (2 + 4 bytes each) and the step's input and output stay in a core's L2.
+STEP_ELEMS = 1 << 17
+_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_F16_SHIFT = 256.0  # float16 of (byte << 7 & ~0x4000) is the e4m3 value / 256
+_CLEAR_BIT14 = ~0x4000
+_scratch = threading.local()
+
+
+def _scratch_tensors(elems: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's int16 and float32 work buffers of at least `elems` elements (kept between calls: fresh
+    pages in the hot loop would halve the speed)."""
+    have = getattr(_scratch, "bufs", None)
+    if have is None or have[0].numel() < elems:
+        have = _scratch.bufs = (torch.empty(elems, dtype=torch.int16), torch.empty(elems, dtype=torch.float32))
+    return have[0][:elems], have[1][:elems]
+
+
+def row_ranges(rows: int, cols: int, target_elems: int = 1 << 20, align: int = 1) -> list[tuple[int, int]]:
+    """Cut `rows` into ranges of about `target_elems` elements, starts a multiple of `align` (quant: 128)."""
+    per = max(align, (target_elems // max(cols, 1)) // align * align)
+    return [(r0, min(r0 + per, rows)) for r0 in range(0, rows, per)] or [(0, 0)]
+
+
+def _check_dequant(w: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor) -> None:
+    if w.dtype not in (torch.float8_e4m3fn, torch.uint8) or w.dim() != 2:
+        raise ValueError(f"w must be a 2-D float8_e4m3fn (or uint8) tensor, got {w.dtype} {tuple(w.shape)}")
+    rows, cols = w.shape
+    want = (-(-rows // BLOCK_SIZE), -(-cols // BLOCK_SIZE))
+    if tuple(scale_inv.shape) != want:
+        raise ValueError(f"scale_inv shape {tuple(scale_inv.shape)} does not match w {tuple(w.shape)}: expected {want}")
+    if out.dtype not in _OUT_DTYPES or tuple(out.shape) != (rows, cols):
+        raise ValueError(f"out is {out.dtype} {tuple(out.shape)}; expected {(rows, cols)} bfloat16/float16/float32")
+    if not (w.is_contiguous() and out.is_contiguous()):
+        raise ValueError("w and out must be contiguous")
+
+
+def dequant_rows(w: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor, start: int = 0,
+                 stop: int | None = None) -> None:
+    """Rows [start, stop) of `reference_dequant(w, scale_inv, out.dtype)`, written into the same rows of `out`.
+
+    w: [M, N] float8_e4m3fn or uint8 (raw e4m3 bytes), contiguous; scale_inv: [ceil(M/128), ceil(N/128)] of
+    any float dtype; out: [M, N] bfloat16/float16/float32, contiguous."""
+    _check_dequant(w, scale_inv, out)
+    rows, cols = w.shape
+    stop = rows if stop is None else stop
+    if stop <= start or cols == 0:
+        return
+    u8 = w.view(torch.uint8)
+    step = max(1, STEP_ELEMS // cols)
+    bits, wide = _scratch_tensors(min(step, BLOCK_SIZE) * cols)
+    nan_codes = _has_nan_codes(u8[start:stop])
+    r = start
+    while r < stop:
+        block = r // BLOCK_SIZE
+        end = min(stop, (block + 1) * BLOCK_SIZE)
+        srow = scale_inv[block].to(torch.float32).repeat_interleave(BLOCK_SIZE)[:cols]
+        fast_scale = srow * _F16_SHIFT
+        scale_ok = bool(torch.isfinite(fast_scale).all())
+        for r0 in range(r, end, step):
+            r1 = min(end, r0 + step)
+            n = (r1 - r0) * cols
+            src, dst = u8[r0:r1], out[r0:r1]
+            if not scale_ok or (nan_codes and _has_nan_codes(src)):
+                dst.copy_(src.view(torch.float8_e4m3fn).to(torch.float32) * srow)  # the reference's own ops
+                continue
+            h = bits[:n].view(r1 - r0, cols)
+            h.copy_(src.view(torch.int8))  # sign-extended: bits 15..7 all equal the e4m3 sign
+            h.bitwise_left_shift_(7).bitwise_and_(_CLEAR_BIT14)  # sign, 4 exponent and 3 mantissa bits
+            if out.dtype == torch.float32:
+                torch.mul(dst.copy_(h.view(torch.float16)), fast_scale, out=dst)
+            else:
+                x = wide[:n].view(r1 - r0, cols)
+                x.copy_(h.view(torch.float16)).mul_(fast_scale)
+                dst.copy_(x)  # round to nearest even
+        r = end
+
+
+def _has_nan_codes(u8: torch.Tensor) -> bool:
+    """e4m3fn NaN is 0x7F or 0xFF: the largest byte as uint8 or as int8."""
+    return int(u8.max()) == 0xFF or int(u8.view(torch.int8).max()) == 0x7F
+
+
+def _check_quant(x: torch.Tensor, q: torch.Tensor, scale_out: torch.Tensor, scale_fmt: str,
+                 scale_dtype: torch.dtype) -> None:
+    check_scale_args(scale_fmt, scale_dtype)
+    if x.dtype not in SOURCE_DTYPES or x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous 2-D bfloat16/float16/float32 tensor, got {x.dtype} {tuple(x.shape)}")
+    rows, cols = x.shape
+    if q.dtype not in (torch.float8_e4m3fn, torch.uint8) or tuple(q.shape) != (rows, cols) or not q.is_contiguous():
+        raise ValueError(f"q is {q.dtype} {tuple(q.shape)}; expected a contiguous float8_e4m3fn (or uint8) {(rows, cols)}")
+    want = (-(-rows // BLOCK_SIZE), -(-cols // BLOCK_SIZE))
+    if scale_out.dtype != scale_dtype or tuple(scale_out.shape) != want:
+        raise ValueError(f"scale_out is {scale_out.dtype} {tuple(scale_out.shape)}; expected {scale_dtype} {want}")
+
+
+def quant_rows(x: torch.Tensor, q: torch.Tensor, scale_out: torch.Tensor, scale_fmt: str = "float",
+               scale_dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> None:
+    """Rows [start, stop) of `reference_quant(x, scale_fmt, scale_dtype)`: e4m3 codes into the same rows of `q`,
+    the scales of their row blocks into `scale_out`. `start` is a multiple of 128; so is `stop` unless it is
+    the last row."""
+    _check_quant(x, q, scale_out, scale_fmt, scale_dtype)
+    rows, cols = x.shape
+    stop = rows if stop is None else stop
+    if stop <= start or cols == 0:
+        return
+    if start % BLOCK_SIZE or (stop % BLOCK_SIZE and stop != rows):
+        raise ValueError(f"rows [{start}, {stop}) must start (and, before row {rows}, end) on a 128-row block")
+    q8 = q.view(torch.float8_e4m3fn)
+    full, tail = cols // BLOCK_SIZE * BLOCK_SIZE, cols % BLOCK_SIZE
+    for r0 in range(start, stop, BLOCK_SIZE):
+        r1 = min(stop, r0 + BLOCK_SIZE)
+        xf = x[r0:r1].to(torch.float32, copy=True)  # divided in place below
+        a = xf.abs()
+        amax = torch.empty(-(-cols // BLOCK_SIZE), dtype=torch.float32)
+        if full:
+            torch.amax(a[:, :full].view(r1 - r0, full // BLOCK_SIZE, BLOCK_SIZE), dim=(0, 2), out=amax[: full // BLOCK_SIZE])
+        if tail:
+            amax[-1] = a[:, full:].amax()
+        amax = torch.where(amax.isnan(), float("inf"), amax)  # a NaN anywhere in a block makes its maximum NaN
+        scale = block_scales(amax, scale_fmt, scale_dtype)
+        scale_out[r0 // BLOCK_SIZE] = scale
+        srow = scale.to(torch.float32).repeat_interleave(BLOCK_SIZE)[:cols]
+        q8[r0:r1] = xf.div_(srow).clamp_(-E4M3_MAX, E4M3_MAX)

@@ -1,0 +1,147 @@
+"""The CPU kernels (`dsv3conv.kernels.fp8_block_cpu`) against the torch references, bit for bit, and the
+thread pool of `CpuBackend` around them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv3conv.backend import CpuBackend, Item, cpu_threads
+from dsv3conv.errors import UsageError
+from dsv3conv.kernels.fp8_block_cpu import dequant_rows, quant_rows, row_ranges
+from dsv3conv.kernels.fp8_block_dequant import reference_dequant
+from dsv3conv.kernels.fp8_block_quant import reference_quant
+
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SHAPES = [(1, 1), (129, 257), (576, 896), (128, 1), (5, 300), (300, 128)]
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(_BITS[t.element_size()])
+
+
+def mismatches(got: torch.Tensor, want: torch.Tensor) -> str:
+    bad = bits(got) != bits(want)
+    if not bool(bad.any()):
+        return ""
+    i = tuple(int(v) for v in bad.nonzero()[0])
+    return f"{int(bad.sum())} of {bad.numel()} differ; first at {i}: got {got[i].item()!r}, want {want[i].item()!r}"
+
+
+def dequant_in_ranges(w, s, out_dtype, cuts):
+    out = torch.full(w.shape, 7, dtype=out_dtype)
+    for r0, r1 in zip(cuts, cuts[1:]):
+        dequant_rows(w, s, out, r0, r1)
+    return out
+
+
+def random_scales(shape, scale_dtype, kind, gen):
+    if scale_dtype == torch.float8_e8m0fnu:
+        return torch.randint(0, 255, shape, dtype=torch.uint8, generator=gen).view(scale_dtype)
+    mag = {"plain": 1e-2, "subnormal": 1e-40, "huge": 3e38}[kind]
+    return (torch.rand(shape, generator=gen) * mag).to(scale_dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu])
+@pytest.mark.parametrize("kind", ["plain", "subnormal", "huge"])
+def test_dequant_rows_equals_reference(shape, scale_dtype, kind):
+    """Random bytes (NaN codes included), every out dtype, cut into row ranges that split 128-row blocks."""
+    gen = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
+    w = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    s = random_scales((-(-shape[0] // 128), -(-shape[1] // 128)), scale_dtype, kind, gen)
+    cuts = sorted({0, shape[0] // 3, shape[0] // 2, shape[0]})
+    for out_dtype in OUT_DTYPES:
+        got = dequant_in_ranges(w, s, out_dtype, cuts)
+        problem = mismatches(got, reference_dequant(w, s, out_dtype))
+        assert not problem, f"{shape} {scale_dtype} {kind} scales -> {out_dtype}: {problem}"
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0**-30, 3.1e-3, 1e30, 2.0**-149, 2.0**125])
+def test_dequant_rows_every_code(scale):
+    """All 256 e4m3 codes (NaN, -0.0, subnormals, 448) in every row, against scales that reach float32's ends."""
+    w = torch.arange(256, dtype=torch.uint8).repeat(130, 1)
+    s = torch.full((2, 2), scale)
+    for out_dtype in OUT_DTYPES:
+        got = dequant_in_ranges(w, s, out_dtype, [0, 64, 130])
+        problem = mismatches(got, reference_dequant(w, s, out_dtype))
+        assert not problem, f"scale {scale} -> {out_dtype}: {problem}"
+
+
+def test_dequant_rows_refuses_mismatched_arguments():
+    w = torch.zeros((130, 10), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="expected \\(2, 1\\)"):
+        dequant_rows(w, torch.ones((1, 1)), torch.empty((130, 10), dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="out is"):
+        dequant_rows(w, torch.ones((2, 1)), torch.empty((130, 10), dtype=torch.int16))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("src_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("fmt_dtype", [("float", torch.float32), ("float", torch.bfloat16), ("float", torch.float16),
+                                       ("ue8m0", torch.float32), ("ue8m0", torch.float8_e8m0fnu)])
+def test_quant_rows_equals_reference(shape, src_dtype, fmt_dtype):
+    """Rows of very different magnitudes (some blocks underflow the scale floor), NaN and Inf in some blocks:
+    scales equal everywhere, codes equal wherever the scale is finite (elsewhere callers refuse)."""
+    fmt, scale_dtype = fmt_dtype
+    gen = torch.Generator().manual_seed(shape[0] + shape[1])
+    mag = torch.logspace(-30, 4, shape[0]).view(-1, 1)
+    x = (torch.randn(shape, generator=gen) * mag).to(src_dtype)
+    if shape[0] > 140:
+        x[2, 0], x[139, -1] = float("nan"), float("inf")
+    q = torch.full(shape, 0x55, dtype=torch.uint8)
+    s = torch.empty((-(-shape[0] // 128), -(-shape[1] // 128)), dtype=scale_dtype)
+    for r0, r1 in row_ranges(shape[0], shape[1], 128 * 64, 128):
+        quant_rows(x, q, s, fmt, scale_dtype, r0, r1)
+    q_ref, s_ref = reference_quant(x, fmt, scale_dtype)
+    assert not mismatches(s, s_ref), f"scales: {mismatches(s, s_ref)}"
+    finite = torch.isfinite(s_ref.to(torch.float32)).repeat_interleave(128, 0)[: shape[0]]
+    finite = finite.repeat_interleave(128, 1)[:, : shape[1]]
+    assert not mismatches(q[finite], q_ref.view(torch.uint8)[finite]), mismatches(q[finite], q_ref.view(torch.uint8)[finite])
+
+
+def test_quant_rows_refuses_ranges_inside_a_block():
+    x = torch.zeros((300, 4), dtype=torch.bfloat16)
+    q, s = torch.empty((300, 4), dtype=torch.uint8), torch.empty((3, 1))
+    with pytest.raises(ValueError, match="128-row block"):
+        quant_rows(x, q, s, start=64, stop=128)
+    quant_rows(x, q, s, start=256, stop=300)  # the last, partial block is fine
+
+
+def test_row_ranges_cover_every_row_once():
+    for rows, cols, target, align in ((1000, 7, 100, 1), (1000, 7, 100, 128), (0, 5, 10, 1), (3, 10**7, 10, 128)):
+        ranges = row_ranges(rows, cols, target, align)
+        assert ranges[0][0] == 0 and ranges[-1][1] == rows
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(r0 % align == 0 for r0, _ in ranges)
+
+
+def test_backend_threads_write_each_piece_into_out_or_a_new_buffer():
+    """Two threads, a dequant and a quant item sharing a batch, the recycled buffer too small for both."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randint(0, 256, (700, 300), dtype=torch.uint8, generator=gen)
+    s = torch.rand((6, 3), generator=gen)
+    x = torch.randn((260, 130), generator=gen).to(torch.bfloat16)
+    buf = torch.cat([w.view(-1), torch.zeros(1, dtype=torch.uint8), x.view(-1).view(torch.uint8)])
+    items = [Item(0, w.numel(), 700, 300, s, "BF16"),
+             Item(w.numel() + 1, x.numel() * 2, 260, 130, None, "F8_E4M3", src_dtype="BF16", scale_fmt="float",
+                  scale_dtype="F32", name="x")]
+    backend = CpuBackend(threads=2)
+    try:
+        deq, q, sc = backend.run(buf, items, torch.empty(700 * 300 * 2 + 100, dtype=torch.uint8))
+    finally:
+        backend.close()
+    q_ref, s_ref = reference_quant(x)
+    assert bytes(deq) == bytes(bits(reference_dequant(w, s)).view(torch.uint8).numpy())
+    assert bytes(q) == bytes(q_ref.view(torch.uint8).numpy()) and bytes(sc) == bytes(s_ref.view(torch.uint8).numpy())
+
+
+def test_cpu_threads_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DSV3CONV_CPU_THREADS", "3")
+    assert cpu_threads() == 3
+    monkeypatch.setenv("DSV3CONV_CPU_THREADS", "0")
+    with pytest.raises(UsageError, match="DSV3CONV_CPU_THREADS='0'"):
+        cpu_threads()
+    monkeypatch.delenv("DSV3CONV_CPU_THREADS")
+    assert cpu_threads() >= 1
