@@ -25,7 +25,8 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python scripts/bench_cpu.py
+	$(BIN)/python scripts/bench_cpu_kernels.py
+	$(BIN)/python scripts/bench_cpu.py --gb 1 --out bench-results
 
 lint: setup
 	$(BIN)/ruff check dsv3conv kernels tests scripts

@@ -1,57 +1,195 @@
-"""CPU dequant speed in memory: dsv3conv's fused compiled pass beside the plain-torch reference, one run.
+"""CPU conversion benchmark: `dsv3conv dequant --device cpu` at 1, 2, 4, ... threads beside the storage and a
+naive converter, in one run on the same files.
 
-    python scripts/bench_cpu.py [--repeat 5]
+The source is one MoE layer of real DeepSeek-V3 shapes (attention, shared expert, routed experts
+[2048, 7168] / [7168, 2048] in FP8 with F32 scales), its experts scaled to about --gb of FP8, in four shards.
+Measured, each in its own process:
+  cat        a sequential read of the input
+  writers    N parallel writes (dd) of an output-sized total, N = cores capped at 8
+  eager      the naive converter: load_file a whole shard, repeat_interleave the scales, multiply, save_file
+  dsv3conv   `DSV3CONV_CPU_THREADS=T dsv3conv dequant --device cpu` for T = 1, 2, 4, ... up to the cores
+  small      dsv3conv at the most threads on a second checkpoint a quarter the size: the two sizes give the
+             steady rate and the fixed start-up cost
+Reported: wall seconds, GB/s of FP8 input, peak RSS; dsv3conv's output is compared with the eager one, tensor
+by tensor. A JSON file and a markdown table go to --out.
 
-Prints G elements/s (median of repeats) for real DeepSeek-V3 shapes and checks the two agree bit for bit.
+    CUDA_VISIBLE_DEVICES= python scripts/bench_cpu.py --gb 4 --dir /dev/shm/dsv3conv-bench --out results/
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_convert import EAGER, all_of, timed  # noqa: E402  (one harness for the conversion benchmarks)
 
-from dsv3conv.backend import CpuBackend, Item
-from dsv3conv.kernels.fp8_block_dequant import reference_dequant
-
-SHAPES = [(7168, 18432), (3584, 18432), (2048, 7168), (7168, 2048), (576, 7168), (24576, 1536), (32768, 512)]
+EXPERT_BYTES = 3 * 2048 * 7168  # FP8 bytes of one routed expert (gate, up, down)
+LAYER_BYTES = 200_000_000  # FP8 bytes of the rest of a MoE layer (attention, shared expert), roughly
 
 
-def median_seconds(fn, repeat: int) -> float:
-    fn()  # warm up (and compile)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def build(root: Path, fp8_gb: float) -> Path:
+    """A one-MoE-layer checkpoint of real shapes holding about `fp8_gb` GB of FP8 weights, in four shards."""
+    from dsv3conv.synthetic import make_real_shapes
+
+    if (root / "model.safetensors.index.json").exists():
+        return root
+    experts = max(1, round((fp8_gb * 1e9 - LAYER_BYTES) / EXPERT_BYTES))
+    make_real_shapes(root, num_layers=1, num_experts=experts, vocab_size=1024,
+                     shard_bytes=int((LAYER_BYTES + experts * EXPERT_BYTES) / 4) + 1)
+    return root
+
+
+def sizes(root: Path) -> dict:
+    from dsv3conv.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(root)
+    fp8 = sum(t.nbytes for t in ckpt.tensors.values() if t.dtype == "F8_E4M3")
+    scales = sum(t.nbytes for n, t in ckpt.tensors.items() if n.endswith("_scale_inv"))
+    total = ckpt.tensor_bytes()
+    return {"input_bytes": total, "fp8_bytes": fp8, "output_bytes": total + fp8 - scales,
+            "shards": len(list(root.glob("*.safetensors")))}
+
+
+def dsv3conv(src: Path, dst: Path, threads: int) -> dict:
+    shutil.rmtree(dst, ignore_errors=True)
+    env = dict(os.environ, DSV3CONV_CPU_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "dsv3conv", "dequant", str(src), str(dst), "--device", "cpu", "--json", "--quiet"]
+    t, rss, out = timed(cmd, env=env)
+    summary = json.loads(out)
+    return {"threads": threads, "s": t, "rss": rss, "seconds": summary.get("seconds"),
+            "startup_seconds": summary.get("startup_seconds")}
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Every tensor of checkpoint `a` is in `b` with the same dtype, shape and bytes, and no other."""
+    import torch
+    from safetensors import safe_open
+
+    def handles(root: Path) -> dict:
+        files = [safe_open(str(p), "pt") for p in sorted(root.glob("*.safetensors"))]
+        return {k: f for f in files for k in f.keys()}
+
+    ha, hb = handles(a), handles(b)
+    if ha.keys() != hb.keys():
+        return False
+    for name, f in ha.items():
+        x, y = f.get_tensor(name), hb[name].get_tensor(name)
+        if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x.view(-1).view(torch.uint8),
+                                                                       y.view(-1).view(torch.uint8)):
+            return False
+    return True
+
+
+def thread_counts(cores: int, given: str | None) -> list[int]:
+    if given:
+        return [int(t) for t in given.split(",")]
+    counts = [1 << k for k in range(cores.bit_length()) if 1 << k <= cores]
+    return counts + ([cores] if counts[-1] != cores else [])
+
+
+def machine(bench_dir: Path) -> dict:
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    mem = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0)
+    fs = next((line.split()[2] for line in Path("/proc/mounts").read_text().splitlines()
+               if str(bench_dir.resolve()).startswith(line.split()[1])), "?")
+    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "memory_bytes": mem, "torch": torch.__version__,
+            "python": platform.python_version(), "dir": str(bench_dir), "filesystem": fs,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def storage(src: Path, work: Path, out_bytes: int, writers: int) -> dict:
+    """cat of the input; `writers` dd processes writing out_bytes in all, at once."""
+    t_cat, _, _ = timed(["sh", "-c", f"cat {shlex.quote(str(src))}/*.safetensors > /dev/null"])
+    count = out_bytes // writers // (16 << 20) + 1
+    blobs = [work / f"write-test-{i}.bin" for i in range(writers)]
+    t_write, _, _ = timed(["sh", "-c", all_of([
+        f"dd if=/dev/zero of={shlex.quote(str(b))} bs=16M count={count} conv=fsync status=none" for b in blobs])])
+    for b in blobs:
+        b.unlink()
+    return {"cat_s": t_cat, "writers": writers, "write_s": t_write}
+
+
+def table(r: dict) -> str:
+    gb = r["large"]["fp8_bytes"] / 1e9
+    eager = r["eager"]["s"]
+    lines = [f"{r['date']}, {r['machine']['cpu']}, {r['machine']['cores']} cores, torch {r['machine']['torch']}, "
+             f"{r['machine']['dir']} ({r['machine']['filesystem']}); `{r['command']}`", "",
+             f"Input {r['large']['input_bytes'] / 1e9:.2f} GB ({gb:.2f} GB FP8) in {r['large']['shards']} shards, "
+             f"output {r['large']['output_bytes'] / 1e9:.2f} GB.", "",
+             "| run | wall s | FP8 GB/s | peak RSS | vs eager |", "|---|---:|---:|---:|---:|",
+             f"| cat of the input | {r['cat_s']:.1f} | {gb / r['cat_s']:.2f} | - | - |",
+             f"| {r['writers']} parallel output-sized writes | {r['write_s']:.1f} | {gb / r['write_s']:.2f} | - | - |",
+             f"| eager whole-shard converter | {eager:.1f} | {gb / eager:.2f} | {r['eager']['rss'] / 1e9:.2f} GB | 1.00x |"]
+    for d in r["dsv3conv"]:
+        lines.append(f"| dsv3conv, {d['threads']} threads | {d['s']:.1f} | {gb / d['s']:.2f} | {d['rss'] / 1e9:.2f} GB "
+                     f"| {eager / d['s']:.2f}x |")
+    most = r["dsv3conv"][-1]
+    lines += ["", f"dsv3conv at {most['threads']} threads vs 1 thread: {r['scaling']:.2f}x; "
+                  f"steady state {r['steady_fp8_gbps']:.2f} GB/s of FP8, fixed start-up {r['startup_s']:.2f} s "
+                  f"(from {r['small']['fp8_bytes'] / 1e9:.2f} GB in {r['small']['s']:.1f} s and {gb:.2f} GB in "
+                  f"{most['s']:.1f} s; the run's own startup_seconds: {most.get('startup_seconds')}); "
+                  f"output bit-identical to the eager converter's: {r['bit_exact_vs_eager']}."]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeat", type=int, default=5)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gb", type=float, default=1.0, help="GB of FP8 weights in the large checkpoint")
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/dsv3conv-bench-cpu"), help="where the files go")
+    ap.add_argument("--out", type=Path, required=True, help="directory for bench_cpu.json and bench_cpu.md")
+    ap.add_argument("--threads", help="thread counts to run, e.g. 1,4,16 (default 1, 2, 4, ... all cores)")
+    ap.add_argument("--keep", action="store_true", help="keep the source checkpoints for the next run")
     args = ap.parse_args()
-    backend = CpuBackend()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; [3584, 18432] is one 64 MB chunk as the "
-          "pipeline converts [7168, 18432]")
-    print("| shape | fused compiled G el/s | eager reference G el/s | speed-up | bit-exact |")
-    print("|---|---|---|---|---|")
-    for rows, cols in SHAPES:
-        gen = torch.Generator().manual_seed(rows + cols)
-        raw = torch.randint(0, 256, (rows * cols,), dtype=torch.uint8, generator=gen)
-        raw[(raw & 0x7F) == 0x7F] = 0
-        scale = torch.rand((-(-rows // 128), -(-cols // 128)), generator=gen) + 1e-3
-        item = Item(0, raw.numel(), rows, cols, scale, "BF16")
-        w = raw.view(torch.float8_e4m3fn).view(rows, cols)
-        out = torch.empty(rows * cols * 2, dtype=torch.uint8)  # recycled, as the pipeline does
-        fused = median_seconds(lambda: backend.run(raw, [item], out), args.repeat)
-        eager = median_seconds(lambda: reference_dequant(w, scale), args.repeat)
-        (got,) = backend.run(raw, [item])
-        exact = bytes(got) == reference_dequant(w, scale).view(torch.uint8).numpy().tobytes()
-        n = rows * cols / 1e9
-        print(f"| [{rows}, {cols}] | {n / fused:.2f} | {n / eager:.2f} | {eager / fused:.1f}x | {exact} |")
+    start = time.perf_counter()
+    cores = len(os.sched_getaffinity(0))
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    large, small = build(args.dir / "large", args.gb), build(args.dir / "small", args.gb / 4)
+    print(f"built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    r: dict = {"date": datetime.date.today().isoformat(), "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+               "machine": machine(args.dir), "large": sizes(large), "small": sizes(small)}
+    r.update(storage(large, args.dir, r["large"]["output_bytes"], min(cores, 8)))
+    eager_out = args.dir / "eager"
+    shutil.rmtree(eager_out, ignore_errors=True)
+    t, rss, _ = timed([sys.executable, "-c", EAGER, str(large), str(eager_out), "cpu"])
+    r["eager"] = {"s": t, "rss": rss}
+    print(f"eager {t:.1f} s", file=sys.stderr, flush=True)
+    out = args.dir / "dsv3conv"
+    r["dsv3conv"] = []
+    counts = thread_counts(cores, args.threads)
+    for threads in reversed(counts):  # the most threads first: its output is the one compared
+        r["dsv3conv"].insert(0, dsv3conv(large, out, threads))
+        print(f"dsv3conv {threads} threads {r['dsv3conv'][0]['s']:.1f} s", file=sys.stderr, flush=True)
+        if threads == counts[-1]:
+            r["bit_exact_vs_eager"] = same_tensors(eager_out, out)
+            shutil.rmtree(eager_out)
+    r["small"].update(dsv3conv(small, out, counts[-1]))
+    shutil.rmtree(out)
+    most, one = r["dsv3conv"][-1], r["dsv3conv"][0]
+    rate = (r["large"]["fp8_bytes"] - r["small"]["fp8_bytes"]) / max(most["s"] - r["small"]["s"], 1e-9)
+    r["steady_fp8_gbps"] = rate / 1e9
+    r["startup_s"] = r["small"]["s"] - r["small"]["fp8_bytes"] / rate
+    r["scaling"] = one["s"] / most["s"]
+    r["bench_seconds"] = time.perf_counter() - start
+    if not args.keep:
+        shutil.rmtree(args.dir, ignore_errors=True)
+    (args.out / "bench_cpu.json").write_text(json.dumps(r, indent=2) + "\n")
+    text = table(r)
+    (args.out / "bench_cpu.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
