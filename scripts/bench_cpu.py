@@ -36,13 +36,16 @@ EXPERT_BYTES = 3 * 2048 * 7168  # FP8 bytes of one routed expert (gate, up, down
 LAYER_BYTES = 200_000_000  # FP8 bytes of the rest of a MoE layer (attention, shared expert), roughly
 
 
-def build(root: Path, fp8_gb: float) -> Path:
-    """A one-MoE-layer checkpoint of real shapes holding about `fp8_gb` GB of FP8 weights, in four shards."""
+def experts_for(fp8_gb: float) -> int:
+    return max(1, round((fp8_gb * 1e9 - LAYER_BYTES) / EXPERT_BYTES))
+
+
+def build(root: Path, experts: int) -> Path:
+    """A one-MoE-layer checkpoint of real shapes with `experts` routed experts, in four shards."""
     from dsv3conv.synthetic import make_real_shapes
 
     if (root / "model.safetensors.index.json").exists():
         return root
-    experts = max(1, round((fp8_gb * 1e9 - LAYER_BYTES) / EXPERT_BYTES))
     make_real_shapes(root, num_layers=1, num_experts=experts, vocab_size=1024,
                      shard_bytes=int((LAYER_BYTES + experts * EXPERT_BYTES) / 4) + 1)
     return root
@@ -157,7 +160,10 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     args.out.mkdir(parents=True, exist_ok=True)
     args.dir.mkdir(parents=True, exist_ok=True)
-    large, small = build(args.dir / "large", args.gb), build(args.dir / "small", args.gb / 4)
+    experts = experts_for(args.gb)
+    if experts < 8:
+        raise SystemExit(f"--gb {args.gb}: too small for two sizes of one MoE layer; give 0.6 or more")
+    large, small = build(args.dir / f"src-{experts}", experts), build(args.dir / f"src-{experts // 4}", experts // 4)
     print(f"built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     r: dict = {"date": datetime.date.today().isoformat(), "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                "machine": machine(args.dir), "large": sizes(large), "small": sizes(small)}

@@ -1,9 +1,12 @@
 """CPU kernels in memory: `CpuBackend` dequant and quant at 1, 2, 4, ... threads beside the plain-torch
 references, on DeepSeek-V3 shapes, with a bit-for-bit check; no files, no I/O.
 
-    python scripts/bench_cpu_kernels.py [--repeat 3] [--threads 1,2] [--scale-fmt float|ue8m0]
+    python scripts/bench_cpu_kernels.py [--repeat 3] [--threads 1,2,16] [--scale-fmt float|ue8m0]
+        [--step ELEMS] [--task ELEMS]
 
 Prints G elements/s (median of repeats); the pipeline hands the backend one 64 MB piece at a time, as here.
+--step (elements per step of torch ops inside a thread) and --task (elements per task handed to a thread)
+override the defaults, to see where many threads start waiting on Python's GIL.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import time
 
 import torch
 
+from dsv3conv import backend as cpu_backend
 from dsv3conv.backend import CpuBackend, Item
+from dsv3conv.kernels import fp8_block_cpu
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.kernels.fp8_block_quant import reference_quant
 
@@ -50,12 +55,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", help="thread counts, e.g. 1,2 (default 1 and every core)")
     ap.add_argument("--scale-fmt", default="float", choices=("float", "ue8m0"))
+    ap.add_argument("--step", type=int, default=fp8_block_cpu.STEP_ELEMS)
+    ap.add_argument("--task", type=int, default=cpu_backend.TASK_ELEMS)
     args = ap.parse_args()
+    fp8_block_cpu.STEP_ELEMS, cpu_backend.TASK_ELEMS = args.step, args.task
     cores = len(os.sched_getaffinity(0))
     counts = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
     backends = {t: CpuBackend(threads=t) for t in counts}
     heads = " | ".join(f"{op} {t} thr" for op in ("dequant", "quant") for t in counts)
-    print(f"torch {torch.__version__}, {cores} cores, scale_fmt {args.scale_fmt}; G elements/s")
+    print(f"torch {torch.__version__}, {cores} cores, scale_fmt {args.scale_fmt}, step {args.step}, "
+          f"task {args.task}; G elements/s")
     print(f"| shape | {heads} | dequant reference | quant reference | bit-exact |")
     print("|---|" + "---:|" * (2 * len(counts) + 2) + "---|")
     for rows, cols in SHAPES:
