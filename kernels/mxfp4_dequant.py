@@ -1,0 +1,267 @@
+"""MXFP4 dequantization (packed E2M1 pairs, one E8M0 scale per 32 values): torch reference, exact CPU path,
+Triton kernel and launcher.
+
+Layout (DeepSeek-V4 routed experts): `packed` [rows, cols / 2] of int8/uint8 bytes, two E2M1 codes per byte,
+the low nibble the even column, the high nibble the odd one; `scale` [rows, ceil(cols / 32)] of
+float8_e8m0fnu (or its raw uint8 bits), byte b meaning 2^(b - 127); 255 is NaN and is refused.
+
+    out[i, j] = round_to_nearest_even(float32(e2m1(code[i, j])) * float32(scale[i, j // 32]))
+
+E2M1 code c: sign c >> 3, exponent (c >> 1) & 3 (bias 1), mantissa c & 1; magnitudes 0, 0.5, 1, 1.5, 2, 3,
+4, 6. Code 8 is -0.0 (a decoded weight encodes back to the same code). Nothing runs on import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+try:  # Triton is optional: the reference must stay usable where it is absent.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+if HAS_TRITON:
+    from .fp8_block_dequant import _e8m0_bits_to_f32
+
+GROUP = 32  # values per scale
+E8M0_NAN = 255
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_PACKED_DTYPES = (torch.int8, torch.uint8)
+# Packed bytes per CPU chunk: bounds the int32 index temporary (4 bytes per packed byte).
+_CPU_CHUNK_BYTES = 1 << 22
+
+
+def unpacked_shape(packed: torch.Tensor) -> tuple[int, int]:
+    rows, pcols = packed.shape
+    return rows, 2 * pcols
+
+
+def _scale_bits(scale: torch.Tensor) -> torch.Tensor:
+    """The scale's raw E8M0 bytes as uint8 (accepts float8_e8m0fnu or uint8)."""
+    if scale.dtype == torch.uint8:
+        return scale
+    if scale.dtype == getattr(torch, "float8_e8m0fnu", None):
+        return scale.view(torch.uint8)
+    raise ValueError(f"scale must be float8_e8m0fnu or uint8 (raw e8m0 bits), got {scale.dtype}")
+
+
+def check_args(packed: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> tuple[int, int]:
+    """Validate dtypes and shapes; return the unpacked (rows, cols)."""
+    if packed.dtype not in _PACKED_DTYPES:
+        raise ValueError(f"packed must be int8 or uint8 (two E2M1 codes per byte), got {packed.dtype}")
+    if packed.dim() != 2:
+        raise ValueError(f"packed must be 2-D [rows, cols / 2], got shape {tuple(packed.shape)}")
+    _scale_bits(scale)
+    rows, cols = unpacked_shape(packed)
+    want = (rows, -(-cols // GROUP))
+    if tuple(scale.shape) != want:
+        raise ValueError(
+            f"scale shape {tuple(scale.shape)} does not match packed shape {tuple(packed.shape)}: "
+            f"expected {want} (one scale per {GROUP} values of the {cols} unpacked columns)"
+        )
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    return rows, cols
+
+
+def nan_scale(scale: torch.Tensor) -> tuple[int, int] | None:
+    """(row, group) of the first E8M0 NaN (byte 255), or None."""
+    bad = _scale_bits(scale) == E8M0_NAN
+    if not bool(bad.any()):
+        return None
+    i, j = (int(v) for v in bad.nonzero()[0])
+    return i, j
+
+
+def _refuse_nan(scale: torch.Tensor) -> None:
+    where = nan_scale(scale)
+    if where is not None:
+        raise ValueError(f"scale[{where[0]}, {where[1]}] is the E8M0 NaN code 255; the scale is damaged")
+
+
+def reference_dequant_mxfp4(
+    packed: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Plain-torch MXFP4 dequant: the semantics every other implementation must match bit for bit."""
+    rows, cols = check_args(packed, scale, out_dtype)
+    _refuse_nan(scale)
+    b = packed.view(torch.uint8).to(torch.int64)
+    codes = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(rows, cols)
+    values = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)[codes]
+    s = _scale_bits(scale).view(torch.float8_e8m0fnu).to(torch.float32)
+    s = s.repeat_interleave(GROUP, dim=1)[:, :cols]
+    return (values * s).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------- CPU path
+_PAIR_INT = {2: torch.int32, 4: torch.int64}  # output itemsize -> integer type of two values
+
+
+@functools.cache
+def _pair_table(out_dtype: torch.dtype) -> torch.Tensor:
+    """[256 * 256] integers, each the two out_dtype values that byte `i & 255` decodes to under scale `i >> 8`.
+
+    Built with the reference's arithmetic, so a lookup is the reference's result bit for bit (entries of scale
+    255 hold NaN and are never read: NaN scales are refused first).
+    """
+    byte = torch.arange(256, dtype=torch.int64)
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+    pairs = torch.stack((lut[byte & 0xF], lut[byte >> 4]), dim=-1)  # [256, 2]
+    s = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e8m0fnu).to(torch.float32)
+    table = (s[:, None, None] * pairs[None, :, :]).to(out_dtype).contiguous()
+    return table.view(_PAIR_INT[out_dtype.itemsize]).reshape(256 * 256)
+
+
+def cpu_dequant_mxfp4(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact MXFP4 dequant on the CPU: one table lookup per byte gives both of its output values.
+
+    The table holds every (scale, byte) -> value pair computed as the reference does, so the result is the
+    reference's bit for bit; per row chunk the work is one index pass and one gather (index_select).
+    `out`: an optional contiguous [rows, cols] tensor of out_dtype, written in place.
+    """
+    rows, cols = check_args(packed, scale, out_dtype)
+    _refuse_nan(scale)
+    if out is None:
+        out = torch.empty((rows, cols), dtype=out_dtype)
+    elif tuple(out.shape) != (rows, cols) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"out is {tuple(out.shape)} {out.dtype}; expected a contiguous {(rows, cols)} {out_dtype}")
+    if rows == 0 or cols == 0:
+        return out
+    table = _pair_table(out_dtype)
+    pairs = out.view(table.dtype)  # [rows, cols / 2]: one integer per packed byte
+    b, s = packed.view(torch.uint8), _scale_bits(scale).to(torch.int32) << 8
+    pcols = cols // 2
+    full = pcols // (GROUP // 2)  # groups whose 16 bytes are all present
+    step = max(1, _CPU_CHUNK_BYTES // pcols)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        if full:
+            idx = b[r0:r1, : full * 16].reshape(r1 - r0, full, 16).to(torch.int32)
+            idx += s[r0:r1, :full, None]
+            dst = pairs[r0:r1, : full * 16]
+            if full * 16 == pcols:  # contiguous: gather straight into the output
+                torch.index_select(table, 0, idx.reshape(-1), out=dst.view(-1))
+            else:
+                dst.copy_(table.index_select(0, idx.reshape(-1)).view(dst.shape))
+        if full * 16 < pcols:  # a partial last group: its bytes share the last scale
+            idx = b[r0:r1, full * 16 :].to(torch.int32) + s[r0:r1, full : full + 1]
+            pairs[r0:r1, full * 16 :] = table[idx]
+    return out
+
+
+# ------------------------------------------------------------------------------------- Triton kernel
+if HAS_TRITON:
+
+    @triton.jit
+    def _e2m1_to_f32(code):
+        """Exact float32 of E2M1 codes (int32, 0..15): built from the bits, sign kept on zero."""
+        c = code.to(tl.uint32)
+        e = (c >> 1) & 3
+        m = c & 1
+        normal = ((e + 126) << 23) | (m << 22)  # 2^(e-1) * (1 + m/2)
+        subnormal = m * (126 << 23)  # m * 0.5
+        bits = tl.where(e == 0, subnormal, normal) | ((c & 8) << 28)
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _mxfp4_dequant_kernel(
+        p_ptr,
+        s_ptr,
+        o_ptr,
+        rows,
+        pcols,
+        stride_p,
+        stride_s,
+        stride_o,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """One BLOCK_M x BLOCK_K tile of packed bytes -> BLOCK_M x 2*BLOCK_K output values."""
+        pid = tl.program_id(0)
+        tiles_k = tl.cdiv(pcols, BLOCK_K)
+        pid_m = pid // tiles_k
+        pid_k = pid % tiles_k
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        row_in = offs_m < rows
+        mask = row_in[:, None] & (offs_k < pcols)[None, :]
+        rows64 = offs_m.to(tl.int64)
+        b = tl.load(p_ptr + rows64[:, None] * stride_p + offs_k[None, :], mask=mask, other=0).to(tl.int32)
+        s_bits = tl.load(s_ptr + rows64[:, None] * stride_s + (offs_k // 16)[None, :], mask=mask, other=127)
+        s = _e8m0_bits_to_f32(s_bits)
+        lo = _e2m1_to_f32(b & 0xF) * s  # float32 product, exact
+        hi = _e2m1_to_f32((b >> 4) & 0xF) * s
+        out = tl.reshape(tl.join(lo, hi), (BLOCK_M, 2 * BLOCK_K)).to(o_ptr.dtype.element_ty)
+        offs_c = pid_k * (2 * BLOCK_K) + tl.arange(0, 2 * BLOCK_K)
+        o_mask = row_in[:, None] & (offs_c < 2 * pcols)[None, :]
+        tl.store(o_ptr + rows64[:, None] * stride_o + offs_c[None, :], out, mask=o_mask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def pick_config(rows: int, pcols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps): 8 KB of packed bytes per tile, narrower tiles for narrow tensors."""
+    block_k = 128 if pcols > 64 else 64
+    return 64 if block_k == 128 else 128, block_k, 8
+
+
+def dequant_mxfp4(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantize one MXFP4 tensor on the GPU, bit-identical to `reference_dequant_mxfp4`.
+
+    packed: [rows, cols / 2] int8/uint8; scale: [rows, ceil(cols / 32)] float8_e8m0fnu or uint8 bits.
+    The kernel turns scale byte 255 into NaN without a check (a check would wait on the GPU): callers
+    refuse such scales first (`nan_scale`). out: optional [rows, cols] of out_dtype, rows contiguous.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed; use cpu_dequant_mxfp4 instead")
+    rows, cols = check_args(packed, scale, out_dtype)
+    if packed.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"Triton MXFP4 dequant needs CUDA tensors, got device {packed.device}")
+    if scale.device != packed.device:
+        raise ValueError(f"packed is on {packed.device} but scale is on {scale.device}")
+    if out is None:
+        out = torch.empty((rows, cols), dtype=out_dtype, device=packed.device)
+    elif tuple(out.shape) != (rows, cols) or out.dtype != out_dtype or out.device != packed.device:
+        raise ValueError(
+            f"out is {tuple(out.shape)} {out.dtype} on {out.device}; expected {(rows, cols)} {out_dtype} "
+            f"on {packed.device}"
+        )
+    elif cols > 1 and out.stride(1) != 1:
+        raise ValueError(f"out must be contiguous along columns, got strides {out.stride()}")
+    if rows == 0 or cols == 0:
+        return out
+    p = packed.view(torch.uint8)
+    if p.stride(1) != 1:
+        p = p.contiguous()
+    s = _scale_bits(scale).contiguous()
+    block_m, block_k, num_warps = pick_config(rows, cols // 2)
+    grid = (triton.cdiv(rows, block_m) * triton.cdiv(cols // 2, block_k),)
+    guard = torch.cuda.device(packed.device) if packed.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        _mxfp4_dequant_kernel[grid](
+            p, s, out, rows, cols // 2, p.stride(0), s.stride(0), out.stride(0),
+            BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
+        )
+    return out
