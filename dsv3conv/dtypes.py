@@ -1,7 +1,8 @@
-"""safetensors dtype names of the floating-point types and their torch dtypes (one map for the project).
+"""safetensors dtype names and their torch dtypes (one map for the project).
 
-The name table needs no torch: planning modules use it and start fast. `TORCH_DTYPES` (and its inverse
-`SAFETENSORS_DTYPES`) import torch on first use, where computing happens.
+The name tables need no torch: planning modules use them and start fast. `TORCH_DTYPES` (the floating-point
+types: weights, scales, outputs), `INTEGER_DTYPES` (integer types some checkpoints also store: packed FP4
+bytes, router tables) and `SAFETENSORS_DTYPES` (torch dtype -> name, both kinds) import torch on first use.
 """
 
 from __future__ import annotations
@@ -11,13 +12,19 @@ TORCH_NAMES: dict[str, str] = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
 }
+INTEGER_NAMES: dict[str, str] = {
+    "I8": "int8", "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool",
+}
 
 
 def __getattr__(name: str):
-    if name not in ("TORCH_DTYPES", "SAFETENSORS_DTYPES"):
+    if name not in ("TORCH_DTYPES", "INTEGER_DTYPES", "SAFETENSORS_DTYPES"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import torch
 
     torch_dtypes = {k: getattr(torch, v) for k, v in TORCH_NAMES.items()}
-    globals().update(TORCH_DTYPES=torch_dtypes, SAFETENSORS_DTYPES={v: k for k, v in torch_dtypes.items()})
+    integer_dtypes = {k: getattr(torch, v) for k, v in INTEGER_NAMES.items()}
+    every = {**torch_dtypes, **integer_dtypes}
+    globals().update(TORCH_DTYPES=torch_dtypes, INTEGER_DTYPES=integer_dtypes,
+                     SAFETENSORS_DTYPES={v: k for k, v in every.items()})
     return globals()[name]

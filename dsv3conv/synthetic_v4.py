@@ -1,0 +1,139 @@
+"""Synthetic checkpoints of the DeepSeek-V4 family and of compressed-tensors FP8_BLOCK, for tests and examples.
+
+- `make_v4(root, "flash")`: V4-Flash-like: FP8 weights with F8_E8M0 128x128 `.scale`s, routed experts packed
+  MXFP4 (I8 + F8_E8M0 per 32, `expert_dtype: fp4`), hash-routed first layer (I64 `tid2eid`), compressor and
+  indexer tensors, F32 hyper-connection tensors, an MTP module at `mtp.0`.
+- `make_v4(root, "flash-base")`: the same with FP8 routed experts (no `expert_dtype`).
+- `make_v4(root, "0731")`: -0731-like: MXFP4 experts and a three-stage DSpark drafter under `mtp.*`.
+- `make_compressed_tensors(root)`: a DeepSeek-V3-layout model quantized the way llm-compressor's FP8_BLOCK
+  scheme stores it: `.weight_scale` multipliers, `quant_method: compressed-tensors`, an `ignore` list whose
+  modules (`lm_head`, the routers, `kv_a_proj_with_mqa`) stay BF16.
+Shapes are tiny; some FP8 dimensions are not multiples of 128.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from dsv3conv.dtypes import TORCH_DTYPES
+from dsv3conv.formats import ignored
+from dsv3conv.layout import FP8_DTYPE, deepseek_v3_tensors, is_scale, scale_shape
+from dsv3conv.layout_v4 import deepseek_v4_tensors
+from dsv3conv.synthetic import _write_tensors, quantize_blocks, tiny_config, write_extra_files
+
+V4_KINDS = ("flash", "flash-base", "0731")
+V4_QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "scale_fmt": "ue8m0",
+                   "weight_block_size": [128, 128]}
+CT_IGNORE = ["lm_head", "re:.*mlp\\.gate$", "re:.*kv_a_proj_with_mqa$"]
+
+
+def v4_tiny_config(kind: str = "flash") -> dict:
+    """A DeepSeek-V4 config shrunk to test size; `kind` one of `V4_KINDS`."""
+    if kind not in V4_KINDS:
+        raise ValueError(f"kind must be one of {V4_KINDS}")
+    c = {
+        "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "torch_dtype": "bfloat16",
+        "vocab_size": 320, "hidden_size": 256, "num_hidden_layers": 3, "num_nextn_predict_layers": 1,
+        "num_attention_heads": 2, "head_dim": 64, "q_lora_rank": 96, "o_lora_rank": 80, "o_groups": 1,
+        "qk_rope_head_dim": 16, "moe_intermediate_size": 160, "n_routed_experts": 4, "n_shared_experts": 1,
+        "num_experts_per_tok": 2, "num_hash_layers": 1, "hc_mult": 4, "hc_sinkhorn_iters": 20, "hc_eps": 1e-6,
+        "compress_ratios": [0, 4, 128, 0], "index_n_heads": 2, "index_head_dim": 32, "index_topk": 64,
+        "sliding_window": 128, "scoring_func": "sqrtsoftplus", "routed_scaling_factor": 1.5,
+        "expert_dtype": "fp4", "quantization_config": dict(V4_QUANTIZATION),
+    }
+    if kind == "flash-base":
+        del c["expert_dtype"]
+    elif kind == "0731":
+        c.update(num_nextn_predict_layers=3, dspark_target_layer_ids=[0, 1, 2], dspark_block_size=5,
+                 dspark_markov_rank=16)
+    return c
+
+
+def _mxfp4(shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random packed E2M1 bytes and E8M0 scales between 2^-9 and 2^-5 (no NaN code)."""
+    rows, pcols = shape
+    packed = torch.randint(-128, 128, (rows, pcols), dtype=torch.int8, generator=gen)
+    scale = torch.randint(118, 123, (rows, -(-2 * pcols // 32)), dtype=torch.uint8, generator=gen)
+    return packed, scale.view(torch.float8_e8m0fnu)
+
+
+def _values(specs, gen: torch.Generator, scale_dtype: str, config: dict) -> dict[str, torch.Tensor]:
+    """Data for `specs` (each scale listed after its weight): FP8 weights block-quantized with `scale_dtype`
+    scales, packed FP4 with E8M0 scales, router tables, the rest small random values."""
+    names = {n for n, _, _ in specs}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, shape, dtype in specs:
+        if name in tensors:
+            continue
+        if dtype in (FP8_DTYPE, "I8"):
+            sname = next(s for s in (name + "_scale_inv", name[:-7] + ".scale", name[:-7] + ".weight_scale") if s in names)
+            if dtype == "I8":
+                tensors[name], tensors[sname] = _mxfp4(shape, gen)
+                continue
+            w = torch.randn(shape, generator=gen) * 0.02 * (torch.rand((shape[0], 1), generator=gen) * 4 + 0.25)
+            tensors[name], tensors[sname] = quantize_blocks(w, scale_dtype)
+        elif dtype == "I64":
+            tensors[name] = torch.randint(0, config["n_routed_experts"], shape, dtype=torch.int64, generator=gen)
+        else:  # scales came with their weights (listed first)
+            base = 1.0 if name.endswith("norm.weight") else 0.0
+            tensors[name] = (base + 0.02 * torch.randn(shape, generator=gen)).to(TORCH_DTYPES[dtype])
+    return tensors
+
+
+def make_v4(root: str | os.PathLike, kind: str = "flash", *, seed: int = 0, n_shards: int = 3) -> dict[str, torch.Tensor]:
+    """Write a tiny DeepSeek-V4-family checkpoint (see the module docstring); return its tensors."""
+    root = Path(root)
+    config = v4_tiny_config(kind)
+    specs = deepseek_v4_tensors(config)
+    tensors = _values(specs, torch.Generator().manual_seed(seed), "F8_E8M0", config)
+    _write_tensors(root, specs, tensors, config, n_shards)
+    write_extra_files(root, config)
+    return tensors
+
+
+def ct_config(scale_dtype: str = "BF16") -> dict:
+    """A DeepSeek-V3 tiny config carrying llm-compressor's FP8_BLOCK quantization_config."""
+    c = tiny_config()
+    c["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128],
+                        "symmetric": True, "dynamic": False, "scale_dtype": {"BF16": "bfloat16", "F32": "float32"}[scale_dtype]},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 128,
+                                  "symmetric": True, "dynamic": True},
+        }},
+        "ignore": list(CT_IGNORE),
+    }
+    return c
+
+
+def compressed_tensors_specs(config: dict, scale_dtype: str = "BF16") -> list[tuple[str, tuple[int, ...], str]]:
+    """V3's tensors renamed to compressed-tensors' `.weight_scale`; modules in `ignore` stored BF16."""
+    ignore = config["quantization_config"]["ignore"]
+    out = []
+    for name, shape, dtype in deepseek_v3_tensors(config):
+        if is_scale(name):
+            continue
+        module = name[: -len(".weight")]
+        if dtype == FP8_DTYPE and not any(ignored(module, p) for p in ignore):
+            out += [(name, shape, FP8_DTYPE), (module + ".weight_scale", scale_shape(shape), scale_dtype)]
+        else:
+            out.append((name, shape, "BF16" if dtype == FP8_DTYPE else dtype))
+    return out
+
+
+def make_compressed_tensors(
+    root: str | os.PathLike, *, scale_dtype: str = "BF16", seed: int = 0, n_shards: int = 3
+) -> dict[str, torch.Tensor]:
+    """Write a tiny compressed-tensors FP8_BLOCK checkpoint (DeepSeek-V3 layout); return its tensors."""
+    root = Path(root)
+    config = ct_config(scale_dtype)
+    specs = compressed_tensors_specs(config, scale_dtype)
+    tensors = _values(specs, torch.Generator().manual_seed(seed), scale_dtype, config)
+    _write_tensors(root, specs, tensors, config, n_shards)
+    write_extra_files(root, config)
+    return tensors
