@@ -252,16 +252,22 @@ def dequant_mxfp4(
         raise ValueError(f"out must be contiguous along columns, got strides {out.stride()}")
     if rows == 0 or cols == 0:
         return out
+    launch(packed, scale, out, pick_config(rows, cols // 2))
+    return out
+
+
+def launch(packed: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, config: tuple[int, int, int]) -> None:
+    """Launch the kernel on checked tensors with an explicit (BLOCK_M, BLOCK_K, num_warps) (benchmarks sweep it)."""
+    block_m, block_k, num_warps = config
+    rows, pcols = packed.shape
     p = packed.view(torch.uint8)
     if p.stride(1) != 1:
         p = p.contiguous()
     s = _scale_bits(scale).contiguous()
-    block_m, block_k, num_warps = pick_config(rows, cols // 2)
-    grid = (triton.cdiv(rows, block_m) * triton.cdiv(cols // 2, block_k),)
+    grid = (triton.cdiv(rows, block_m) * triton.cdiv(pcols, block_k),)
     guard = torch.cuda.device(packed.device) if packed.device.type == "cuda" else contextlib.nullcontext()
     with guard:
         _mxfp4_dequant_kernel[grid](
-            p, s, out, rows, cols // 2, p.stride(0), s.stride(0), out.stride(0),
+            p, s, out, rows, pcols, p.stride(0), s.stride(0), out.stride(0),
             BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
         )
-    return out

@@ -1,0 +1,109 @@
+"""MXFP4 dequant: bit-exactness on the GPU and speed against the device's copy bandwidth; the CPU path's speed.
+
+Bytes moved per packed byte: 1 read + 1/16 scale read + 2 values written (4 bytes of bf16). The GPU part
+checks each shape bit for bit against the torch reference, times `dequant_mxfp4` (triton's do_bench: median,
+L2 flushed) for DeepSeek-V4 expert shapes and a config sweep, and prints TB/s and % of a device-to-device copy.
+Without CUDA it says so and runs the CPU part only.
+
+    python scripts/bench_mxfp4.py [--json PATH] [--cpu-rows N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from dsv3conv.kernels import mxfp4_dequant as mx
+
+# Unpacked [out, in] of routed experts: V4-Flash w1/w3, w2; V4-Pro w1/w3, w2.
+SHAPES = [(2048, 4096), (4096, 2048), (3072, 7168), (7168, 3072)]
+SWEEP = [(64, 128, 8), (32, 128, 4), (128, 64, 8), (64, 256, 8), (16, 128, 4), (128, 128, 8)]
+
+
+def _inputs(rows: int, cols: int, device: str, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    packed = torch.randint(-128, 128, (rows, cols // 2), dtype=torch.int8, generator=gen)
+    scale = torch.randint(110, 130, (rows, cols // 32), dtype=torch.uint8, generator=gen)
+    return packed.to(device), scale.to(device)
+
+
+def moved_bytes(rows: int, cols: int, out_dtype: torch.dtype) -> int:
+    return rows * cols // 2 + rows * cols // 32 + rows * cols * out_dtype.itemsize
+
+
+def gpu(results: dict) -> None:
+    from triton.testing import do_bench
+
+    big = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    copy_ms = do_bench(lambda: big.clone(), warmup=10, rep=100, return_mode="median")
+    copy_tbs = 2 * big.numel() / copy_ms / 1e9
+    results["copy_tb_s"] = copy_tbs
+    print(f"device copy: {copy_tbs:.2f} TB/s (read + write)")
+    exact = []
+    for rows, cols in SHAPES + [(1, 2), (129, 514), (576, 7168)]:
+        p, s = _inputs(rows, cols, "cpu", seed=rows + cols)
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            ref = mx.reference_dequant_mxfp4(p, s, dt)
+            got = mx.dequant_mxfp4(p.cuda(), s.cuda(), dt).cpu()
+            it = {2: torch.int16, 4: torch.int32}[dt.itemsize]
+            same = torch.equal(ref.view(it), got.view(it))
+            exact.append(same)
+            if not same:
+                print(f"MISMATCH [{rows},{cols}] -> {dt}: {int((ref.view(it) != got.view(it)).sum())} values")
+    results["bit_exact_cases"] = f"{sum(exact)}/{len(exact)}"
+    results["all_exact"] = all(exact)
+    print(f"bit-exact vs reference: {sum(exact)}/{len(exact)} cases")
+    rows_out = []
+    for rows, cols in SHAPES:
+        p, s = _inputs(rows, cols, "cuda")
+        out = torch.empty((rows, cols), dtype=torch.bfloat16, device="cuda")
+        nbytes = moved_bytes(rows, cols, torch.bfloat16)
+        for config in [mx.pick_config(rows, cols // 2)] + SWEEP:
+            ms = do_bench(lambda c=config: mx.launch(p, s, out, c), warmup=25, rep=150, return_mode="median")
+            tbs = nbytes / ms / 1e9
+            rows_out.append({"shape": [rows, cols], "config": list(config), "ms": ms, "tb_s": tbs,
+                             "pct_copy": 100 * tbs / copy_tbs})
+            print(f"[{rows},{cols}] config {config}: {ms * 1e3:.1f} us, {tbs:.2f} TB/s ({100 * tbs / copy_tbs:.0f}% of copy)")
+    results["gpu"] = rows_out
+
+
+def cpu(results: dict, rows: int) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    p, s = _inputs(rows, 4096, "cpu")
+    out = torch.empty((rows, 4096), dtype=torch.bfloat16)
+    mx.cpu_dequant_mxfp4(p, s, out=out)
+    t = time.perf_counter()
+    reps = 3
+    for _ in range(reps):
+        mx.cpu_dequant_mxfp4(p, s, out=out)
+    dt = (time.perf_counter() - t) / reps
+    rate = rows * 4096 / dt / 1e9
+    results["cpu_g_elements_s"] = rate
+    results["cpu_threads"] = torch.get_num_threads()
+    print(f"CPU exact path: [{rows},4096] -> bf16 in {dt * 1e3:.1f} ms, {rate:.2f} G elements/s "
+          f"({torch.get_num_threads()} threads)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--cpu-rows", type=int, default=2048)
+    args = ap.parse_args()
+    results: dict = {}
+    if torch.cuda.is_available():
+        gpu(results)
+    else:
+        print("no CUDA GPU: GPU checks and timings skipped")
+    cpu(results, args.cpu_rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0 if results.get("all_exact", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
