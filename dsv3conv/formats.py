@@ -99,9 +99,10 @@ def classify(tensors: Mapping[str, _Info], config: Mapping | None = None) -> For
     out = Formats({})
     problems = out.problems
     claimed: dict[str, str] = {}  # scale -> weight
+    missing: list[str] = []  # FP8 weights without any scale
     for name, info in tensors.items():
         if info.dtype == FP8:
-            fmt = _classify_fp8(name, info, tensors, problems)
+            fmt = _classify_fp8(name, info, tensors, problems, missing)
         elif info.dtype in PACKED_DTYPES and name.endswith(".weight"):
             fmt = _classify_packed(name, info, tensors, problems)
         else:
@@ -116,18 +117,34 @@ def classify(tensors: Mapping[str, _Info], config: Mapping | None = None) -> For
             out.tensors[name] = TensorFormat(name, "scale", info.dtype, claimed[name], info.dtype)
         elif info.dtype != FP8 and not (info.dtype in PACKED_DTYPES and name.endswith(".weight")):
             if _looks_like_scale(name, info.dtype, tensors):
-                problems.append(f"tensor `{name}` is a scale without its quantized weight; the checkpoint is incomplete")
+                problems.append(f"tensor `{name}` is a scale without its F8_E4M3 weight (nor a packed FP4 one); "
+                                "the checkpoint is incomplete")
             out.tensors[name] = TensorFormat(name, "copy", info.dtype)
+    naming = _expected_naming(out, tensors, config)
+    for name in missing:
+        problems.append(f"tensor `{name}` is F8_E4M3 but `{scale_names(name).get(naming, name + '_scale_inv')}` is "
+                        "missing from the index and from every shard; restore the missing shard or scale")
     if config is not None:
         problems += check_config(out, config)
     return out
 
 
-def _classify_fp8(name: str, info: _Info, tensors: Mapping[str, _Info], problems: list[str]) -> TensorFormat | None:
+def _expected_naming(formats: Formats, tensors: Mapping[str, _Info], config: Mapping | None) -> str:
+    """The scale naming of this checkpoint: the one its other FP8 weights use, else its family's."""
+    seen = Counter(f.naming for f in formats.of_kind("fp8_block"))
+    if seen:
+        return seen.most_common(1)[0][0]
+    if ((config or {}).get("quantization_config") or {}).get("quant_method") == COMPRESSED_TENSORS:
+        return "weight_scale"
+    return "scale" if any(n in ("embed.weight", "head.weight") or n.startswith("layers.") for n in tensors) else "scale_inv"
+
+
+def _classify_fp8(
+    name: str, info: _Info, tensors: Mapping[str, _Info], problems: list[str], missing: list[str]
+) -> TensorFormat | None:
     found = {k: s for k, s in scale_names(name).items() if s in tensors}
     if not found:
-        tried = ", ".join(f"`{s}`" for s in scale_names(name).values())
-        problems.append(f"tensor `{name}` is F8_E4M3 but has no scale ({tried} are all absent); restore the missing shard")
+        missing.append(name)
         return None
     if len(found) > 1:
         problems.append(f"tensor `{name}` has several scales ({', '.join(sorted(found.values()))}); keep one")

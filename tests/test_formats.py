@@ -63,13 +63,18 @@ def test_v3_naming_still_recognized() -> None:
     tensors = {"a.weight": Info("F8_E4M3", (576, 300)), "a.weight_scale_inv": Info("F32", (5, 3))}
     formats = classify(tensors)
     assert formats.problems == [] and formats.tensors["a.weight"].naming == "scale_inv"
+    tensors["b.weight"] = Info("F8_E4M3", (128, 128))
+    assert classify(tensors).problems == [
+        "tensor `b.weight` is F8_E4M3 but `b.weight_scale_inv` is missing from the index and from every shard; "
+        "restore the missing shard or scale"
+    ]
 
 
 # ------------------------------------------------------------------------------------ refusals from headers
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
-        (lambda t: t.pop("layers.0.attn.wq_a.scale"), "`layers.0.attn.wq_a.weight` is F8_E4M3 but has no scale"),
+        (lambda t: t.pop("layers.0.attn.wq_a.scale"), "`layers.0.attn.wq_a.weight` is F8_E4M3 but `layers.0.attn.wq_a.scale` is missing"),
         (lambda t: t.update({"layers.0.attn.wq_a.scale": Info("F8_E8M0", (1, 1))}),
          "`layers.0.attn.wq_a.scale` has shape [1, 1] but `layers.0.attn.wq_a.weight` [96, 256] needs [1, 2]"),
         (lambda t: t.update({"layers.0.attn.wq_a.scale": Info("I8", (1, 2))}), "block scales must be one of"),
@@ -79,7 +84,7 @@ def test_v3_naming_still_recognized() -> None:
          "packed FP4 `layers.1.ffn.experts.0.w1.weight` [160, 128] needs F8_E8M0 [160, 8]"),
         (lambda t: t.update({"layers.1.ffn.experts.0.w1.scale": Info("F32", (160, 8))}), "is F32 [160, 8], but packed FP4"),
         (lambda t: t.update({"stray.weight": Info("U8", (4, 4))}), "`stray.weight` is U8 without `stray.scale`"),
-        (lambda t: t.pop("layers.0.attn.wq_a.weight"), "`layers.0.attn.wq_a.scale` is a scale without its quantized weight"),
+        (lambda t: t.pop("layers.0.attn.wq_a.weight"), "`layers.0.attn.wq_a.scale` is a scale without its F8_E4M3 weight"),
         (lambda t: t.update({"layers.0.attn.wq_a.weight_scale_inv": Info("F32", (1, 2))}), "has several scales"),
     ],
 )
