@@ -144,6 +144,11 @@ def _print_inspect(r: dict) -> None:
     f = r["fp8"]
     t.add_row("FP8 weights", f"{f['weights_with_scale']:,} with scale, {f['weights_without_scale']:,} without; "
               f"{f['orphan_scales']:,} orphan scales")
+    t.add_row("formats", "\n".join(f"{k}: {v:,}" for k, v in r["formats"].items()) or "-")
+    lay = r["layout"]
+    if lay.get("mtp_modules") is not None:  # DeepSeek-V4 names
+        kind = {"mtp": "MTP module", "dspark": "DSpark drafter"}.get(lay["mtp_kind"], "none")
+        t.add_row("mtp.*", f"{kind}: modules {lay['mtp_modules']}, {lay['mtp_tensors']:,} tensors" if lay["mtp_kind"] else "none")
     out.print(t)
     p = r["params"]
     pt = Table(title="parameters (scales excluded)", title_justify="left")

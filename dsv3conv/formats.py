@@ -53,6 +53,8 @@ class Formats:
 
     tensors: dict[str, TensorFormat]
     problems: list[str] = field(default_factory=list)
+    unscaled: list[str] = field(default_factory=list)  # F8_E4M3 weights without any scale
+    orphan_scales: list[str] = field(default_factory=list)  # scales without their weight
 
     def of_kind(self, kind: str) -> list[TensorFormat]:
         return [f for f in self.tensors.values() if f.kind == kind]
@@ -99,7 +101,7 @@ def classify(tensors: Mapping[str, _Info], config: Mapping | None = None) -> For
     out = Formats({})
     problems = out.problems
     claimed: dict[str, str] = {}  # scale -> weight
-    missing: list[str] = []  # FP8 weights without any scale
+    missing = out.unscaled
     for name, info in tensors.items():
         if info.dtype == FP8:
             fmt = _classify_fp8(name, info, tensors, problems, missing)
@@ -117,6 +119,7 @@ def classify(tensors: Mapping[str, _Info], config: Mapping | None = None) -> For
             out.tensors[name] = TensorFormat(name, "scale", info.dtype, claimed[name], info.dtype)
         elif info.dtype != FP8 and not (info.dtype in PACKED_DTYPES and name.endswith(".weight")):
             if _looks_like_scale(name, info.dtype, tensors):
+                out.orphan_scales.append(name)
                 problems.append(f"tensor `{name}` is a scale without its F8_E4M3 weight (nor a packed FP4 one); "
                                 "the checkpoint is incomplete")
             out.tensors[name] = TensorFormat(name, "copy", info.dtype)

@@ -5,22 +5,25 @@ from __future__ import annotations
 from collections import Counter
 
 from dsv3conv.checkpoint import Checkpoint
-from dsv3conv.layout import fp8_coverage, layer_id, mtp_layer_ids, parameter_counts
+from dsv3conv.formats import classify
+from dsv3conv.layout import layer_id, mtp_layer_ids, parameter_counts
+from dsv3conv.layout_v4 import is_v4_names, v4_layout
 
 
 def inspect_checkpoint(ckpt: Checkpoint) -> dict:
     """A JSON-ready report: config facts, layers, MTP, quantization, shards, dtypes, parameters, problems."""
     config = ckpt.config or {}
     problems = list(ckpt.problems)
-    cov = fp8_coverage(ckpt.tensors)
-    problems += [f"tensor `{n}` is F8_E4M3 but has no `{n}_scale_inv`" for n in cov.unscaled]
-    problems += [f"tensor `{n}` is a scale without its F8_E4M3 weight" for n in cov.orphan_scales]
-    problems += cov.bad_scales
+    formats = classify(ckpt.tensors, config or None)  # with the config cross-check
+    problems += formats.problems
     layers = sorted({i for i in map(layer_id, ckpt.tensors) if i is not None})
     declared_mtp = mtp_layer_ids(config)
     mtp_found = [i for i in layers if i in set(declared_mtp)]
     n_main = config.get("num_hidden_layers")
-    if config:
+    v4 = v4_layout(ckpt.tensors, config or None) if is_v4_names(ckpt.tensors) else None
+    if v4 is not None:
+        problems += v4.problems
+    elif config:
         main_found = [i for i in layers if i not in set(declared_mtp)]
         if n_main is not None and main_found != list(range(int(n_main))):
             problems.append(
@@ -31,17 +34,13 @@ def inspect_checkpoint(ckpt: Checkpoint) -> dict:
             problems.append(
                 f"config.json: num_nextn_predict_layers declares MTP layers {declared_mtp} but the tensors hold {mtp_found}"
             )
-        if cov.pairs and not config.get("quantization_config"):
-            problems.append("config.json: FP8 tensors present but no quantization_config")
-        if not cov.pairs and config.get("quantization_config"):
-            problems.append("config.json: quantization_config present but no FP8 tensors")
     return {
         "path": str(ckpt.root),
         "model_type": config.get("model_type"),
         "architectures": config.get("architectures"),
         "num_hidden_layers": n_main,
         "num_nextn_predict_layers": config.get("num_nextn_predict_layers"),
-        "layers": len(layers),
+        "layers": len(v4.main_layers) + len(v4.mtp_modules) if v4 is not None else len(layers),
         "mtp_layers": mtp_found,
         "quantization": config.get("quantization_config"),
         "shards": len(ckpt.shards),
@@ -50,11 +49,13 @@ def inspect_checkpoint(ckpt: Checkpoint) -> dict:
         "total_size": ((ckpt.index or {}).get("metadata") or {}).get("total_size"),
         "dtypes": dict(Counter(t.dtype for t in ckpt.tensors.values()).most_common()),
         "fp8": {
-            "weights_with_scale": len(cov.pairs),
-            "weights_without_scale": len(cov.unscaled),
-            "orphan_scales": len(cov.orphan_scales),
+            "weights_with_scale": len(formats.of_kind("fp8_block")),
+            "weights_without_scale": len(formats.unscaled),
+            "orphan_scales": len(formats.orphan_scales),
         },
-        "params": parameter_counts(((n, t.shape) for n, t in ckpt.tensors.items()), config),
+        "formats": formats.groups(),
+        "layout": v4.summary() if v4 is not None else {"mtp_kind": "mtp" if mtp_found else None},
+        "params": parameter_counts(((n, t.shape) for n, t in ckpt.tensors.items()), config, formats.tensors),
         "problems": problems,
     }
 

@@ -102,50 +102,64 @@ def fp8_coverage(tensors: Mapping[str, TensorInfo], block: int = BLOCK) -> Fp8Co
 
 
 # ---------------------------------------------------------------------------------------- parameters
-def parameter_counts(tensors: Iterable[tuple[str, tuple[int, ...]]], config: Mapping) -> dict[str, int]:
+EMBEDDINGS = ("model.embed_tokens.weight", "embed.weight")  # DeepSeek-V3 / V4 names
+HEADS = ("lm_head.weight", "head.weight")
+V4_ROUTED_EXPERT_RE = re.compile(r"^(layers|mtp)\.(\d+)\.ffn\.experts\.(\d+)\.")
+V4_MTP_RE = re.compile(r"^mtp\.\d+\.")
+
+
+def parameter_counts(
+    tensors: Iterable[tuple[str, tuple[int, ...]]], config: Mapping, formats: Mapping | None = None
+) -> dict[str, int]:
     """Parameter figures; scales are never parameters.
 
-    main            every tensor outside the MTP layers
+    main            every tensor outside the MTP layers (V4: outside `mtp.*`)
     mtp             every tensor of the MTP layers, as stored
     mtp_unique      mtp without its stored copies of the embedding and the head
-    embedding/head  model.embed_tokens / lm_head
+    embedding/head  model.embed_tokens / lm_head (V4: embed / head)
     main_activated  per token: main less the embedding and all but `num_experts_per_tok` routed experts per layer
                     (the head counted; add `embedding` for the other convention)
     mtp_activated   likewise for the MTP layers, without their embedding and head copies
-    scales          elements of the *_scale_inv tensors
+    scales          elements of the scale tensors
+
+    `formats` (name -> formats.TensorFormat): tells scales of any naming apart and counts two parameters per
+    byte of packed FP4; without it, `*_scale_inv` are the scales.
     """
     mtp_ids = set(mtp_layer_ids(config))
     top_k = int(config.get("num_experts_per_tok", 0) or 0)
     out = dict.fromkeys(("main", "mtp", "mtp_unique", "embedding", "head", "main_activated", "mtp_activated", "scales"), 0)
-    routed: dict[int, dict[int, int]] = {}  # layer -> expert -> params
+    routed: dict[tuple, dict[int, int]] = {}  # (layer key, is MTP) -> expert -> params
     for name, shape in tensors:
         n = math.prod(shape)
-        if is_scale(name):
+        kind = formats[name].kind if formats is not None and name in formats else None
+        if kind == "scale" or (formats is None and is_scale(name)):
             out["scales"] += n
             continue
         if name.endswith(".inv_freq"):  # rotary buffers some releases store (Kimi-K2): not parameters
             continue
-        layer = layer_id(name)
-        if layer in mtp_ids:
+        n *= 2 if kind == "mxfp4" else 1  # two E2M1 values per byte
+        in_mtp = layer_id(name) in mtp_ids or V4_MTP_RE.match(name) is not None
+        if in_mtp:
             out["mtp"] += n
             if not name.endswith((".embed_tokens.weight", ".shared_head.head.weight")):
                 out["mtp_unique"] += n
         else:
             out["main"] += n
-        if name == "model.embed_tokens.weight":
+        if name in EMBEDDINGS:
             out["embedding"] += n
-        elif name == "lm_head.weight":
+        elif name in HEADS:
             out["head"] += n
-        m = ROUTED_EXPERT_RE.match(name)
+        m = ROUTED_EXPERT_RE.match(name) or V4_ROUTED_EXPERT_RE.match(name)
         if m:
-            experts = routed.setdefault(int(m.group(1)), {})
-            experts[int(m.group(2))] = experts.get(int(m.group(2)), 0) + n
+            experts = routed.setdefault((m.group(0).split(".experts.")[0], in_mtp), {})
+            e = int(m.group(m.lastindex))
+            experts[e] = experts.get(e, 0) + n
     inactive_main = inactive_mtp = 0
-    for layer, experts in routed.items():
+    for (_, in_mtp), experts in routed.items():
         total = sum(experts.values())
         per_expert = total / len(experts)
         inactive = total - round(per_expert * min(top_k, len(experts)))
-        if layer in mtp_ids:
+        if in_mtp:
             inactive_mtp += inactive
         else:
             inactive_main += inactive

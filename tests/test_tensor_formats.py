@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -163,3 +164,28 @@ def test_v4_layout_config_disagreements() -> None:
     no_fields = {k: v for k, v in dconfig.items() if not k.startswith("dspark")}
     assert any("has no dspark_* fields" in p for p in v4_layout(drafter, no_fields).problems)
     assert v4_layout(tensors, None).problems == []
+
+
+# ------------------------------------------------------------------------------------ inspect
+@pytest.mark.parametrize("kind", ["flash", "0731"])
+def test_inspect_v4_formats_layout_and_parameters(tmp_path, kind) -> None:
+    from dsv3conv.inspection import inspect_checkpoint
+
+    make_v4(tmp_path / kind, kind)
+    r = inspect_checkpoint(Checkpoint.open(tmp_path / kind))
+    assert r["problems"] == []
+    c = v4_tiny_config(kind)
+    stages = c["num_nextn_predict_layers"]
+    # w1, w2, w3 of every routed expert in the main layers and the mtp.* modules
+    assert r["formats"]["mxfp4 (E2M1 pairs, F8_E8M0 scale per 32)"] == (3 + stages) * 4 * 3
+    assert r["layout"] == {"main_layers": 3, "mtp_kind": "mtp" if kind == "flash" else "dspark",
+                           "mtp_modules": list(range(stages)), "mtp_tensors": r["layout"]["mtp_tensors"]}
+    # Figures from the config alone: routed experts unpacked (2 values per byte), scales apart.
+    h, v, inter, e, k = c["hidden_size"], c["vocab_size"], c["moe_intermediate_size"], c["n_routed_experts"], c["num_experts_per_tok"]
+    p = r["params"]
+    assert p["embedding"] == p["head"] == v * h
+    expert = 3 * inter * h
+    assert p["main"] - p["main_activated"] - p["embedding"] == c["num_hidden_layers"] * (e - k) * expert
+    assert p["mtp_unique"] - p["mtp_activated"] == stages * (e - k) * expert
+    scales = sum(math.prod(s) for n, s, d in deepseek_v4_tensors(c) if d == "F8_E8M0")
+    assert p["scales"] == scales
