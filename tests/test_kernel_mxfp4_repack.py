@@ -1,0 +1,59 @@
+"""MXFP4 -> block FP8 repack: dequant(source) == dequant(repacked) bit for bit where lossless; losses counted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv3conv.kernels.fp8_block_dequant import reference_dequant
+from dsv3conv.kernels.mxfp4_dequant import reference_dequant_mxfp4
+from dsv3conv.kernels.mxfp4_to_fp8 import repack_mxfp4_to_fp8
+
+_INT = {2: torch.int16, 4: torch.int32}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(_INT[a.itemsize]), b.view(_INT[b.itemsize]))
+
+
+@pytest.mark.parametrize("shape", [(128, 64), (256, 128), (129, 100), (1, 16), (300, 1000)])
+@pytest.mark.parametrize("scale_dtype", [torch.float8_e8m0fnu, torch.float32])
+def test_round_trip_exact_within_14_binades(shape, scale_dtype) -> None:
+    rows, pcols = shape
+    gen = torch.Generator().manual_seed(rows + pcols)
+    packed = torch.randint(-128, 128, (rows, pcols), dtype=torch.int8, generator=gen)
+    scale = torch.randint(110, 125, (rows, -(-2 * pcols // 32)), dtype=torch.uint8, generator=gen)  # 14 apart
+    q, s, lossy = repack_mxfp4_to_fp8(packed, scale, scale_dtype)
+    assert lossy == 0
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (rows, 2 * pcols)
+    assert s.dtype == scale_dtype and s.shape == (-(-rows // 128), -(-2 * pcols // 128))
+    for out_dtype in (torch.bfloat16, torch.float32, torch.float16):
+        want = reference_dequant_mxfp4(packed, scale, out_dtype)
+        assert _same_bits(reference_dequant(q, s, out_dtype), want), f"{shape} -> {out_dtype}"
+
+
+def test_extreme_scales_and_zero_signs() -> None:
+    """Scales at both ends of E8M0 (0 and 254), -0.0 codes: exact; block scale never below 2^-127."""
+    packed = torch.tensor([[0x18, 0x81], [0x77, 0x00]], dtype=torch.uint8).repeat(1, 8)  # [2, 16]
+    for k in (0, 3, 127, 254):
+        scale = torch.full((2, 1), k, dtype=torch.uint8)
+        q, s, lossy = repack_mxfp4_to_fp8(packed, scale)
+        assert lossy == 0
+        assert _same_bits(reference_dequant(q, s, torch.float32), reference_dequant_mxfp4(packed, scale, torch.float32))
+
+
+def test_losses_counted_per_block() -> None:
+    packed = torch.full((256, 64), 0x11, dtype=torch.uint8)  # 0.5 everywhere, two 128x128 blocks
+    scale = torch.full((256, 4), 120, dtype=torch.uint8)
+    scale[5, 2] = 120 + 15  # block (0, 0): a group 15 binades above another -> the smallest lose values
+    q, s, lossy = repack_mxfp4_to_fp8(packed, scale)
+    assert lossy == 1
+    assert not _same_bits(reference_dequant(q, s, torch.float32), reference_dequant_mxfp4(packed, scale, torch.float32))
+    scale[5, 2] = 120 + 14  # 14 binades: still exact
+    assert repack_mxfp4_to_fp8(packed, scale)[2] == 0
+
+
+def test_nan_scale_refused() -> None:
+    scale = torch.full((1, 1), 255, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="NaN code 255"):
+        repack_mxfp4_to_fp8(torch.zeros((1, 16), dtype=torch.int8), scale)
