@@ -3,7 +3,7 @@
 #   scripts/gpu_run.sh                # tests kernel convert (the default steps)
 #   scripts/gpu_run.sh tests          # only the steps named, in order:
 #     tests      pytest -m gpu (tests/test_gpu.py, tests/test_gpu_kernels.py): bit-exactness, pass/fail
-#     kernel     bench_kernel.py (dequant kernel, with and without PDL) and bench_kernel_quant.py
+#     kernel     bench_kernel.py (dequant kernel, with and without PDL), bench_kernel_quant.py, bench_mxfp4.py
 #     convert    bench_convert.py from /dev/shm (GB=20 by default)
 #     disk       bench_convert.py on the local disk, page cache dropped before each run (GB=16)
 #     scale      bench_convert.py from /dev/shm on every GPU: threads, processes, --part jobs, two on one GPU
@@ -34,7 +34,8 @@ for step in "${@:-tests kernel convert}"; do for step in $step; do
         $(grep -l "pytest.mark.gpu" tests/test_*.py) ;;
     kernel)
       run bench_kernel.log python3 scripts/bench_kernel.py --json "$OUT/bench_kernel.json"
-      run bench_kernel_quant.log python3 scripts/bench_kernel_quant.py --json "$OUT/bench_kernel_quant.json" ;;
+      run bench_kernel_quant.log python3 scripts/bench_kernel_quant.py --json "$OUT/bench_kernel_quant.json"
+      run bench_mxfp4.log python3 scripts/bench_mxfp4.py --json "$OUT/bench_mxfp4.json" ;;
     convert)
       run bench_tmpfs.txt python3 scripts/bench_convert.py --device cuda --gb "${GB:-20}" --dir /dev/shm/dsv3conv-bench \
         --json "$OUT/bench_tmpfs.json" ;;

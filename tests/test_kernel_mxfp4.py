@@ -2,7 +2,7 @@
 
 The Triton checks run once in a child process under Triton's interpreter (see tests/triton_interp.py) and
 compare float32 output bit for bit; bfloat16/float16 within one ulp (the interpreter's narrowing is not
-round-to-nearest-even). On a CUDA GPU, `test_gpu_*` compare every output dtype bit for bit.
+round-to-nearest-even). On a CUDA GPU (`pytest -m gpu`), `test_gpu_*` compare every output dtype bit for bit.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from tests.triton_interp import collect_checks, interpreted, needs_triton, run_checks
+from tests.conftest import collect_checks, interpreted, run_checks
 
 # Packed shapes [rows, bytes]: 1 x 1, partial scale groups (7 and 257 bytes), V4-like expert rows.
 SHAPES = [(1, 1), (3, 7), (129, 257), (64, 16), (5, 1000), (256, 3584 // 8)]
@@ -115,10 +115,7 @@ def test_bad_arguments(packed, scale, needle) -> None:
 
 
 # ---------------------------------------------------------------- GPU: bit for bit (skipped without CUDA)
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", SHAPES + [(2048, 3584), (4096, 1024)])
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES)
 def test_gpu_kernel_bit_exact(shape, out_dtype) -> None:
@@ -130,7 +127,7 @@ def test_gpu_kernel_bit_exact(shape, out_dtype) -> None:
     _diff_ulp(got, reference_dequant_mxfp4(packed, scale, out_dtype), f"gpu {shape} -> {out_dtype}")
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES)
 def test_gpu_kernel_every_code_and_scale(out_dtype) -> None:
     from dsv3conv.kernels.mxfp4_dequant import dequant_mxfp4, reference_dequant_mxfp4
@@ -184,7 +181,7 @@ def interp_results(tmp_path_factory) -> dict[str, str]:
     return interpreted(__name__, tmp_path_factory.mktemp("mxfp4_interp"))
 
 
-@needs_triton
+@pytest.mark.interp
 @pytest.mark.parametrize("check", CHECKS)
 def test_interpreted(check: str, interp_results: dict[str, str]) -> None:
     assert interp_results.get(check) == "ok", f"{check}: {interp_results.get(check, 'not run')}"
