@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # torch is pinned by version only: here that takes the local CPU wheel in seconds; on a GPU machine PyPI's
 # build of the same version is the CUDA one. Override with `make setup TORCH=torch==X` for another build.
 TORCH ?= torch==2.13.0
+# A CPU-only host: `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes torch's CPU build.
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench lint clean
@@ -14,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[test,interop]"
 	touch $(STAMP)
 

@@ -19,7 +19,7 @@ import torch
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.kernels.fp8_block_cpu import dequant_rows, quant_rows, row_ranges
-from dsv3conv.kernels.fp8_block_dequant import BLOCK_SIZE
+from dsv3conv.kernels.fp8_block_dequant import BLOCK_SIZE, HAS_TRITON
 
 
 @dataclass
@@ -271,13 +271,16 @@ def device_list(device: str) -> list[str]:
 
 def check_device(device: str) -> str:
     """The device's name once checked (`auto` resolved): a CUDA device must exist; nothing is started on it."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":  # the GPU path needs Triton (the `gpu` extra)
+        device = "cuda" if torch.cuda.is_available() and HAS_TRITON else "cpu"
     if device == "cpu":
         return device
     if device == "cuda" or device.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu")
+        if not HAS_TRITON:
+            raise UsageError(f"--device {device}: the GPU path needs triton, which is not installed; "
+                             "pip install 'dsv3conv[gpu]', or use --device cpu")
         try:
             dev = torch.device(device)
         except RuntimeError:

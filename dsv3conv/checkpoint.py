@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from dsv3conv.errors import Dsv3Error, HeaderError
+from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
 from dsv3conv.safetensors_format import DTYPE_SIZES, Header, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -58,6 +59,23 @@ class ShardInfo:
     file_size: int
 
 
+def require_dir(path: str | os.PathLike, what: str = "") -> Path:
+    """`path` as a checkpoint directory, or a usage error (exit 2) saying what it is instead.
+
+    A Hub repo id (`org/name`) that is not a local directory gets the command that downloads it.
+    """
+    root = Path(path)
+    name = f"{what} {root}" if what else str(root)
+    if not root.exists():
+        if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)):
+            raise UsageError(f"{name}: no such directory; if it is a Hugging Face repo id, download it first "
+                             f"(hf download {path} --local-dir {root.name}) and give that directory")
+        raise UsageError(f"{name}: no such directory; give the checkpoint directory")
+    if not root.is_dir():
+        raise UsageError(f"{name}: is a file, not a checkpoint directory; give the directory that holds it")
+    return root
+
+
 class Checkpoint:
     """Index + headers of a checkpoint directory."""
 
@@ -72,11 +90,7 @@ class Checkpoint:
     # ----------------------------------------------------------------------------------------- opening
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Checkpoint":
-        root = Path(path)
-        if not root.exists():
-            raise Dsv3Error(f"{root}: no such directory; give the checkpoint directory")
-        if not root.is_dir():
-            raise Dsv3Error(f"{root}: is a file, not a checkpoint directory; give the directory that holds it")
+        root = require_dir(path)
         if not os.access(root, os.R_OK | os.X_OK):
             raise Dsv3Error(f"{root}: directory is not readable; fix its permissions")
         ckpt = cls(root)

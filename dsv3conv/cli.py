@@ -20,12 +20,44 @@ from rich.table import Table
 from dsv3conv import __version__
 from dsv3conv.errors import Dsv3Error
 
+
+class _Group(typer.core.TyperGroup):
+    """The app's command group: a usage error Typer finds (a missing argument, an unknown option) is one line
+    on stderr with exit code 2, like every other error."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            from typer._click.exceptions import NoArgsIsHelpError, UsageError  # Typer >= 0.26 vendors Click
+        except ImportError:
+            from click.exceptions import NoArgsIsHelpError, UsageError
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = code if isinstance(code, int) else 0
+        except NoArgsIsHelpError as exc:  # `dsv3conv` alone: the help, as a usage error
+            exc.show()
+            code = exc.exit_code
+        except UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "dsv3conv"
+            err.print(f"dsv3conv: error: {exc.format_message()} (see `{where} --help`)", markup=False)
+            code = 2
+        except typer.Abort:
+            err.print("dsv3conv: aborted", markup=False)
+            code = 1
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
 app = typer.Typer(
     name="dsv3conv",
-    help="Convert DeepSeek-V3-style FP8 checkpoints: inspect, dequant, split-mtp, verify.",
+    cls=_Group,
+    help="Convert DeepSeek-V3-style FP8 checkpoints: inspect, dequant, quant, split-mtp, verify, verify-combine, "
+         "example. Exit codes: 0 success, 1 a problem in the data or a failed run, 2 a usage error, 130 interrupted.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"max_content_width": 120},
+    rich_markup_mode=None,  # plain help: flags without value placeholders, readable in logs and pipes
 )
 # Off a terminal (a CI log, a file, a pipe) rich would wrap tables at 80 columns: give them room, unless
 # COLUMNS says otherwise.
@@ -36,7 +68,7 @@ _state = {"debug": False}
 
 # Options shared by several subcommands, declared once.
 # readable=False: the reader's own one-line error names an unreadable directory (Typer's check prints a panel).
-CkptArg = Annotated[Path, typer.Argument(help="Checkpoint directory (index + shards, or model.safetensors).",
+CkptArg = Annotated[Path, typer.Argument(metavar="CKPT", help="Checkpoint directory (index + shards, or model.safetensors).",
                                          show_default=False, readable=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")]
@@ -45,11 +77,14 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Finish an earlier run
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the checkpoint files already in DST.")]
 PartOpt = Annotated[
     Optional[str],
-    typer.Option("--part", help="Only part K/N of the shards (a job array index); the last part to finish "
+    typer.Option("--part", metavar="K/N", help="Only part K/N of the shards (a job array index); the last part to finish "
                  "writes the index and config."),
 ]
+SpaceCheckOpt = Annotated[bool, typer.Option(
+    "--no-space-check", help="Start even if the destination's filesystem reports less free space than the run "
+    "writes (e.g. a filesystem that compresses).")]
 DeviceOpt = Annotated[str, typer.Option(
-    "--device", help="auto (a CUDA GPU if present, else CPU), cpu, cuda, cuda:N, or several: cuda:all, cuda:0,cuda:1.")]
+    "--device", metavar="DEVICE", help="auto (a CUDA GPU if present, else CPU), cpu, cuda, cuda:N, or several: cuda:all, cuda:0,cuda:1.")]
 
 
 def _version(value: bool) -> None:
@@ -107,7 +142,7 @@ def _fmt_bytes(n: int | None) -> str:
 
 
 # -------------------------------------------------------------------------------------------- inspect
-@app.command()
+@app.command(short_help="What a checkpoint holds (headers only): layers, MTP, quantization, parameters.")
 def inspect(ckpt: CkptArg, json_out: JsonOpt = False) -> None:
     """What a checkpoint holds: config, layers, MTP, quantization, tensors, parameter counts (headers only).
 
@@ -178,24 +213,30 @@ def _print_inspect(r: dict) -> None:
 
 
 # -------------------------------------------------------------------------------------------- dequant
-@app.command()
+@app.command(short_help="FP8 -> BF16 (or FP16/FP32), bit-exact; config.json and index rewritten.")
 def dequant(
-    src: Annotated[Path, typer.Argument(help="FP8 checkpoint directory.", show_default=False, readable=False)],
-    dst: Annotated[Path, typer.Argument(help="Output directory (absent or empty).", show_default=False)],
-    mtp: Annotated[str, typer.Option("--mtp", help="keep: convert the MTP layers too; drop: leave them out.")] = "keep",
+    src: Annotated[Path, typer.Argument(metavar="SRC", help="FP8 checkpoint directory.", show_default=False,
+                                        readable=False)],
+    dst: Annotated[Path, typer.Argument(metavar="DST", help="Output directory (absent or empty).", show_default=False)],
+    mtp: Annotated[str, typer.Option("--mtp", metavar="keep|drop",
+                                     help="keep: convert the MTP layers too; drop: leave them out.")] = "keep",
     device: DeviceOpt = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="bfloat16, float16 or float32.")] = "bfloat16",
+    dtype: Annotated[str, typer.Option("--dtype", metavar="bfloat16|float16|float32",
+                                       help="The output dtype of the dequantized weights.")] = "bfloat16",
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     max_shard_size: Annotated[
-        Optional[str], typer.Option("--max-shard-size", help="Re-shard to files of at most SIZE (e.g. 5GB).")
+        Optional[str], typer.Option("--max-shard-size", metavar="SIZE", help="Re-shard to files of at most SIZE (e.g. 5GB).")
     ] = None,
     buffer_size: Annotated[
         Optional[str],
-        typer.Option("--buffer-size", help="Bytes read per step (default 64MB on CPU, 256MB on GPU); memory in use "
+        typer.Option("--buffer-size", metavar="SIZE", help="Bytes read per step (default 64MB on CPU, 256MB on GPU); memory in use "
                      "is about 5x this on the host and 3x on the GPU."),
     ] = None,
     part: PartOpt = None,
+    allow_noop: Annotated[bool, typer.Option(
+        "--allow-noop", help="Copy a checkpoint that holds no FP8 weights instead of refusing it.")] = False,
+    no_space_check: SpaceCheckOpt = False,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -209,7 +250,9 @@ def dequant(
     with _errors(writes=True):
         result = dequantize(
             src, dst, mtp=mtp, device=device, dtype=dtype, resume=resume, overwrite=overwrite,
-            max_shard_size=max_shard_size, dry_run=dry_run, buffer_size=buffer_size, part=part, progress=not (quiet or json_out and not err.is_terminal),
+            max_shard_size=max_shard_size, dry_run=dry_run, buffer_size=buffer_size, part=part,
+            progress=not (quiet or json_out and not err.is_terminal), allow_noop=allow_noop,
+            space_check=not no_space_check,
         )
     _print_result(result, json_out, dry_run)
 
@@ -226,10 +269,23 @@ def _print_result(result: dict, json_out: bool, dry_run: bool) -> None:
         out.print(f"  tensors: {result['tensors_converted']} converted, {result['tensors_copied']} copied, "
                   f"{result['tensors_dropped']} dropped")
         out.print(f"  bytes: {_fmt_bytes(result['bytes_in'])} read, {_fmt_bytes(result['bytes_out'])} written")
+        out.print(f"  disk: {_fmt_bytes(result['bytes_needed'])} needed in the destination, "
+                  f"{_fmt_bytes(result['bytes_free'])} free there")
         for c in result["config_changes"]:
             out.print(f"  config.json: {c}", markup=False)
         out.print(f"  other files copied: {', '.join(result['extra_files']) or 'none'}", markup=False)
         out.print("dry run: nothing written")
+        return
+    if "part" in result:  # this part's own shards and tensors, not the whole plan's
+        done = "index and config written" if result["finalized"] else (
+            f"{len(result['waiting_for'])} shards still to come from other parts; the last part writes index and config")
+        out.print(
+            f"wrote part {result['part']} of {result['output']}: {len(result['part_shards'])} of {result['shards']} "
+            f"shards ({result['shards_skipped']} already complete), {result['part_tensors_converted']} tensors "
+            f"converted, {result['part_tensors_copied']} copied, {_fmt_bytes(result['bytes_written'])} in "
+            f"{result['seconds']:.1f} s on {result['device']}; {done}",
+            markup=False,
+        )
         return
     out.print(
         f"wrote {result['output']}: {result['shards']} shards ({result['shards_skipped']} already complete), "
@@ -238,33 +294,32 @@ def _print_result(result: dict, json_out: bool, dry_run: bool) -> None:
         f"on {result['device']}",
         markup=False,
     )
-    if "part" in result:
-        done = "index and config written" if result["finalized"] else (
-            f"{len(result['waiting_for'])} shards still to come from other parts; the last part writes index and config")
-        out.print(f"part {result['part']}: {len(result['part_shards'])} shards; {done}", markup=False)
 
 
 # ---------------------------------------------------------------------------------------------- quant
-@app.command()
+@app.command(short_help="BF16 -> 128x128 block FP8 (e4m3) with scales and quantization_config.")
 def quant(
-    src: Annotated[Path, typer.Argument(help="BF16 (or F16/F32) checkpoint directory.", show_default=False,
-                                        readable=False)],
-    dst: Annotated[Path, typer.Argument(help="Output directory (absent or empty).", show_default=False)],
+    src: Annotated[Path, typer.Argument(metavar="SRC", help="BF16 (or F16/F32) checkpoint directory.",
+                                        show_default=False, readable=False)],
+    dst: Annotated[Path, typer.Argument(metavar="DST", help="Output directory (absent or empty).", show_default=False)],
     scale_fmt: Annotated[
-        str, typer.Option("--scale-fmt", help="float: scale = amax/448; ue8m0: rounded up to a power of two.")
+        str, typer.Option("--scale-fmt", metavar="float|ue8m0", help="float: scale = amax/448; ue8m0: rounded up to a power of two.")
     ] = "float",
     scale_dtype: Annotated[
-        str, typer.Option("--scale-dtype", help="float32, bfloat16, float16 or float8_e8m0fnu (needs ue8m0).")
+        str, typer.Option("--scale-dtype", metavar="float32|bfloat16|float16|float8_e8m0fnu",
+                          help="The dtype scales are stored in (float8_e8m0fnu needs --scale-fmt ue8m0).")
     ] = "float32",
     skip: Annotated[
         Optional[list[str]],
         typer.Option("--skip", metavar="REGEX", help="Keep tensors whose name matches unquantized (repeatable)."),
     ] = None,
-    mtp: Annotated[str, typer.Option("--mtp", help="keep: quantize the MTP layers too; drop: leave them out.")] = "keep",
+    mtp: Annotated[str, typer.Option("--mtp", metavar="keep|drop",
+                                     help="keep: quantize the MTP layers too; drop: leave them out.")] = "keep",
     device: DeviceOpt = "auto",
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     part: PartOpt = None,
+    no_space_check: SpaceCheckOpt = False,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -279,7 +334,7 @@ def quant(
         result = quantize(
             src, dst, scale_fmt=scale_fmt, scale_dtype=scale_dtype, skip=skip or [], mtp=mtp, device=device,
             resume=resume, overwrite=overwrite, dry_run=dry_run, progress=not (quiet or json_out and not err.is_terminal),
-            part=part,
+            part=part, space_check=not no_space_check,
         )
     _print_result(result, json_out, dry_run)
     if not json_out and result["tensors_skipped"]:
@@ -288,21 +343,22 @@ def quant(
 
 
 # ------------------------------------------------------------------------------------------ split-mtp
-@app.command("split-mtp")
+@app.command("split-mtp", short_help="Drop the MTP layers, or extract them as a draft checkpoint.")
 def split_mtp(
     src: CkptArg,
     main_out: Annotated[
-        Optional[Path], typer.Option("--main-out", help="Write the checkpoint without its MTP layers here.")
+        Optional[Path], typer.Option("--main-out", metavar="DIR", help="Write the checkpoint without its MTP layers here.")
     ] = None,
     mtp_out: Annotated[
-        Optional[Path], typer.Option("--mtp-out", help="Write the MTP layers here as a standalone draft checkpoint.")
+        Optional[Path], typer.Option("--mtp-out", metavar="DIR", help="Write the MTP layers here as a standalone draft checkpoint.")
     ] = None,
     mtp_layout: Annotated[
-        str, typer.Option("--mtp-layout", help="sglang: draft without embed_tokens and shared_head.head; full: keep them.")
+        str, typer.Option("--mtp-layout", metavar="sglang|full", help="sglang: draft without embed_tokens and shared_head.head; full: keep them.")
     ] = "sglang",
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     part: PartOpt = None,
+    no_space_check: SpaceCheckOpt = False,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -319,33 +375,38 @@ def split_mtp(
         result = run_split(
             src, main_out=main_out, mtp_out=mtp_out, mtp_layout=mtp_layout, resume=resume, overwrite=overwrite,
             dry_run=dry_run, progress=not (quiet or json_out and not err.is_terminal), part=part,
+            space_check=not no_space_check,
         )
     if json_out:
         _print_json(result)
         return
     for key, what in (("main", "main model"), ("mtp", f"MTP draft ({mtp_layout} layout)")):
-        part = result[key]
-        if part is None:
+        r = result[key]
+        if r is None:
             continue
         if dry_run:
             out.print(f"[bold]{what}[/]")
-            _print_result(part, False, True)
+            _print_result(r, False, True)
             continue
+        if "part" in r:  # this part's own shards and tensors, not the whole plan's
+            shards, tensors = f"part {r['part']}: {len(r['part_shards'])} of {r['shards']}", r["part_tensors_copied"]
+        else:
+            shards, tensors = str(r["shards"]), r["tensors_copied"]
         out.print(
-            f"wrote {what} {part['output']}: {part['shards']} shards ({part['shards_copied_whole']} copied whole, "
-            f"{part['shards_skipped']} already complete), {part['tensors_copied']} tensors, "
-            f"{part['tensors_dropped']} left out, {_fmt_bytes(part['bytes_written'])} in {part['seconds']:.1f} s",
+            f"wrote {what} {r['output']}: {shards} shards ({r['shards_copied_whole']} copied whole, "
+            f"{r['shards_skipped']} already complete), {tensors} tensors, "
+            f"{r['tensors_dropped']} left out, {_fmt_bytes(r['bytes_written'])} in {r['seconds']:.1f} s",
             markup=False,
         )
 
 
 # --------------------------------------------------------------------------------------------- verify
-@app.command()
+@app.command(short_help="Check a checkpoint is whole; with --against, bit-identical to its source.")
 def verify(
     ckpt: CkptArg,
     against: Annotated[
         Optional[Path],
-        typer.Option("--against", help="The source CKPT was converted from: compare with its dequantized tensors "
+        typer.Option("--against", metavar="SRC", help="The source CKPT was converted from: compare with its dequantized tensors "
                      "(or, for a quant output, with quant of it).", show_default=False),
     ] = None,
     sample: Annotated[
@@ -355,11 +416,11 @@ def verify(
     ] = None,
     full: Annotated[bool, typer.Option("--full", help="Read every tensor.")] = False,
     device: Annotated[str, typer.Option(
-        "--device", help="Where --against dequantizes: auto (a CUDA GPU if present, else CPU), cpu, cuda or cuda:N.")
+        "--device", metavar="DEVICE", help="Where --against dequantizes: auto (a CUDA GPU if present, else CPU), cpu, cuda or cuda:N.")
     ] = "auto",
     part: Annotated[
         Optional[str],
-        typer.Option("--part", help="Read only the data of the shards of part K/N (a job array index); the header "
+        typer.Option("--part", metavar="K/N", help="Read only the data of the shards of part K/N (a job array index); the header "
                      "checks run in every part. Merge the --json reports with verify-combine."),
     ] = None,
     json_out: JsonOpt = False,
@@ -388,9 +449,9 @@ def verify(
         raise typer.Exit(1)
 
 
-@app.command("verify-combine")
+@app.command("verify-combine", short_help="Merge the --json reports of `verify --part K/N` into one verdict.")
 def verify_combine(
-    reports: Annotated[list[Path], typer.Argument(help="The JSON reports of `verify --part K/N --json`, one per part.",
+    reports: Annotated[list[Path], typer.Argument(metavar="REPORT", help="The JSON reports of `verify --part K/N --json`, one per part.",
                                                   show_default=False)],
     json_out: JsonOpt = False,
 ) -> None:
@@ -408,6 +469,47 @@ def verify_combine(
     _print_verify(report, f"verify: {report['parts']} parts combined", json_out)
     if not report["ok"]:
         raise typer.Exit(1)
+
+
+# -------------------------------------------------------------------------------------------- example
+@app.command(short_help="Write an example checkpoint (tiny FP8 or BF16, real shapes, a replica) to try commands on.")
+def example(
+    kind: Annotated[str, typer.Argument(metavar="KIND", help="fp8, bf16, real-shapes, replica, or a sibling "
+                                        "release: r1, v3-0324, v3.1, v3.1-e8m0, v3.2, kimi-k2, mtp78, qwen3.",
+                                        show_default=False)],
+    dst: Annotated[Path, typer.Argument(metavar="DIR", help="Where to write it (absent or empty).",
+                                        show_default=False)],
+) -> None:
+    """Write an example checkpoint made of random weights, to try every command on without a download.
+
+    fp8: a tiny FP8 release (DeepSeek-V3 names and dtypes, 3 layers, MTP at layer 3, 4 shards, about 2 MB).
+    bf16: that checkpoint dequantized (the input `quant` takes). real-shapes: DeepSeek-V3's true tensor shapes,
+    2 layers of 8 experts (about 2 GB). replica: every header of the full DeepSeek-V3 release in 163 sparse
+    shards (688 GB apparent size, no data: for inspect and --dry-run). r1 ... qwen3: tiny FP8 checkpoints laid
+    out as those releases.
+
+    Example: dsv3conv example fp8 tiny-fp8 && dsv3conv inspect tiny-fp8
+    """
+    import tempfile
+
+    from dsv3conv.errors import UsageError
+    from dsv3conv.synthetic import EXAMPLES, make_example, make_tiny
+
+    with _errors(writes=True):
+        if kind not in EXAMPLES and kind != "bf16":
+            raise UsageError(f"example {kind!r}: choose one of fp8, bf16, {', '.join(k for k in EXAMPLES if k != 'fp8')}")
+        if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+            raise UsageError(f"{dst}: exists and is not an empty directory; choose a new path")
+        if kind == "bf16":
+            from dsv3conv.api import dequantize
+
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=".dsv3conv-example-", dir=dst.parent) as tmp:
+                make_tiny(tmp)
+                dequantize(tmp, dst, device="cpu")
+        else:
+            make_example(kind, dst)
+    out.print(f"wrote the {kind} example checkpoint to {dst}; try: dsv3conv inspect {dst}", markup=False)
 
 
 def _print_verify(report: dict, title: str, json_out: bool) -> None:
@@ -441,4 +543,4 @@ def main() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # A job scheduler's SIGTERM (time limit, preemption) cleans up like Ctrl-C: no partial file is left.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    app()
+    app(prog_name="dsv3conv")

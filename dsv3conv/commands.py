@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint
 from dsv3conv.dest import check_apart, prepare_dest
-from dsv3conv.errors import UsageError
+from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.layout import mtp_layer_ids
 from dsv3conv.plan import parse_size, plan_dequant
 from dsv3conv.quant import plan_quant
@@ -22,25 +22,30 @@ def dequantize(
     src: str | os.PathLike, dst: str | os.PathLike, *, mtp: str = "keep", device: str = "auto",
     dtype: str = "bfloat16", resume: bool = False, overwrite: bool = False,
     max_shard_size: str | int | None = None, dry_run: bool = False, progress: bool = False,
-    buffer_size: str | int | None = None, part: str | tuple[int, int] | None = None,
+    buffer_size: str | int | None = None, part: str | tuple[int, int] | None = None, allow_noop: bool = False,
+    space_check: bool = True,
 ) -> dict:
     """Convert an FP8 checkpoint to `dtype`; return the summary `--json` prints.
 
     `part="K/N"`: convert only part K of N (N independent jobs writing into one DST; the last one to finish
-    writes the index and config).
+    writes the index and config). A checkpoint with no FP8 weight is refused unless `allow_noop` (a copy).
     """
     ckpt = Checkpoint.open(src)
     size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     plan = plan_dequant(ckpt, Path(dst), out_dtype=dtype, mtp=mtp, max_shard_size=size)
+    if not plan.converted and not allow_noop:
+        dtypes = ", ".join(sorted({t.dtype for t in ckpt.tensors.values()}))
+        raise Dsv3Error(f"{ckpt.root}: no FP8 weights to dequantize (its tensors are {dtypes}): nothing to convert; "
+                        "pass --allow-noop to copy it anyway")
     return run_plan(plan, device=device, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress,
-                    buffer_size=buffer_size, part=part)
+                    buffer_size=buffer_size, part=part, space_check=space_check)
 
 
 def quantize(
     src: str | os.PathLike, dst: str | os.PathLike, *, scale_fmt: str = "float", scale_dtype: str = "float32",
     skip: list[str] | tuple[str, ...] = (), mtp: str = "keep", device: str = "auto", resume: bool = False,
     overwrite: bool = False, dry_run: bool = False, progress: bool = False, buffer_size: str | int | None = None,
-    part: str | tuple[int, int] | None = None,
+    part: str | tuple[int, int] | None = None, space_check: bool = True,
 ) -> dict:
     """Quantize a BF16 checkpoint to 128x128 block FP8; return the summary `--json` prints.
 
@@ -50,7 +55,7 @@ def quantize(
     ckpt = Checkpoint.open(src)
     plan = plan_quant(ckpt, Path(dst), scale_fmt=scale_fmt, scale_dtype=scale_dtype, skip=skip, mtp=mtp)
     result = run_plan(plan, device=device, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress,
-                      buffer_size=buffer_size, part=part)
+                      buffer_size=buffer_size, part=part, space_check=space_check)
     qc = (plan.config or {}).get("quantization_config") or {}
     result["scales_written"] = sum(t.op == "quant_scale" for f in plan.files for t in f.tensors)
     result["tensors_skipped"] = len(qc.get("modules_to_not_convert") or [])
@@ -63,7 +68,7 @@ def split_mtp(
     main_out: str | os.PathLike | None = None,
     mtp_out: str | os.PathLike | None = None,
     mtp_layout: str = "sglang", resume: bool = False, overwrite: bool = False, dry_run: bool = False,
-    progress: bool = False, part: str | tuple[int, int] | None = None,
+    progress: bool = False, part: str | tuple[int, int] | None = None, space_check: bool = True,
 ) -> dict:
     """Write the checkpoint without its MTP layers (`main_out`) and/or the MTP draft (`mtp_out`).
 
@@ -84,16 +89,16 @@ def split_mtp(
         plans["main"] = plan_split_main(ckpt, Path(main_out))
     if mtp_out is not None:
         plans["mtp"] = plan_split_mtp(ckpt, Path(mtp_out), mtp_layout)
-    if not dry_run:
-        for plan in plans.values():  # refuse a non-empty second output before writing the first
-            if plan.dest.exists():
-                prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=ckpt.root)
+    for plan in plans.values():  # refuse a non-empty second output before writing the first (a dry run too)
+        prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=ckpt.root,
+                     create=False)
 
     n_main = int(ckpt.config["num_hidden_layers"])
     mtp_ids = sorted(mtp_layer_ids(ckpt.config))
     result = {"source": str(ckpt.root), "mtp_layers": mtp_ids, "main": None, "mtp": None}
     for key, plan in plans.items():
-        summary = run_plan(plan, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress, part=part)
+        summary = run_plan(plan, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress, part=part,
+                           space_check=space_check)
         summary["shards_copied_whole"] = sum(f.copy_of is not None for f in plan.files)
         if key == "mtp":
             summary["layout"] = mtp_layout

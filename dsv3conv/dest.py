@@ -81,8 +81,10 @@ def check_apart(a: Path, b: Path, what_a: str, what_b: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ preparing DST
-def prepare_dest(dest: Path, *, resume: bool, overwrite: bool, source: Path | None = None) -> None:
-    """DST must be absent or empty, unless resuming or overwriting. Created here.
+def prepare_dest(dest: Path, *, resume: bool, overwrite: bool, source: Path | None = None,
+                 create: bool = True) -> None:
+    """DST must be absent or empty, unless resuming or overwriting. Created here; with `create=False` (a dry
+    run, or the check before a run starts) the same refusals, nothing created.
 
     With `source`, the aliasing check runs again once DST exists (it may have been created meanwhile).
     """
@@ -90,6 +92,8 @@ def prepare_dest(dest: Path, *, resume: bool, overwrite: bool, source: Path | No
         raise UsageError("--resume and --overwrite exclude each other; pick one")
     if dest.exists() and not dest.is_dir():
         raise UsageError(f"{dest}: exists and is not a directory; choose another output path")
+    if not create and not dest.exists():
+        return
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -24,6 +24,7 @@ from dsv3conv.dest import FINALIZE_LOCK_NAME, LOCK_NAME, DestLock, is_complete, 
 from dsv3conv.engine import DEFAULT_CHUNK_BYTES, CopyOnly, run_files
 from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
 from dsv3conv.plan import Plan, assign_parts, parse_part, parse_size
+from dsv3conv.preflight import check_space, space_free, space_needed
 from dsv3conv.progress import ByteProgress
 from dsv3conv.writer import copy_file_fast, write_bytes_atomic
 
@@ -40,13 +41,32 @@ class Stats:
 
 def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrite: bool = False,
              dry_run: bool = False, progress: bool = False, buffer_size: str | int | None = None,
-             part: str | tuple[int, int] | None = None) -> dict:
+             part: str | tuple[int, int] | None = None, space_check: bool = True) -> dict:
+    """Run (or, `dry_run`, describe) a plan; return the summary `--json` prints.
+
+    Refused before any work, and the same in a dry run: a DST that is not absent or empty (unless
+    `resume`/`overwrite`), and, unless `space_check` is False, a DST without room for the bytes this run writes.
+    """
     part = parse_part(part) if isinstance(part, str) else part
     summary = plan.summary()
+    mine = plan.files
     if part is not None:
         owner = assign_parts(plan.files, part[1])
-        summary["part"] = f"{part[0]}/{part[1]}"
-        summary["part_shards"] = [f.name for f, k in zip(plan.files, owner) if k == part[0]]
+        mine = [f for f, k in zip(plan.files, owner) if k == part[0]]
+        summary.update(
+            part=f"{part[0]}/{part[1]}", part_shards=[f.name for f in mine],
+            part_tensors_converted=sum(t.converts for f in mine for t in f.tensors),
+            part_tensors_copied=sum(t.op == "copy" for f in mine for t in f.tensors),
+            part_bytes_out=sum(f.size for f in mine),
+        )
+    if part is not None and overwrite:
+        raise UsageError("--part and --overwrite exclude each other: parts share DST; empty it first")
+    # The refusals a run would give, before any work (the run creates DST later)
+    prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, create=False)
+    summary.update(bytes_needed=space_needed(plan, mine, resume=resume or part is not None, overwrite=overwrite),
+                   bytes_free=space_free(plan.dest))
+    if space_check:
+        check_space(plan.dest, summary["bytes_needed"], summary["bytes_free"])
     if dry_run:
         summary["files"] = [
             {"name": f.name, "tensors": len(f.tensors), "converted": sum(t.converts for t in f.tensors),
@@ -65,13 +85,16 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
     chunk = parse_size(buffer_size, "--buffer-size") if isinstance(buffer_size, str) else buffer_size
     chunk = chunk or (DEFAULT_CHUNK_BYTES * 4 if on_gpu else DEFAULT_CHUNK_BYTES)
     gpu_peak = None
-    with ByteProgress(plan, enabled=progress) as bar:
+    with ByteProgress(sum(f.size for f in mine), plan.dest.name, enabled=progress) as bar:
+        def report(nbytes: int, k: int, name: str, skipped: bool = False) -> None:
+            (bar.skip if skipped else bar.advance)(nbytes, f"shard {k + 1}/{len(plan.files)} {name}")
+
         if len(devices) > 1:
-            stats, peak = execute_on_devices(plan, devices, resume=resume, progress=bar.advance, chunk_bytes=chunk)
+            stats, peak = execute_on_devices(plan, devices, resume=resume, progress=report, chunk_bytes=chunk)
             gpu_peak = peak if on_gpu else None
         else:
             backend = make_backend(devices[0]) if devices else CopyOnly()
-            stats = execute(plan, backend, resume=resume, overwrite=overwrite, progress=bar.advance,
+            stats = execute(plan, backend, resume=resume, overwrite=overwrite, progress=report,
                             chunk_bytes=chunk, part=part)
             if on_gpu:
                 gpu_peak = torch.cuda.max_memory_allocated(backend.device)
@@ -90,7 +113,8 @@ def execute(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = 3, part: tuple[int, int] | None = None,
     cancel: threading.Event | None = None,
 ) -> Stats:
-    """Write the plan's output. `progress(nbytes, file_index, file_name)` is called as bytes are written.
+    """Write the plan's output. `progress(nbytes, file_index, file_name, skipped=False)` is called as bytes are
+    written, and with skipped=True for the files a resumed run finds complete.
 
     `cancel`: set by another thread to stop this run as Ctrl-C would (partial files removed).
     `part=(k, n)`: write only the shards of part k of n (see `plan.assign_parts`); N such jobs may run at once
@@ -118,7 +142,7 @@ def execute(
             if (resume or part is not None) and is_complete(plan.dest / f.name, f):
                 stats.files_skipped += 1
                 if progress:
-                    progress(f.size, k, f.name)
+                    progress(f.size, k, f.name, True)  # skipped: done, but not throughput
             else:
                 todo.append((k, f))
         try:

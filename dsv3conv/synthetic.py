@@ -439,3 +439,28 @@ def make_replica(root: str | os.PathLike, n_shards: int = 163) -> Path:
     write_checkpoint(root, shards, config, sparse=True)
     write_extra_files(root, config)
     return root
+
+
+# ---------------------------------------------------------------------------------- `dsv3conv example`
+EXAMPLES = {
+    "fp8": "a tiny FP8 release: DeepSeek-V3 names and dtypes, 3 layers + MTP at layer 3, 4 shards (about 2 MB)",
+    "real-shapes": "DeepSeek-V3's true tensor shapes, 2 layers of 8 experts, small vocabulary (about 2 GB)",
+    "replica": "a header-exact replica of the full DeepSeek-V3 release: 163 sparse shards (688 GB apparent, "
+               "no data; for --dry-run and inspect)",
+    **{kind: f"a tiny FP8 checkpoint laid out as {kind}" for kind in SIBLINGS},
+}
+
+
+def make_example(kind: str, root: str | os.PathLike) -> Path:
+    """Write the example checkpoint `kind` (a key of `EXAMPLES`) into `root`."""
+    if kind == "fp8":
+        make_tiny(root)
+    elif kind == "real-shapes":
+        make_real_shapes(root, num_layers=2, num_experts=8, vocab_size=16384)
+    elif kind == "replica":
+        make_replica(root)
+    elif kind in SIBLINGS:
+        make_sibling(root, kind)
+    else:
+        raise ValueError(f"kind must be one of {sorted(EXAMPLES)}")
+    return Path(root)

@@ -32,7 +32,15 @@ from pathlib import Path
 
 import torch
 
-from dsv3conv.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo, read_into
+from dsv3conv.checkpoint import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    SINGLE_NAME,
+    Checkpoint,
+    TensorInfo,
+    read_into,
+    require_dir,
+)
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
 from dsv3conv.layout import (
@@ -101,8 +109,8 @@ def verify_checkpoint(
         raise UsageError("chunk_bytes must be positive")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise UsageError(f"--device {device!r}: verify runs on one device: choose auto, cpu, cuda or cuda:N")
-    root = _require_dir(Path(ckpt_path), "CKPT")
-    src_root = _require_dir(Path(against), "--against") if against is not None else None
+    root = require_dir(Path(ckpt_path), "CKPT")
+    src_root = require_dir(Path(against), "--against") if against is not None else None
 
     try:
         ckpt = Checkpoint.open(root)
@@ -157,14 +165,6 @@ def verify_checkpoint(
         data_checks = [Check(c.name, c.ok, c.detail + where) for c in data_checks]
     checks.append(data_checks[0])
     return _result(checks + against_checks + data_checks[1:], sorted(mismatches), k_n, shards)
-
-
-def _require_dir(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise UsageError(f"{what} {path}: no such directory; give a checkpoint directory")
-    if not path.is_dir():
-        raise UsageError(f"{what} {path}: is a file, not a checkpoint directory; give the directory holding it")
-    return path
 
 
 def _result(checks: list[Check], mismatches: list[str], k_n: tuple[int, int] | None = None,
@@ -986,18 +986,16 @@ class _Progress:
     """Bytes read, throughput and ETA on stderr."""
 
     def __init__(self, total: int, n_tensors: int, enabled: bool):
-        from dsv3conv.progress import byte_progress
+        from dsv3conv.progress import ByteProgress
 
         self.n = n_tensors
-        self._p = byte_progress(enabled)
-        self._p.start()
-        self._task = self._p.add_task(f"verify 0/{n_tensors} tensors", total=total)
+        self._p = ByteProgress(total, "verify", enabled=enabled).__enter__()
 
     def advance(self, nbytes: int, k: int) -> None:
-        self._p.update(self._task, advance=nbytes, description=f"verify {k + 1}/{self.n} tensors")
+        self._p.advance(nbytes, f"{k + 1}/{self.n} tensors")
 
     def close(self) -> None:
-        self._p.stop()
+        self._p.close()
 
 
 def _where(flat: int, shape: tuple[int, ...]) -> str:

@@ -1,14 +1,18 @@
-"""`make demo`: build a tiny DeepSeek-V3-shaped FP8 checkpoint and run the main job on it, as a user would."""
+"""`make demo`: the README's workflow on a tiny example checkpoint, run as a user would; the files stay.
+
+Writes demo-out/tiny-fp8 (made by `dsv3conv example fp8`) and demo-out/tiny-bf16 (its conversion), replacing
+the demo-out/ of an earlier demo.
+"""
 
 from __future__ import annotations
 
 import shlex
+import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from dsv3conv.synthetic import make_tiny
+OUT = Path("demo-out")
 
 
 def run(*args: str) -> None:
@@ -20,16 +24,16 @@ def run(*args: str) -> None:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="dsv3conv-demo-") as tmp:
-        src, dst = Path(tmp) / "DeepSeek-V3-tiny", Path(tmp) / "DeepSeek-V3-tiny-bf16"
-        make_tiny(src)
-        print(f"built a tiny DeepSeek-V3-shaped FP8 checkpoint in {src}")
-        run("inspect", str(src))
-        run("dequant", str(src), str(dst), "--dry-run")
-        run("dequant", str(src), str(dst))
-        run("inspect", str(dst))
-        run("verify", str(dst), "--against", str(src), "--full")
-        print("\ndemo: done")
+    if OUT.exists():
+        shutil.rmtree(OUT)  # the previous demo's files
+    src, dst = str(OUT / "tiny-fp8"), str(OUT / "tiny-bf16")
+    run("example", "fp8", src)
+    run("inspect", src)
+    run("dequant", src, dst, "--mtp", "drop", "--dry-run")
+    run("dequant", src, dst, "--mtp", "drop")
+    run("verify", dst, "--against", src, "--full")
+    print(f"\ndemo: done; the checkpoints are in {OUT.resolve()} (FP8 source tiny-fp8, BF16 output tiny-bf16).\n"
+          "Run the tool yourself with .venv/bin/dsv3conv, or after `source .venv/bin/activate` as dsv3conv.")
 
 
 if __name__ == "__main__":

@@ -414,10 +414,10 @@ def test_src_not_a_checkpoint(tmp_path):
     assert_dequant_refuses(tmp_path / "empty", tmp_path / "out", "empty", "not a safetensors checkpoint")
     assert_one_line_error(cli("inspect", tmp_path / "empty"), 1, "not a safetensors checkpoint")
     (tmp_path / "file").write_text("x")
-    assert_dequant_refuses(tmp_path / "file", tmp_path / "out", "is a file, not a checkpoint directory")
-    assert_one_line_error(cli("inspect", tmp_path / "file"), 1, "is a file")
-    assert_dequant_refuses(tmp_path / "nowhere", tmp_path / "out", "nowhere", "no such directory")
-    assert_one_line_error(cli("inspect", tmp_path / "nowhere"), 1, "no such directory")
+    assert_dequant_refuses(tmp_path / "file", tmp_path / "out", "is a file, not a checkpoint directory", code=2)
+    assert_one_line_error(cli("inspect", tmp_path / "file"), 2, "is a file")
+    assert_dequant_refuses(tmp_path / "nowhere", tmp_path / "out", "nowhere", "no such directory", code=2)
+    assert_one_line_error(cli("inspect", tmp_path / "nowhere"), 2, "no such directory")
 
 
 def test_dst_equal_to_or_inside_src(src, tmp_path):

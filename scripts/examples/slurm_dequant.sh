@@ -17,4 +17,5 @@ shift 2
 N=${SLURM_ARRAY_TASK_COUNT:?run me as a job array: sbatch --array=1-N}
 K=$(( SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN + 1 ))
 # --part implies --resume for this task's shards: a requeued task finishes what it started.
-exec dsv3conv dequant "$SRC" "$DST" --part "$K/$N" --quiet --json "$@"
+# The log gets a progress line every 10 s (DSV3CONV_PROGRESS_SECONDS) and the task's summary.
+exec dsv3conv dequant "$SRC" "$DST" --part "$K/$N" "$@"
