@@ -482,9 +482,9 @@ def example(
 ) -> None:
     """Write an example checkpoint made of random weights, to try every command on without a download.
 
-    fp8: a tiny FP8 release (DeepSeek-V3 names and dtypes, 3 layers, MTP at layer 3, 4 shards, about 2 MB).
+    fp8: a tiny FP8 release (DeepSeek-V3 names and dtypes, 3 layers, MTP at layer 3, 4 shards, 2.5 MB).
     bf16: that checkpoint dequantized (the input `quant` takes). real-shapes: DeepSeek-V3's true tensor shapes,
-    2 layers of 8 experts (about 2 GB). replica: every header of the full DeepSeek-V3 release in 163 sparse
+    2 layers of 8 experts (about 1.6 GB). replica: every header of the full DeepSeek-V3 release in 163 sparse
     shards (688 GB apparent size, no data: for inspect and --dry-run). r1 ... qwen3: tiny FP8 checkpoints laid
     out as those releases.
 

@@ -443,8 +443,8 @@ def make_replica(root: str | os.PathLike, n_shards: int = 163) -> Path:
 
 # ---------------------------------------------------------------------------------- `dsv3conv example`
 EXAMPLES = {
-    "fp8": "a tiny FP8 release: DeepSeek-V3 names and dtypes, 3 layers + MTP at layer 3, 4 shards (about 2 MB)",
-    "real-shapes": "DeepSeek-V3's true tensor shapes, 2 layers of 8 experts, small vocabulary (about 2 GB)",
+    "fp8": "a tiny FP8 release: DeepSeek-V3 names and dtypes, 3 layers + MTP at layer 3, 4 shards (2.5 MB)",
+    "real-shapes": "DeepSeek-V3's true tensor shapes, 2 layers of 8 experts, small vocabulary (about 1.6 GB)",
     "replica": "a header-exact replica of the full DeepSeek-V3 release: 163 sparse shards (688 GB apparent, "
                "no data; for --dry-run and inspect)",
     **{kind: f"a tiny FP8 checkpoint laid out as {kind}" for kind in SIBLINGS},
