@@ -74,7 +74,12 @@ def small_tmpfs(tmp_path):
 
 def test_disk_full_mid_write_then_resume(tiny_src, small_tmpfs, reference):
     dst = small_tmpfs / "out"
-    line = assert_one_line_error(cli("dequant", tiny_src, dst, "--quiet", "--device", "cpu"), 1,
+    # refused before any work: the filesystem reports too little free space
+    assert_one_line_error(cli("dequant", tiny_src, dst, "--quiet", "--device", "cpu"), 1, "of free space",
+                          "--no-space-check")
+    assert not dst.exists()
+    # told to go on anyway, the run fills the disk mid-way
+    line = assert_one_line_error(cli("dequant", tiny_src, dst, "--quiet", "--device", "cpu", "--no-space-check"), 1,
                                  "disk full", "free space and rerun with --resume")
     assert str(dst) in line and ".safetensors" in line
     finals = assert_nothing_damaged(dst, reference)
@@ -209,7 +214,8 @@ def test_split_mtp_disk_full_then_resume(tiny_src, tmp_path, split_reference):
                       check=False).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
     try:
-        proc = cli("split-mtp", tiny_src, "--main-out", mnt / "main", "--mtp-out", mnt / "mtp", "--quiet")
+        proc = cli("split-mtp", tiny_src, "--main-out", mnt / "main", "--mtp-out", mnt / "mtp", "--quiet",
+                   "--no-space-check")  # past the check of free space before the run, to fill the disk mid-way
         assert_one_line_error(proc, 1, "disk full", "rerun with --resume")
         for part in ("main", "mtp"):
             if (mnt / part).exists():
