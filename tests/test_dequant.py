@@ -231,7 +231,6 @@ def test_part_is_validated(tmp_path, tiny_src):
 def test_several_devices_share_the_shards(tmp_path, monkeypatch, workers):
     """`--device cuda:all` runs one worker per device, each a part; two CPU workers stand in for two GPUs here."""
     monkeypatch.setenv("DSV3CONV_WORKERS", workers)
-    monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")  # spawned workers would each compile the CPU kernel
     make_tiny(tmp_path / "src", num_hidden_layers=5, n_shards=6)
     dequantize(tmp_path / "src", tmp_path / "ref", device="cpu")
     s = dequantize(tmp_path / "src", tmp_path / "out", device="cpu,cpu")
@@ -252,7 +251,6 @@ def test_a_failing_device_worker_is_one_line_and_leaves_no_damaged_file(tmp_path
     worker is stopped, no shard exists under its final name unless complete, and --resume finishes the job
     once the data is fixed."""
     monkeypatch.setenv("DSV3CONV_WORKERS", workers)
-    monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")  # spawned workers would each compile the CPU kernel
     make_tiny(tmp_path / "src", num_hidden_layers=5, n_shards=6)
     dequantize(tmp_path / "src", tmp_path / "ref", device="cpu")
     scale = "model.layers.0.self_attn.o_proj.weight_scale_inv"
@@ -285,7 +283,6 @@ def test_device_workers_report_progress(tmp_path, monkeypatch, workers):
     from dsv3conv.runner import execute_on_devices
 
     monkeypatch.setenv("DSV3CONV_WORKERS", workers)
-    monkeypatch.setenv("DSV3CONV_NO_COMPILE", "1")  # spawned workers would each compile the CPU kernel
     make_tiny(tmp_path / "src", num_hidden_layers=5, n_shards=6)
     plan = plan_dequant(Checkpoint.open(tmp_path / "src"), tmp_path / "out")
     seen = []
