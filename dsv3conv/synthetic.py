@@ -397,15 +397,18 @@ def _write_sibling_files(root: Path, kind: str) -> None:
 # --------------------------------------------------------------------------------------- real shapes
 def make_real_shapes(
     root: str | os.PathLike, *, num_layers: int = 2, num_experts: int = 16, mtp: bool = False,
-    shard_bytes: int = 4 * 1024**3, seed: int = 0, vocab_size: int | None = None,
+    shard_bytes: int = 4 * 1024**3, seed: int = 0, vocab_size: int | None = None, dense_layers: int | None = None,
 ) -> Path:
-    """Write a checkpoint with the true DeepSeek-V3 tensor shapes (fewer layers/experts), random data."""
+    """Write a checkpoint with the true DeepSeek-V3 tensor shapes (fewer layers/experts), random data.
+
+    `dense_layers`: how many of the layers have a dense MLP (by default V3's three, at most all but one)."""
     root = Path(root)
     config = default_config()
     config.update(num_hidden_layers=num_layers, n_routed_experts=num_experts, num_nextn_predict_layers=int(mtp))
     if vocab_size is not None:  # the embedding and head are BF16 copies: shrink them to keep FP8 dominant
         config["vocab_size"] = vocab_size
-    config["first_k_dense_replace"] = min(config["first_k_dense_replace"], max(num_layers - 1, 0))
+    dense = min(config["first_k_dense_replace"], max(num_layers - 1, 0)) if dense_layers is None else dense_layers
+    config["first_k_dense_replace"] = dense
     specs = deepseek_v3_tensors(config)
     total = sum(math.prod(s) * DTYPE_SIZES[d] for _, s, d in specs)
     groups = split_by_bytes(specs, max(1, round(total / shard_bytes)))

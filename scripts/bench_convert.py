@@ -1,20 +1,23 @@
-"""End-to-end conversion benchmark: dsv3conv against the storage bound and an eager whole-shard converter.
+"""End-to-end dequant benchmark: dsv3conv against the storage's bounds and an eager converter, in one run.
 
-In one run, on the same files (a real-shapes synthetic FP8 checkpoint):
-  storage bound  plain sequential read of the input (cat) + write of an output-sized file (dd conv=fsync)
-  eager          how the existing scripts work: load a whole shard (onto the device), dequantize each tensor
-                 with plain torch, `save_file`, fsync
-  parallel bound the same with N reads and N writes at once (`--parallel-io N`): what N workers can hope for
-  dsv3conv       `dsv3conv dequant --device DEVICE`, once per `--device` given (e.g. cuda, then cuda:all);
-                 `--device parts:cuda:0,cuda:1` runs one process per listed device at once, each `--part k/N`;
-                 `--device processes:cuda:all` runs the device workers as spawned processes (default: threads)
-Reports wall time, GB/s of FP8 input, peak host RSS and peak GPU memory. Peak RSS is the largest single
-process of the run: with `parts:` or `processes:` each worker process counts alone, with threads one process
-holds every worker.
+For each size (`--layers 1 2`: checkpoints of real DeepSeek-V3 shapes with that many MoE layers), on the
+same files:
+  cat            one sequential read of the input (`cat SHARDS > /dev/null`)
+  dd             one sequential write of an output-sized file (`dd conv=fsync`)
+  dd xN          N writers at once (`--writers`, default 8), each writing 1/N of the output size
+  overlap bound  max(cat, dd xN): what a converter that overlaps reading with N parallel writes can reach
+  eager          a DeepSeek-style converter: a whole shard onto the device, each tensor dequantized with
+                 plain torch, `save_file`, fsync
+  dsv3conv       `dsv3conv dequant --device D` for each `--device` (run with DSV3CONV_PROFILE=1: seconds per
+                 stage); `parts:cuda:0,cuda:1` runs one `--part k/N` process per listed device at once,
+                 `processes:cuda:all` runs the device workers as spawned processes
+  dry run        `dsv3conv dequant --dry-run` alone: planning, part of the fixed cost
+From the two sizes, each method's steady-state rate (extra FP8 input bytes / extra seconds) and fixed cost
+(the seconds left at zero bytes). Peak RSS is the largest single process of a run. Results go to
+OUT/bench_convert.json, the table to stdout and OUT/bench_convert.md.
 
-    python scripts/bench_convert.py --device cpu --gb 8 --dir /tmp/bench
-    python scripts/bench_convert.py --device cuda --gb 20 --dir /dev/shm/bench   # tmpfs
-    python scripts/bench_convert.py --device cuda --device cuda:all --parallel-io 2 --skip-eager --dir /dev/shm/b
+    python scripts/bench_convert.py --device cuda --layers 1 2 --dir /dev/shm/bench --out /tmp/out
+    python scripts/bench_convert.py --device cpu --layers 1 2 --experts 2 --vocab 1024 --dir /tmp/b --out /tmp/o
 """
 
 from __future__ import annotations
@@ -30,13 +33,12 @@ import time
 from pathlib import Path
 
 EAGER = r"""
-import json, os, sys, time, torch
+import json, os, sys, torch
 from pathlib import Path
 from safetensors.torch import load_file, save_file
 src, dst, device = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 dst.mkdir(parents=True, exist_ok=True)
-index = json.loads((src / "model.safetensors.index.json").read_text())
-where = index["weight_map"]
+where = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
 peak = 0
 for shard in sorted(set(where.values())):
     state = load_file(str(src / shard), device=device)
@@ -59,17 +61,17 @@ for shard in sorted(set(where.values())):
 print(json.dumps({"gpu_peak": peak}))
 """
 
-
 # Linux starts a new program's peak-RSS count at the RSS of the process it was forked from (this script,
 # which may hold gigabytes after building a checkpoint): a small wrapper process launches the measured one.
 RSS_WRAPPER = (
     "import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:]); _, st, ru = os.wait4(p.pid, 0); "
     "sys.stderr.write(f'@@maxrss {ru.ru_maxrss}\\n'); sys.exit(os.waitstatus_to_exitcode(st))"
 )
+PROFILE_PREFIX = "dsv3conv profile: "
 
 
-def timed(cmd: list[str], env=None) -> tuple[float, int, str]:
-    """Run a command in its own process: wall seconds, peak RSS bytes (its process tree's largest), stdout."""
+def timed(cmd: list[str], env=None) -> dict:
+    """Run a command in its own process: wall seconds, peak RSS (its process tree's largest), stdout, stderr."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", RSS_WRAPPER, *cmd], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env)
@@ -77,9 +79,9 @@ def timed(cmd: list[str], env=None) -> tuple[float, int, str]:
     elapsed = time.perf_counter() - start
     lines = err.decode(errors="replace").splitlines()
     if proc.returncode != 0:
-        raise SystemExit(f"{cmd[:4]} failed with {proc.returncode}:\n" + "\n".join(lines[-20:]))
+        raise SystemExit(f"{shlex.join(cmd[:6])} failed with {proc.returncode}:\n" + "\n".join(lines[-20:]))
     rss = next(int(line.split()[1]) for line in reversed(lines) if line.startswith("@@maxrss"))
-    return elapsed, rss * 1024, out.decode()
+    return {"s": elapsed, "rss": rss * 1024, "stdout": out.decode(), "stderr": lines}
 
 
 def all_of(commands: list[str]) -> str:
@@ -97,127 +99,194 @@ def drop_caches() -> None:
         pass
 
 
+def profiles(stderr: list[str]) -> list[dict]:
+    return [json.loads(line[len(PROFILE_PREFIX):]) for line in stderr if line.startswith(PROFILE_PREFIX)]
+
+
+def dsv3conv_run(src: Path, dst: Path, device: str, work: Path) -> dict:
+    """One `dsv3conv dequant` (or several `--part` processes at once), profiled."""
+    shutil.rmtree(dst, ignore_errors=True)
+    cmd = [sys.executable, "-m", "dsv3conv", "dequant", str(src), str(dst), "--json", "--quiet"]
+    env = dict(os.environ, DSV3CONV_PROFILE="1")
+    if device.startswith("parts:"):
+        devs = device.removeprefix("parts:").split(",")
+        r = timed(["sh", "-c", all_of([
+            f"{shlex.join(cmd)} --device {d} --part {k}/{len(devs)} > {shlex.quote(str(work / f'part-{k}.json'))}"
+            for k, d in enumerate(devs, 1)])], env=env)
+        parts = [json.loads((work / f"part-{k}.json").read_text()) for k in range(1, len(devs) + 1)]
+        gpu_peak = max(p.get("gpu_peak_bytes") or 0 for p in parts)
+    else:
+        if device.startswith("processes:"):
+            env["DSV3CONV_WORKERS"] = "processes"
+        r = timed(cmd + ["--device", device.removeprefix("processes:")], env=env)
+        gpu_peak = json.loads(r["stdout"]).get("gpu_peak_bytes")
+    shutil.rmtree(dst, ignore_errors=True)
+    return {"s": r["s"], "rss": r["rss"], "gpu_peak": gpu_peak, "profile": profiles(r["stderr"])}
+
+
+def cat_seconds(src: Path) -> float:
+    """One sequential read of every shard of `src`."""
+    shards = " ".join(shlex.quote(str(p)) for p in sorted(src.glob("*.safetensors")))
+    return timed(["sh", "-c", f"cat {shards} > /dev/null"])["s"]
+
+
+def dd_seconds(work: Path, total_bytes: int, writers: int) -> float:
+    """`writers` dd processes at once, writing `total_bytes` in all (fsync'd), in `work`."""
+    blobs = [work / f"dd-{i}.bin" for i in range(writers)]
+    count = -(-total_bytes // writers // (16 << 20))
+    t = timed(["sh", "-c", all_of([f"dd if=/dev/zero of={shlex.quote(str(b))} bs=16M count={count} conv=fsync "
+                                   "status=none" for b in blobs])])["s"]
+    for b in blobs:
+        b.unlink()
+    return t
+
+
+def measure(src: Path, work: Path, args, out_bytes: int) -> dict:
+    """Every method once on the checkpoint at `src`: {method: {"s": seconds, ...}}."""
+    res: dict[str, dict] = {}
+
+    def fresh() -> None:
+        if args.cold:
+            drop_caches()
+
+    fresh()
+    res["cat"] = {"s": cat_seconds(src)}
+    fresh()
+    res["dd"] = {"s": dd_seconds(work, out_bytes, 1)}
+    fresh()
+    n = args.writers
+    res[f"dd x{n}"] = {"s": dd_seconds(work, out_bytes, n)}
+    res["overlap bound"] = {"s": max(res["cat"]["s"], res[f"dd x{n}"]["s"])}
+    if not args.skip_eager:
+        fresh()
+        device = args.device[0].split(":", 1)[1] if args.device[0].startswith(("parts:", "processes:")) else args.device[0]
+        device = "cuda:0" if device == "cuda:all" else device.split(",")[0]
+        r = timed([sys.executable, "-c", EAGER, str(src), str(work / "eager"), device])
+        res["eager"] = {"s": r["s"], "rss": r["rss"], "gpu_peak": json.loads(r["stdout"].splitlines()[-1])["gpu_peak"]}
+        shutil.rmtree(work / "eager", ignore_errors=True)
+    for device in args.device:
+        fresh()
+        res[f"dsv3conv {device}"] = dsv3conv_run(src, work / "dsv3conv", device, work)
+        dry = timed([sys.executable, "-m", "dsv3conv", "dequant", str(src), str(work / "dry"), "--dry-run", "--json",
+                     "--device", device.split(":", 1)[1] if device.startswith(("parts:", "processes:")) else device])
+        res[f"dry run {device}"] = {"s": dry["s"], "rss": dry["rss"]}
+    return res
+
+
+def checkpoint_sizes(root: Path) -> dict:
+    """Input, FP8 and dequantized output bytes of the checkpoint at `root`, and its shard count."""
+    from dsv3conv.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(root)
+    fp8 = sum(t.nbytes for t in ckpt.tensors.values() if t.dtype == "F8_E4M3")
+    scales = sum(t.nbytes for n, t in ckpt.tensors.items() if n.endswith("_scale_inv"))
+    total = ckpt.tensor_bytes()
+    return {"input_bytes": total, "fp8_bytes": fp8, "output_bytes": total + fp8 - scales,
+            "shards": len(list(root.glob("*.safetensors")))}
+
+
+def build(src: Path, layers: int, args) -> dict:
+    """A checkpoint of `layers` MoE layers (no dense layer) at `src`; its sizes."""
+    from dsv3conv.synthetic import make_real_shapes
+
+    if not (src / "model.safetensors.index.json").exists():
+        shutil.rmtree(src, ignore_errors=True)
+        t = time.perf_counter()
+        make_real_shapes(src, num_layers=layers, num_experts=args.experts, shard_bytes=int(args.shard_gb * 1e9),
+                         vocab_size=args.vocab, dense_layers=0)
+        print(f"built {src} in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    return {"layers": layers, **checkpoint_sizes(src)}
+
+
+def steady(sizes: list[dict], method: str) -> dict | None:
+    """Rate at the margin (FP8 GB/s) and fixed seconds, from the smallest and the largest size."""
+    a, b = sizes[0], sizes[-1]
+    if len(sizes) < 2 or method not in a["results"] or method not in b["results"] or b["fp8_bytes"] == a["fp8_bytes"]:
+        return None
+    dt = b["results"][method]["s"] - a["results"][method]["s"]
+    if dt <= 0:
+        return {"gb_per_s": None, "fixed_s": None}
+    rate = (b["fp8_bytes"] - a["fp8_bytes"]) / dt
+    return {"gb_per_s": rate / 1e9, "fixed_s": a["results"][method]["s"] - a["fp8_bytes"] / rate}
+
+
+def table(report: dict) -> str:
+    sizes = report["sizes"]
+    head = " | ".join(f"{s['layers']} layer(s): s" for s in sizes)
+    lines = [f"| method | {head} | FP8 GB/s at the margin | fixed s | peak RSS | GPU peak |",
+             "|---|" + "---:|" * (len(sizes) + 4)]
+    for method in sizes[-1]["results"]:
+        cells = [f"{s['results'][method]['s']:.2f}" if method in s["results"] else "-" for s in sizes]
+        st = report["steady"].get(method) or {}
+        rate = f"{st['gb_per_s']:.2f}" if st.get("gb_per_s") else "-"
+        fixed = f"{st['fixed_s']:.2f}" if st.get("fixed_s") is not None else "-"
+        last = sizes[-1]["results"][method]
+        rss = f"{last['rss'] / 1e9:.2f} GB" if last.get("rss") else "-"
+        gpu = f"{last['gpu_peak'] / 1e9:.2f} GB" if last.get("gpu_peak") else "-"
+        lines.append(f"| {method} | {' | '.join(cells)} | {rate} | {fixed} | {rss} | {gpu} |")
+    for s in sizes:
+        lines.append(f"\n{s['layers']} layer(s): input {s['input_bytes'] / 1e9:.2f} GB ({s['fp8_bytes'] / 1e9:.2f} GB FP8) "
+                     f"in {s['shards']} shards, output {s['output_bytes'] / 1e9:.2f} GB")
+        for method, r in s["results"].items():
+            for p in r.get("profile") or []:
+                stages = ", ".join(f"{k} {v['s']:.2f} s" for k, v in p["stages"].items())
+                lines.append(f"  {method} profile: wall {p['wall_s']:.2f} s; {stages}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", action="append", help="repeat to compare devices in one run (default: cpu)")
-    ap.add_argument("--parallel-io", type=int, default=0, help="also measure N concurrent reads + writes")
-    ap.add_argument("--gb", type=float, default=8.0, help="approximate FP8+BF16 bytes of the source checkpoint")
-    ap.add_argument("--dir", type=Path, default=Path("/tmp/dsv3conv-bench"))
-    ap.add_argument("--shard-gb", type=float, default=4.0)
-    ap.add_argument("--keep", action="store_true", help="keep the source between runs")
+    ap.add_argument("--layers", type=int, nargs="+", default=[1, 2], help="MoE layers of each size (two sizes)")
+    ap.add_argument("--experts", type=int, default=256, help="routed experts per MoE layer (DeepSeek-V3: 256)")
+    ap.add_argument("--vocab", type=int, default=16384, help="vocabulary (embedding and head are BF16 copies)")
+    ap.add_argument("--shard-gb", type=float, default=4.3)
+    ap.add_argument("--writers", type=int, default=8, help="parallel dd writers of the write bound")
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/dsv3conv-bench"), help="where checkpoints go")
+    ap.add_argument("--out", type=Path, required=True, help="directory for bench_convert.json and .md")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints (reused by the next run)")
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each measurement (root)")
-    ap.add_argument("--experts", type=int, default=64, help="routed experts per MoE layer (real: 256)")
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    devices = args.device or ["cpu"]
+    args.device = args.device or ["cpu"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    warm_up(args.dir / "warm-up", args.device)
+    sizes = []
+    for layers in sorted(set(args.layers)):
+        src = args.dir / f"src-{layers}"
+        # FP8 input ~ layers x (0.2 GB + 44 MB per expert); a run holds the input and the output (twice that)
+        need = 3.1 * layers * (0.2e9 + args.experts * 3 * 2048 * 7168) + 6 * args.vocab * 7168 * 2
+        free = shutil.disk_usage(args.dir).free + sum(p.stat().st_size for p in src.glob("*.safetensors"))
+        if free < need:
+            raise SystemExit(f"{args.dir}: {free / 1e9:.1f} GB free, {layers} layer(s) of {args.experts} experts need "
+                             f"about {need / 1e9:.1f} GB; use fewer --experts or another --dir")
+        size = build(src, layers, args)
+        size["results"] = measure(src, work, args, size["output_bytes"])
+        sizes.append(size)
+        print(f"{layers} layer(s) measured", file=sys.stderr, flush=True)
+        if not args.keep:
+            shutil.rmtree(src, ignore_errors=True)
+    report = {"devices": args.device, "writers": args.writers, "experts": args.experts, "cold": args.cold,
+              "sizes": sizes}
+    report["steady"] = {m: steady(sizes, m) for m in sizes[-1]["results"] if not m.startswith("dry run")}
+    text = table(report)
+    print(text)
+    (args.out / "bench_convert.json").write_text(json.dumps(report, indent=2))
+    (args.out / "bench_convert.md").write_text(text + "\n")
+    shutil.rmtree(work, ignore_errors=True)
 
-    from dsv3conv.checkpoint import Checkpoint
-    from dsv3conv.synthetic import make_real_shapes
 
-    src = args.dir / "src"
-    # Real tensor shapes; a MoE layer holds ~0.23 GB + 44 MB per expert (3.1 GB with 64 experts), the dense
-    # layer 0 ~0.8 GB (vocab shrunk to 16384 so that the BF16 embedding and head stay as small a share as in
-    # the release).
-    experts = args.experts
-    moe_gb = 0.23 + 0.044 * experts
-    layers = max(2, round((args.gb - 0.8) / moe_gb) + 1)
-    if not (src / "model.safetensors.index.json").exists():
-        shutil.rmtree(args.dir, ignore_errors=True)
-        t = time.perf_counter()
-        make_real_shapes(src, num_layers=layers, num_experts=experts, shard_bytes=int(args.shard_gb * 1e9),
-                         vocab_size=16384)
-        print(f"built {src} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    ckpt = Checkpoint.open(src)
-    fp8_bytes = sum(t.nbytes for t in ckpt.tensors.values() if t.dtype == "F8_E4M3")
-    in_bytes = ckpt.tensor_bytes()
-    out_bytes = in_bytes + fp8_bytes - sum(t.nbytes for n, t in ckpt.tensors.items() if n.endswith("_scale_inv"))
-    shards = sorted(p for p in src.glob("*.safetensors"))
-    results = {"devices": devices, "input_bytes": in_bytes, "fp8_bytes": fp8_bytes, "output_bytes": out_bytes,
-               "shards": len(shards), "largest_shard": max(p.stat().st_size for p in shards)}
+def warm_up(root: Path, devices: list[str]) -> None:
+    """One tiny conversion per device first: kernel compilation and caches are not what is measured."""
+    from dsv3conv.synthetic import make_tiny
 
-    if args.cold:
-        drop_caches()
-    t_read, _, _ = timed(["sh", "-c", f"cat {src}/*.safetensors > /dev/null"])
-    blob = args.dir / "write-test.bin"
-    t_write, _, _ = timed(["dd", "if=/dev/zero", f"of={blob}", "bs=16M", f"count={out_bytes // (16 << 20) + 1}",
-                           "conv=fsync", "status=none"])
-    blob.unlink()
-    results["read_s"], results["write_s"] = t_read, t_write
-    results["storage_bound_s"] = t_read + t_write
-    if args.parallel_io > 1:
-        n = args.parallel_io
-        groups = [" ".join(str(p) for p in shards[i::n]) for i in range(n)]
-        if args.cold:
-            drop_caches()
-        t_read_n, _, _ = timed(["sh", "-c", all_of([f"cat {g} > /dev/null" for g in groups if g])])
-        count = out_bytes // n // (16 << 20) + 1
-        t_write_n, _, _ = timed(["sh", "-c", all_of([
-            f"dd if=/dev/zero of={args.dir}/write-test-{i}.bin bs=16M count={count} conv=fsync status=none"
-            for i in range(n)])])
-        for i in range(n):
-            (args.dir / f"write-test-{i}.bin").unlink()
-        results["parallel_io"], results["parallel_read_s"], results["parallel_write_s"] = n, t_read_n, t_write_n
-
-    if not args.skip_eager:
-        if args.cold:
-            drop_caches()
-        dst = args.dir / "eager"
-        shutil.rmtree(dst, ignore_errors=True)
-        eager_device = devices[0].split(":", 1)[1] if devices[0].startswith(("parts:", "processes:")) else devices[0]
-        eager_device = "cuda:0" if eager_device == "cuda:all" else eager_device.split(",")[0]
-        t, rss, out = timed([sys.executable, "-c", EAGER, str(src), str(dst), eager_device])
-        results["eager_s"], results["eager_rss"] = t, rss
-        results["eager_gpu_peak"] = json.loads(out.strip().splitlines()[-1])["gpu_peak"]
-        shutil.rmtree(dst, ignore_errors=True)
-
+    shutil.rmtree(root, ignore_errors=True)
+    make_tiny(root / "src")
     for device in devices:
-        if args.cold:
-            drop_caches()
-        dst = args.dir / "dsv3conv"
-        shutil.rmtree(dst, ignore_errors=True)
-        cmd = [sys.executable, "-m", "dsv3conv", "dequant", str(src), str(dst), "--json", "--quiet"]
-        if device.startswith("parts:"):
-            devs = device.removeprefix("parts:").split(",")
-            t, rss, _ = timed(["sh", "-c", all_of([
-                f"{shlex.join(cmd)} --device {d} --part {k}/{len(devs)} > {shlex.quote(str(args.dir / f'part-{k}.json'))}"
-                for k, d in enumerate(devs, 1)])])
-            parts = [json.loads((args.dir / f"part-{k}.json").read_text()) for k in range(1, len(devs) + 1)]
-            summary = {"gpu_peak_bytes": max(p.get("gpu_peak_bytes") or 0 for p in parts)}
-        else:
-            env = dict(os.environ, DSV3CONV_WORKERS="processes") if device.startswith("processes:") else None
-            t, rss, out = timed(cmd + ["--device", device.removeprefix("processes:")], env=env)
-            summary = json.loads(out)
-        if device in results.get("dsv3conv", {}):
-            device = f"{device} (again)"
-        results.setdefault("dsv3conv", {})[device] = {"s": t, "rss": rss, "gpu_peak": summary.get("gpu_peak_bytes")}
-        shutil.rmtree(dst, ignore_errors=True)
-    if not args.keep:
-        shutil.rmtree(args.dir, ignore_errors=True)
-
-    gb = fp8_bytes / 1e9
-    r = results
-    print(f"\ninput {in_bytes / 1e9:.2f} GB ({gb:.2f} GB FP8) in {r['shards']} shards (largest {r['largest_shard'] / 1e9:.2f} GB), "
-          f"output {out_bytes / 1e9:.2f} GB")
-    print("| run | wall s | FP8 GB/s | peak RSS | vs storage bound |")
-    print("|---|---|---|---|---|")
-    sb = r["storage_bound_s"]
-    print(f"| storage bound (cat {r['read_s']:.1f} s + dd write {r['write_s']:.1f} s) | {sb:.1f} | {gb / sb:.2f} | - | 1.00x |")
-    if "parallel_io" in r:
-        pb = r["parallel_read_s"] + r["parallel_write_s"]
-        print(f"| parallel bound, {r['parallel_io']} streams (cat {r['parallel_read_s']:.1f} s + dd write "
-              f"{r['parallel_write_s']:.1f} s) | {pb:.1f} | {gb / pb:.2f} | - | {pb / sb:.2f}x |")
-    if "eager_s" in r:
-        print(f"| eager whole-shard converter ({devices[0]}) | {r['eager_s']:.1f} | {gb / r['eager_s']:.2f} | {r['eager_rss'] / 1e9:.2f} GB | {r['eager_s'] / sb:.2f}x |")
-    for device, d in r["dsv3conv"].items():
-        print(f"| dsv3conv dequant --device {device} | {d['s']:.1f} | {gb / d['s']:.2f} | {d['rss'] / 1e9:.2f} GB | {d['s'] / sb:.2f}x |")
-    first = r["dsv3conv"][devices[0]]["s"]
-    if "eager_s" in r:
-        print(f"dsv3conv ({devices[0]}) is {r['eager_s'] / first:.2f}x faster than the eager converter")
-    for device in devices[1:]:
-        print(f"--device {device} vs {devices[0]}: {first / r['dsv3conv'][device]['s']:.2f}x")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        dsv3conv_run(root / "src", root / "out", device, root)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_convert import EAGER, all_of, timed  # noqa: E402  (one harness for the conversion benchmarks)
+from bench_convert import EAGER, cat_seconds, checkpoint_sizes, dd_seconds, timed  # noqa: E402  (one harness for the conversion benchmarks)
 
 EXPERT_BYTES = 3 * 2048 * 7168  # FP8 bytes of one routed expert (gate, up, down)
 LAYER_BYTES = 200_000_000  # FP8 bytes of the rest of a MoE layer (attention, shared expert), roughly
@@ -51,24 +51,13 @@ def build(root: Path, experts: int) -> Path:
     return root
 
 
-def sizes(root: Path) -> dict:
-    from dsv3conv.checkpoint import Checkpoint
-
-    ckpt = Checkpoint.open(root)
-    fp8 = sum(t.nbytes for t in ckpt.tensors.values() if t.dtype == "F8_E4M3")
-    scales = sum(t.nbytes for n, t in ckpt.tensors.items() if n.endswith("_scale_inv"))
-    total = ckpt.tensor_bytes()
-    return {"input_bytes": total, "fp8_bytes": fp8, "output_bytes": total + fp8 - scales,
-            "shards": len(list(root.glob("*.safetensors")))}
-
-
 def dsv3conv(src: Path, dst: Path, threads: int) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
     env = dict(os.environ, DSV3CONV_CPU_THREADS=str(threads))
     cmd = [sys.executable, "-m", "dsv3conv", "dequant", str(src), str(dst), "--device", "cpu", "--json", "--quiet"]
-    t, rss, out = timed(cmd, env=env)
-    summary = json.loads(out)
-    return {"threads": threads, "s": t, "rss": rss, "seconds": summary.get("seconds"),
+    r = timed(cmd, env=env)
+    summary = json.loads(r["stdout"])
+    return {"threads": threads, "s": r["s"], "rss": r["rss"], "seconds": summary.get("seconds"),
             "startup_seconds": summary.get("startup_seconds")}
 
 
@@ -113,18 +102,6 @@ def machine(bench_dir: Path) -> dict:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
-def storage(src: Path, work: Path, out_bytes: int, writers: int) -> dict:
-    """cat of the input; `writers` dd processes writing out_bytes in all, at once."""
-    t_cat, _, _ = timed(["sh", "-c", f"cat {shlex.quote(str(src))}/*.safetensors > /dev/null"])
-    count = out_bytes // writers // (16 << 20) + 1
-    blobs = [work / f"write-test-{i}.bin" for i in range(writers)]
-    t_write, _, _ = timed(["sh", "-c", all_of([
-        f"dd if=/dev/zero of={shlex.quote(str(b))} bs=16M count={count} conv=fsync status=none" for b in blobs])])
-    for b in blobs:
-        b.unlink()
-    return {"cat_s": t_cat, "writers": writers, "write_s": t_write}
-
-
 def table(r: dict) -> str:
     gb = r["large"]["fp8_bytes"] / 1e9
     eager = r["eager"]["s"]
@@ -166,13 +143,14 @@ def main() -> None:
     large, small = build(args.dir / f"src-{experts}", experts), build(args.dir / f"src-{experts // 4}", experts // 4)
     print(f"built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     r: dict = {"date": datetime.date.today().isoformat(), "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-               "machine": machine(args.dir), "large": sizes(large), "small": sizes(small)}
-    r.update(storage(large, args.dir, r["large"]["output_bytes"], min(cores, 8)))
+               "machine": machine(args.dir), "large": checkpoint_sizes(large), "small": checkpoint_sizes(small)}
+    writers = min(cores, 8)
+    r.update(cat_s=cat_seconds(large), writers=writers, write_s=dd_seconds(args.dir, r["large"]["output_bytes"], writers))
     eager_out = args.dir / "eager"
     shutil.rmtree(eager_out, ignore_errors=True)
-    t, rss, _ = timed([sys.executable, "-c", EAGER, str(large), str(eager_out), "cpu"])
-    r["eager"] = {"s": t, "rss": rss}
-    print(f"eager {t:.1f} s", file=sys.stderr, flush=True)
+    eager = timed([sys.executable, "-c", EAGER, str(large), str(eager_out), "cpu"])
+    r["eager"] = {"s": eager["s"], "rss": eager["rss"]}
+    print(f"eager {eager['s']:.1f} s", file=sys.stderr, flush=True)
     out = args.dir / "dsv3conv"
     r["dsv3conv"] = []
     counts = thread_counts(cores, args.threads)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_convert import timed  # noqa: E402  (one process per measurement, wall time and peak RSS)
+from bench_convert import cat_seconds, dd_seconds, timed  # noqa: E402  (one harness for the benchmarks)
 
 
 def main() -> None:
@@ -44,19 +44,16 @@ def main() -> None:
     shutil.rmtree(fp8)
     in_bytes = Checkpoint.open(src).tensor_bytes()
 
-    t_read, _, _ = timed(["sh", "-c", f"cat {src}/*.safetensors > /dev/null"])
+    t_read = cat_seconds(src)
     out_estimate = in_bytes // 2 + in_bytes // 100  # e4m3 is half of BF16, plus scales and unquantized tensors
-    blob = args.dir / "write-test.bin"
-    t_write, _, _ = timed(["dd", "if=/dev/zero", f"of={blob}", "bs=16M", f"count={out_estimate // (16 << 20) + 1}",
-                           "conv=fsync", "status=none"])
-    blob.unlink()
+    t_write = dd_seconds(args.dir, out_estimate, 1)
     bound = t_read + t_write
     results = {"input_bytes": in_bytes, "read_s": t_read, "write_s": t_write, "runs": {}}
     first = None
     for device in devices:
         dst = args.dir / f"out-{device.replace(':', '')}"
-        t, rss, out = timed([sys.executable, "-m", "dsv3conv", "quant", str(src), str(dst), "--device", device,
-                             "--json", "--quiet"])
+        run = timed([sys.executable, "-m", "dsv3conv", "quant", str(src), str(dst), "--device", device,
+                     "--json", "--quiet"])
         same = None
         if first is None:
             first = dst
@@ -65,8 +62,8 @@ def main() -> None:
             same = names == sorted(p.name for p in dst.iterdir()) and all(
                 filecmp.cmp(first / n, dst / n, shallow=False) for n in names)
             shutil.rmtree(dst)
-        results["runs"][device] = {"s": t, "rss": rss, "identical_to_first": same,
-                                   "gpu_peak": json.loads(out).get("gpu_peak_bytes")}
+        results["runs"][device] = {"s": run["s"], "rss": run["rss"], "identical_to_first": same,
+                                   "gpu_peak": json.loads(run["stdout"]).get("gpu_peak_bytes")}
     shutil.rmtree(args.dir, ignore_errors=True)
 
     gb = in_bytes / 1e9

@@ -4,8 +4,9 @@
 #   scripts/gpu_run.sh tests          # only the steps named, in order:
 #     tests      pytest -m gpu (tests/test_gpu.py, tests/test_gpu_kernels.py): bit-exactness, pass/fail
 #     kernel     bench_kernel.py (dequant kernel, with and without PDL), bench_kernel_quant.py, bench_mxfp4.py
-#     convert    bench_convert.py from /dev/shm (GB=20 by default)
-#     disk       bench_convert.py on the local disk, page cache dropped before each run (GB=16)
+#     convert    bench_convert.py from /dev/shm: 1 and 2 MoE layers of EXPERTS (256) experts, steady state and
+#                fixed cost, dsv3conv profiled per stage (needs ~75 GB there with 256 experts)
+#     disk       bench_convert.py on the local disk, page cache dropped before each run
 #     scale      bench_convert.py from /dev/shm on every GPU: threads, processes, --part jobs, two on one GPU
 #     pdl        bench_kernel.py --pdl-sweep: small-tensor configs x PDL modes
 #     quant-e2e  bench_quant_convert.py: quant --device cpu against --device cuda on the same files
@@ -37,16 +38,16 @@ for step in "${@:-tests kernel convert}"; do for step in $step; do
       run bench_kernel_quant.log python3 scripts/bench_kernel_quant.py --json "$OUT/bench_kernel_quant.json"
       run bench_mxfp4.log python3 scripts/bench_mxfp4.py --json "$OUT/bench_mxfp4.json" ;;
     convert)
-      run bench_tmpfs.txt python3 scripts/bench_convert.py --device cuda --gb "${GB:-20}" --dir /dev/shm/dsv3conv-bench \
-        --json "$OUT/bench_tmpfs.json" ;;
+      run bench_tmpfs.txt python3 scripts/bench_convert.py --device cuda --experts "${EXPERTS:-256}" \
+        --dir /dev/shm/dsv3conv-bench --out "$OUT/convert-tmpfs" ;;
     disk)
-      run bench_disk.txt python3 scripts/bench_convert.py --device cuda --gb "${GB:-16}" --dir /tmp/dsv3conv-bench --cold \
-        --json "$OUT/bench_disk.json" ;;
+      run bench_disk.txt python3 scripts/bench_convert.py --device cuda --experts "${EXPERTS:-256}" --cold \
+        --dir /tmp/dsv3conv-bench --out "$OUT/convert-disk" ;;
     scale)
       n=$(nvidia-smi -L | wc -l); all=$(seq -s, -f "cuda:%g" 0 $((n - 1)))
       run bench_scale.txt python3 scripts/bench_convert.py --device cuda --device cuda:all --device processes:cuda:all \
-        --device "parts:$all" --device cuda:0,cuda:0 --parallel-io "$n" --skip-eager --gb "${GB:-20}" \
-        --dir /dev/shm/dsv3conv-scale --json "$OUT/bench_scale.json" ;;
+        --device "parts:$all" --device cuda:0,cuda:0 --skip-eager --experts "${EXPERTS:-128}" \
+        --dir /dev/shm/dsv3conv-scale --out "$OUT/convert-scale" ;;
     pdl)
       run bench_pdl.log python3 scripts/bench_kernel.py --pdl-sweep --json "$OUT/bench_pdl.json" ;;
     quant-e2e)
