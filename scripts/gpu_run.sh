@@ -2,7 +2,7 @@
 # The GPU host in one command: the GPU tests (`pytest -m gpu`), then the benchmarks. Logs and JSON go to $OUT.
 #   scripts/gpu_run.sh                # tests kernel convert (the default steps)
 #   scripts/gpu_run.sh tests          # only the steps named, in order:
-#     tests      pytest -m gpu (tests/test_gpu.py, tests/test_gpu_kernels.py): bit-exactness, pass/fail
+#     tests      pytest -m gpu (every test module with GPU tests): bit-exactness, pass/fail
 #     kernel     bench_kernel.py (dequant kernel, with and without PDL), bench_kernel_quant.py, bench_mxfp4.py
 #     convert    bench_convert.py from /dev/shm: 1 and 2 MoE layers of EXPERTS (256) experts, steady state and
 #                fixed cost, dsv3conv profiled per stage (needs ~75 GB there with 256 experts)
