@@ -24,6 +24,7 @@ demo: setup
 	$(BIN)/python scripts/demo.py
 
 test: setup
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 bench: setup
@@ -32,6 +33,7 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check dsv3conv kernels tests scripts
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,5 +1,7 @@
-"""Compute backends: where FP8 blocks become BF16 (or FP16/FP32).
+"""Compute backends: where the converting operations of a plan (`ops`) run.
 
+`Backend` is the interface: one method per converting operation, given all of a batch's pieces of that
+operation at once; `convert` hands each piece of a batch to the method of its operation.
 - `CpuBackend`: `dsv3conv.kernels.fp8_block_cpu` (vectorized torch, no compile step) on a pool of threads.
 - `CudaBackend`: the Triton kernel of `dsv3conv.kernels.fp8_block_dequant`, one grouped launch per batch,
   host buffers pinned, copies asynchronous on a side stream.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 
@@ -20,34 +23,87 @@ from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.kernels.fp8_block_cpu import dequant_rows, quant_rows, row_ranges
 from dsv3conv.kernels.fp8_block_dequant import BLOCK_SIZE, HAS_TRITON
+from dsv3conv.ops import Copy, DequantBlockFp8, Op, QuantBlockFp8
 
 
 @dataclass
 class Item:
-    """One piece of a batch: a tensor chunk to convert, or bytes to copy through unchanged.
+    """One piece of a batch for a backend: a chunk of one tensor in the batch's input buffer and its operation."""
 
-    A chunk to dequantize (`scale` set) gives one output piece; a chunk to quantize (`scale_fmt` set) gives
-    two: its e4m3 bytes, then its rows of scales (`scale_dtype`).
-    """
-
+    op: Op
     src_offset: int  # in the batch's input buffer
     nbytes: int  # input bytes
     rows: int = 0
     cols: int = 0
-    scale: torch.Tensor | None = None  # float32 [ceil(rows/128), ceil(cols/128)] for this chunk
+    src_dtype: str = ""
     out_dtype: str = ""
-    src_dtype: str = ""  # quant: BF16, F16 or F32
-    scale_fmt: str = ""  # quant: "float" or "ue8m0"
-    scale_dtype: str = ""  # quant: F32, BF16, F16 or F8_E8M0
-    name: str = ""  # quant: the tensor, for error messages
+    scale: torch.Tensor | None = None  # DequantBlockFp8: float32 scales of these rows
+    name: str = ""  # the tensor, for error messages
 
-    @property
-    def converts(self) -> bool:
-        return self.scale is not None
 
-    @property
-    def quantizes(self) -> bool:
-        return bool(self.scale_fmt)
+class OutputArena:
+    """Host memory a backend may convert into: the engine recycles one per batch in flight once it is written.
+
+    The buffer is allocated on first use, so a backend that brings its own memory (CUDA's pinned buffers)
+    costs nothing here; a piece that does not fit gets memory of its own.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._buf: torch.Tensor | None = None
+        self._pos = 0
+
+    def take(self, nbytes: int, align: int = 1) -> torch.Tensor:
+        """`nbytes` of the arena, starting at a multiple of `align` (the element size)."""
+        if self._buf is None and nbytes <= self.capacity:
+            self._buf = torch.empty(self.capacity, dtype=torch.uint8)
+        pos = -(-self._pos // align) * align
+        if self._buf is None or pos + nbytes > self._buf.numel():
+            return torch.empty(nbytes, dtype=torch.uint8)
+        self._pos = pos + nbytes
+        return self._buf[pos : pos + nbytes]
+
+    def reset(self) -> None:
+        self._pos = 0
+
+
+class Backend(Protocol):
+    """Where the converting operations run: one method per operation, each given all of a batch's pieces of
+    that operation at once and returning each piece's output bytes (`ops.<Op>.outputs` says where they go)."""
+
+    name: str
+    pin_memory: bool  # the engine's read buffers are pinned (copied to a GPU asynchronously)
+
+    def dequant_block_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        ...
+
+    def quant_block_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        ...
+
+
+# The backend method of each converting operation (Copy needs none: its output is its input).
+METHODS: dict[type, Callable[[Backend], Callable[..., list[list[memoryview]]]]] = {
+    DequantBlockFp8: lambda b: b.dequant_block_fp8,
+    QuantBlockFp8: lambda b: b.quant_block_fp8,
+}
+
+
+def convert(backend: Backend | None, buf: torch.Tensor, items: list[Item], out: OutputArena | None = None,
+            ) -> list[memoryview]:
+    """The output pieces of `items`, in order. A copy is a view of `buf`; the pieces of each converting
+    operation go to the backend together (one launch per batch on a GPU)."""
+    out = out or OutputArena(0)
+    results: list[list[memoryview]] = [[] for _ in items]
+    groups: dict[type, list[int]] = {}
+    for i, it in enumerate(items):
+        if isinstance(it.op, Copy):
+            results[i] = [memoryview(buf[it.src_offset : it.src_offset + it.nbytes].numpy())]
+        else:
+            groups.setdefault(type(it.op), []).append(i)
+    for op_type, idx in groups.items():
+        for i, outs in zip(idx, METHODS[op_type](backend)(buf, [items[i] for i in idx], out)):
+            results[i] = outs
+    return [piece for outs in results for piece in outs]
 
 
 def _typed(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -73,11 +129,12 @@ def check_quant_scales(it: Item, scale: torch.Tensor, w: torch.Tensor) -> None:
     if not bool(torch.isfinite(block).all()):
         raise Dsv3Error(
             f"tensor `{it.name}` holds NaN or Inf values ({int(bad.sum())} of the 128x128 blocks read at once); "
-            "fix the weights, or keep the tensor unquantized with --skip"
+            "fix the weights, or keep the tensor unquantized with {skip}", "skip"
         )
     raise Dsv3Error(
         f"tensor `{it.name}`: a block's largest magnitude {block.abs().max().item():g} needs a scale beyond "
-        f"{it.scale_dtype} (largest {torch.finfo(TORCH_DTYPES[it.scale_dtype]).max:g}); use --scale-dtype float32"
+        f"{it.op.scale_dtype} (largest {torch.finfo(TORCH_DTYPES[it.op.scale_dtype]).max:g}); use {{scale_dtype}} float32",
+        "scale_dtype",
     )
 
 
@@ -87,7 +144,6 @@ class CpuBackend:
 
     name = "cpu"
     pin_memory = False
-    takes_out = True  # run() accepts a recycled output buffer
 
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads or cpu_threads()
@@ -97,38 +153,34 @@ class CpuBackend:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def run(self, buf: torch.Tensor, items: list[Item], out: torch.Tensor | None = None) -> list[memoryview]:
-        """Convert or pass through each item of `buf`; return the output pieces in order.
-
-        Converted pieces are written into `out` (a uint8 buffer the caller recycles) where it has room.
-        """
-        pieces: list[list[memoryview]] = []
-        jobs: list[tuple] = []
-        quantized = []
-        pos = 0
+    def dequant_block_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        """Each piece cut into row ranges for the pool, converted straight into the arena."""
+        jobs, results = [], []
         for it in items:
-            data = buf[it.src_offset : it.src_offset + it.nbytes]
-            if it.quantizes:
-                w = _typed(data, TORCH_DTYPES[it.src_dtype]).view(it.rows, it.cols)
-                q, pos = _take(out, pos, it.rows * it.cols)
-                scale = torch.empty(_blocks(it.rows, it.cols), dtype=TORCH_DTYPES[it.scale_dtype])
-                jobs += [(quant_rows, w, q.view(it.rows, it.cols), scale, it.scale_fmt, scale.dtype, r0, r1)
-                         for r0, r1 in row_ranges(it.rows, it.cols, TASK_ELEMS, BLOCK_SIZE)]
-                quantized.append((it, scale, w))
-                pieces.append(_quant_outputs(q, scale))
-            elif it.converts:
-                w = data.view(it.rows, it.cols)
-                dtype = TORCH_DTYPES[it.out_dtype]
-                dst, pos = _take(out, pos, it.rows * it.cols * dtype.itemsize, dtype.itemsize)
-                jobs += [(dequant_rows, w, it.scale, dst.view(dtype).view(it.rows, it.cols), r0, r1)
-                         for r0, r1 in row_ranges(it.rows, it.cols, TASK_ELEMS)]
-                pieces.append([memoryview(dst.numpy())])
-            else:
-                pieces.append([memoryview(data.numpy())])
+            w = buf[it.src_offset : it.src_offset + it.nbytes].view(it.rows, it.cols)
+            dtype = TORCH_DTYPES[it.out_dtype]
+            dst = out.take(it.rows * it.cols * dtype.itemsize, dtype.itemsize)
+            jobs += [(dequant_rows, w, it.scale, dst.view(dtype).view(it.rows, it.cols), r0, r1)
+                     for r0, r1 in row_ranges(it.rows, it.cols, TASK_ELEMS)]
+            results.append([memoryview(dst.numpy())])
+        self._run_all(jobs)
+        return results
+
+    def quant_block_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        """Each piece cut into whole-block row ranges for the pool: e4m3 into the arena, then its scales."""
+        jobs, results, quantized = [], [], []
+        for it in items:
+            w = _typed(buf[it.src_offset : it.src_offset + it.nbytes], TORCH_DTYPES[it.src_dtype]).view(it.rows, it.cols)
+            q = out.take(it.rows * it.cols)
+            scale = torch.empty(_blocks(it.rows, it.cols), dtype=TORCH_DTYPES[it.op.scale_dtype])
+            jobs += [(quant_rows, w, q.view(it.rows, it.cols), scale, it.op.scale_fmt, scale.dtype, r0, r1)
+                     for r0, r1 in row_ranges(it.rows, it.cols, TASK_ELEMS, BLOCK_SIZE)]
+            quantized.append((it, scale, w))
+            results.append(_quant_outputs(q, scale))
         self._run_all(jobs)
         for it, scale, w in quantized:
             check_quant_scales(it, scale, w)
-        return [m for p in pieces for m in p]
+        return results
 
     def _run_all(self, jobs: list[tuple]) -> None:
         futures = [self._pool.submit(*job) for job in jobs]
@@ -144,8 +196,8 @@ class CpuBackend:
         """One item quantized in the calling thread: (e4m3 bytes, scale bytes)."""
         w = _typed(data, TORCH_DTYPES[it.src_dtype]).view(it.rows, it.cols)
         q = torch.empty((it.rows, it.cols), dtype=torch.uint8)
-        scale = torch.empty(_blocks(it.rows, it.cols), dtype=TORCH_DTYPES[it.scale_dtype])
-        quant_rows(w, q, scale, it.scale_fmt, scale.dtype)
+        scale = torch.empty(_blocks(it.rows, it.cols), dtype=TORCH_DTYPES[it.op.scale_dtype])
+        quant_rows(w, q, scale, it.op.scale_fmt, scale.dtype)
         check_quant_scales(it, scale, w)
         return _quant_outputs(q, scale)
 
@@ -156,14 +208,6 @@ TASK_ELEMS = 1 << 20
 
 def _blocks(rows: int, cols: int) -> tuple[int, int]:
     return -(-rows // BLOCK_SIZE), -(-cols // BLOCK_SIZE)
-
-
-def _take(out: torch.Tensor | None, pos: int, nbytes: int, align: int = 1) -> tuple[torch.Tensor, int]:
-    """`nbytes` of `out` from `pos` rounded up to `align` (the element size), or a new buffer where it is full."""
-    pos = -(-pos // align) * align
-    if out is not None and pos + nbytes <= out.numel():
-        return out[pos : pos + nbytes], pos + nbytes
-    return torch.empty(nbytes, dtype=torch.uint8), pos
 
 
 def cpu_threads() -> int:
@@ -184,59 +228,42 @@ class CudaBackend:
         from dsv3conv.kernels import fp8_block_dequant as k
 
         if not hasattr(k, "dequant_segments"):
-            raise Dsv3Error("the Triton kernel is unavailable (is triton installed?); rerun with --device cpu")
+            raise Dsv3Error("the Triton kernel is unavailable (is triton installed?); rerun with {device} cpu", "device")
         self._k = k
         self.device = device
         self.name = str(device)
         self.stream = torch.cuda.Stream(device)
 
-    def run(self, buf: torch.Tensor, items: list[Item]) -> list[memoryview]:
-        conv = [it for it in items if it.converts]
-        quants = self._quant(buf, [it for it in items if it.quantizes])
-        outs: list[memoryview | None] = [None] * len(items)
-        if conv:
-            out_size = sum(it.rows * it.cols * TORCH_DTYPES[it.out_dtype].itemsize for it in conv)
-            segments, scales, dst_off, scale_off = [], [], 0, 0
-            for it in conv:
-                segments.append((it.src_offset, dst_off, scale_off, it.rows, it.cols))
-                scales.append(it.scale.reshape(-1))
-                dst_off += it.rows * it.cols * TORCH_DTYPES[it.out_dtype].itemsize
-                scale_off += it.scale.numel()
-            host_out = torch.empty(out_size, dtype=torch.uint8, pin_memory=True)
-            used = max(it.src_offset + it.nbytes for it in conv)
-            with torch.cuda.stream(self.stream):
-                src = buf[:used].to(self.device, non_blocking=True)
-                dst = torch.empty(out_size, dtype=torch.uint8, device=self.device)
-                sc = torch.cat(scales).to(self.device, non_blocking=True)
-                for dtype in {it.out_dtype for it in conv}:
-                    segs = [s for s, it in zip(segments, conv) if it.out_dtype == dtype]
-                    self._k.dequant_segments(src, dst, sc, segs, TORCH_DTYPES[dtype])
-                host_out.copy_(dst, non_blocking=True)
-            self.stream.synchronize()
-            view = memoryview(host_out.numpy())
-            pos = 0
-            conv_views = []
-            for it in conv:
-                n = it.rows * it.cols * TORCH_DTYPES[it.out_dtype].itemsize
-                conv_views.append(view[pos : pos + n])
-                pos += n
-            conv_iter = iter(conv_views)
-        pieces: list[memoryview] = []
-        for i, it in enumerate(items):
-            if it.converts:
-                outs[i] = next(conv_iter)
-            elif it.quantizes:
-                pieces += quants.pop(0)
-                continue
-            else:
-                outs[i] = memoryview(buf[it.src_offset : it.src_offset + it.nbytes].numpy())
-            pieces.append(outs[i])
-        return pieces
+    def dequant_block_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        """All pieces in one grouped launch per output dtype; the results back in pinned host memory."""
+        out_size = sum(it.rows * it.cols * TORCH_DTYPES[it.out_dtype].itemsize for it in items)
+        segments, scales, dst_off, scale_off = [], [], 0, 0
+        for it in items:
+            segments.append((it.src_offset, dst_off, scale_off, it.rows, it.cols))
+            scales.append(it.scale.reshape(-1))
+            dst_off += it.rows * it.cols * TORCH_DTYPES[it.out_dtype].itemsize
+            scale_off += it.scale.numel()
+        host_out = torch.empty(out_size, dtype=torch.uint8, pin_memory=True)
+        used = max(it.src_offset + it.nbytes for it in items)
+        with torch.cuda.stream(self.stream):
+            src = buf[:used].to(self.device, non_blocking=True)
+            dst = torch.empty(out_size, dtype=torch.uint8, device=self.device)
+            sc = torch.cat(scales).to(self.device, non_blocking=True)
+            for dtype in {it.out_dtype for it in items}:
+                segs = [s for s, it in zip(segments, items) if it.out_dtype == dtype]
+                self._k.dequant_segments(src, dst, sc, segs, TORCH_DTYPES[dtype])
+            host_out.copy_(dst, non_blocking=True)
+        self.stream.synchronize()
+        view = memoryview(host_out.numpy())
+        results, pos = [], 0
+        for it in items:
+            n = it.rows * it.cols * TORCH_DTYPES[it.out_dtype].itemsize
+            results.append([view[pos : pos + n]])
+            pos += n
+        return results
 
-    def _quant(self, buf: torch.Tensor, items: list[Item]) -> list[list[memoryview]]:
-        """Quantize each item with the Triton kernel, one launch per chunk; e4m3 and scales back in pinned memory."""
-        if not items:
-            return []
+    def quant_block_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        """Each piece with the Triton kernel, one launch per piece; e4m3 and scales back in pinned memory."""
         from dsv3conv.kernels import fp8_block_quant as kq
 
         results = []
@@ -244,7 +271,7 @@ class CudaBackend:
             for it in items:
                 src = buf[it.src_offset : it.src_offset + it.nbytes].to(self.device, non_blocking=True)
                 w = _typed(src, TORCH_DTYPES[it.src_dtype]).view(it.rows, it.cols)
-                q, s = kq.quant(w, it.scale_fmt, TORCH_DTYPES[it.scale_dtype])
+                q, s = kq.quant(w, it.op.scale_fmt, TORCH_DTYPES[it.op.scale_dtype])
                 host_q = torch.empty(q.shape, dtype=torch.uint8, pin_memory=True)
                 host_s = torch.empty(s.shape, dtype=s.dtype, pin_memory=True)
                 host_q.copy_(q.view(torch.uint8), non_blocking=True)
@@ -264,7 +291,7 @@ def device_list(device: str) -> list[str]:
     anything else: that one device."""
     if device == "cuda:all":
         if not torch.cuda.is_available():
-            raise UsageError("--device cuda:all: no CUDA GPU is visible to torch; use --device cpu")
+            raise UsageError("{device} cuda:all: no CUDA GPU is visible to torch; use {device} cpu", "device")
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     return [d.strip() for d in device.split(",") if d.strip()] or [device]
 
@@ -277,18 +304,19 @@ def check_device(device: str) -> str:
         return device
     if device == "cuda" or device.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu")
+            raise UsageError(f"{{device}} {device}: no CUDA GPU is visible to torch; use {{device}} cpu", "device")
         if not HAS_TRITON:
-            raise UsageError(f"--device {device}: the GPU path needs triton, which is not installed; "
-                             "pip install 'dsv3conv[gpu]', or use --device cpu")
+            raise UsageError(f"{{device}} {device}: the GPU path needs triton, which is not installed; "
+                             "pip install 'dsv3conv[gpu]', or use {device} cpu", "device")
         try:
             dev = torch.device(device)
-        except RuntimeError:
-            raise UsageError(f"--device {device!r}: choose auto, cpu, cuda, cuda:N, cuda:all or a list") from None
+        except RuntimeError as exc:
+            raise UsageError(f"{{device}} {device!r}: choose auto, cpu, cuda, cuda:N, cuda:all or a list", "device") from exc
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices are visible")
+            raise UsageError(f"{{device}} {device}: only {torch.cuda.device_count()} CUDA devices are visible", "device")
         return device
-    raise UsageError(f"--device {device!r}: choose auto, cpu, cuda, cuda:N, cuda:all or a list (cuda:0,cuda:1)")
+    raise UsageError(f"{{device}} {device!r}: choose auto, cpu, cuda, cuda:N, cuda:all or a list (cuda:0,cuda:1)",
+                     "device")
 
 
 def make_backend(device: str):

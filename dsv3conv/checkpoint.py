@@ -16,8 +16,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from dsv3conv.dtypes import DTYPE_SIZES
 from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
-from dsv3conv.safetensors_format import DTYPE_SIZES, Header, read_header
+from dsv3conv.safetensors_format import Header, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -222,11 +223,16 @@ class Checkpoint:
 
     def read(self, info: TensorInfo, start: int = 0, length: int | None = None) -> bytearray:
         """Read `length` bytes of a tensor's data from byte `start` (relative to the tensor)."""
-        length = info.nbytes - start if length is None else length
-        buf = bytearray(length)
-        with open(self.root / info.file, "rb", buffering=0) as f:
-            read_into(f, info.offset + start, memoryview(buf), self.root / info.file)
-        return buf
+        return read_tensor(self.root, info, start, length)
+
+
+def read_tensor(root: Path, info: TensorInfo, start: int = 0, length: int | None = None) -> bytearray:
+    """`length` bytes of the data of tensor `info` of the checkpoint at `root`, from byte `start` of it."""
+    length = info.nbytes - start if length is None else length
+    buf = bytearray(length)
+    with open(root / info.file, "rb", buffering=0) as f:
+        read_into(f, info.offset + start, memoryview(buf), root / info.file)
+    return buf
 
 
 def read_into(f, offset: int, view: memoryview, path: Path) -> None:
@@ -251,10 +257,10 @@ def _read_json(path: Path, limit: int) -> object:
     restore = "restore it from the release"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never wait on a FIFO
-    except PermissionError:
-        raise Dsv3Error(f"{path}: not readable (permission denied); fix its permissions") from None
+    except PermissionError as exc:
+        raise Dsv3Error(f"{path}: not readable (permission denied); fix its permissions") from exc
     except OSError as exc:
-        raise Dsv3Error(f"{path}: unreadable ({exc.strerror}); {restore}") from None
+        raise Dsv3Error(f"{path}: unreadable ({exc.strerror}); {restore}") from exc
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -265,14 +271,14 @@ def _read_json(path: Path, limit: int) -> object:
         while len(raw) <= limit and (chunk := os.read(fd, 1 << 20)):
             raw += chunk
     except OSError as exc:
-        raise Dsv3Error(f"{path}: unreadable ({exc.strerror}); {restore}") from None
+        raise Dsv3Error(f"{path}: unreadable ({exc.strerror}); {restore}") from exc
     finally:
         os.close(fd)
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else exc.__class__.__name__
-        raise Dsv3Error(f"{path}: not valid JSON ({reason}); {restore}") from None
+        raise Dsv3Error(f"{path}: not valid JSON ({reason}); {restore}") from exc
 
 
 def _is_count(value: object) -> bool:

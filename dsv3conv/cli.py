@@ -113,7 +113,7 @@ def _errors(writes: bool = False):
             if getattr(exc, "worker_traceback", ""):
                 err.print(f"in the worker process:\n{exc.worker_traceback}", markup=False)
             raise
-        err.print(f"dsv3conv: error: {exc}", markup=False)
+        err.print(f"dsv3conv: error: {exc.naming(_option)}", markup=False)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         hint = "; temporary files removed, rerun with --resume to finish" if writes else ""
@@ -125,6 +125,11 @@ def _errors(writes: bool = False):
         where = f"{exc.filename}: " if exc.filename else ""
         err.print(f"dsv3conv: error: {where}{exc.strerror or exc}", markup=False)
         raise typer.Exit(1) from None
+
+
+def _option(param: str) -> str:
+    """The command-line option of a library parameter: `max_shard_size` -> `--max-shard-size`."""
+    return "--" + param.replace("_", "-")
 
 
 def _print_json(obj: dict) -> None:

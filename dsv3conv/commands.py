@@ -9,13 +9,15 @@ import os
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint
-from dsv3conv.dest import check_apart, prepare_dest
+from dsv3conv.dequant import plan_dequant
+from dsv3conv.dest import check_apart, check_dest, prepare_dest
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.layout import mtp_layer_ids
-from dsv3conv.plan import parse_size, plan_dequant
+from dsv3conv.ops import QuantScale
+from dsv3conv.plan import parse_size
 from dsv3conv.quant import plan_quant
 from dsv3conv.runner import run_plan
-from dsv3conv.split_mtp import LAYOUT_ERROR, LAYOUTS, plan_split_main, plan_split_mtp
+from dsv3conv.split_mtp import check_layout, plan_split_main, plan_split_mtp
 
 
 def dequantize(
@@ -32,11 +34,13 @@ def dequantize(
     """
     ckpt = Checkpoint.open(src)
     size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
-    plan = plan_dequant(ckpt, Path(dst), out_dtype=dtype, mtp=mtp, max_shard_size=size)
+    check_dest(ckpt.root, Path(dst))
+    plan = plan_dequant(ckpt, Path(dst), out_dtype=dtype, mtp=mtp, max_shard_size=size,
+                        extra_files=ckpt.extra_files())
     if not plan.converted and not allow_noop:
         dtypes = ", ".join(sorted({t.dtype for t in ckpt.tensors.values()}))
         raise Dsv3Error(f"{ckpt.root}: no FP8 weights to dequantize (its tensors are {dtypes}): nothing to convert; "
-                        "pass --allow-noop to copy it anyway")
+                        "pass {allow_noop} to copy it anyway", "allow_noop")
     return run_plan(plan, device=device, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress,
                     buffer_size=buffer_size, part=part, space_check=space_check)
 
@@ -53,11 +57,13 @@ def quantize(
         quantize("V3-finetuned-bf16", "V3-finetuned-fp8", scale_fmt="ue8m0")
     """
     ckpt = Checkpoint.open(src)
-    plan = plan_quant(ckpt, Path(dst), scale_fmt=scale_fmt, scale_dtype=scale_dtype, skip=skip, mtp=mtp)
+    check_dest(ckpt.root, Path(dst))
+    plan = plan_quant(ckpt, Path(dst), scale_fmt=scale_fmt, scale_dtype=scale_dtype, skip=skip, mtp=mtp,
+                      extra_files=ckpt.extra_files())
     result = run_plan(plan, device=device, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress,
                       buffer_size=buffer_size, part=part, space_check=space_check)
     qc = (plan.config or {}).get("quantization_config") or {}
-    result["scales_written"] = sum(t.op == "quant_scale" for f in plan.files for t in f.tensors)
+    result["scales_written"] = sum(isinstance(t.op, QuantScale) for f in plan.files for t in f.tensors)
     result["tensors_skipped"] = len(qc.get("modules_to_not_convert") or [])
     result["scale_fmt"] = qc.get("scale_fmt", "float")
     return result
@@ -76,19 +82,21 @@ def split_mtp(
     `{"source", "mtp_layers", "main": summary | None, "mtp": summary | None}` (what `--json` prints).
     """
     if main_out is None and mtp_out is None:
-        raise UsageError("give --main-out DIR, --mtp-out DIR or both")
-    if mtp_layout not in LAYOUTS:
-        raise UsageError(LAYOUT_ERROR.format(mtp_layout))
+        raise UsageError("give {main_out} DIR, {mtp_out} DIR or both", "main_out", "mtp_out")
+    check_layout(mtp_layout)
     if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other; pick one")
+        raise UsageError("{resume} and {overwrite} exclude each other; pick one", "resume", "overwrite")
     if main_out is not None and mtp_out is not None:
         check_apart(Path(main_out), Path(mtp_out), "--main-out", "--mtp-out")
     ckpt = Checkpoint.open(src)
+    extra = ckpt.extra_files()
     plans = {}
     if main_out is not None:
-        plans["main"] = plan_split_main(ckpt, Path(main_out))
+        check_dest(ckpt.root, Path(main_out))
+        plans["main"] = plan_split_main(ckpt, Path(main_out), extra)
     if mtp_out is not None:
-        plans["mtp"] = plan_split_mtp(ckpt, Path(mtp_out), mtp_layout)
+        check_dest(ckpt.root, Path(mtp_out))
+        plans["mtp"] = plan_split_mtp(ckpt, Path(mtp_out), mtp_layout, extra)
     for plan in plans.values():  # refuse a non-empty second output before writing the first (a dry run too)
         prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=ckpt.root,
                      create=False)

@@ -12,15 +12,15 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from dsv3conv.backend import Item
-from dsv3conv.checkpoint import read_into
+from dsv3conv.backend import Backend, Item, OutputArena, convert
+from dsv3conv.checkpoint import read_into, read_tensor
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error
 from dsv3conv.plan import FilePlan, Plan, TensorPlan
@@ -30,58 +30,84 @@ DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 MAX_GAP_BYTES = 1 << 20  # small tensors between two read pieces are read along rather than seeked over
 
 
-class CopyOnly:
-    """The backend of plans that only copy: nothing to convert."""
-
-    name = "none"
-    pin_memory = False
-
-    def run(self, buf, items):
-        return [memoryview(buf[it.src_offset : it.src_offset + it.nbytes].numpy()) for it in items]
-
-
-def run_files(plan: Plan, backend, todo, progress, chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = 3,
+def run_files(plan: Plan, backend: Backend | None, todo: list[tuple[int, FilePlan]], progress=None,
+              chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = 3,
               cancel: threading.Event | None = None) -> tuple[int, int]:
-    """Readers fill pooled buffers, this thread converts, writers put each batch at its planned offset.
+    """Write the files `todo` ((index in `plan.files`, file) pairs) of the plan; return (files, bytes) written.
 
-    Every output byte's offset is known from the plan, so batches may finish in any order: several reader
-    and writer threads keep a fast disk (or tmpfs) busy, and each file is renamed into place by whichever
-    writer completes its last batch. `todo`: (index in `plan.files`, file) pairs. `progress(nbytes, file_index,
-    file_name)` is called as bytes are written; `cancel`, set by another thread, stops the run as Ctrl-C would.
-    Returns (files written, bytes written).
+    Readers fill pooled buffers, this thread converts, writers put each batch at its planned offset. Every
+    output byte's offset is known from the plan, so batches may finish in any order: several reader and writer
+    threads keep a fast disk (or tmpfs) busy, and each file is renamed into place by whichever writer completes
+    its last batch. `progress(nbytes, file_index, file_name)` is called as bytes are written; `cancel`, set by
+    another thread, stops the run as Ctrl-C would. `backend` may be None when nothing converts.
     """
-    written = [0, 0]
-    specs = [spec for k, f in todo for spec in _batch_specs(k, f, chunk_bytes)]
-    remaining = {k: 0 for k, _ in todo}
-    for spec in specs:
-        remaining[spec.k] += 1
-    open_files: dict[int, AtomicFile] = {}
-    files_lock = threading.Lock()
-    pool: queue.Queue[torch.Tensor] = queue.Queue()
-    # A 128-row block is never split: a very wide FP8 tensor may need more than `chunk_bytes`.
-    buf_bytes = max([chunk_bytes + MAX_GAP_BYTES] + [s.span_len for s in specs])
-    for _ in range(depth + 2):
-        pool.put(torch.empty(buf_bytes, dtype=torch.uint8, pin_memory=backend.pin_memory))
-    ready: queue.Queue = queue.Queue()
-    out_pool: queue.Queue[torch.Tensor] = queue.Queue()  # outputs of CPU conversions, recycled like inputs
-    if getattr(backend, "takes_out", False):
-        out_bytes = max([0] + [s.out_bytes for s in specs])
+    return _Run(plan, backend, todo, progress, chunk_bytes, depth, cancel).run()
+
+
+class _Run:
+    """One `run_files` call: its batches, buffer pools, open output files and threads."""
+
+    def __init__(self, plan: Plan, backend: Backend | None, todo, progress, chunk_bytes: int, depth: int,
+                 cancel: threading.Event | None):
+        self.plan, self.backend, self.progress, self.cancel = plan, backend, progress, cancel
+        self.specs = [spec for k, f in todo for spec in _batch_specs(k, f, chunk_bytes)]
+        self.remaining = Counter(spec.k for spec in self.specs)  # batches still to write, per output file
+        self.open_files: dict[int, AtomicFile] = {}
+        self.files_lock = threading.Lock()
+        # A block of rows is never split: a very wide tensor may need more than `chunk_bytes`.
+        buf_bytes = max([chunk_bytes + MAX_GAP_BYTES] + [s.span_len for s in self.specs])
+        out_bytes = max([0] + [s.out_bytes for s in self.specs])
+        pinned = backend is not None and backend.pin_memory
+        self.pool: queue.Queue[torch.Tensor] = queue.Queue()  # read buffers
+        self.arenas: queue.Queue[OutputArena] = queue.Queue()  # converted bytes, recycled like the read buffers
         for _ in range(depth + 2):
-            out_pool.put(torch.empty(out_bytes, dtype=torch.uint8))
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    next_spec = iter(specs)
-    spec_lock = threading.Lock()
-    scales = _ScaleCache(plan.source)
-    n_io = max(1, min(4, (os.cpu_count() or 2) // 2))
+            self.pool.put(torch.empty(buf_bytes, dtype=torch.uint8, pin_memory=pinned))
+            self.arenas.put(OutputArena(out_bytes))
+        self.ready: queue.Queue = queue.Queue()  # (batch, its buffer, its items), read
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.next_spec = iter(self.specs)
+        self.spec_lock = threading.Lock()
+        self.scales = _ScaleCache(plan.source)
+        self.files_written = self.bytes_written = 0
 
-    def fail(exc: BaseException) -> None:
-        errors.append(exc)
-        stop.set()
+    def run(self) -> tuple[int, int]:
+        n_io = max(1, min(4, (os.cpu_count() or 2) // 2))
+        readers = [threading.Thread(target=self._reader, name=f"dsv3conv-reader-{i}", daemon=True)
+                   for i in range(n_io)]
+        for t in readers:
+            t.start()
+        writers = ThreadPoolExecutor(max_workers=n_io, thread_name_prefix="dsv3conv-writer")
+        try:
+            for _ in range(len(self.specs)):
+                spec, buf, items = self._get(self.ready)
+                arena = self._get(self.arenas)
+                writers.submit(self._write, spec, buf, arena, convert(self.backend, buf, items, arena))
+            writers.shutdown(wait=True)
+        except _Stopped:
+            pass
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            self.stop.set()
+            writers.shutdown(wait=True, cancel_futures=True)
+            for t in readers:
+                t.join()
+            for out in self.open_files.values():
+                out.abort()
+        if self.errors:
+            raise self.errors[0]
+        return self.files_written, self.bytes_written
 
-    def get(q: queue.Queue):
-        while not stop.is_set():
-            if cancel is not None and cancel.is_set():
+    def _fail(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+        self.stop.set()
+
+    def _get(self, q: queue.Queue):
+        """The next item of `q`, unless another stage failed (`_Stopped`) or the run is cancelled."""
+        while not self.stop.is_set():
+            if self.cancel is not None and self.cancel.is_set():
                 raise KeyboardInterrupt
             try:
                 return q.get(timeout=0.05)
@@ -89,96 +115,74 @@ def run_files(plan: Plan, backend, todo, progress, chunk_bytes: int = DEFAULT_CH
                 pass
         raise _Stopped()
 
-    def reader() -> None:
+    def _reader(self) -> None:
         handles: dict[str, object] = {}
         try:
-            while not stop.is_set():
-                with spec_lock:
-                    spec = next(next_spec, None)
+            while not self.stop.is_set():
+                with self.spec_lock:
+                    spec = next(self.next_spec, None)
                 if spec is None:
                     return
-                buf = get(pool) if spec.span_len or spec.pieces else None
-                items = _read_batch(plan.source, spec, buf, handles, scales)
-                ready.put((spec, buf, items))
+                buf = self._get(self.pool) if spec.span_len or spec.pieces else None
+                items = _read_batch(self.plan.source, spec, buf, handles, self.scales)
+                self.ready.put((spec, buf, items))
         except _Stopped:
             pass
-        except BaseException as exc:  # noqa: BLE001  (handed to the main thread)
-            fail(exc)
+        except BaseException as exc:  # handed to the main thread
+            self._fail(exc)
         finally:
             for fh in handles.values():
                 fh.close()
 
-    def output(spec: _BatchSpec) -> AtomicFile:
-        with files_lock:
-            out = open_files.get(spec.k)
+    def _output(self, spec: _BatchSpec) -> AtomicFile:
+        with self.files_lock:
+            out = self.open_files.get(spec.k)
             if out is None:
-                out = open_files[spec.k] = AtomicFile(plan.dest / spec.file.name)
+                out = self.open_files[spec.k] = AtomicFile(self.plan.dest / spec.file.name)
                 out.pwrite(spec.file.header, 0)
-                if progress:
-                    progress(len(spec.file.header), spec.k, spec.file.name)
+                if self.progress:
+                    self.progress(len(spec.file.header), spec.k, spec.file.name)
             return out
 
-    def write(spec: _BatchSpec, buf, obuf, outs) -> None:
+    def _place(self, spec: _BatchSpec, outs: list[memoryview]) -> bool:
+        """Write the batch's pieces at their planned offsets; commit the file once all its batches are in."""
+        out = self._output(spec)
+        if len(outs) != len(spec.out_offsets):
+            raise Dsv3Error(f"{out.final}: {len(outs)} output pieces for {len(spec.out_offsets)} planned; this is a bug")
+        for piece, offset in zip(outs, spec.out_offsets):
+            out.pwrite(piece, offset)
+        with self.files_lock:
+            self.remaining[spec.k] -= 1
+            done = self.remaining[spec.k] == 0
+            if done:
+                del self.open_files[spec.k]
+        if done:
+            if out.written != spec.file.size:
+                raise Dsv3Error(f"{out.final}: wrote {out.written} bytes, the plan says {spec.file.size}; this is a bug")
+            out.commit()
+        return done
+
+    def _write(self, spec: _BatchSpec, buf, arena: OutputArena, outs: list[memoryview]) -> None:
         try:
-            if stop.is_set():
+            if self.stop.is_set():
                 return
             if spec.file.copy_of is not None:
-                copy_file_fast(plan.source / spec.file.copy_of, plan.dest / spec.file.name)
+                copy_file_fast(self.plan.source / spec.file.copy_of, self.plan.dest / spec.file.name)
                 done = True
             else:
-                out = output(spec)
-                if len(outs) != len(spec.out_offsets):
-                    raise Dsv3Error(f"{out.final}: {len(outs)} output pieces for {len(spec.out_offsets)} planned; this is a bug")
-                for piece, offset in zip(outs, spec.out_offsets):
-                    out.pwrite(piece, offset)
-                if buf is not None:
-                    pool.put(buf)
-                if obuf is not None:
-                    out_pool.put(obuf)
-                with files_lock:
-                    remaining[spec.k] -= 1
-                    done = remaining[spec.k] == 0
-                    if done:
-                        del open_files[spec.k]
-                if done:
-                    if out.written != spec.file.size:
-                        raise Dsv3Error(f"{out.final}: wrote {out.written} bytes, the plan says {spec.file.size}; this is a bug")
-                    out.commit()
-            if progress:
-                progress(spec.out_bytes if spec.file.copy_of is None else spec.file.size, spec.k, spec.file.name)
+                done = self._place(spec, outs)
+            if buf is not None:
+                self.pool.put(buf)
+            arena.reset()
+            self.arenas.put(arena)
+            if self.progress:
+                self.progress(spec.out_bytes if spec.file.copy_of is None else spec.file.size, spec.k, spec.file.name)
             if done:
-                with files_lock:
-                    written[0] += 1
-                    written[1] += spec.file.size
-        except BaseException as exc:  # noqa: BLE001
-            fail(exc)
-
-    readers = [threading.Thread(target=reader, name=f"dsv3conv-reader-{i}", daemon=True) for i in range(n_io)]
-    for t in readers:
-        t.start()
-    writers = ThreadPoolExecutor(max_workers=n_io, thread_name_prefix="dsv3conv-writer")
-    try:
-        for _ in range(len(specs)):
-            spec, buf, items = get(ready)
-            obuf = get(out_pool) if getattr(backend, "takes_out", False) and items else None
-            outs = (backend.run(buf, items, obuf) if obuf is not None else backend.run(buf, items)) if items else []
-            writers.submit(write, spec, buf, obuf, outs)
-        writers.shutdown(wait=True)
-    except _Stopped:
-        pass
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        stop.set()
-        writers.shutdown(wait=True, cancel_futures=True)
-        for t in readers:
-            t.join()
-        for out in open_files.values():
-            out.abort()
-    if errors:
-        raise errors[0]
-    return written[0], written[1]
+                with self.files_lock:
+                    self.files_written += 1
+                    self.bytes_written += spec.file.size
+        except BaseException as exc:  # handed to the main thread
+            self._fail(exc)
 
 
 class _Stopped(Exception):
@@ -207,9 +211,7 @@ class _ScaleCache:
         return scale
 
     def _read(self, info) -> torch.Tensor:
-        buf = bytearray(info.nbytes)
-        with open(self.root / info.file, "rb", buffering=0) as f:
-            read_into(f, info.offset, memoryview(buf), self.root / info.file)
+        buf = read_tensor(self.root, info)
         raw = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
         scale = raw.view(TORCH_DTYPES[info.dtype]).view(info.shape).to(torch.float32)
         bad = ~(torch.isfinite(scale) & (scale > 0))
@@ -220,23 +222,6 @@ class _ScaleCache:
                 f"(first: {value}); the checkpoint is damaged, download that shard again"
             )
         return scale
-
-
-def _pieces(t: TensorPlan, chunk_bytes: int) -> Iterator[tuple[int, int]]:
-    """(start byte, bytes) of the source pieces of one tensor: whole, or row chunks of 128-row multiples."""
-    if t.op == "quant_scale":  # written by its weight's pieces
-        return
-    if not t.converts:
-        for start in range(0, t.source.nbytes, chunk_bytes):
-            yield start, min(chunk_bytes, t.source.nbytes - start)
-        if t.source.nbytes == 0:
-            yield 0, 0
-        return
-    rows, cols = t.shape
-    row_bytes = cols * t.source.itemsize
-    rows_per = max(128, (chunk_bytes // max(row_bytes, 1)) // 128 * 128)
-    for r0 in range(0, rows, rows_per):
-        yield r0 * row_bytes, min(rows_per, rows - r0) * row_bytes
 
 
 @dataclass
@@ -264,7 +249,7 @@ def _batch_specs(k: int, f: FilePlan, chunk_bytes: int) -> list[_BatchSpec]:
         at += t.nbytes
     cur: _BatchSpec | None = None
     for t in f.tensors:
-        for start, n in _pieces(t, chunk_bytes):
+        for start, n in t.op.pieces(t, chunk_bytes):
             a = t.source.offset + start
             fits = cur is not None and (
                 cur.src_file == t.source.file
@@ -276,28 +261,12 @@ def _batch_specs(k: int, f: FilePlan, chunk_bytes: int) -> list[_BatchSpec]:
                 specs.append(cur)
             cur.pieces.append((t, start, n))
             cur.span_len = a + n - cur.span_start
-            for offset, out_n in _outputs(t, start, n, where):
-                cur.out_offsets.append(offset)
+            for name, offset, out_n in t.op.outputs(t, start, n):
+                cur.out_offsets.append(where[name] + offset)
                 cur.out_bytes += out_n
     if not specs:  # a file of empty tensors still gets its header
         specs.append(_BatchSpec(k, f, None, 0, 0, [], [], 0))
     return specs
-
-
-def _outputs(t: TensorPlan, start: int, n: int, where: dict[str, int]) -> list[tuple[int, int]]:
-    """(output offset, bytes) of what one source piece becomes: one piece, or for "quant" the FP8 rows
-    and then their rows of scales (the piece holds whole 128-row blocks, except at the tensor's end)."""
-    if not t.converts:
-        return [(where[t.name] + start, n)]
-    first, count = start // t.source.itemsize, n // t.source.itemsize  # elements
-    size = TORCH_DTYPES[t.dtype].itemsize
-    out = [(where[t.name] + first * size, count * size)]
-    if t.op == "quant":
-        s, cols = t.emits, t.shape[1]
-        r0, rows = (first // cols, count // cols) if cols else (0, 0)
-        row_bytes = s.shape[1] * TORCH_DTYPES[s.dtype].itemsize
-        out.append((where[s.name] + r0 // 128 * row_bytes, -(-rows // 128) * row_bytes))
-    return out
 
 
 def _read_batch(root: Path, spec: _BatchSpec, buf, handles: dict, scales: _ScaleCache) -> list[Item]:
@@ -311,16 +280,10 @@ def _read_batch(root: Path, spec: _BatchSpec, buf, handles: dict, scales: _Scale
     items = []
     for t, start, n in spec.pieces:
         src_off = t.source.offset + start - spec.span_start
-        if t.op == "quant":
-            cols = t.shape[1]
-            rows = n // t.source.itemsize // cols if cols else 0
-            items.append(Item(src_off, n, rows, cols, None, t.dtype, src_dtype=t.source.dtype,
-                              scale_fmt=t.scale_fmt, scale_dtype=t.emits.dtype, name=t.name))
-        elif t.converts:
-            cols = t.shape[1]
-            r0, rows = start // cols, n // cols
-            sc = scales.get(t.scale)[r0 // 128 : -(-(r0 + rows) // 128)]
-            items.append(Item(src_off, n, rows, cols, sc.clone(), t.dtype))
-        else:
-            items.append(Item(src_off, n))
+        if not t.converts:
+            items.append(Item(t.op, src_off, n, name=t.name))
+            continue
+        r0, rows = t.op.rows(t, start, n)
+        scale = scales.get(t.sources[1])[t.op.scale_rows(r0, rows)].clone() if len(t.sources) > 1 else None
+        items.append(Item(t.op, src_off, n, rows, t.shape[1], t.source.dtype, t.dtype, scale, t.name))
     return items

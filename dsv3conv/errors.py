@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 
 class Dsv3Error(Exception):
     """A problem with the input data or a runtime failure (exit code 1).
 
-    The message is a single line that names the file or tensor and, where possible, what to do.
+    The message is a single line that names the file or tensor and, where possible, what to do. It names
+    the parameters it concerns as `{name}` (listed in `params`): `str()` shows `name`, as a program passes
+    it; the command line shows its option instead (`cli.py`).
     """
 
     exit_code = 1
 
+    def __init__(self, message: str, *params: str):
+        self.message = message
+        self.params = params
+        super().__init__(self.naming(lambda name: name))
+
+    def naming(self, name: Callable[[str], str]) -> str:
+        """The message with each parameter called `name(parameter)`."""
+        text = self.message
+        for p in self.params:
+            text = text.replace("{" + p + "}", name(p))
+        return text
+
 
 class UsageError(Dsv3Error):
-    """The command line asks for something that cannot be done (exit code 2)."""
+    """The caller asks for something that cannot be done (exit code 2)."""
 
     exit_code = 2
 

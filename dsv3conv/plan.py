@@ -1,49 +1,47 @@
-"""Plans: every byte of output decided from headers and options, before the first write.
+"""The plan model: every byte of output decided from headers and options, before the first write.
 
-A plan is pure data: which output file holds which tensor, where each comes from (and its scale), the output
-dtype and byte range, the new index and config, and the files copied alongside. `pipeline.execute` carries a
-plan out; `--dry-run` prints it. Both `dequant` and `split-mtp` produce the same `Plan` type.
+A plan is pure data: which output file holds which tensor, the source tensors each is made from and its
+operation (`ops`), the output dtype and byte range, the new index and config, and the files copied
+alongside. The planners (`dequant`, `quant`, `split_mtp`) make plans from an opened checkpoint without
+touching the file system; the runner carries a plan out; `--dry-run` prints it. The helpers below are
+shared by the planners.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint, TensorInfo
-from dsv3conv.dest import check_dest
+from dsv3conv.dtypes import DTYPE_SIZES
 from dsv3conv.errors import Dsv3Error, UsageError
-from dsv3conv.layout import fp8_coverage, is_scale, layer_id, mtp_layer_ids
-from dsv3conv.safetensors_format import DTYPE_SIZES, build_header
+from dsv3conv.layout import Fp8Coverage, fp8_coverage, layer_id, mtp_layer_ids
+from dsv3conv.ops import Copy, Op
+from dsv3conv.safetensors_format import build_header
 
-OUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 SHARD_METADATA = {"format": "pt"}
 
 
 @dataclass(frozen=True)
 class TensorPlan:
-    """One output tensor: its name, where it comes from, and what happens to it.
+    """One output tensor: its name, dtype and shape, the source tensors it is made from, and how (`op`).
 
-    op: "copy" (bytes unchanged), "dequant" (FP8 with `scale` -> `dtype`), "quant" (BF16/F16/F32 -> FP8; the
-    weight also emits `emits`, its scale tensor, from the same source rows) or "quant_scale" (that scale:
-    written by its weight's pieces, never read on its own). Left empty, op follows `scale`.
+    `sources[0]` is the tensor converted or copied; a `DequantBlockFp8` reads its scale from `sources[1]`;
+    a `QuantScale` reads nothing (its weight's pieces write it).
     """
 
     name: str
-    source: TensorInfo
-    scale: TensorInfo | None  # set when the tensor is dequantized
-    dtype: str  # output dtype
+    dtype: str
     shape: tuple[int, ...]
-    op: str = ""
-    emits: TensorPlan | None = None  # op "quant": the scale tensor planned in the same file
-    scale_fmt: str = ""  # op "quant": "float" or "ue8m0"
+    op: Op
+    sources: tuple[TensorInfo, ...]
 
-    def __post_init__(self) -> None:
-        if not self.op:
-            object.__setattr__(self, "op", "dequant" if self.scale is not None else "copy")
+    @property
+    def source(self) -> TensorInfo:
+        return self.sources[0]
 
     @property
     def nbytes(self) -> int:
@@ -52,7 +50,12 @@ class TensorPlan:
     @property
     def converts(self) -> bool:
         """Computed from its source (dequantized or quantized), not copied; a scale emitted counts as neither."""
-        return self.op in ("dequant", "quant")
+        return self.op.converts
+
+
+def copied(info: TensorInfo, name: str | None = None) -> TensorPlan:
+    """A source tensor written byte for byte, optionally under a new name."""
+    return TensorPlan(name or info.name, info.dtype, info.shape, Copy(), (info,))
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,6 @@ class FilePlan:
 
 @dataclass
 class Plan:
-    kind: str  # "dequant", "split-mtp" or "quant"
     source: Path
     dest: Path
     files: list[FilePlan]
@@ -80,7 +82,6 @@ class Plan:
     config_changes: list[str]
     extra_files: list[str]
     dropped: list[str] = field(default_factory=list)  # source tensors not written (scales, MTP)
-    out_dtype: str = ""
 
     @property
     def total_size(self) -> int:
@@ -88,8 +89,7 @@ class Plan:
 
     @property
     def bytes_in(self) -> int:
-        return sum(t.source.nbytes + (t.scale.nbytes if t.scale else 0)
-                   for f in self.files for t in f.tensors if t.op != "quant_scale")
+        return sum(s.nbytes for f in self.files for t in f.tensors for s in t.sources)
 
     @property
     def converted(self) -> int:
@@ -97,7 +97,7 @@ class Plan:
 
     @property
     def copied(self) -> int:
-        return sum(t.op == "copy" for f in self.files for t in f.tensors)
+        return sum(isinstance(t.op, Copy) for f in self.files for t in f.tensors)
 
     def summary(self) -> dict:
         return {
@@ -114,7 +114,7 @@ def parse_part(text: str | None) -> tuple[int, int] | None:
         return None
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
     if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
-        raise UsageError(f"--part {text!r}: give K/N with 1 <= K <= N, e.g. --part 2/8")
+        raise UsageError(f"{{part}} {text!r}: give K/N with 1 <= K <= N, e.g. {{part}} 2/8", "part")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -132,95 +132,38 @@ def assign_parts(files: list[FilePlan], n_parts: int) -> list[int]:
     return part
 
 
-def parse_size(text: str, option: str = "--max-shard-size") -> int:
-    """'5GB', '500MB', '4GiB', '123' -> bytes."""
+def parse_size(text: str, param: str = "max_shard_size") -> int:
+    """'5GB', '500MB', '4GiB', '123' -> bytes; `param` names the parameter in the error."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)\s*", text.upper())
     if not m:
-        raise UsageError(f"{option} {text!r}: give a size such as 5GB, 500MB or 4GiB")
+        raise UsageError(f"{{{param}}} {text!r}: give a size such as 5GB, 500MB or 4GiB", param)
     power = " KMGT".index(m.group(2) or " ")
     base = 1024 if m.group(3).startswith("I") else 1000
     return int(float(m.group(1)) * base**power)
 
 
-# ------------------------------------------------------------------------------------------ dequant
-def plan_dequant(
-    ckpt: Checkpoint, dest: Path, *, out_dtype: str = "bfloat16", mtp: str = "keep", max_shard_size: int | None = None
-) -> Plan:
-    """Plan FP8 -> `out_dtype`: FP8 weights converted, scales dropped, everything else copied byte for byte."""
-    if out_dtype not in OUT_DTYPES:
-        raise UsageError(f"--dtype {out_dtype!r}: choose one of {', '.join(OUT_DTYPES)}")
-    if mtp not in ("keep", "drop"):
-        raise UsageError(f"--mtp {mtp!r}: choose keep or drop")
-    check_dest(ckpt.root, dest)
-    ckpt.require_clean()
-    config = ckpt.require_config()
-    cov = require_fp8_pairs(ckpt)
-    mtp_ids = set(mtp_layer_ids(config))
-    if mtp == "drop" and not mtp_ids:
-        raise UsageError(
-            f"--mtp drop: {ckpt.root / 'config.json'} declares no MTP layers (num_nextn_predict_layers is 0 or absent)"
-        )
-    _check_layers(ckpt, config)
+def require_fp8_pairs(tensors: Mapping[str, TensorInfo], where: str = "the index and from every shard") -> Fp8Coverage:
+    """Every FP8 weight of `tensors` has a usable scale and every scale a weight, or they are refused.
 
-    dtype = OUT_DTYPES[out_dtype]
-    dropped: list[str] = []
-    groups: list[tuple[str, list[TensorPlan]]] = []
-    for shard in ckpt.shards.values():
-        entries = []
-        for entry in shard.header.tensors:
-            info = ckpt.tensors[entry.name]
-            if info.file != shard.name:
-                continue
-            if is_scale(info.name) or (mtp == "drop" and layer_id(info.name) in mtp_ids):
-                dropped.append(info.name)
-                continue
-            if info.name in cov.pairs:
-                scale = ckpt.tensors[cov.pairs[info.name]]
-                entries.append(TensorPlan(info.name, info, scale, dtype, info.shape))
-            else:
-                entries.append(TensorPlan(info.name, info, None, info.dtype, info.shape))
-        groups.append((shard.name, entries))
-    if mtp == "drop":
-        dropped += [n for n in ckpt.tensors if layer_id(n) in mtp_ids and n not in dropped]  # noqa: PERF401
-
-    files = _shard(groups, max_shard_size)
-    new_config = copy.deepcopy(config)
-    changes = []
-    if "quantization_config" in new_config:
-        del new_config["quantization_config"]
-        changes.append("removed quantization_config")
-    for key in ("torch_dtype", "dtype"):
-        if key == "torch_dtype" or key in new_config:
-            if new_config.get(key) != out_dtype:
-                changes.append(f"{key}: {new_config.get(key)!r} -> {out_dtype!r}")
-            new_config[key] = out_dtype
-    if mtp == "drop":
-        changes.append(f"num_nextn_predict_layers: {config.get('num_nextn_predict_layers')} -> 0")
-        new_config["num_nextn_predict_layers"] = 0
-    return Plan(
-        "dequant", ckpt.root, dest, files, _index(ckpt, files), new_config, changes, ckpt.extra_files(),
-        sorted(set(dropped)), dtype,
-    )
-
-
-def require_fp8_pairs(ckpt: Checkpoint):
-    """Every FP8 weight has a usable scale and every scale a weight, or the checkpoint is refused."""
-    cov = fp8_coverage(ckpt.tensors)
+    `where`: what the tensors are, for the message of a missing scale ("missing from `where`").
+    """
+    cov = fp8_coverage(tensors)
     if cov.unscaled:
         name = cov.unscaled[0]
         raise Dsv3Error(
-            f"tensor `{name}` is F8_E4M3 but `{name}_scale_inv` is missing from the index and from every shard"
-            f"{_more(cov.unscaled)}; restore the missing shard or scale"
+            f"tensor `{name}` is F8_E4M3 but `{name}_scale_inv` is missing from {where}"
+            f"{more(cov.unscaled)}; restore the missing shard or scale"
         )
     if cov.bad_scales:
-        raise Dsv3Error(cov.bad_scales[0] + _more(cov.bad_scales))
+        raise Dsv3Error(cov.bad_scales[0] + more(cov.bad_scales))
     if cov.orphan_scales:
         name = cov.orphan_scales[0]
-        raise Dsv3Error(f"tensor `{name}` is a scale without its F8_E4M3 weight{_more(cov.orphan_scales)}; the checkpoint is incomplete")
+        raise Dsv3Error(f"tensor `{name}` is a scale without its F8_E4M3 weight{more(cov.orphan_scales)}; "
+                        "the checkpoint is incomplete")
     return cov
 
 
-def _check_layers(ckpt: Checkpoint, config: dict) -> None:
+def check_layers(ckpt: Checkpoint, config: dict) -> None:
     """The config's layer counts must match the tensors, or MTP handling would be wrong."""
     ids = {layer_id(n) for n in ckpt.tensors} - {None}
     if not ids:
@@ -236,16 +179,17 @@ def _check_layers(ckpt: Checkpoint, config: dict) -> None:
         )
 
 
-def _more(items: list) -> str:
+def more(items: list) -> str:
+    """' (and N more)' after the first of `items` named in a message."""
     return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
 
 
-def _shard(groups: list[tuple[str, list[TensorPlan]]], max_shard_size: int | None) -> list[FilePlan]:
+def shard_files(groups: list[tuple[str, list[TensorPlan]]], max_shard_size: int | None) -> list[FilePlan]:
     """Keep the source's shard names (less emptied ones), or re-shard to at most `max_shard_size` bytes."""
     if max_shard_size is None:
-        return [_file(name, entries) for name, entries in groups if entries]
+        return [file_plan(name, entries) for name, entries in groups if entries]
     if max_shard_size <= 0:
-        raise UsageError("--max-shard-size must be positive")
+        raise UsageError("{max_shard_size} must be positive", "max_shard_size")
     chunks: list[list[TensorPlan]] = [[]]
     size = 0
     for _, entries in groups:
@@ -256,15 +200,17 @@ def _shard(groups: list[tuple[str, list[TensorPlan]]], max_shard_size: int | Non
             chunks[-1].append(t)
             size += t.nbytes
     n = len(chunks)
-    return [_file(f"model-{k + 1:05d}-of-{n:05d}.safetensors", c) for k, c in enumerate(chunks)]
+    return [file_plan(f"model-{k + 1:05d}-of-{n:05d}.safetensors", c) for k, c in enumerate(chunks)]
 
 
-def _file(name: str, entries: list[TensorPlan], copy_of: str | None = None) -> FilePlan:
+def file_plan(name: str, entries: list[TensorPlan]) -> FilePlan:
+    """An output shard written tensor by tensor, in the order of `entries`."""
     header, _ = build_header([(t.name, t.dtype, t.shape) for t in entries], SHARD_METADATA)
-    return FilePlan(name, tuple(entries), header, copy_of)
+    return FilePlan(name, tuple(entries), header)
 
 
-def _index(ckpt: Checkpoint, files: list[FilePlan]) -> dict:
+def index_json(ckpt: Checkpoint, files: list[FilePlan]) -> dict:
+    """The output's index: the source's metadata with the new total_size, and the new weight map."""
     metadata = dict((ckpt.index or {}).get("metadata") or {})
     metadata["total_size"] = sum(t.nbytes for f in files for t in f.tensors)
     weight_map = {t.name: f.name for f in files for t in f.tensors}

@@ -7,24 +7,24 @@ its `e_score_correction_bias`) and `eh_proj` stay as they are; `skip` patterns k
 weight `W` is written as e4m3 with its scale `W_scale_inv` beside it in the same shard; the recipe is
 `dsv3conv.kernels.fp8_block_quant` (module docstring).
 
-The plan reuses `Plan`: a quantized weight is a `TensorPlan` of op "quant" that emits its scale tensor (op
-"quant_scale") from the same source rows, so the pipeline streams it like a dequant, in 128-row chunks.
+A quantized weight is a `TensorPlan` of operation `QuantBlockFp8` that also writes its scale tensor (a
+`QuantScale`) from the same source rows, so the engine streams it like a dequant, in whole-block row chunks.
 Within each shard, tensors are ordered by element size (largest first, source order otherwise), as the
 safetensors library does, so every tensor starts at a multiple of its element size.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint
-from dsv3conv.dest import check_dest
+from dsv3conv.config_edits import ConfigEdit
+from dsv3conv.dtypes import DTYPE_SIZES, FLOAT_DTYPES, SCALE_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.layout import BLOCK, is_scale, layer_id, mtp_layer_ids, scale_name, scale_shape
-from dsv3conv.plan import Plan, TensorPlan, _check_layers, _file, _index, _more
-from dsv3conv.safetensors_format import DTYPE_SIZES
+from dsv3conv.ops import QuantBlockFp8, QuantScale
+from dsv3conv.plan import Plan, TensorPlan, check_layers, copied, file_plan, index_json, more
 
 # The weights the DeepSeek-V3 release stores as FP8 (any layer id, MTP layers included).
 FP8_WEIGHT_RE = re.compile(
@@ -35,7 +35,6 @@ FP8_WEIGHT_RE = re.compile(
 # Experts stored fused (one tensor for all experts of a layer): a layout the release never has.
 FUSED_EXPERTS_RE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(?!\d+\.)")
 SCALE_FMTS = ("float", "ue8m0")
-SCALE_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float8_e8m0fnu": "F8_E8M0"}
 SOURCE_DTYPES = ("BF16", "F16", "F32")
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
@@ -49,50 +48,80 @@ def is_fp8_weight_name(name: str) -> bool:
 
 def plan_quant(
     ckpt: Checkpoint, dest: Path, *, scale_fmt: str = "float", scale_dtype: str = "float32",
-    skip: list[str] | tuple[str, ...] = (), mtp: str = "keep",
+    skip: list[str] | tuple[str, ...] = (), mtp: str = "keep", extra_files: list[str] | tuple[str, ...] = (),
 ) -> Plan:
     """Plan BF16/F16/F32 -> block FP8: release-FP8 weights quantized (each with its scale), the rest copied."""
     if scale_fmt not in SCALE_FMTS:
-        raise UsageError(f"--scale-fmt {scale_fmt!r}: choose float or ue8m0")
+        raise UsageError(f"{{scale_fmt}} {scale_fmt!r}: choose float or ue8m0", "scale_fmt")
     if scale_dtype not in SCALE_DTYPES:
-        raise UsageError(f"--scale-dtype {scale_dtype!r}: choose one of {', '.join(SCALE_DTYPES)}")
+        raise UsageError(f"{{scale_dtype}} {scale_dtype!r}: choose one of {', '.join(SCALE_DTYPES)}", "scale_dtype")
     if scale_dtype == "float8_e8m0fnu" and scale_fmt != "ue8m0":
-        raise UsageError("--scale-dtype float8_e8m0fnu holds powers of two only: add --scale-fmt ue8m0")
+        raise UsageError("{scale_dtype} float8_e8m0fnu holds powers of two only: add {scale_fmt} ue8m0",
+                         "scale_dtype", "scale_fmt")
     if mtp not in ("keep", "drop"):
-        raise UsageError(f"--mtp {mtp!r}: choose keep or drop")
+        raise UsageError(f"{{mtp}} {mtp!r}: choose keep or drop", "mtp")
     patterns = []
     for text in skip:
         try:
             patterns.append(re.compile(text))
         except re.error as exc:
-            raise UsageError(f"--skip {text!r}: not a valid regular expression ({exc})") from None
-    check_dest(ckpt.root, dest)
+            raise UsageError(f"{{skip}} {text!r}: not a valid regular expression ({exc})", "skip") from exc
     ckpt.require_clean()
     config = ckpt.require_config()
+    mtp_ids = set(mtp_layer_ids(config)) if mtp == "drop" else set()
+    if mtp == "drop" and not mtp_ids:
+        raise UsageError(f"{{mtp}} drop: {ckpt.root / 'config.json'} declares no MTP layers "
+                         "(num_nextn_predict_layers is 0 or absent)", "mtp")
+    targets, skipped = _targets(ckpt, config, patterns, mtp_ids)
 
+    fp8_dtype, sdtype = "F8_E4M3", FLOAT_DTYPES[scale_dtype]
+    files = []
+    for shard in ckpt.shards.values():
+        entries: list[TensorPlan] = []
+        for entry in shard.header.tensors:
+            info = ckpt.tensors[entry.name]
+            if info.file != shard.name or layer_id(info.name) in mtp_ids:
+                continue
+            if info.name in targets:
+                sname = scale_name(info.name)
+                op = QuantBlockFp8(scale_fmt, sdtype, sname)
+                entries.append(TensorPlan(info.name, fp8_dtype, info.shape, op, (info,)))
+                entries.append(TensorPlan(sname, sdtype, scale_shape(info.shape), QuantScale(info.name), ()))
+            else:
+                entries.append(copied(info))
+        if entries:
+            entries.sort(key=lambda t: -DTYPE_SIZES[t.dtype])  # stable: source order within a size
+            files.append(file_plan(shard.name, entries))
+
+    qc = dict(QUANTIZATION_CONFIG, **({"scale_fmt": "ue8m0"} if scale_fmt == "ue8m0" else {}))
+    if skipped:
+        qc["modules_to_not_convert"] = [n.removesuffix(".weight") for n in skipped]
+    edit = ConfigEdit(config)
+    edit.set_quantization(qc, f"fp8 e4m3, {BLOCK}x{BLOCK} blocks" + (", scale_fmt ue8m0" if scale_fmt == "ue8m0" else "")
+                          + (f", {len(skipped)} modules_to_not_convert" if skipped else ""))
+    edit.set_dtype("bfloat16")
+    if mtp_ids:
+        edit.drop_mtp()
+    dropped = sorted(n for n in ckpt.tensors if layer_id(n) in mtp_ids)
+    return Plan(ckpt.root, dest, files, index_json(ckpt, files), edit.config, edit.changes, list(extra_files), dropped)
+
+
+def _targets(ckpt: Checkpoint, config: dict, patterns: list[re.Pattern], mtp_ids: set[int]) -> tuple[set[str], list[str]]:
+    """The weights to quantize and those `skip` keeps, once the checkpoint is known to be quant's input."""
     fp8 = sorted(n for n, t in ckpt.tensors.items() if t.dtype in FP8_DTYPES or is_scale(n))
     if fp8:
         raise Dsv3Error(
-            f"{ckpt.root}: already holds FP8 tensors or scales (`{fp8[0]}`{_more(fp8)}); quant takes a BF16, F16 "
+            f"{ckpt.root}: already holds FP8 tensors or scales (`{fp8[0]}`{more(fp8)}); quant takes a BF16, F16 "
             "or F32 checkpoint: use this one as it is, or `dsv3conv dequant` it first"
         )
     fused = sorted(n for n in ckpt.tensors if FUSED_EXPERTS_RE.match(n))
     if fused:
         raise Dsv3Error(
-            f"tensor `{fused[0]}` holds fused experts{_more(fused)}; quant expects the release layout, one tensor "
+            f"tensor `{fused[0]}` holds fused experts{more(fused)}; quant expects the release layout, one tensor "
             "per expert (`mlp.experts.N.gate_proj.weight`): save the model unfused"
         )
-    mtp_ids = set(mtp_layer_ids(config))
-    if mtp == "drop" and not mtp_ids:
-        raise UsageError(
-            f"--mtp drop: {ckpt.root / 'config.json'} declares no MTP layers (num_nextn_predict_layers is 0 or absent)"
-        )
-    _check_layers(ckpt, config)
-
-    def dropped_by_mtp(name: str) -> bool:
-        return mtp == "drop" and layer_id(name) in mtp_ids
-
-    candidates = [n for n in ckpt.tensors if is_fp8_weight_name(n) and not dropped_by_mtp(n)]
+    check_layers(ckpt, config)
+    candidates = [n for n in ckpt.tensors if is_fp8_weight_name(n) and layer_id(n) not in mtp_ids]
     if not candidates:
         raise Dsv3Error(
             f"{ckpt.root}: no tensor to quantize: none is named like a DeepSeek-V3 FP8 weight "
@@ -101,67 +130,23 @@ def plan_quant(
     for p in patterns:
         if not any(p.search(n) for n in candidates):
             raise UsageError(
-                f"--skip {p.pattern!r} matches none of the {len(candidates)} tensors quant would quantize "
-                f"(e.g. `{candidates[0]}`); check the pattern"
+                f"{{skip}} {p.pattern!r} matches none of the {len(candidates)} tensors quant would quantize "
+                f"(e.g. `{candidates[0]}`); check the pattern", "skip"
             )
     skipped = sorted(n for n in candidates if any(p.search(n) for p in patterns))
     targets = set(candidates) - set(skipped)
     if not targets:
-        raise UsageError(f"--skip leaves no tensor to quantize (all {len(candidates)} matched)")
+        raise UsageError(f"{{skip}} leaves no tensor to quantize (all {len(candidates)} matched)", "skip")
     for name in sorted(targets):
         info = ckpt.tensors[name]
         if info.dtype not in SOURCE_DTYPES:
             raise Dsv3Error(
                 f"tensor `{name}` in {info.file} is {info.dtype}; quant reads BF16, F16 or F32 weights: "
-                "convert it, or keep it as it is with --skip"
+                "convert it, or keep it as it is with {skip}", "skip"
             )
         if len(info.shape) != 2:
             raise Dsv3Error(
                 f"tensor `{name}` in {info.file} has shape {list(info.shape)}; a block-quantized weight must be 2-D "
-                "[out, in]: keep it as it is with --skip"
+                "[out, in]: keep it as it is with {skip}", "skip"
             )
-
-    fp8_dtype, sdtype = "F8_E4M3", SCALE_DTYPES[scale_dtype]
-    files, dropped = [], []
-    for shard in ckpt.shards.values():
-        entries: list[TensorPlan] = []
-        for entry in shard.header.tensors:
-            info = ckpt.tensors[entry.name]
-            if info.file != shard.name:
-                continue
-            if dropped_by_mtp(info.name):
-                dropped.append(info.name)
-                continue
-            if info.name in targets:
-                sc = TensorPlan(scale_name(info.name), info, None, sdtype, scale_shape(info.shape), op="quant_scale")
-                entries.append(TensorPlan(info.name, info, None, fp8_dtype, info.shape, op="quant", emits=sc,
-                                          scale_fmt=scale_fmt))
-                entries.append(sc)
-            else:
-                entries.append(TensorPlan(info.name, info, None, info.dtype, info.shape))
-        if entries:
-            entries.sort(key=lambda t: -DTYPE_SIZES[t.dtype])  # stable: source order within a size
-            files.append(_file(shard.name, entries))
-
-    new_config = copy.deepcopy(config)
-    changes = []
-    qc = dict(QUANTIZATION_CONFIG, **({"scale_fmt": "ue8m0"} if scale_fmt == "ue8m0" else {}))
-    if skipped:
-        qc["modules_to_not_convert"] = [n.removesuffix(".weight") for n in skipped]
-    old_qc = config.get("quantization_config")
-    if old_qc != qc:
-        changes.append(f"{'replaced' if old_qc else 'added'} quantization_config (fp8 e4m3, 128x128 blocks"
-                       + (", scale_fmt ue8m0" if scale_fmt == "ue8m0" else "")
-                       + (f", {len(skipped)} modules_to_not_convert" if skipped else "") + ")")
-    new_config["quantization_config"] = qc
-    for key in ("torch_dtype", "dtype"):
-        if key == "torch_dtype" or key in new_config:
-            if new_config.get(key) != "bfloat16":
-                changes.append(f"{key}: {new_config.get(key)!r} -> 'bfloat16'")
-            new_config[key] = "bfloat16"
-    if mtp == "drop":
-        changes.append(f"num_nextn_predict_layers: {config.get('num_nextn_predict_layers')} -> 0")
-        new_config["num_nextn_predict_layers"] = 0
-    plan = Plan("quant", ckpt.root, dest, files, _index(ckpt, files), new_config, changes, ckpt.extra_files(),
-                sorted(dropped), fp8_dtype)
-    return plan
+    return targets, skipped

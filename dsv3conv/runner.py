@@ -21,7 +21,7 @@ import torch
 from dsv3conv.backend import check_device, device_list, make_backend
 from dsv3conv.checkpoint import CONFIG_NAME, INDEX_NAME
 from dsv3conv.dest import FINALIZE_LOCK_NAME, LOCK_NAME, DestLock, is_complete, prepare_dest, remove_partials
-from dsv3conv.engine import DEFAULT_CHUNK_BYTES, CopyOnly, run_files
+from dsv3conv.engine import DEFAULT_CHUNK_BYTES, run_files
 from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
 from dsv3conv.plan import Plan, assign_parts, parse_part, parse_size
 from dsv3conv.preflight import check_space, space_free, space_needed
@@ -78,11 +78,12 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
         return summary
     devices = device_list(device) if plan.converted else []
     if len(devices) > 1 and (part is not None or overwrite):
-        raise UsageError(f"--device {device}: several devices run as parts of one job; "
-                         "not with --part (one device per job) or --overwrite (empty DST first)")
+        raise UsageError(f"{{device}} {device}: several devices run as parts of one job; "
+                         "not with {part} (one device per job) or {overwrite} (empty DST first)",
+                         "device", "part", "overwrite")
     devices = [check_device(d) for d in devices]  # refuse a bad name before any worker starts
     on_gpu = any(d.startswith("cuda") for d in devices)
-    chunk = parse_size(buffer_size, "--buffer-size") if isinstance(buffer_size, str) else buffer_size
+    chunk = parse_size(buffer_size, "buffer_size") if isinstance(buffer_size, str) else buffer_size
     chunk = chunk or (DEFAULT_CHUNK_BYTES * 4 if on_gpu else DEFAULT_CHUNK_BYTES)
     gpu_peak = None
     with ByteProgress(sum(f.size for f in mine), plan.dest.name, enabled=progress) as bar:
@@ -93,7 +94,7 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
             stats, peak = execute_on_devices(plan, devices, resume=resume, progress=report, chunk_bytes=chunk)
             gpu_peak = peak if on_gpu else None
         else:
-            backend = make_backend(devices[0]) if devices else CopyOnly()
+            backend = make_backend(devices[0]) if devices else None  # nothing to convert
             stats = execute(plan, backend, resume=resume, overwrite=overwrite, progress=report,
                             chunk_bytes=chunk, part=part)
             if on_gpu:
@@ -122,7 +123,8 @@ def execute(
     """
     start = time.perf_counter()
     if part is not None and overwrite:
-        raise UsageError("--part and --overwrite exclude each other: parts share DST; empty it first")
+        raise UsageError("{part} and {overwrite} exclude each other: parts share DST; empty it first",
+                         "part", "overwrite")
     prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=plan.source)
     stats = Stats()
     mine = list(enumerate(plan.files))
@@ -172,10 +174,9 @@ def execute_on_devices(
     all finish together); whichever finishes last writes the index and config, as separate `--part` jobs do.
     Returns the merged stats and the largest GPU memory peak of any worker.
 
-    Workers are threads of this process; `DSV3CONV_WORKERS=processes` makes them spawned processes instead.
-    Measured on a 2-GPU H200 host from tmpfs (README, Performance): threads 1.16-1.19x one GPU (two runs),
-    processes 0.69x (one run, cause not found), separate `--part` jobs 1.11-1.51x: one process's host side,
-    not the GPU, is the limit (two `--part` jobs on one GPU were as fast as on two)."""
+    Workers are threads of this process; `DSV3CONV_WORKERS=processes` makes them spawned processes instead
+    (README, Performance, compares the two).
+    """
     import multiprocessing
 
     prepare_dest(plan.dest, resume=resume, overwrite=False, source=plan.source)
@@ -207,8 +208,9 @@ def execute_on_devices(
                 dead = [k for k in gone if k not in results]
                 if dead:  # killed without a word (out of memory, a signal): say which one
                     k = dead[0]
-                    raise Dsv3Error(f"the worker for --device {devices[k]} (part {k + 1}/{n}) died with exit code "
-                                    f"{getattr(workers[k], 'exitcode', None)}; rerun with --resume to finish the remaining shards") from None
+                    raise Dsv3Error(f"the worker for {{device}} {devices[k]} (part {k + 1}/{n}) died with exit code "
+                                    f"{getattr(workers[k], 'exitcode', None)}; rerun with {{resume}} to finish the "
+                                    "remaining shards", "device", "resume") from None
                 continue
             if kind == "progress":
                 progress(*payload)
@@ -270,12 +272,14 @@ def _device_worker(plan, device, part, resume, chunk_bytes, events, cpu_threads,
         peak = torch.cuda.max_memory_allocated(backend.device) if device.startswith("cuda") else 0
         result = ("done", i, (stats, peak))
     except KeyboardInterrupt:
-        result = ("error", i, ("KeyboardInterrupt", "interrupted", 130, ""))
-    except BaseException as exc:  # noqa: BLE001  (handed to the parent, which exits with it)
+        result = ("error", i, ("KeyboardInterrupt", "interrupted", (), 130, ""))
+    except BaseException as exc:  # handed to the parent, which exits with it
         import traceback
 
-        code = exc.exit_code if isinstance(exc, Dsv3Error) else 1
-        result = ("error", i, (type(exc).__name__, str(exc), code, traceback.format_exc()))
+        ours = isinstance(exc, Dsv3Error)
+        message, params = (exc.message, exc.params) if ours else (str(exc), ())
+        result = ("error", i, (type(exc).__name__, message, params, exc.exit_code if ours else 1,
+                               traceback.format_exc()))
     if in_process:  # done: a late stop from the parent changes nothing
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -283,13 +287,14 @@ def _device_worker(plan, device, part, resume, chunk_bytes, events, cpu_threads,
 
 
 def _worker_error(device: str, i: int, n: int, payload) -> BaseException:
-    name, message, code, tb = payload
+    name, message, params, code, tb = payload
     if name == "KeyboardInterrupt":
         return KeyboardInterrupt()
     err_type = {"UsageError": UsageError, "HeaderError": HeaderError}.get(name, Dsv3Error)
     if err_type is Dsv3Error and name != "Dsv3Error":
-        message = f"the worker for --device {device} (part {i + 1}/{n}) failed: {name}: {message}"
-    err = err_type(message)
+        message = f"the worker for {{device}} {device} (part {i + 1}/{n}) failed: {name}: {message}"
+        params = (*params, "device")
+    err = err_type(message, *params)
     err.exit_code = code
     err.worker_traceback = tb  # shown with --debug
     return err

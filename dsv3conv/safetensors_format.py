@@ -13,9 +13,10 @@ import math
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsv3conv.dtypes import DTYPE_SIZES
 from dsv3conv.errors import HeaderError
 
 # Largest header accepted. The real DeepSeek-V3 shards have headers of ~100 KB; safetensors caps at 100 MB.
@@ -27,12 +28,6 @@ MAX_NDIM = 64
 MAX_NAME_CHARS = 1024
 MAX_U64 = 2**64 - 1
 
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}
 
 
 @dataclass(frozen=True)
@@ -49,10 +44,6 @@ class TensorEntry:
     def nbytes(self) -> int:
         return self.end - self.begin
 
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
 
 @dataclass(frozen=True)
 class Header:
@@ -62,6 +53,12 @@ class Header:
     metadata: dict[str, str] | None
     data_start: int  # 8 + header length
     data_size: int  # bytes the header's tensors cover
+    text: bytes = field(default=b"", repr=False)  # the JSON text as stored, padding included
+
+    @property
+    def file_prefix(self) -> bytes:
+        """The file's first `data_start` bytes: the length field and the JSON text."""
+        return struct.pack("<Q", len(self.text)) + self.text
 
 
 def read_header(path: Path) -> Header:
@@ -69,14 +66,14 @@ def read_header(path: Path) -> Header:
     try:
         # O_NONBLOCK: a FIFO planted under a shard's name must be refused, not waited on forever.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except IsADirectoryError:
-        raise HeaderError(f"{path}: is a directory, not a safetensors file") from None
-    except PermissionError:
-        raise HeaderError(f"{path}: not readable (permission denied); fix its permissions") from None
-    except FileNotFoundError:
-        raise HeaderError(f"{path}: file is missing; download it again") from None
+    except IsADirectoryError as exc:
+        raise HeaderError(f"{path}: is a directory, not a safetensors file") from exc
+    except PermissionError as exc:
+        raise HeaderError(f"{path}: not readable (permission denied); fix its permissions") from exc
+    except FileNotFoundError as exc:
+        raise HeaderError(f"{path}: file is missing; download it again") from exc
     except OSError as exc:
-        raise HeaderError(f"{path}: cannot be opened ({exc.strerror})") from None
+        raise HeaderError(f"{path}: cannot be opened ({exc.strerror})") from exc
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
@@ -100,7 +97,7 @@ def read_header(path: Path) -> Header:
                 )
             raw = f.read(header_len)
         except OSError as exc:
-            raise HeaderError(f"{path}: read failed ({exc.strerror}); check the disk and download it again") from None
+            raise HeaderError(f"{path}: read failed ({exc.strerror}); check the disk and download it again") from exc
     if len(raw) < header_len:
         raise HeaderError(f"{path}: ended inside the header (the file shrank while being read); download it again")
     header = parse_header(raw, path)
@@ -121,11 +118,11 @@ def parse_header(raw: bytes, path: Path | str = "<header>") -> Header:
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HeaderError(f"{path}: header is not valid JSON ({exc.__class__.__name__}: {exc}); the file is damaged") from None
-    except RecursionError:
-        raise HeaderError(f"{path}: header is not valid safetensors JSON (nested too deeply); the file is damaged") from None
-    except ValueError:  # an integer literal of thousands of digits
-        raise HeaderError(f"{path}: header holds a number too large for any size or offset; the file is damaged") from None
+        raise HeaderError(f"{path}: header is not valid JSON ({exc.__class__.__name__}: {exc}); the file is damaged") from exc
+    except RecursionError as exc:
+        raise HeaderError(f"{path}: header is not valid safetensors JSON (nested too deeply); the file is damaged") from exc
+    except ValueError as exc:  # an integer literal of thousands of digits
+        raise HeaderError(f"{path}: header holds a number too large for any size or offset; the file is damaged") from exc
     if not isinstance(obj, dict):
         raise HeaderError(f"{path}: header is a JSON {type(obj).__name__}, not an object; the file is damaged")
     metadata = obj.pop("__metadata__", None)
@@ -141,7 +138,7 @@ def parse_header(raw: bytes, path: Path | str = "<header>") -> Header:
             what = "overlaps the previous tensor" if entry.begin < cursor else f"leaves a gap of {entry.begin - cursor} bytes"
             raise HeaderError(f"{path}: tensor `{entry.name}` data_offsets {[entry.begin, entry.end]} {what}")
         cursor = entry.end
-    return Header(tuple(entries), metadata, 8 + len(raw), cursor)
+    return Header(tuple(entries), metadata, 8 + len(raw), cursor, bytes(raw))
 
 
 def _parse_entry(name: str, spec: object, path: Path | str) -> TensorEntry:

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from dsv3conv.checkpoint import INDEX_NAME
-from dsv3conv.dtypes import SAFETENSORS_DTYPES, TORCH_DTYPES
+from dsv3conv.dtypes import DTYPE_SIZES, SAFETENSORS_DTYPES, TORCH_DTYPES
 from dsv3conv.layout import FP8_DTYPE, deepseek_v3_tensors, default_config, is_scale, scale_name, scale_shape
-from dsv3conv.safetensors_format import DTYPE_SIZES, build_header
+from dsv3conv.safetensors_format import build_header
 from dsv3conv.writer import AtomicFile, write_bytes_atomic
 
 E4M3_MAX = 448.0

@@ -41,7 +41,7 @@ from dsv3conv.checkpoint import (
     read_into,
     require_dir,
 )
-from dsv3conv.dtypes import TORCH_DTYPES
+from dsv3conv.dtypes import DTYPE_SIZES, FLOAT_DTYPES, OUT_DTYPES, TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
 from dsv3conv.layout import (
     BLOCK,
@@ -54,8 +54,9 @@ from dsv3conv.layout import (
     scale_name,
     scale_shape,
 )
-from dsv3conv.plan import OUT_DTYPES, assign_parts, parse_part
-from dsv3conv.safetensors_format import DTYPE_SIZES, read_header
+from dsv3conv.ops import Copy, QuantBlockFp8, QuantScale
+from dsv3conv.plan import assign_parts, parse_part
+from dsv3conv.safetensors_format import read_header
 from dsv3conv.verify_quant import QuantMatch, compare_quant, is_quant_output, match_quant
 from dsv3conv.verify_quant import names as _names
 
@@ -67,7 +68,7 @@ MTP_MARKERS = (".enorm.", ".hnorm.", ".eh_proj.")  # tensors only an MTP layer h
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Bits that are all ones exactly when an IEEE value is Inf or NaN.
 _EXPONENT_MASKS = {"BF16": 0x7F80, "F16": 0x7C00, "F32": 0x7F800000, "F64": 0x7FF0000000000000}
-_DTYPE_NAMES = {v: k for k, v in OUT_DTYPES.items()}  # "BF16" -> "bfloat16"
+_DTYPE_NAMES = {FLOAT_DTYPES[n]: n for n in OUT_DTYPES}  # "BF16" -> "bfloat16": what dequant writes
 
 
 @dataclass
@@ -599,8 +600,8 @@ def _quant_checks(ckpt: Checkpoint, m: QuantMatch) -> list[Check]:
     if m.problems:
         tensor_set = Check("tensor_set", False, _join(m.problems))
     else:
-        n_quant = sum(t.op == "quant" for t in m.planned.values())
-        n_copy = sum(t.op == "copy" for t in m.planned.values())
+        n_quant = sum(isinstance(t.op, QuantBlockFp8) for t in m.planned.values())
+        n_copy = sum(isinstance(t.op, Copy) for t in m.planned.values())
         tensor_set = Check("tensor_set", True, f"{len(m.planned):,} tensors as quant of the source makes them "
                            f"({m.settings}): {n_quant:,} quantized, each with its scale, {n_copy:,} copied")
     if ckpt.config is None:
@@ -616,9 +617,9 @@ def _quant_checks(ckpt: Checkpoint, m: QuantMatch) -> list[Check]:
 def _quant_data_check(ckpt: Checkpoint, src: Checkpoint, m: QuantMatch, fraction: float | None,
                       shards: list[str] | None) -> tuple[Check, set[str]]:
     """data_vs_source of a quant output: a sample (or all) of the weights quantized again and compared."""
-    pool = [n for n, t in m.planned.items() if t.op != "quant_scale"
+    pool = [n for n, t in m.planned.items() if not isinstance(t.op, QuantScale)
             and (shards is None or ckpt.tensors[n].file in shards)]
-    names = sorted(_choose(pool, lambda n: (m.planned[n].op, ckpt.tensors[n].dtype), fraction),
+    names = sorted(_choose(pool, lambda n: (type(m.planned[n].op).__name__, ckpt.tensors[n].dtype), fraction),
                    key=lambda n: (ckpt.tensors[n].file, ckpt.tensors[n].offset))
     if m.error:
         return Check("data_vs_source", False, f"not compared: {m.error}"), set()

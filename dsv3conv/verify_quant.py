@@ -5,7 +5,7 @@ The expected output is planned by `quant.plan_quant` itself, with the settings C
 its config has no MTP layers but SRC has. Then:
 - tensor_set: the planned tensors, with their dtypes and shapes, and nothing else;
 - config_vs_source: config.json equal to the planned one;
-- data_vs_source: each compared weight quantized again from SRC by the CPU path of `dequant`'s pipeline (bit
+- data_vs_source: each compared weight quantized again from SRC by the CPU backend the engine uses (bit
   for bit `reference_quant`), e4m3 bytes and scale bytes equal to CKPT's; copied tensors byte-identical.
 Tensors are read one at a time (copied ones in chunks): memory is bounded by the largest quantized weight.
 """
@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from dsv3conv.checkpoint import Checkpoint, TensorInfo, read_into
+from dsv3conv.dtypes import DTYPE_SIZES
 from dsv3conv.errors import Dsv3Error
 from dsv3conv.layout import FP8_DTYPE, fp8_coverage, is_scale, mtp_layer_ids
+from dsv3conv.ops import QuantBlockFp8
 from dsv3conv.plan import TensorPlan
-from dsv3conv.safetensors_format import DTYPE_SIZES
 
 SCALE_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F8_E8M0": "float8_e8m0fnu"}
 COPY_CHUNK = 64 * 1024 * 1024
@@ -118,21 +119,21 @@ def compare_quant(ckpt: Checkpoint, src: Checkpoint, planned: dict[str, TensorPl
         for name in names:
             t = planned[name]
             got = ckpt.tensors[name]
-            if t.op == "quant":
+            if isinstance(t.op, QuantBlockFp8):
                 rows, cols = t.shape
-                item = Item(0, t.source.nbytes, rows, cols, None, t.dtype, src_dtype=t.source.dtype,
-                            scale_fmt=t.scale_fmt, scale_dtype=t.emits.dtype, name=name)
+                item = Item(t.op, 0, t.source.nbytes, rows, cols, t.source.dtype, t.dtype, name=name)
                 try:
                     q, s = CpuBackend._quant(read(src.root, t.source), item)
                 except Dsv3Error as exc:
                     out.differ[name] = f"the source cannot be quantized: {exc}"
                     continue
-                q_got, s_got = read(ckpt.root, got), read(ckpt.root, ckpt.tensors[t.emits.name])
+                s_info = ckpt.tensors[t.op.scale_name]
+                q_got, s_got = read(ckpt.root, got), read(ckpt.root, s_info)
                 q_want, s_want = torch.frombuffer(q, dtype=torch.uint8), torch.frombuffer(s, dtype=torch.uint8)
-                bad_q, bad_s = int((q_got != q_want).sum()), _elements_differ(s_got, s_want, got_info=t.emits)
+                bad_q, bad_s = int((q_got != q_want).sum()), _elements_differ(s_got, s_want, s_info.dtype)
                 if bad_q or bad_s:
                     out.differ[name] = (f"{bad_q:,} of {got.numel:,} e4m3 codes and {bad_s:,} of "
-                                        f"{ckpt.tensors[t.emits.name].numel:,} scales differ from quant of the source")
+                                        f"{s_info.numel:,} scales differ from quant of the source")
                 out.quantized += 1
             else:
                 n_bad = 0
@@ -148,6 +149,6 @@ def compare_quant(ckpt: Checkpoint, src: Checkpoint, planned: dict[str, TensorPl
     return out
 
 
-def _elements_differ(a: torch.Tensor, b: torch.Tensor, got_info: TensorPlan) -> int:
-    size = DTYPE_SIZES[got_info.dtype]
+def _elements_differ(a: torch.Tensor, b: torch.Tensor, dtype: str) -> int:
+    size = DTYPE_SIZES[dtype]
     return int((a.view(-1, size) != b.view(-1, size)).any(dim=1).sum())

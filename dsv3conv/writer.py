@@ -36,7 +36,7 @@ class AtomicFile:
             final.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
-            raise _write_error(final, exc) from None
+            raise _write_error(final, exc) from exc
         self.written = 0
         self._lock = threading.Lock()
 
@@ -49,7 +49,7 @@ class AtomicFile:
                 self.written += n
         except OSError as exc:
             self.abort()
-            raise _write_error(self.final, exc) from None
+            raise _write_error(self.final, exc) from exc
 
     def pwrite(self, data, offset: int) -> None:
         """Write `data` at `offset`; safe from several threads writing disjoint ranges."""
@@ -60,7 +60,7 @@ class AtomicFile:
                 n = os.pwrite(self._fd, view, offset)
                 view, offset = view[n:], offset + n
         except OSError as exc:
-            raise _write_error(self.final, exc) from None
+            raise _write_error(self.final, exc) from exc
         with self._lock:
             self.written += total
 
@@ -72,7 +72,7 @@ class AtomicFile:
             os.replace(self.tmp, self.final)
         except OSError as exc:
             self.abort()
-            raise _write_error(self.final, exc) from None
+            raise _write_error(self.final, exc) from exc
 
     def abort(self) -> None:
         if self._fd >= 0:
@@ -100,9 +100,10 @@ def write_bytes_atomic(final: Path, data: bytes) -> None:
 
 def _write_error(path: Path, exc: OSError) -> Dsv3Error:
     if exc.errno == errno.ENOSPC:
-        return Dsv3Error(f"{path}: disk full while writing; free space and rerun with --resume")
+        return Dsv3Error(f"{path}: disk full while writing; free space and rerun with {{resume}}", "resume")
     if exc.errno == errno.EFBIG:
-        return Dsv3Error(f"{path}: file size limit reached while writing; raise the limit and rerun with --resume")
+        return Dsv3Error(f"{path}: file size limit reached while writing; raise the limit and rerun with {{resume}}",
+                         "resume")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return Dsv3Error(f"{path}: not writable ({exc.strerror}); choose a writable output directory")
     return Dsv3Error(f"{path}: write failed ({exc.strerror})")
@@ -130,7 +131,7 @@ def copy_file_fast(src: Path, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EROFS) or exc.filename in (str(tmp), str(dst.parent)):
             raise _write_error(dst, exc) from None  # the output side: disk full, size limit, not writable
-        raise Dsv3Error(f"{dst}: copying {src} failed ({exc.strerror or exc})") from None
+        raise Dsv3Error(f"{dst}: copying {src} failed ({exc.strerror or exc})") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

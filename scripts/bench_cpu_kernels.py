@@ -20,10 +20,11 @@ import time
 import torch
 
 from dsv3conv import backend as cpu_backend
-from dsv3conv.backend import CpuBackend, Item
+from dsv3conv.backend import CpuBackend, Item, OutputArena, convert
 from dsv3conv.kernels import fp8_block_cpu
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.kernels.fp8_block_quant import reference_quant
+from dsv3conv.ops import DequantBlockFp8, QuantBlockFp8
 
 SHAPES = [(3584, 18432), (2048, 7168), (7168, 2048), (576, 7168), (24576, 1536), (32768, 512)]
 
@@ -44,10 +45,16 @@ def cases(rows: int, cols: int, scale_fmt: str):
     x = (torch.randn((rows, cols), generator=gen) * 0.02).to(torch.bfloat16)
     q, s = reference_quant(x, scale_fmt)
     raw_q, raw_x = q.view(torch.uint8).reshape(-1), x.view(-1).view(torch.uint8)
-    deq = (Item(0, raw_q.numel(), rows, cols, s, "BF16"), raw_q, reference_dequant(q, s).view(torch.uint8))
-    quant = (Item(0, raw_x.numel(), rows, cols, None, "F8_E4M3", src_dtype="BF16", scale_fmt=scale_fmt,
-                  scale_dtype="F32", name="bench"), raw_x, torch.cat([raw_q, s.view(-1).view(torch.uint8)]))
+    deq = (Item(DequantBlockFp8("F32"), 0, raw_q.numel(), rows, cols, "F8_E4M3", "BF16", s), raw_q,
+           reference_dequant(q, s).view(torch.uint8))
+    quant = (Item(QuantBlockFp8(scale_fmt, "F32", "bench_scale_inv"), 0, raw_x.numel(), rows, cols, "BF16", "F8_E4M3",
+                  name="bench"), raw_x, torch.cat([raw_q, s.view(-1).view(torch.uint8)]))
     return deq, quant, (q, s, x)
+
+
+def _convert(backend: CpuBackend, raw: torch.Tensor, item: Item, out: OutputArena) -> list[memoryview]:
+    out.reset()
+    return convert(backend, raw, [item], out)
 
 
 def main() -> None:
@@ -69,12 +76,12 @@ def main() -> None:
     print("|---|" + "---:|" * (2 * len(counts) + 2) + "---|")
     for rows, cols in SHAPES:
         (d_item, d_in, d_ref), (q_item, q_in, q_ref), (q, s, x) = cases(rows, cols, args.scale_fmt)
-        out = torch.empty(rows * cols * 2, dtype=torch.uint8)  # recycled, as the pipeline does
+        out = OutputArena(rows * cols * 2)  # recycled, as the engine does
         n = rows * cols / 1e9
         rates, exact = [], True
         for item, raw, ref in ((d_item, d_in, d_ref), (q_item, q_in, q_ref)):
             for t in counts:
-                run = functools.partial(backends[t].run, raw, [item], out)
+                run = functools.partial(_convert, backends[t], raw, item, out)
                 rates.append(n / median_seconds(run, args.repeat))
                 exact &= b"".join(bytes(m) for m in run()) == bytes(ref.reshape(-1).numpy())
         d_eager = n / median_seconds(functools.partial(reference_dequant, q, s), args.repeat)

@@ -12,8 +12,9 @@ import torch
 from safetensors import safe_open
 
 from dsv3conv.api import dequantize
-from dsv3conv.backend import CpuBackend, Item
+from dsv3conv.backend import CpuBackend, Item, convert
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
+from dsv3conv.ops import DequantBlockFp8
 from dsv3conv.synthetic import make_tiny, quantize_blocks
 from tests.conftest import ENV, Paused, assert_bit_exact, bits, cli, load_all, write_at
 
@@ -28,7 +29,8 @@ def test_cpu_backend_bit_exact_on_awkward_shapes(shape, scale_dtype):
     backend = CpuBackend()
     buf = bits(q).reshape(-1)
     for out_dtype, torch_dtype in (("BF16", torch.bfloat16), ("F16", torch.float16), ("F32", torch.float32)):
-        (out,) = backend.run(buf, [Item(0, buf.numel(), shape[0], shape[1], s.to(torch.float32), out_dtype)])
+        item = Item(DequantBlockFp8(scale_dtype), 0, buf.numel(), *shape, "F8_E4M3", out_dtype, s.to(torch.float32))
+        (out,) = convert(backend, buf, [item])
         got = torch.frombuffer(bytearray(out), dtype=torch.uint8)
         ref = bits(reference_dequant(q, s, torch_dtype)).reshape(-1)
         mism = (got != ref).sum().item()
@@ -130,7 +132,7 @@ def test_single_file_source(tmp_path):
 def test_small_chunks_split_tensors_and_stay_exact(tmp_path):
     """Row-chunking of big tensors and batching of small ones, forced with a tiny chunk size."""
     from dsv3conv.checkpoint import Checkpoint
-    from dsv3conv.plan import plan_dequant
+    from dsv3conv.dequant import plan_dequant
     from dsv3conv.runner import execute
 
     src = make_tiny(tmp_path / "src")
@@ -279,7 +281,7 @@ def _file_of(root, tensor: str) -> str:
 def test_device_workers_report_progress(tmp_path, monkeypatch, workers):
     """Progress from worker processes reaches the parent: every byte of the output is counted once."""
     from dsv3conv.checkpoint import Checkpoint
-    from dsv3conv.plan import plan_dequant
+    from dsv3conv.dequant import plan_dequant
     from dsv3conv.runner import execute_on_devices
 
     monkeypatch.setenv("DSV3CONV_WORKERS", workers)

@@ -16,8 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dsv3conv.dtypes import DTYPE_SIZES
 from dsv3conv.errors import HeaderError
-from dsv3conv.safetensors_format import DTYPE_SIZES, Header, build_header, parse_header, read_header
+from dsv3conv.safetensors_format import Header, build_header, parse_header, read_header
 
 FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 

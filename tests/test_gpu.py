@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from dsv3conv.api import dequantize
-from dsv3conv.backend import CudaBackend, Item
+from dsv3conv.backend import CudaBackend, Item, convert
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
+from dsv3conv.ops import DequantBlockFp8
 from dsv3conv.synthetic import make_tiny, quantize_blocks
 from tests.conftest import assert_bit_exact, load_all
 
@@ -40,10 +41,10 @@ def test_cuda_backend_batch_of_shapes(shape):
         q, s = quantize_blocks(w, "F32")
         raw = q.view(torch.uint8).reshape(-1)
         pieces.append((q, s))
-        items.append(Item(off, raw.numel(), rows, cols, s, "BF16"))
+        items.append(Item(DequantBlockFp8("F32"), off, raw.numel(), rows, cols, "F8_E4M3", "BF16", s))
         off += raw.numel()
     buf = torch.cat([q.view(torch.uint8).reshape(-1) for q, _ in pieces]).pin_memory()
-    outs = CudaBackend(torch.device("cuda")).run(buf, items)
+    outs = convert(CudaBackend(torch.device("cuda")), buf, items)
     for (q, s), got in zip(pieces, outs):
         ref = reference_dequant(q, s, torch.bfloat16).view(torch.uint8).reshape(-1)
         got_t = torch.frombuffer(bytearray(got), dtype=torch.uint8)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv3conv.backend import CpuBackend, Item, cpu_threads
+from dsv3conv.backend import CpuBackend, Item, OutputArena, convert, cpu_threads
 from dsv3conv.errors import UsageError
 from dsv3conv.kernels.fp8_block_cpu import dequant_rows, quant_rows, row_ranges
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.kernels.fp8_block_quant import reference_quant
+from dsv3conv.ops import DequantBlockFp8, QuantBlockFp8
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SHAPES = [(1, 1), (129, 257), (576, 896), (128, 1), (5, 300), (300, 128)]
@@ -124,12 +125,12 @@ def test_backend_threads_write_each_piece_into_out_or_a_new_buffer():
     s = torch.rand((6, 3), generator=gen)
     x = torch.randn((260, 130), generator=gen).to(torch.bfloat16)
     buf = torch.cat([w.view(-1), torch.zeros(1, dtype=torch.uint8), x.view(-1).view(torch.uint8)])
-    items = [Item(0, w.numel(), 700, 300, s, "BF16"),
-             Item(w.numel() + 1, x.numel() * 2, 260, 130, None, "F8_E4M3", src_dtype="BF16", scale_fmt="float",
-                  scale_dtype="F32", name="x")]
+    items = [Item(DequantBlockFp8("F32"), 0, w.numel(), 700, 300, "F8_E4M3", "BF16", s),
+             Item(QuantBlockFp8("float", "F32", "x_scale_inv"), w.numel() + 1, x.numel() * 2, 260, 130, "BF16",
+                  "F8_E4M3", name="x")]
     backend = CpuBackend(threads=2)
     try:
-        deq, q, sc = backend.run(buf, items, torch.empty(700 * 300 * 2 + 100, dtype=torch.uint8))
+        deq, q, sc = convert(backend, buf, items, OutputArena(700 * 300 * 2 + 100))
     finally:
         backend.close()
     q_ref, s_ref = reference_quant(x)

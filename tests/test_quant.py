@@ -22,13 +22,14 @@ import pytest
 import torch
 
 from dsv3conv.api import dequantize, quantize, verify_checkpoint
-from dsv3conv.backend import CpuBackend, Item
-from dsv3conv.dtypes import SAFETENSORS_DTYPES, TORCH_DTYPES
+from dsv3conv.backend import CpuBackend, Item, convert
+from dsv3conv.dtypes import DTYPE_SIZES, SAFETENSORS_DTYPES, TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.kernels.fp8_block_quant import reference_quant
+from dsv3conv.ops import QuantBlockFp8
 from dsv3conv.quant import QUANTIZATION_CONFIG, is_fp8_weight_name
-from dsv3conv.safetensors_format import DTYPE_SIZES, read_header
+from dsv3conv.safetensors_format import read_header
 from dsv3conv.synthetic import make_tiny, tiny_config
 from tests.conftest import bits, cli, load_all, write_at
 
@@ -48,12 +49,12 @@ def _weights(rows: int, cols: int, dtype=torch.bfloat16, seed: int = 0) -> torch
 
 
 def _quant_cpu(w: torch.Tensor, fmt: str, scale_dtype: str, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Through `CpuBackend.run` as the pipeline calls it: raw bytes in, e4m3 bytes and scale bytes out."""
+    """Through the CPU backend as the engine calls it: raw bytes in, e4m3 bytes and scale bytes out."""
     raw = torch.cat([torch.zeros(offset, dtype=torch.uint8), bits(w).reshape(-1)])
     rows, cols = w.shape
-    item = Item(offset, raw.numel() - offset, rows, cols, None, "F8_E4M3", src_dtype=SAFETENSORS_DTYPES[w.dtype],
-                scale_fmt=fmt, scale_dtype=scale_dtype, name="w")
-    q_bytes, s_bytes = CpuBackend().run(raw, [item])
+    item = Item(QuantBlockFp8(fmt, scale_dtype, "w_scale_inv"), offset, raw.numel() - offset, rows, cols,
+                SAFETENSORS_DTYPES[w.dtype], "F8_E4M3", name="w")
+    q_bytes, s_bytes = convert(CpuBackend(), raw, [item])
     q = torch.frombuffer(bytearray(q_bytes), dtype=torch.uint8).view(torch.float8_e4m3fn).view(rows, cols)
     s = torch.frombuffer(bytearray(s_bytes), dtype=torch.uint8).view(TORCH_DTYPES[scale_dtype])
     return q, s.view(-(-rows // 128), -(-cols // 128))
@@ -123,7 +124,7 @@ def test_refuses_nan_inf_and_float16_overflow():
         _quant_cpu(w, "ue8m0", "F8_E8M0")
     w[200, 3] = 1e30
     _quant_cpu(w, "float", "F32")
-    with pytest.raises(Dsv3Error, match=r"needs a scale beyond F16.*--scale-dtype float32"):
+    with pytest.raises(Dsv3Error, match=r"needs a scale beyond F16.*scale_dtype float32"):
         _quant_cpu(w, "float", "F16")
 
 

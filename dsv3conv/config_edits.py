@@ -1,0 +1,64 @@
+"""The config.json edits of the converting commands, in one place: planners apply them, verify expects them.
+
+Each edit changes a copy of the source's config and records one line per change (what `--dry-run` and the
+summary show as `config_changes`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+from dsv3conv.layout import NEXTN_ARCHITECTURE
+
+
+class ConfigEdit:
+    """A copy of a config.json being edited, and the changes made so far."""
+
+    def __init__(self, config: Mapping):
+        self.config: dict = copy.deepcopy(dict(config))
+        self.changes: list[str] = []
+
+    def set(self, key: str, value: object) -> None:
+        old = self.config.get(key)
+        if old != value:
+            self.changes.append(f"{key}: {old!r} -> {value!r}")
+        self.config[key] = value
+
+    def set_dtype(self, dtype: str) -> None:
+        """`torch_dtype`, and `dtype` where newer transformers wrote it, name the weights' dtype."""
+        for key in ("torch_dtype", "dtype"):
+            if key == "torch_dtype" or key in self.config:
+                self.set(key, dtype)
+
+    def drop_quantization(self, why: str = "") -> None:
+        """Loaders would read unquantized weights as FP8 while `quantization_config` is there."""
+        if "quantization_config" in self.config:
+            del self.config["quantization_config"]
+            self.changes.append("removed quantization_config" + (f" ({why})" if why else ""))
+
+    def set_quantization(self, qc: dict, description: str) -> None:
+        old = self.config.get("quantization_config")
+        if old != qc:
+            self.changes.append(f"{'replaced' if old else 'added'} quantization_config ({description})")
+        self.config["quantization_config"] = qc
+
+    def drop_mtp(self) -> None:
+        self.set("num_nextn_predict_layers", 0)
+
+    def nextn_draft(self, n_mtp: int) -> None:
+        """The MTP layers as a standalone draft model: its layers are the MTP layers, every one an MoE layer."""
+        self.set("num_hidden_layers", n_mtp)
+        self.set("architectures", [NEXTN_ARCHITECTURE])
+        if self.config.get("first_k_dense_replace"):
+            self.set("first_k_dense_replace", 0)
+
+
+def dequant_config(config: Mapping, dtype: str, drop_mtp: bool) -> ConfigEdit:
+    """What `dequant` writes: no quantization_config, the output dtype, no MTP layers if they were dropped."""
+    edit = ConfigEdit(config)
+    edit.drop_quantization()
+    edit.set_dtype(dtype)
+    if drop_mtp:
+        edit.drop_mtp()
+    return edit
