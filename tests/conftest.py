@@ -155,19 +155,22 @@ def on_sigint(signum, frame):
     say("interrupted")
     raise KeyboardInterrupt
 
-real_commit, real_run = writer.AtomicFile.commit, backend.CpuBackend.run
+real_commit = writer.AtomicFile.commit
 
 def commit(self):
     if self.final.name.endswith(".safetensors"):
         step("commit")
     real_commit(self)
 
-def run(self, *args, **kwargs):
-    step("convert")
-    return real_run(self, *args, **kwargs)
+def announced(method):
+    def run(self, *args, **kwargs):
+        step("convert")
+        return method(self, *args, **kwargs)
+    return run
 
 writer.AtomicFile.commit = commit
-backend.CpuBackend.run = run
+backend.CpuBackend.dequant_block_fp8 = announced(backend.CpuBackend.dequant_block_fp8)
+backend.CpuBackend.quant_block_fp8 = announced(backend.CpuBackend.quant_block_fp8)
 signal.signal(signal.SIGINT, on_sigint)
 threading.Thread(target=control, daemon=True).start()
 sys.argv = ["dsv3conv", *sys.argv[2:]]
