@@ -234,17 +234,21 @@ def execute_on_devices(
                         events.get_nowait()
         if not as_threads:
             events.close()
-    total = Stats(seconds=time.perf_counter() - start)
-    gpu_peak = 0
-    for _, (stats, peak) in results.values():
+    seconds = time.perf_counter() - start
+    gpu_peak = max(peak for _, (_, peak) in results.values())
+    return _merged([stats for _, (stats, _) in results.values()], seconds), gpu_peak
+
+
+def _merged(parts: list[Stats], seconds: float) -> Stats:
+    """The stats of a run made of parts: counts added; waiting for nothing once one part finalized."""
+    total = Stats(seconds=seconds)
+    for stats in parts:
         total.files_written += stats.files_written
         total.files_skipped += stats.files_skipped
         total.bytes_written += stats.bytes_written
         total.finalized |= stats.finalized
-        gpu_peak = max(gpu_peak, peak)
-    waiting = {f for _, (stats, _) in results.values() for f in stats.waiting_for}
-    total.waiting_for = [] if total.finalized else sorted(waiting)
-    return total, gpu_peak
+    total.waiting_for = [] if total.finalized else sorted({f for stats in parts for f in stats.waiting_for})
+    return total
 
 
 def _device_worker(plan, device, part, resume, chunk_bytes, events, cpu_threads, report, cancel=None) -> None:
