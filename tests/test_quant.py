@@ -292,9 +292,9 @@ def test_verify_against_reads_the_settings_the_output_declares(ckpts, tmp_path):
 def test_plan_refusals(ckpts, tmp_path):
     bf16 = ckpts["root"] / "bf16"
     cases = [
-        ({"scale_fmt": "float", "scale_dtype": "float8_e8m0fnu"}, UsageError, "--scale-fmt ue8m0"),
-        ({"scale_fmt": "e8m0"}, UsageError, "--scale-fmt"),
-        ({"scale_dtype": "float64"}, UsageError, "--scale-dtype"),
+        ({"scale_fmt": "float", "scale_dtype": "float8_e8m0fnu"}, UsageError, "add scale_fmt ue8m0"),
+        ({"scale_fmt": "e8m0"}, UsageError, "scale_fmt 'e8m0'"),
+        ({"scale_dtype": "float64"}, UsageError, "scale_dtype 'float64'"),
         ({"skip": ["("]}, UsageError, "not a valid regular expression"),
         ({"skip": ["no_such_tensor"]}, UsageError, "matches none"),
         ({"skip": ["."]}, UsageError, "leaves no tensor"),
