@@ -54,7 +54,7 @@ from dsv3conv.layout import (
     scale_name,
     scale_shape,
 )
-from dsv3conv.ops import Copy, QuantBlockFp8, QuantScale
+from dsv3conv.ops import Copy, DequantBlockFp8, QuantBlockFp8, QuantScale
 from dsv3conv.plan import assign_parts, parse_part
 from dsv3conv.safetensors_format import read_header
 from dsv3conv.verify_quant import QuantMatch, compare_quant, is_quant_output, match_quant
@@ -716,7 +716,7 @@ def _pieces(task: _Task, chunk_bytes: int) -> Iterator[tuple[int, int]]:
 def _scan(ckpt: Checkpoint, src: Checkpoint | None, tasks: list[_Task], device: str | None,
           chunk_bytes: int, progress: bool) -> _Scan:
     """Read every task's data once (CKPT and, when compared, the source), check values, compare."""
-    from dsv3conv.backend import Item, make_backend  # imports the kernels: only when needed
+    from dsv3conv.backend import Item, convert, make_backend  # imports the kernels: only when needed
 
     scan = _Scan(results={t.info.name: _TensorResult() for t in tasks})
     backend = None
@@ -811,8 +811,9 @@ def _scan(ckpt: Checkpoint, src: Checkpoint | None, tasks: list[_Task], device: 
                 if t.expect is not None:
                     if sc is not None:
                         cols = t.info.shape[1]
-                        item = Item(0, src_n, n // cols, cols, sc, t.info.dtype)
-                        want = torch.frombuffer(backend.run(buf[:src_n], [item])[0], dtype=torch.uint8)
+                        item = Item(DequantBlockFp8(t.expect.scale.dtype), 0, src_n, n // cols, cols, "F8_E4M3",
+                                    t.info.dtype, sc, t.info.name)
+                        want = torch.frombuffer(convert(backend, buf[:src_n], [item])[0], dtype=torch.uint8)
                     else:
                         want = buf[:src_n]
                     _compare(want, got, t.info, e0, res)
