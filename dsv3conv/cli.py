@@ -506,7 +506,7 @@ def example(
         if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
             raise UsageError(f"{dst}: exists and is not an empty directory; choose a new path")
         if kind == "bf16":
-            from dsv3conv.api import dequantize
+            from dsv3conv.commands import dequantize
 
             dst.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(prefix=".dsv3conv-example-", dir=dst.parent) as tmp:
