@@ -23,6 +23,7 @@ from dsv3conv.checkpoint import CONFIG_NAME, INDEX_NAME
 from dsv3conv.dest import FINALIZE_LOCK_NAME, LOCK_NAME, DestLock, is_complete, prepare_dest, remove_partials
 from dsv3conv.engine import DEFAULT_CHUNK_BYTES, run_files
 from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
+from dsv3conv.ops import Copy
 from dsv3conv.plan import Plan, assign_parts, parse_part, parse_size
 from dsv3conv.preflight import check_space, space_free, space_needed
 from dsv3conv.progress import ByteProgress
@@ -56,11 +57,12 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
         summary.update(
             part=f"{part[0]}/{part[1]}", part_shards=[f.name for f in mine],
             part_tensors_converted=sum(t.converts for f in mine for t in f.tensors),
-            part_tensors_copied=sum(t.op == "copy" for f in mine for t in f.tensors),
+            part_tensors_copied=sum(isinstance(t.op, Copy) for f in mine for t in f.tensors),
             part_bytes_out=sum(f.size for f in mine),
         )
     if part is not None and overwrite:
-        raise UsageError("--part and --overwrite exclude each other: parts share DST; empty it first")
+        raise UsageError("{part} and {overwrite} exclude each other: parts share DST; empty it first",
+                         "part", "overwrite")
     # The refusals a run would give, before any work (the run creates DST later)
     prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, create=False)
     summary.update(bytes_needed=space_needed(plan, mine, resume=resume or part is not None, overwrite=overwrite),

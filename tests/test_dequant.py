@@ -291,3 +291,10 @@ def test_device_workers_report_progress(tmp_path, monkeypatch, workers):
     stats, peak = execute_on_devices(plan, ["cpu", "cpu"], progress=lambda n, k, name: seen.append(n))
     assert stats.finalized and stats.files_written == len(plan.files) and peak == 0
     assert sum(seen) == sum(f.size for f in plan.files)
+
+
+def test_part_summary_counts_the_parts_tensors(tmp_path, tiny_src):
+    """One part of one holds every tensor: its converted and copied counts are the plan's."""
+    s = dequantize(tiny_src, tmp_path / "out", part="1/1", dry_run=True)
+    assert s["part_tensors_copied"] == s["tensors_copied"] > 0
+    assert s["part_tensors_converted"] == s["tensors_converted"] > 0
