@@ -197,16 +197,20 @@ def _looks_like_scale(name: str, dtype: str, tensors: Mapping[str, _Info]) -> bo
 
 
 # ------------------------------------------------------------------------------------ config cross-check
-def check_config(formats: Formats, config: Mapping) -> list[str]:
-    """What config.json says against what the headers say; each mismatch one line naming a tensor."""
+def check_config(formats: Formats, config: Mapping, presence: bool = True) -> list[str]:
+    """What config.json says against what the headers say; each mismatch one line naming a tensor.
+
+    `presence`: also report a quantization_config without quantized tensors, or the reverse (inspect does;
+    a conversion, which drops or writes that field anyway, need not).
+    """
     qc = config.get("quantization_config")
     quantized = formats.of_kind("fp8_block") + formats.of_kind("mxfp4")
-    if not isinstance(qc, Mapping):
+    if not isinstance(qc, Mapping) or not quantized:
+        if not presence:
+            return _check_expert_dtype(formats, config)
         if quantized:
             return [f"config.json: tensor `{quantized[0].name}` is quantized but the config has no quantization_config"]
-        return []
-    if not quantized:
-        return ["config.json: quantization_config present but no tensor is quantized"]
+        return ["config.json: quantization_config present but no tensor is quantized"] if isinstance(qc, Mapping) else []
     if qc.get("quant_method") == COMPRESSED_TENSORS:
         return _check_compressed_tensors(formats, qc)
     problems = []
