@@ -97,16 +97,21 @@ def mx_scale_shape(packed_shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def classify(tensors: Mapping[str, _Info], config: Mapping | None = None) -> Formats:
-    """Classify every tensor from its header entry; check the config against what the headers say."""
+    """Classify every tensor from its header entry; check the config against what the headers say.
+
+    Problems come in this order: missing scales, bad FP8 scales, orphan scales, one-byte weights that are
+    not packed FP4, then the config's disagreements.
+    """
     out = Formats({})
-    problems = out.problems
+    bad_fp8: list[str] = []
+    bad_packed: list[str] = []
     claimed: dict[str, str] = {}  # scale -> weight
     missing = out.unscaled
     for name, info in tensors.items():
         if info.dtype == FP8:
-            fmt = _classify_fp8(name, info, tensors, problems, missing)
+            fmt = _classify_fp8(name, info, tensors, bad_fp8, missing)
         elif info.dtype in PACKED_DTYPES and name.endswith(".weight"):
-            fmt = _classify_packed(name, info, tensors, problems)
+            fmt = _classify_packed(name, info, tensors, bad_packed)
         else:
             continue
         if fmt is not None:
@@ -120,15 +125,16 @@ def classify(tensors: Mapping[str, _Info], config: Mapping | None = None) -> For
         elif info.dtype != FP8 and not (info.dtype in PACKED_DTYPES and name.endswith(".weight")):
             if _looks_like_scale(name, info.dtype, tensors):
                 out.orphan_scales.append(name)
-                problems.append(f"tensor `{name}` is a scale without its F8_E4M3 weight (nor a packed FP4 one); "
-                                "the checkpoint is incomplete")
             out.tensors[name] = TensorFormat(name, "copy", info.dtype)
     naming = _expected_naming(out, tensors, config)
-    for name in missing:
-        problems.append(f"tensor `{name}` is F8_E4M3 but `{scale_names(name).get(naming, name + '_scale_inv')}` is "
-                        "missing from the index and from every shard; restore the missing shard or scale")
+    out.problems += [f"tensor `{name}` is F8_E4M3 but `{scale_names(name).get(naming, name + '_scale_inv')}` is "
+                     "missing from the index and from every shard; restore the missing shard or scale" for name in missing]
+    out.problems += bad_fp8
+    out.problems += [f"tensor `{name}` is a scale without its F8_E4M3 weight (nor a packed FP4 one); "
+                     "the checkpoint is incomplete" for name in out.orphan_scales]
+    out.problems += bad_packed
     if config is not None:
-        problems += check_config(out, config)
+        out.problems += check_config(out, config)
     return out
 
 

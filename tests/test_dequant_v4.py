@@ -131,3 +131,24 @@ def test_v4_dequant_cuda_bit_exact(tmp_path, kind) -> None:
     summary = dequantize(tmp_path / "src", tmp_path / "out", device="cuda")
     out, _ = load_all(tmp_path / "out")
     assert assert_dequantized(out, src) == summary["tensors_converted"]
+
+
+# ------------------------------------------------------------------------------------------- split-mtp
+@pytest.mark.parametrize("kind", ["flash", "0731"])
+def test_v4_split_mtp_main_drops_mtp_names_byte_for_byte(tmp_path, kind) -> None:
+    src = make_v4(tmp_path / "src", kind)
+    proc = cli("split-mtp", tmp_path / "src", "--main-out", tmp_path / "main")
+    assert proc.returncode == 0, proc.stderr
+    out, _ = load_all(tmp_path / "main")
+    assert set(out) == {n for n in src if not n.startswith("mtp.")}
+    for name, t in out.items():
+        assert torch.equal(t.view(torch.uint8), src[name].view(torch.uint8)), name
+    config = json.loads((tmp_path / "main" / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 0 and not any(k.startswith("dspark") for k in config)
+    assert config["quantization_config"]["scale_fmt"] == "ue8m0"  # still quantized: kept
+
+
+def test_v4_split_mtp_draft_refused(tmp_path) -> None:
+    make_v4(tmp_path / "src", "flash")
+    proc = cli("split-mtp", tmp_path / "src", "--mtp-out", tmp_path / "draft")
+    assert proc.returncode == 2 and "DeepSeek-V4" in proc.stderr and "--mtp-out" in proc.stderr, proc.stderr
