@@ -2,7 +2,7 @@
 
 A checkpoint is a directory with `model.safetensors.index.json` and shards, or with a single
 `model.safetensors`. Files may be symlinks (a Hugging Face cache snapshot). Opening never reads tensor data.
-Problems found while opening are collected in `Checkpoint.problems` (one line each) so that `inspect` and
+Problems found while opening are collected in `Checkpoint.problems` (`Problem` records) so that `inspect` and
 `verify` can list them all; converting commands call `require_clean()` and refuse to go on.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from dsv3conv.dtypes import DTYPE_SIZES
-from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
+from dsv3conv.errors import Dsv3Error, HeaderError, Problem, UsageError, refuse
 from dsv3conv.safetensors_format import Header, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -86,7 +86,7 @@ class Checkpoint:
         self.index: dict | None = None  # the index JSON, when the checkpoint is sharded
         self.shards: dict[str, ShardInfo] = {}
         self.tensors: dict[str, TensorInfo] = {}
-        self.problems: list[str] = []
+        self.problems: list[Problem] = []
 
     # ----------------------------------------------------------------------------------------- opening
     @classmethod
@@ -105,7 +105,7 @@ class Checkpoint:
             found = sorted(p.name for p in root.glob("*.safetensors"))
             if not found:
                 raise Dsv3Error(f"{root}: no {INDEX_NAME} and no {SINGLE_NAME}; this is not a safetensors checkpoint")
-            ckpt.problems.append(f"{root}: no {INDEX_NAME}; reading the {len(found)} .safetensors files found")
+            ckpt._problem("no-index", str(root), f"{root}: no {INDEX_NAME}; reading the {len(found)} .safetensors files found")
             shard_names = found
         ckpt._load_shards(shard_names)
         return ckpt
@@ -113,26 +113,27 @@ class Checkpoint:
     def _load_config(self) -> None:
         path = self.root / CONFIG_NAME
         if not path.exists():
-            self.problems.append(f"{path}: missing; copy config.json from the original release")
+            self._problem("config", str(path), f"{path}: missing", "copy config.json from the original release")
             return
         try:
             config = _read_json(path, MAX_CONFIG_BYTES)
         except Dsv3Error as exc:
-            self.problems.append(str(exc))
+            self._problem("config", str(path), str(exc))
             return
         if not isinstance(config, dict):
-            self.problems.append(f"{path}: is not a JSON object; restore it from the release")
+            self._problem("config", str(path), f"{path}: is not a JSON object", "restore it from the release")
             return
         for key in CONFIG_COUNTS:
             value = config.get(key)
             if value is not None and not (_is_count(value) and value <= MAX_CONFIG_COUNT):
-                self.problems.append(
-                    f"{path}: {key} is {_short(value)}, not an integer from 0 to {MAX_CONFIG_COUNT}; fix config.json"
-                )
+                self._problem("config", str(path),
+                              f"{path}: {key} is {_short(value)}, not an integer from 0 to {MAX_CONFIG_COUNT}",
+                              "fix config.json")
                 return  # layer and MTP logic must not run on it
         arch = config.get("architectures")
         if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
-            self.problems.append(f"{path}: architectures is {_short(arch)}, not a list of class names; fix config.json")
+            self._problem("config", str(path), f"{path}: architectures is {_short(arch)}, not a list of class names",
+                          "fix config.json")
             return
         self.config = config
 
@@ -152,7 +153,7 @@ class Checkpoint:
                     f"{path}: tensor `{name}` points at {_short(file)}, outside the checkpoint; refusing to open it"
                 )
         if not weight_map:
-            self.problems.append(f"{path}: `weight_map` is empty; restore it from the release")
+            self._problem("index-empty", str(path), f"{path}: `weight_map` is empty", "restore it from the release")
         self.index = index
         return sorted(set(weight_map.values()))
 
@@ -161,17 +162,18 @@ class Checkpoint:
         for name in shard_names:
             path = self.root / name
             if not path.exists():
-                self.problems.append(f"{path}: missing (listed in the index); download it again")
+                self._problem("shard-missing", name, f"{path}: missing (listed in the index)", "download it again")
                 continue
             try:
                 header = read_header(path)
             except HeaderError as exc:
-                self.problems.append(str(exc))
+                self._problem("header", name, str(exc))
                 continue
             self.shards[name] = ShardInfo(name, path, header, path.stat().st_size)
             for entry in header.tensors:
                 if entry.name in owner:
-                    self.problems.append(f"tensor `{entry.name}` is stored twice: in {owner[entry.name]} and in {name}")
+                    self._problem("stored-twice", entry.name,
+                                  f"tensor `{entry.name}` is stored twice: in {owner[entry.name]} and in {name}")
                     continue
                 owner[entry.name] = name
                 self.tensors[entry.name] = TensorInfo(
@@ -184,21 +186,22 @@ class Checkpoint:
             if file not in self.shards:
                 continue  # the missing or damaged file is already reported
             if tensor not in self.tensors:
-                self.problems.append(f"tensor `{tensor}` is listed in the index under {file} but absent from every shard")
+                self._problem("index-phantom", tensor,
+                              f"tensor `{tensor}` is listed in the index under {file} but absent from every shard")
             elif self.tensors[tensor].file != file:
-                self.problems.append(
-                    f"tensor `{tensor}` is listed in the index under {file} but stored in {self.tensors[tensor].file}"
-                )
+                self._problem("index-elsewhere", tensor, f"tensor `{tensor}` is listed in the index under {file} "
+                              f"but stored in {self.tensors[tensor].file}")
         for tensor, info in self.tensors.items():
             if tensor not in weight_map:
-                self.problems.append(f"tensor `{tensor}` is in {info.file} but not in the index")
+                self._problem("index-unlisted", tensor, f"tensor `{tensor}` is in {info.file} but not in the index")
+
+    def _problem(self, code: str, subject: str, message: str, fix: str = "") -> None:
+        self.problems.append(Problem(code, subject, message, fix))
 
     # ---------------------------------------------------------------------------------------- queries
     def require_clean(self) -> None:
         """Refuse to convert a checkpoint that has problems: name the first, count the rest."""
-        if self.problems:
-            more = f" (and {len(self.problems) - 1} more problems; run `dsv3conv inspect`)" if len(self.problems) > 1 else ""
-            raise Dsv3Error(self.problems[0] + more)
+        refuse(self.problems, "; run `dsv3conv inspect`")
 
     def require_config(self) -> dict:
         if self.config is None:
@@ -233,6 +236,41 @@ def read_tensor(root: Path, info: TensorInfo, start: int = 0, length: int | None
     with open(root / info.file, "rb", buffering=0) as f:
         read_into(f, info.offset + start, memoryview(buf), root / info.file)
     return buf
+
+
+class ShardReader:
+    """Reads tensor bytes of one checkpoint with pread, keeping at most `max_open` shard files open."""
+
+    def __init__(self, root: Path, max_open: int = 32):
+        self.root = root
+        self.max_open = max_open
+        self._open: dict[str, object] = {}
+
+    def read_into(self, info: TensorInfo, start: int, view: memoryview) -> None:
+        """Fill `view` with the tensor's bytes from byte `start` (relative to the tensor)."""
+        f = self._open.get(info.file)
+        if f is None:
+            if len(self._open) >= self.max_open:
+                self.close()
+            f = self._open[info.file] = open(self.root / info.file, "rb", buffering=0)
+        read_into(f, info.offset + start, view, self.root / info.file)
+
+    def read(self, info: TensorInfo, start: int = 0, length: int | None = None) -> bytearray:
+        length = info.nbytes - start if length is None else length
+        buf = bytearray(length)
+        self.read_into(info, start, memoryview(buf))
+        return buf
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_into(f, offset: int, view: memoryview, path: Path) -> None:

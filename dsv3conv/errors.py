@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 
@@ -36,3 +37,35 @@ class UsageError(Dsv3Error):
 
 class HeaderError(Dsv3Error):
     """A safetensors file whose header is unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a checkpoint, found once (by the reader or `dsv3conv.checks`) and shown by
+    `inspect`, `verify` and the refusal before a conversion.
+
+    code: a stable identifier (`shard-missing`, `fp8-unscaled`, ...); subject: the file or tensor it is about;
+    message: what is wrong, naming the subject; fix: what to do about it.
+    """
+
+    code: str
+    subject: str
+    message: str
+    fix: str = ""
+    severity: str = "error"
+
+    @property
+    def text(self) -> str:
+        """The one line a user reads: the problem, then the fix."""
+        return f"{self.message}; {self.fix}" if self.fix else self.message
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def refuse(problems: list[Problem], hint: str = "") -> None:
+    """Raise the first problem as the error (exit 1), counting the others; nothing when there are none."""
+    if not problems:
+        return
+    more = f" (and {len(problems) - 1} more problems{hint})" if len(problems) > 1 else ""
+    raise Dsv3Error(problems[0].text + more)

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint, TensorInfo
+from dsv3conv.checks import layer_problems
 from dsv3conv.dtypes import DTYPE_SIZES
-from dsv3conv.errors import Dsv3Error, UsageError
-from dsv3conv.layout import Fp8Coverage, fp8_coverage, layer_id, mtp_layer_ids
+from dsv3conv.errors import Dsv3Error, UsageError, refuse
+from dsv3conv.layout import Fp8Coverage, fp8_coverage
 from dsv3conv.ops import Copy, Op
 from dsv3conv.safetensors_format import build_header
 
@@ -164,19 +165,8 @@ def require_fp8_pairs(tensors: Mapping[str, TensorInfo], where: str = "the index
 
 
 def check_layers(ckpt: Checkpoint, config: dict) -> None:
-    """The config's layer counts must match the tensors, or MTP handling would be wrong."""
-    ids = {layer_id(n) for n in ckpt.tensors} - {None}
-    if not ids:
-        return
-    n_main, mtp_ids = int(config.get("num_hidden_layers", 0)), mtp_layer_ids(config)
-    expected = set(range(n_main)) | set(mtp_ids)
-    if ids != expected:
-        extra, missing = sorted(ids - expected), sorted(expected - ids)
-        raise Dsv3Error(
-            f"{ckpt.root / 'config.json'}: num_hidden_layers={n_main}, num_nextn_predict_layers={len(mtp_ids)} "
-            f"do not match the tensors (layers present but not declared: {extra[:5]}, declared but absent: {missing[:5]}); "
-            "fix config.json"
-        )
+    """The config's layer counts must match the tensors, or MTP handling would be wrong (dsv3conv.checks)."""
+    refuse(layer_problems(ckpt.tensors, config, ckpt.root / "config.json"))
 
 
 def more(items: list) -> str:

@@ -12,7 +12,7 @@ from dsv3conv.api import dequantize, verify_checkpoint
 from dsv3conv.checkpoint import INDEX_NAME, Checkpoint
 from dsv3conv.errors import UsageError
 from dsv3conv.safetensors_format import build_header
-from dsv3conv.verify import _choose
+from dsv3conv.verify.sample import choose as _choose
 from tests.conftest import cli, write_at
 
 CONVERTED = "model.layers.1.mlp.experts.0.up_proj.weight"  # FP8 in the source, BF16 after dequant
@@ -148,7 +148,7 @@ def test_deleted_shard(damaged):
     shard.unlink()
     report = verify_checkpoint(damaged)
     assert not report["ok"]
-    assert f"{shard.name} is listed in {INDEX_NAME} but missing" in failed(report)["files"]
+    assert f"{shard.name}: missing (listed in the index)" in failed(report)["files"]  # the reader's words
 
 
 def test_stray_shard(damaged):
@@ -163,7 +163,7 @@ def test_tensor_removed_from_index(damaged):
     (damaged / INDEX_NAME).write_text(json.dumps(index))
     report = verify_checkpoint(damaged)
     assert not report["ok"]
-    assert f"`{COPIED}`" in failed(report)["files"] and "missing from the index" in failed(report)["files"]
+    assert f"`{COPIED}`" in failed(report)["files"] and "not in the index" in failed(report)["files"]
 
 
 def test_tensor_listed_twice_in_index(damaged):

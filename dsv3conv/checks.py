@@ -1,0 +1,150 @@
+"""What can be wrong with a checkpoint, from its index, headers and config.json: each check written once.
+
+Every function returns `Problem` records (code, subject, one-line message, fix). The reader
+(`Checkpoint.open`) records what it finds while opening; these functions add the checks that need the whole
+tensor set. `inspect` lists them all, `verify` groups them into its named checks, and the planners refuse a
+checkpoint with FP8-pair or layer problems before anything is written. Reads headers only; nothing here
+imports the runner, the engine or the command line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+from dsv3conv.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo
+from dsv3conv.errors import Problem
+from dsv3conv.layout import FP8_DTYPE, fp8_coverage, is_nextn_draft, is_scale, layer_id, mtp_layer_ids
+
+MTP_MARKERS = (".enorm.", ".hnorm.", ".eh_proj.")  # tensors only an MTP layer holds
+# Codes of the problems the reader records about files, index and shards (verify's `files` check).
+FILE_CODES = ("no-index", "index-empty", "shard-missing", "stored-twice", "index-phantom", "index-elsewhere",
+              "index-unlisted", "index-duplicate-key", "stray-shard")
+
+
+# ------------------------------------------------------------------------------------------ FP8 pairs
+def fp8_problems(tensors: Mapping[str, TensorInfo]) -> list[Problem]:
+    """Every FP8 weight has a usable scale, every scale its FP8 weight."""
+    cov = fp8_coverage(tensors)
+    out = [Problem("fp8-unscaled", n, f"tensor `{n}` is F8_E4M3 but `{n}_scale_inv` is missing from the index "
+                   "and from every shard", "restore the missing shard or scale") for n in cov.unscaled]
+    out += [Problem("fp8-bad-scale", text.split("`")[1] if "`" in text else "", text, "restore it from the release")
+            for text in cov.bad_scales]
+    out += [Problem("fp8-orphan-scale", n, f"tensor `{n}` is a scale without its F8_E4M3 weight",
+                    "the checkpoint is incomplete: restore the weight") for n in cov.orphan_scales]
+    return out
+
+
+# ---------------------------------------------------------------------------------- layers and MTP
+def layer_problems(tensors: Mapping[str, TensorInfo], config: Mapping, config_path: Path | str) -> list[Problem]:
+    """The layers present are exactly the main layers and MTP layers config.json declares (codes `layers`, `mtp`)."""
+    path = str(config_path)
+    ids = {i for i in map(layer_id, tensors) if i is not None}
+    n_main = int(config.get("num_hidden_layers", 0) or 0)
+    mtp_ids = mtp_layer_ids(config)
+    out = []
+    missing = sorted(set(range(n_main)) - ids)
+    undeclared = sorted(ids - set(range(n_main)) - set(mtp_ids))
+    if missing or undeclared:
+        parts = [f"no tensors for main layers {ranges(missing)}"] if missing else []
+        if undeclared:
+            parts.append(f"layers {ranges(undeclared)} hold tensors but are not declared (main or MTP)")
+        out.append(Problem("layers", path, f"{path}: num_hidden_layers={n_main}: " + "; ".join(parts),
+                           "fix config.json or restore the missing shards"))
+    n_mtp = config.get("num_nextn_predict_layers", 0) or 0
+    absent = [i for i in mtp_ids if i not in ids]
+    if absent:
+        out.append(Problem("mtp", path, f"{path}: num_nextn_predict_layers={n_mtp} declares MTP layers "
+                           f"{ranges(mtp_ids)} but there are no tensors for {ranges(absent)}",
+                           "fix config.json or restore the missing shards"))
+    marked = sorted({layer_id(n) for n in tensors if any(m in n for m in MTP_MARKERS)} - {None})
+    if marked and not is_nextn_draft(config) and marked != [i for i in mtp_ids if i in ids]:
+        out.append(Problem("mtp", path, f"{path}: layers {ranges(marked)} hold MTP tensors (enorm/hnorm/eh_proj) "
+                           f"but the MTP layers declared are {ranges(mtp_ids)}", "fix config.json"))
+    return out
+
+
+def quantization_config_problems(tensors: Mapping[str, TensorInfo], config: Mapping,
+                                 config_path: Path | str) -> list[Problem]:
+    """quantization_config is present exactly when F8_E4M3 weights are."""
+    has_fp8 = any(t.dtype == FP8_DTYPE and not is_scale(n) for n, t in tensors.items())
+    has_qc = bool(config.get("quantization_config"))
+    if has_fp8 and not has_qc:
+        return [Problem("quantization-config", str(config_path), f"{config_path}: F8_E4M3 tensors present but no "
+                        "quantization_config; loaders would read them as plain weights",
+                        "restore quantization_config from the release")]
+    if has_qc and not has_fp8:
+        return [Problem("quantization-config", str(config_path), f"{config_path}: quantization_config present but "
+                        "no F8_E4M3 tensors; loaders would try to load the weights as FP8 and fail", "remove it")]
+    return []
+
+
+# ---------------------------------------------------------------------------------- files and index
+def stray_shards(ckpt: Checkpoint) -> list[Problem]:
+    """`*.safetensors` files in the directory that the checkpoint does not consist of."""
+    listed = shard_files(ckpt)
+    out = []
+    for path in sorted(ckpt.root.rglob("*.safetensors")):
+        rel = path.relative_to(ckpt.root).as_posix()
+        if not rel.startswith(".") and "/." not in rel and rel not in listed:
+            out.append(Problem("stray-shard", rel, f"{rel} is not listed in the index (a stray or leftover shard)",
+                               "remove it, or restore the index that lists it"))
+    return out
+
+
+def duplicate_index_keys(ckpt: Checkpoint) -> list[Problem]:
+    """Tensor names given more than once in the index's weight_map (json.loads keeps only the last)."""
+    if ckpt.index is None:
+        return []
+    seen: list[Counter] = []
+
+    def hook(pairs):
+        seen.append(Counter(k for k, _ in pairs))
+        return dict(pairs)
+
+    try:
+        json.loads((ckpt.root / INDEX_NAME).read_text(encoding="utf-8"), object_pairs_hook=hook)
+    except (OSError, ValueError):
+        return []
+    keys = set(ckpt.index["weight_map"])
+    return [Problem("index-duplicate-key", n, f"tensor `{n}` appears {k} times in {INDEX_NAME}", "restore the index")
+            for counts in seen if set(counts) == keys for n, k in sorted(counts.items()) if k > 1]
+
+
+def shard_files(ckpt: Checkpoint) -> set[str]:
+    """The shard files the checkpoint consists of: the index's, the single file, or the .safetensors found."""
+    if ckpt.index is not None:
+        return set(ckpt.index["weight_map"].values())
+    if (ckpt.root / SINGLE_NAME).exists():
+        return {SINGLE_NAME}
+    return {p.name for p in ckpt.root.glob("*.safetensors")}
+
+
+def total_size_problems(ckpt: Checkpoint) -> list[Problem]:
+    """The index's metadata.total_size is the sum of the tensors' bytes."""
+    if ckpt.index is None:
+        return []
+    total, actual = (ckpt.index.get("metadata") or {}).get("total_size"), ckpt.tensor_bytes()
+    if total is None:
+        return [Problem("total-size", INDEX_NAME, f"{INDEX_NAME} has no metadata.total_size; the tensors hold "
+                        f"{actual:,} bytes", "restore the index")]
+    if not isinstance(total, int) or isinstance(total, bool) or total != actual:
+        return [Problem("total-size", INDEX_NAME, f"{INDEX_NAME} metadata.total_size is {total!r} but the shards' "
+                        f"tensors hold {actual:,} bytes", "restore the index")]
+    return []
+
+
+def ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'; 'none' for no ids. Never longer than a few runs: the rest are counted."""
+    if not ids:
+        return "none"
+    runs: list[str] = []
+    start = prev = ids[0]
+    for i in [*ids[1:], None]:
+        if i is None or i != prev + 1:
+            runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = i
+        prev = i if i is not None else prev
+    return ", ".join(runs[:8]) + (f" (and {len(runs) - 8:,} more ranges)" if len(runs) > 8 else "")

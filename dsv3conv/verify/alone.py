@@ -1,0 +1,77 @@
+"""The checks of CKPT alone that read no tensor data: files, headers, total_size, config, layers, mtp,
+quantization_config, fp8_scales. Each is the reader's problems and `dsv3conv.checks`' grouped under a name."""
+
+from __future__ import annotations
+
+from dsv3conv.checkpoint import CONFIG_NAME, SINGLE_NAME, Checkpoint
+from dsv3conv.checks import (
+    duplicate_index_keys,
+    fp8_problems,
+    layer_problems,
+    quantization_config_problems,
+    ranges,
+    shard_files,
+    stray_shards,
+    total_size_problems,
+)
+from dsv3conv.layout import BLOCK, FP8_DTYPE, fp8_coverage, is_scale, mtp_layer_ids
+from dsv3conv.verify.report import Check, check_of
+
+
+def header_checks(ckpt: Checkpoint) -> list[Check]:
+    """The eight checks from index, headers and config.json, in the report's order."""
+    files = [p for p in ckpt.problems if p.code not in ("header", "config")]
+    files += duplicate_index_keys(ckpt) + stray_shards(ckpt)
+    if ckpt.index is None:
+        passed = f"{SINGLE_NAME}: {len(ckpt.tensors):,} tensors, no other shards"
+    else:
+        passed = f"{len(shard_files(ckpt))} shard files, {len(ckpt.tensors):,} tensors; index and shards agree"
+    size = sum(s.file_size for s in ckpt.shards.values())
+    checks = [
+        check_of("files", files, passed),
+        check_of("headers", [p for p in ckpt.problems if p.code == "header"],
+                 f"{len(ckpt.shards)} headers valid; file sizes match the headers ({size:,} bytes)"),
+        check_of("total_size", total_size_problems(ckpt), _total_size_passed(ckpt)),
+    ]
+    return checks + _config_checks(ckpt) + [_fp8_check(ckpt)]
+
+
+def _total_size_passed(ckpt: Checkpoint) -> str:
+    if ckpt.index is None:
+        return f"single file, no index; {ckpt.tensor_bytes():,} tensor bytes"
+    return f"{ckpt.tensor_bytes():,} bytes, the sum of the tensors"
+
+
+def _config_checks(ckpt: Checkpoint) -> list[Check]:
+    """config, layers, mtp and quantization_config."""
+    path = ckpt.root / CONFIG_NAME
+    config = ckpt.config
+    if config is None:
+        why = next((p.text for p in ckpt.problems if p.code == "config"), f"{path}: missing or unreadable")
+        return [Check("config", False, why)] + [
+            Check(n, False, f"not checked: {why}") for n in ("layers", "mtp", "quantization_config")]
+    layers = layer_problems(ckpt.tensors, config, path)
+    n_main = int(config.get("num_hidden_layers", 0) or 0)
+    mtp_ids = mtp_layer_ids(config)
+    n_mtp = config.get("num_nextn_predict_layers", 0) or 0
+    if mtp_ids:
+        mtp_passed = (f"num_nextn_predict_layers={n_mtp}: MTP {'layers' if len(mtp_ids) > 1 else 'layer'} "
+                      f"{ranges(mtp_ids)} present")
+    else:
+        mtp_passed = "no MTP layers declared, none present"
+    has_fp8 = any(t.dtype == FP8_DTYPE and not is_scale(n) for n, t in ckpt.tensors.items())
+    return [
+        Check("config", True, f"{path.name}: model_type {config.get('model_type')!r}"),
+        check_of("layers", [p for p in layers if p.code == "layers"],
+                 f"num_hidden_layers={n_main}" + (f": main layers 0..{n_main - 1} present" if n_main else "")),
+        check_of("mtp", [p for p in layers if p.code == "mtp"], mtp_passed),
+        check_of("quantization_config", quantization_config_problems(ckpt.tensors, config, path),
+                 "present, FP8 tensors present" if has_fp8 else "absent, no FP8 tensors"),
+    ]
+
+
+def _fp8_check(ckpt: Checkpoint) -> Check:
+    pairs = fp8_coverage(ckpt.tensors).pairs
+    passed = (f"{len(pairs):,} FP8 weights, each with a scale of [ceil(M/{BLOCK}), ceil(N/{BLOCK})]" if pairs
+              else "no FP8 weights, no scales")
+    return check_of("fp8_scales", fp8_problems(ckpt.tensors), passed)

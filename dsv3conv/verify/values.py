@@ -1,0 +1,105 @@
+"""Per-tensor results of the data scan: values that are not numbers (or not positive scales), and bytes that
+differ from what the planned operation makes of the source."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dsv3conv.checkpoint import TensorInfo
+from dsv3conv.dtypes import TORCH_DTYPES
+from dsv3conv.layout import is_scale
+from dsv3conv.safetensors_format import DTYPE_SIZES
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Bits that are all ones exactly when an IEEE value is Inf or NaN.
+_EXPONENT_MASKS = {"BF16": 0x7F80, "F16": 0x7C00, "F32": 0x7F800000, "F64": 0x7FF0000000000000}
+
+
+@dataclass
+class TensorResult:
+    """What the scan found in one tensor of CKPT (element indices are flat, within the tensor)."""
+
+    bad_values: int = 0
+    bad_first: int = -1
+    bad_kind: str = ""
+    differ: int = 0  # elements (bytes for a copied tensor) unlike the planned output
+    diff_first: int = -1
+    max_diff: float = 0.0
+    scale_differ: int = 0  # quant: elements of the emitted scale unlike the planned one
+    error: str = ""
+
+
+def bad_mask(raw: torch.Tensor, dtype: str, scale: bool) -> torch.Tensor | None:
+    """Which elements of `raw` (bytes of `dtype`) are NaN or Inf (for scales also <= 0); None: not checked."""
+    if dtype in _EXPONENT_MASKS:
+        bits = raw.view(_INT_OF_SIZE[DTYPE_SIZES[dtype]])
+        m = _EXPONENT_MASKS[dtype]
+        bad = (bits & m) == m
+        return bad | (bits <= 0) if scale else bad  # sign bit set or +0.0: not a positive scale
+    if dtype == "F8_E4M3":
+        bad = (raw & 0x7F) == 0x7F  # 0x7F / 0xFF are NaN; e4m3fn has no Inf
+    elif dtype == "F8_E5M2":
+        bad = (raw & 0x7C) == 0x7C  # exponent all ones: Inf or NaN
+    elif dtype == "F8_E8M0":
+        return raw == 0xFF  # NaN; every other code is a power of two > 0
+    else:
+        return None
+    return bad | ((raw & 0x7F) == 0) | (raw >= 0x80) if scale else bad
+
+
+def _maybe_bad(raw: torch.Tensor, dtype: str) -> bool:
+    """A fast test that is never wrong when it says False: a NaN or Inf makes the sum NaN or Inf."""
+    if dtype in _EXPONENT_MASKS:
+        return not bool(torch.isfinite(raw.view(TORCH_DTYPES[dtype]).sum()))
+    if dtype == "F8_E4M3":
+        return int((raw | 0x80).max()) == 0xFF
+    return True
+
+
+def check_values(raw: torch.Tensor, info: TensorInfo, e0: int, res: TensorResult) -> None:
+    """Count the bad values of `raw`, the elements of `info` from element `e0` on."""
+    scale = is_scale(info.name)
+    if raw.numel() == 0 or (not scale and not _maybe_bad(raw, info.dtype)):
+        return
+    bad = bad_mask(raw, info.dtype, scale)
+    count = int(bad.sum()) if bad is not None else 0
+    if not count:
+        return
+    if res.bad_first < 0:
+        res.bad_first = e0 + int(bad.nonzero()[0, 0])
+        values = raw.view(TORCH_DTYPES[info.dtype])[bad].to(torch.float32)
+        kinds = ("NaN", values.isnan()), ("Inf", values.isinf())
+        res.bad_kind = next((k for k, hit in kinds if bool(hit.any())), "<= 0")
+    res.bad_values += count
+
+
+def count_differ(want: torch.Tensor, got: torch.Tensor, dtype: str | None) -> tuple[int, int, float]:
+    """(elements that differ, index of the first, largest difference) of two byte buffers holding `dtype`
+    (None: compared byte by byte, no difference measured)."""
+    if _same(want, got):
+        return 0, -1, 0.0
+    size = DTYPE_SIZES[dtype] if dtype is not None else 1
+    w_bits, g_bits = want.view(_INT_OF_SIZE[size]), got.view(_INT_OF_SIZE[size])
+    differ = w_bits != g_bits
+    first = int(differ.nonzero()[0, 0])
+    if dtype not in TORCH_DTYPES:
+        return int(differ.sum()), first, 0.0
+    a = want.view(TORCH_DTYPES[dtype])[differ].to(torch.float64)
+    b = got.view(TORCH_DTYPES[dtype])[differ].to(torch.float64)
+    diff = torch.nan_to_num((a - b).abs(), nan=math.inf)  # a NaN on either side counts as infinitely far
+    return int(differ.sum()), first, float(diff.max())
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Byte equality, 8 bytes at a time where the buffers allow."""
+    if a.numel() != b.numel():
+        return False
+    n8 = a.numel() // 8 * 8
+    try:
+        head = torch.equal(a[:n8].view(torch.int64), b[:n8].view(torch.int64))
+    except RuntimeError:  # not 8-byte aligned
+        return torch.equal(a, b)
+    return head and torch.equal(a[n8:], b[n8:])
