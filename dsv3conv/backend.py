@@ -23,7 +23,8 @@ from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.kernels.fp8_block_cpu import dequant_rows, quant_rows, row_ranges
 from dsv3conv.kernels.fp8_block_dequant import BLOCK_SIZE, HAS_TRITON
-from dsv3conv.ops import Copy, DequantBlockFp8, Op, QuantBlockFp8
+from dsv3conv.kernels.mxfp4_dequant import cpu_dequant_mxfp4
+from dsv3conv.ops import Copy, DequantBlockFp8, DequantMxfp4, Op, QuantBlockFp8
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Item:
     cols: int = 0
     src_dtype: str = ""
     out_dtype: str = ""
-    scale: torch.Tensor | None = None  # DequantBlockFp8: float32 scales of these rows
+    scale: torch.Tensor | None = None  # DequantBlockFp8, DequantMxfp4: float32 scales of these rows
     name: str = ""  # the tensor, for error messages
 
 
@@ -80,12 +81,21 @@ class Backend(Protocol):
     def quant_block_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
         ...
 
+    def dequant_mxfp4(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        ...
+
 
 # The backend method of each converting operation (Copy needs none: its output is its input).
 METHODS: dict[type, Callable[[Backend], Callable[..., list[list[memoryview]]]]] = {
     DequantBlockFp8: lambda b: b.dequant_block_fp8,
     QuantBlockFp8: lambda b: b.quant_block_fp8,
+    DequantMxfp4: lambda b: b.dequant_mxfp4,
 }
+
+
+def e8m0_bits(scale: torch.Tensor) -> torch.Tensor:
+    """float32 powers of two (the engine's scales) back to their E8M0 bytes, exactly (2^-127 included)."""
+    return scale.to(torch.float8_e8m0fnu).view(torch.uint8)
 
 
 def convert(backend: Backend | None, buf: torch.Tensor, items: list[Item], out: OutputArena | None = None,
@@ -182,6 +192,20 @@ class CpuBackend:
             check_quant_scales(it, scale, w)
         return results
 
+    def dequant_mxfp4(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        """Each piece cut into row ranges for the pool; one table lookup per packed byte (exact)."""
+        jobs, results = [], []
+        for it in items:
+            packed = buf[it.src_offset : it.src_offset + it.nbytes].view(it.rows, it.cols // 2)
+            dtype = TORCH_DTYPES[it.out_dtype]
+            dst = out.take(it.rows * it.cols * dtype.itemsize, dtype.itemsize).view(dtype).view(it.rows, it.cols)
+            bits = e8m0_bits(it.scale)
+            for r0, r1 in row_ranges(it.rows, it.cols, TASK_ELEMS):
+                jobs.append((cpu_dequant_mxfp4, packed[r0:r1], bits[r0:r1], dtype, dst[r0:r1]))
+            results.append([memoryview(dst.view(torch.uint8).reshape(-1).numpy())])
+        self._run_all(jobs)
+        return results
+
     def _run_all(self, jobs: list[tuple]) -> None:
         futures = [self._pool.submit(*job) for job in jobs]
         try:
@@ -260,6 +284,24 @@ class CudaBackend:
             n = it.rows * it.cols * TORCH_DTYPES[it.out_dtype].itemsize
             results.append([view[pos : pos + n]])
             pos += n
+        return results
+
+    def dequant_mxfp4(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        """Each piece with the Triton MXFP4 kernel; the results back in one pinned host buffer."""
+        from dsv3conv.kernels.mxfp4_dequant import dequant_mxfp4
+
+        sizes = [it.rows * it.cols * TORCH_DTYPES[it.out_dtype].itemsize for it in items]
+        host_out = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
+        results, pos = [], 0
+        with torch.cuda.stream(self.stream):
+            for it, n in zip(items, sizes):
+                packed = buf[it.src_offset : it.src_offset + it.nbytes].to(self.device, non_blocking=True)
+                bits = e8m0_bits(it.scale).to(self.device, non_blocking=True)
+                got = dequant_mxfp4(packed.view(it.rows, it.cols // 2), bits, TORCH_DTYPES[it.out_dtype])
+                host_out[pos : pos + n].copy_(got.view(torch.uint8).reshape(-1), non_blocking=True)
+                results.append([memoryview(host_out[pos : pos + n].numpy())])
+                pos += n
+        self.stream.synchronize()
         return results
 
     def quant_block_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:

@@ -37,6 +37,11 @@ class ConfigEdit:
             del self.config["quantization_config"]
             self.changes.append("removed quantization_config" + (f" ({why})" if why else ""))
 
+    def drop(self, key: str, why: str) -> None:
+        if key in self.config:
+            old = self.config.pop(key)
+            self.changes.append(f"removed {key} (was {old!r}; {why})")
+
     def set_quantization(self, qc: dict, description: str) -> None:
         old = self.config.get("quantization_config")
         if old != qc:
@@ -55,10 +60,14 @@ class ConfigEdit:
 
 
 def dequant_config(config: Mapping, dtype: str, drop_mtp: bool) -> ConfigEdit:
-    """What `dequant` writes: no quantization_config, the output dtype, no MTP layers if they were dropped."""
+    """What `dequant` writes: no quantization_config, no `expert_dtype` (DeepSeek-V4: loaders would build
+    packed-FP4 experts), the output dtype, no MTP layers (nor a DSpark drafter's fields) if they were dropped."""
     edit = ConfigEdit(config)
     edit.drop_quantization()
+    edit.drop("expert_dtype", "the experts are no longer packed FP4")
     edit.set_dtype(dtype)
     if drop_mtp:
         edit.drop_mtp()
+        for key in [k for k in edit.config if str(k).startswith("dspark")]:
+            edit.drop(key, "the DSpark drafter was dropped")
     return edit

@@ -97,16 +97,21 @@ def mx_scale_shape(packed_shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def classify(tensors: Mapping[str, _Info], config: Mapping | None = None) -> Formats:
-    """Classify every tensor from its header entry; check the config against what the headers say."""
+    """Classify every tensor from its header entry; check the config against what the headers say.
+
+    Problems come in this order: missing scales, bad FP8 scales, orphan scales, one-byte weights that are
+    not packed FP4, then the config's disagreements.
+    """
     out = Formats({})
-    problems = out.problems
+    bad_fp8: list[str] = []
+    bad_packed: list[str] = []
     claimed: dict[str, str] = {}  # scale -> weight
     missing = out.unscaled
     for name, info in tensors.items():
         if info.dtype == FP8:
-            fmt = _classify_fp8(name, info, tensors, problems, missing)
+            fmt = _classify_fp8(name, info, tensors, bad_fp8, missing)
         elif info.dtype in PACKED_DTYPES and name.endswith(".weight"):
-            fmt = _classify_packed(name, info, tensors, problems)
+            fmt = _classify_packed(name, info, tensors, bad_packed)
         else:
             continue
         if fmt is not None:
@@ -120,15 +125,16 @@ def classify(tensors: Mapping[str, _Info], config: Mapping | None = None) -> For
         elif info.dtype != FP8 and not (info.dtype in PACKED_DTYPES and name.endswith(".weight")):
             if _looks_like_scale(name, info.dtype, tensors):
                 out.orphan_scales.append(name)
-                problems.append(f"tensor `{name}` is a scale without its F8_E4M3 weight (nor a packed FP4 one); "
-                                "the checkpoint is incomplete")
             out.tensors[name] = TensorFormat(name, "copy", info.dtype)
     naming = _expected_naming(out, tensors, config)
-    for name in missing:
-        problems.append(f"tensor `{name}` is F8_E4M3 but `{scale_names(name).get(naming, name + '_scale_inv')}` is "
-                        "missing from the index and from every shard; restore the missing shard or scale")
+    out.problems += [f"tensor `{name}` is F8_E4M3 but `{scale_names(name).get(naming, name + '_scale_inv')}` is "
+                     "missing from the index and from every shard; restore the missing shard or scale" for name in missing]
+    out.problems += bad_fp8
+    out.problems += [f"tensor `{name}` is a scale without its F8_E4M3 weight (nor a packed FP4 one); "
+                     "the checkpoint is incomplete" for name in out.orphan_scales]
+    out.problems += bad_packed
     if config is not None:
-        problems += check_config(out, config)
+        out.problems += check_config(out, config)
     return out
 
 
@@ -197,16 +203,20 @@ def _looks_like_scale(name: str, dtype: str, tensors: Mapping[str, _Info]) -> bo
 
 
 # ------------------------------------------------------------------------------------ config cross-check
-def check_config(formats: Formats, config: Mapping) -> list[str]:
-    """What config.json says against what the headers say; each mismatch one line naming a tensor."""
+def check_config(formats: Formats, config: Mapping, presence: bool = True) -> list[str]:
+    """What config.json says against what the headers say; each mismatch one line naming a tensor.
+
+    `presence`: also report a quantization_config without quantized tensors, or the reverse (inspect does;
+    a conversion, which drops or writes that field anyway, need not).
+    """
     qc = config.get("quantization_config")
     quantized = formats.of_kind("fp8_block") + formats.of_kind("mxfp4")
-    if not isinstance(qc, Mapping):
+    if not isinstance(qc, Mapping) or not quantized:
+        if not presence:
+            return _check_expert_dtype(formats, config)
         if quantized:
             return [f"config.json: tensor `{quantized[0].name}` is quantized but the config has no quantization_config"]
-        return []
-    if not quantized:
-        return ["config.json: quantization_config present but no tensor is quantized"]
+        return ["config.json: quantization_config present but no tensor is quantized"] if isinstance(qc, Mapping) else []
     if qc.get("quant_method") == COMPRESSED_TENSORS:
         return _check_compressed_tensors(formats, qc)
     problems = []

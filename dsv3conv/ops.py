@@ -121,4 +121,19 @@ class QuantScale:
         return []
 
 
-Op = Union[Copy, DequantBlockFp8, QuantBlockFp8, QuantScale]
+@dataclass(frozen=True)
+class DequantMxfp4(_BlockRows):
+    """Packed FP4 (source 0: [rows, cols / 2] bytes, two E2M1 codes each, low nibble first) times the float32
+    value of its group's E8M0 scale (source 1: [rows, ceil(cols / 32)]), rounded once to the output dtype."""
+
+    block: int = 1  # every row has scales of its own
+
+    def outputs(self, t: TensorPlan, start: int, n: int) -> list[Output]:
+        size = DTYPE_SIZES[t.dtype]
+        return [(t.name, 2 * start * size, 2 * n * size)]  # two values per packed byte
+
+    def scale_rows(self, r0: int, rows: int) -> slice:
+        return slice(r0, r0 + rows)
+
+
+Op = Union[Copy, DequantBlockFp8, DequantMxfp4, QuantBlockFp8, QuantScale]

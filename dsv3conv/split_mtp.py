@@ -11,7 +11,9 @@ Two outputs, each a plan of `Copy` operations only; no tensor is ever decoded:
   embedding and the head (the draft shares the target model's); `full` keeps them (vLLM-style loaders).
 
 The MTP layer ids come from config.json (`num_hidden_layers` .. + `num_nextn_predict_layers` - 1), never a
-fixed 61. FP8 and BF16 checkpoints alike: scales are tensors like any other and are copied with their weights.
+fixed 61. DeepSeek-V4 names keep MTP (or a DSpark drafter) under `mtp.*`: main drops those (and the config's
+`dspark_*` fields); a V4 draft is not written yet. FP8, MXFP4 and BF16 checkpoints alike: scales are tensors
+like any other and are copied with their weights.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint
 from dsv3conv.config_edits import ConfigEdit
-from dsv3conv.errors import UsageError
+from dsv3conv.errors import Dsv3Error, UsageError
+from dsv3conv.formats import classify
 from dsv3conv.layout import FP8_DTYPE, layer_id, mtp_layer_ids
+from dsv3conv.layout_v4 import is_v4_names, mtp_module_id, v4_layout
 from dsv3conv.plan import (
     FilePlan,
     Plan,
@@ -48,18 +52,25 @@ def check_layout(layout: str) -> None:
 def plan_split_main(ckpt: Checkpoint, dest: Path, extra_files: list[str] | tuple[str, ...] = ()) -> Plan:
     """The checkpoint without its MTP layers: untouched shards copied whole, the others rewritten."""
     config, mtp_ids = _mtp_source(ckpt)
+    v4 = is_v4_names(ckpt.tensors)
+
+    def in_mtp(name: str) -> bool:
+        return mtp_module_id(name) is not None if v4 else layer_id(name) in mtp_ids
+
     files: list[FilePlan] = []
     dropped: list[str] = []
     for shard in ckpt.shards.values():
         entries = [copied(ckpt.tensors[e.name]) for e in shard.header.tensors]
-        kept = [t for t in entries if layer_id(t.name) not in mtp_ids]
-        dropped += [t.name for t in entries if layer_id(t.name) in mtp_ids]
+        kept = [t for t in entries if not in_mtp(t.name)]
+        dropped += [t.name for t in entries if in_mtp(t.name)]
         if len(kept) == len(entries):  # complete (for resume) when it starts with the source's own header
             files.append(FilePlan(shard.name, tuple(kept), shard.header.file_prefix, copy_of=shard.name))
         elif kept:
             files.append(file_plan(shard.name, kept))
     edit = ConfigEdit(config)
     edit.drop_mtp()
+    for key in [k for k in config if v4 and str(k).startswith("dspark")]:
+        edit.drop(key, "the DSpark drafter was dropped")
     index = index_json(ckpt, files) if ckpt.index is not None else None
     return Plan(ckpt.root, dest, files, index, edit.config, edit.changes, list(extra_files), sorted(dropped))
 
@@ -72,6 +83,9 @@ def plan_split_mtp(ckpt: Checkpoint, dest: Path, layout: str = "sglang",
     """
     check_layout(layout)
     config, mtp_ids = _mtp_source(ckpt)
+    if is_v4_names(ckpt.tensors):
+        raise UsageError("split-mtp: a draft of DeepSeek-V4 `mtp.*` tensors (MTP or DSpark drafter) is not "
+                         "supported yet; split the main model alone, without {mtp_out}", "mtp_out")
     n_main = int(config["num_hidden_layers"])
     chosen, dropped = [], []
     for shard in ckpt.shards.values():  # source order: long sequential reads
@@ -104,6 +118,11 @@ def _mtp_source(ckpt: Checkpoint) -> tuple[dict, set[int]]:
             f"{ckpt.root / 'config.json'}: declares no MTP layers (num_nextn_predict_layers is 0 or absent); "
             "there is nothing to split"
         )
+    if is_v4_names(ckpt.tensors):
+        problems = v4_layout(ckpt.tensors, config).problems + classify(ckpt.tensors).problems
+        if problems:
+            raise Dsv3Error(problems[0])
+        return config, mtp_ids
     check_layers(ckpt, config)
     require_fp8_pairs(ckpt.tensors)  # copied byte for byte, but never an FP8 weight without its scale
     return config, mtp_ids

@@ -17,9 +17,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import traceback
 from dataclasses import dataclass
@@ -304,7 +306,11 @@ def bytes_read() -> int:
 # TRITON_INTERPRET=1 must be set before any `@triton.jit` function is created, and another test in the same
 # pytest process may already have imported a kernel module without it. So a kernel test module's `check_*`
 # functions run once, in a child (`python -m <the test module> RESULT.json` from the repository root), and
-# each test asserts on one result.
+# each test asserts on one result (fixture `interp_results`). The children start as soon as the tests are
+# collected and run beside the other tests; a test waits for its module's child only when it needs it.
+_interp_children: dict[str, tuple[subprocess.Popen, Path]] = {}
+
+
 def collect_checks(namespace: dict) -> list[str]:
     return [name for name in namespace if name.startswith("check_")]
 
@@ -326,13 +332,47 @@ def run_checks(namespace: dict, result_path: str) -> None:
     Path(result_path).write_text(json.dumps(results))
 
 
-def interpreted(module: str, out_dir: Path) -> dict[str, str]:
-    """Run `module`'s checks in a child with TRITON_INTERPRET=1; its results, or a failed test."""
-    path = out_dir / "results.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", module, str(path)], env=dict(os.environ, TRITON_INTERPRET="1"), cwd=REPO,
-        capture_output=True, text=True, timeout=600, check=False,
-    )
+def _start_checks(module: str) -> None:
+    out = Path(tempfile.mkdtemp(prefix=f"{module}-"))
+    with open(out / "log.txt", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", module, str(out / "results.json")], cwd=REPO,
+                                env=dict(os.environ, TRITON_INTERPRET="1"), stdout=log, stderr=subprocess.STDOUT)
+    _interp_children[module] = (proc, out)
+
+
+def pytest_collection_finish(session) -> None:
+    if not HAS_TRITON or session.config.option.collectonly:
+        return
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if item.get_closest_marker("interp") and hasattr(module, "CHECKS") and module.__name__ not in _interp_children:
+            _start_checks(module.__name__)
+
+
+def pytest_sessionfinish(session) -> None:
+    for proc, out in _interp_children.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def interpreted(module: str) -> dict[str, str]:
+    """`module`'s checks, run in a child with TRITON_INTERPRET=1: their results, or a failed test."""
+    if module not in _interp_children:
+        _start_checks(module)
+    proc, out = _interp_children[module]
+    try:
+        proc.wait(600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    path = out / "results.json"
     if proc.returncode != 0 or not path.exists():
-        pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{(out / 'log.txt').read_text()[-6000:]}")
     return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def interp_results(request) -> dict[str, str]:
+    """The results of the requesting module's `check_*` functions under Triton's interpreter."""
+    return interpreted(request.module.__name__)

@@ -201,6 +201,7 @@ def test_resume_rewrites_a_file_that_does_not_match_the_plan(tmp_path, tiny_src)
 
 
 # ------------------------------------------------------------------------------------ --part K/N jobs
+@pytest.mark.slow
 def test_three_parts_equal_one_run(tmp_path):
     make_tiny(tmp_path / "src", num_hidden_layers=6, n_shards=7)
     dequantize(tmp_path / "src", tmp_path / "ref", device="cpu")
@@ -229,7 +230,7 @@ def test_part_is_validated(tmp_path, tiny_src):
         assert "--part" in proc.stderr
 
 
-@pytest.mark.parametrize("workers", ["threads", "processes"])
+@pytest.mark.parametrize("workers", ["threads", pytest.param("processes", marks=pytest.mark.slow)])
 def test_several_devices_share_the_shards(tmp_path, monkeypatch, workers):
     """`--device cuda:all` runs one worker per device, each a part; two CPU workers stand in for two GPUs here."""
     monkeypatch.setenv("DSV3CONV_WORKERS", workers)
@@ -247,7 +248,7 @@ def test_several_devices_share_the_shards(tmp_path, monkeypatch, workers):
     assert "cuda:all" in proc.stderr
 
 
-@pytest.mark.parametrize("workers", ["threads", "processes"])
+@pytest.mark.parametrize("workers", ["threads", pytest.param("processes", marks=pytest.mark.slow)])
 def test_a_failing_device_worker_is_one_line_and_leaves_no_damaged_file(tmp_path, monkeypatch, workers):
     """A worker process that meets bad data: the parent exits 1 naming the tensor (no traceback), the other
     worker is stopped, no shard exists under its final name unless complete, and --resume finishes the job
@@ -277,7 +278,7 @@ def _file_of(root, tensor: str) -> str:
     return Checkpoint.open(root).tensors[tensor].file
 
 
-@pytest.mark.parametrize("workers", ["threads", "processes"])
+@pytest.mark.parametrize("workers", ["threads", pytest.param("processes", marks=pytest.mark.slow)])
 def test_device_workers_report_progress(tmp_path, monkeypatch, workers):
     """Progress from worker processes reaches the parent: every byte of the output is counted once."""
     from dsv3conv.checkpoint import Checkpoint

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import collect_checks, interpreted, run_checks
+from tests.conftest import collect_checks, run_checks
 
 # Packed shapes [rows, bytes]: 1 x 1, partial scale groups (7 and 257 bytes), V4-like expert rows.
 SHAPES = [(1, 1), (3, 7), (129, 257), (64, 16), (5, 1000), (256, 3584 // 8)]
@@ -176,12 +176,8 @@ def check_16bit_outputs_and_out_argument() -> None:
 CHECKS = collect_checks(globals())
 
 
-@pytest.fixture(scope="module")
-def interp_results(tmp_path_factory) -> dict[str, str]:
-    return interpreted(__name__, tmp_path_factory.mktemp("mxfp4_interp"))
-
-
 @pytest.mark.interp
+@pytest.mark.slow  # the checks run in one child under the interpreter
 @pytest.mark.parametrize("check", CHECKS)
 def test_interpreted(check: str, interp_results: dict[str, str]) -> None:
     assert interp_results.get(check) == "ok", f"{check}: {interp_results.get(check, 'not run')}"

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.conftest import collect_checks, interpreted, run_checks
+from tests.conftest import collect_checks, run_checks
 
 SHAPES = [(1, 1), (129, 257), (128, 128), (300, 1000), (576, 300)]
 
@@ -348,12 +348,8 @@ def check_empty() -> None:
 CHECKS = collect_checks(globals())
 
 
-@pytest.fixture(scope="module")
-def interp_results(tmp_path_factory) -> dict[str, str]:
-    return interpreted(__name__, tmp_path_factory.mktemp("triton_interp"))
-
-
 @pytest.mark.interp
+@pytest.mark.slow  # the checks run in one child under the interpreter
 @pytest.mark.parametrize("check", CHECKS)
 def test_interpreted(check: str, interp_results: dict[str, str]) -> None:
     assert interp_results.get(check) == "ok", f"{check}: {interp_results.get(check, 'not run')}"

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each builds or installs the package with pip
+
 REPO = Path(__file__).resolve().parent.parent
 PROBE = (
     "import importlib.util, dsv3conv.kernels.fp8_block_dequant as m, dsv3conv.cli, dsv3conv.verify; "
