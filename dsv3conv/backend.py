@@ -12,13 +12,13 @@ with `fp8_block_cpu.quant_rows`, on CUDA with `dsv3conv.kernels.fp8_block_quant`
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 
+from dsv3conv.devices import cpu_threads, parse_devices
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.kernels.fp8_block_cpu import dequant_rows, quant_rows, row_ranges
@@ -77,6 +77,9 @@ class Backend(Protocol):
 
     def dequant_block_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
         ...
+
+    def close(self) -> None:
+        """Release what the backend holds (the CPU's thread pool)."""
 
     def quant_block_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
         ...
@@ -234,16 +237,6 @@ def _blocks(rows: int, cols: int) -> tuple[int, int]:
     return -(-rows // BLOCK_SIZE), -(-cols // BLOCK_SIZE)
 
 
-def cpu_threads() -> int:
-    """Threads of the CPU backend: `DSV3CONV_CPU_THREADS`, else every core this process may run on."""
-    env = os.environ.get("DSV3CONV_CPU_THREADS", "").strip()
-    if env:
-        if not env.isdigit() or int(env) < 1:
-            raise UsageError(f"DSV3CONV_CPU_THREADS={env!r}: give a whole number of threads, 1 or more")
-        return int(env)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 class CudaBackend:
     name = "cuda"
     pin_memory = True
@@ -257,6 +250,9 @@ class CudaBackend:
         self.device = device
         self.name = str(device)
         self.stream = torch.cuda.Stream(device)
+
+    def close(self) -> None:
+        """Nothing to release: the caching allocator keeps the device memory for the process."""
 
     def dequant_block_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
         """All pieces in one grouped launch per output dtype; the results back in pinned host memory."""
@@ -331,11 +327,12 @@ class CudaBackend:
 def device_list(device: str) -> list[str]:
     """`cuda:all`: every visible GPU; `cuda:0,cuda:1`: those (a device may be named twice: two workers);
     anything else: that one device."""
-    if device == "cuda:all":
+    names = parse_devices(device)
+    if names == ["cuda:all"]:
         if not torch.cuda.is_available():
             raise UsageError("{device} cuda:all: no CUDA GPU is visible to torch; use {device} cpu", "device")
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return [d.strip() for d in device.split(",") if d.strip()] or [device]
+    return names
 
 
 def check_device(device: str) -> str:
@@ -361,7 +358,8 @@ def check_device(device: str) -> str:
                      "device")
 
 
-def make_backend(device: str):
-    """`auto`: a CUDA GPU when present, else the CPU; `cpu`; `cuda`; `cuda:N`."""
+def make_backend(device: str, cpu_threads: int | None = None):
+    """`auto`: a CUDA GPU when present, else the CPU; `cpu`; `cuda`; `cuda:N`. `cpu_threads`: the CPU
+    backend's threads (default `devices.cpu_threads()`)."""
     device = check_device(device)
-    return CpuBackend() if device == "cpu" else CudaBackend(torch.device(device))
+    return CpuBackend(cpu_threads) if device == "cpu" else CudaBackend(torch.device(device))

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -65,6 +66,27 @@ _WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
 out = Console(highlight=False, soft_wrap=True, width=_WIDTH)
 err = Console(stderr=True, highlight=False, soft_wrap=True, width=_WIDTH)
 _state = {"debug": False}
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Linux: from /proc; elsewhere 0, counting from here)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+_STARTED = time.perf_counter() - _process_age()
+
+
+def _from_process_start(summary: dict | None, called: float) -> None:
+    """A summary's `seconds` and `startup_seconds` count from the start of the process (the wall time the user
+    waited), not from the library call."""
+    for key in ("seconds", "startup_seconds"):
+        if summary and key in summary:
+            summary[key] = round(summary[key] + called - _STARTED, 3)
 
 # Options shared by several subcommands, declared once.
 # readable=False: the reader's own one-line error names an unreadable directory (Typer's check prints a panel).
@@ -252,6 +274,7 @@ def dequant(
     """
     from dsv3conv.commands import dequantize
 
+    called = time.perf_counter()
     with _errors(writes=True):
         result = dequantize(
             src, dst, mtp=mtp, device=device, dtype=dtype, resume=resume, overwrite=overwrite,
@@ -259,6 +282,7 @@ def dequant(
             progress=not (quiet or json_out and not err.is_terminal), allow_noop=allow_noop,
             space_check=not no_space_check,
         )
+    _from_process_start(result, called)
     _print_result(result, json_out, dry_run)
 
 
@@ -335,12 +359,14 @@ def quant(
     """
     from dsv3conv.commands import quantize
 
+    called = time.perf_counter()
     with _errors(writes=True):
         result = quantize(
             src, dst, scale_fmt=scale_fmt, scale_dtype=scale_dtype, skip=skip or [], mtp=mtp, device=device,
             resume=resume, overwrite=overwrite, dry_run=dry_run, progress=not (quiet or json_out and not err.is_terminal),
             part=part, space_check=not no_space_check,
         )
+    _from_process_start(result, called)
     _print_result(result, json_out, dry_run)
     if not json_out and result["tensors_skipped"]:
         out.print(f"  {result['tensors_skipped']} weights kept unquantized by --skip (listed in "
@@ -376,12 +402,15 @@ def split_mtp(
     """
     from dsv3conv.commands import split_mtp as run_split
 
+    called = time.perf_counter()
     with _errors(writes=True):
         result = run_split(
             src, main_out=main_out, mtp_out=mtp_out, mtp_layout=mtp_layout, resume=resume, overwrite=overwrite,
             dry_run=dry_run, progress=not (quiet or json_out and not err.is_terminal), part=part,
             space_check=not no_space_check,
         )
+    _from_process_start(result["main"], called)
+    _from_process_start(result["mtp"], called)
     if json_out:
         _print_json(result)
         return
@@ -548,4 +577,16 @@ def main() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # A job scheduler's SIGTERM (time limit, preemption) cleans up like Ctrl-C: no partial file is left.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    app(prog_name="dsv3conv")
+    try:
+        app(prog_name="dsv3conv")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            err.print(str(exc.code), markup=False)
+        if "torch" in sys.modules:
+            # Everything is written, closed and reported. The interpreter's teardown of torch costs about half
+            # a second of CPU (seconds on a busy host) and frees nothing the OS will not: skip it.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        raise

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint
@@ -32,6 +33,7 @@ def dequantize(
     `part="K/N"`: convert only part K of N (N independent jobs writing into one DST; the last one to finish
     writes the index and config). A checkpoint with no FP8 weight is refused unless `allow_noop` (a copy).
     """
+    started = time.perf_counter()
     ckpt = Checkpoint.open(src)
     size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     check_dest(ckpt.root, Path(dst))
@@ -42,7 +44,7 @@ def dequantize(
         raise Dsv3Error(f"{ckpt.root}: no FP8 weights to dequantize (its tensors are {dtypes}): nothing to convert; "
                         "pass {allow_noop} to copy it anyway", "allow_noop")
     return run_plan(plan, device=device, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress,
-                    buffer_size=buffer_size, part=part, space_check=space_check)
+                    buffer_size=buffer_size, part=part, space_check=space_check, started=started)
 
 
 def quantize(
@@ -56,12 +58,13 @@ def quantize(
         from dsv3conv.api import quantize
         quantize("V3-finetuned-bf16", "V3-finetuned-fp8", scale_fmt="ue8m0")
     """
+    started = time.perf_counter()
     ckpt = Checkpoint.open(src)
     check_dest(ckpt.root, Path(dst))
     plan = plan_quant(ckpt, Path(dst), scale_fmt=scale_fmt, scale_dtype=scale_dtype, skip=skip, mtp=mtp,
                       extra_files=ckpt.extra_files())
     result = run_plan(plan, device=device, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress,
-                      buffer_size=buffer_size, part=part, space_check=space_check)
+                      buffer_size=buffer_size, part=part, space_check=space_check, started=started)
     qc = (plan.config or {}).get("quantization_config") or {}
     result["scales_written"] = sum(isinstance(t.op, QuantScale) for f in plan.files for t in f.tensors)
     result["tensors_skipped"] = len(qc.get("modules_to_not_convert") or [])
@@ -81,6 +84,7 @@ def split_mtp(
     Both plans are made, and both outputs checked, before anything is written. Returns
     `{"source", "mtp_layers", "main": summary | None, "mtp": summary | None}` (what `--json` prints).
     """
+    started = time.perf_counter()
     if main_out is None and mtp_out is None:
         raise UsageError("give {main_out} DIR, {mtp_out} DIR or both", "main_out", "mtp_out")
     check_layout(mtp_layout)
@@ -106,7 +110,7 @@ def split_mtp(
     result = {"source": str(ckpt.root), "mtp_layers": mtp_ids, "main": None, "mtp": None}
     for key, plan in plans.items():
         summary = run_plan(plan, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress, part=part,
-                           space_check=space_check)
+                           space_check=space_check, started=started)
         summary["shards_copied_whole"] = sum(f.copy_of is not None for f in plan.files)
         if key == "mtp":
             summary["layout"] = mtp_layout

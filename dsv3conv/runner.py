@@ -16,12 +16,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import torch
-
-from dsv3conv.backend import check_device, device_list, make_backend
 from dsv3conv.checkpoint import CONFIG_NAME, INDEX_NAME
 from dsv3conv.dest import FINALIZE_LOCK_NAME, LOCK_NAME, DestLock, is_complete, prepare_dest, remove_partials
-from dsv3conv.engine import DEFAULT_CHUNK_BYTES, run_files
+from dsv3conv.devices import cpu_threads, parse_devices
 from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
 from dsv3conv.ops import Copy
 from dsv3conv.plan import Plan, assign_parts, parse_part, parse_size
@@ -42,12 +39,17 @@ class Stats:
 
 def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrite: bool = False,
              dry_run: bool = False, progress: bool = False, buffer_size: str | int | None = None,
-             part: str | tuple[int, int] | None = None, space_check: bool = True) -> dict:
+             part: str | tuple[int, int] | None = None, space_check: bool = True,
+             started: float | None = None) -> dict:
     """Run (or, `dry_run`, describe) a plan; return the summary `--json` prints.
 
-    Refused before any work, and the same in a dry run: a DST that is not absent or empty (unless
-    `resume`/`overwrite`), and, unless `space_check` is False, a DST without room for the bytes this run writes.
+    Refused before any work and before torch is imported, and the same in a dry run: bad options or device
+    names, a DST that is not absent or empty (unless `resume`/`overwrite`), and, unless `space_check` is
+    False, a DST without room for the bytes this run writes.
+    `started`: `time.perf_counter()` when the command began (default: now); `seconds` in the summary is the
+    wall time from then to the end, `startup_seconds` the part of it before the first conversion step.
     """
+    started = time.perf_counter() if started is None else started
     part = parse_part(part) if isinstance(part, str) else part
     summary = plan.summary()
     mine = plan.files
@@ -63,8 +65,15 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
     if part is not None and overwrite:
         raise UsageError("{part} and {overwrite} exclude each other: parts share DST; empty it first",
                          "part", "overwrite")
+    names = parse_devices(device) if plan.converted else []
+    if (len(names) > 1 or names == ["cuda:all"]) and (part is not None or overwrite):
+        raise UsageError(f"{{device}} {device}: several devices run as parts of one job; "
+                         "not with {part} (one device per job) or {overwrite} (empty DST first)",
+                         "device", "part", "overwrite")
+    threads = cpu_threads() if any(n in ("auto", "cpu") for n in names) else None
+    chunk = parse_size(buffer_size, "buffer_size") if isinstance(buffer_size, str) else buffer_size
     # The refusals a run would give, before any work (the run creates DST later)
-    prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, create=False)
+    prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=plan.source, create=False)
     summary.update(bytes_needed=space_needed(plan, mine, resume=resume or part is not None, overwrite=overwrite),
                    bytes_free=space_free(plan.dest))
     if space_check:
@@ -78,14 +87,12 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
         summary["dropped"] = plan.dropped
         summary["config"] = plan.config
         return summary
+    from dsv3conv.backend import check_device, device_list, make_backend  # torch: only for a real run
+    from dsv3conv.engine import DEFAULT_CHUNK_BYTES
+
     devices = device_list(device) if plan.converted else []
-    if len(devices) > 1 and (part is not None or overwrite):
-        raise UsageError(f"{{device}} {device}: several devices run as parts of one job; "
-                         "not with {part} (one device per job) or {overwrite} (empty DST first)",
-                         "device", "part", "overwrite")
-    devices = [check_device(d) for d in devices]  # refuse a bad name before any worker starts
+    devices = [check_device(d) for d in devices]  # refuse a missing GPU before any worker starts
     on_gpu = any(d.startswith("cuda") for d in devices)
-    chunk = parse_size(buffer_size, "buffer_size") if isinstance(buffer_size, str) else buffer_size
     chunk = chunk or (DEFAULT_CHUNK_BYTES * 4 if on_gpu else DEFAULT_CHUNK_BYTES)
     gpu_peak = None
     with ByteProgress(sum(f.size for f in mine), plan.dest.name, enabled=progress) as bar:
@@ -93,18 +100,25 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
             (bar.skip if skipped else bar.advance)(nbytes, f"shard {k + 1}/{len(plan.files)} {name}")
 
         if len(devices) > 1:
+            startup = time.perf_counter() - started
             stats, peak = execute_on_devices(plan, devices, resume=resume, progress=report, chunk_bytes=chunk)
             gpu_peak = peak if on_gpu else None
         else:
-            backend = make_backend(devices[0]) if devices else None  # nothing to convert
-            stats = execute(plan, backend, resume=resume, overwrite=overwrite, progress=report,
-                            chunk_bytes=chunk, part=part)
+            backend = make_backend(devices[0], threads) if devices else None  # nothing to convert
+            startup = time.perf_counter() - started
+            try:
+                stats = execute(plan, backend, resume=resume, overwrite=overwrite, progress=report,
+                                chunk_bytes=chunk, part=part)
+            finally:
+                if backend is not None:
+                    backend.close()
             if on_gpu:
-                gpu_peak = torch.cuda.max_memory_allocated(backend.device)
+                gpu_peak = _gpu_peak(backend.device)
     summary.update(
         device=",".join(devices) if devices else "none", shards_skipped=stats.files_skipped,
-        bytes_written=stats.bytes_written, seconds=round(stats.seconds, 3), buffer_bytes=chunk,
-        finalized=stats.finalized, waiting_for=stats.waiting_for,
+        bytes_written=stats.bytes_written, seconds=round(time.perf_counter() - started, 3),
+        startup_seconds=round(startup, 3), buffer_bytes=chunk, finalized=stats.finalized,
+        waiting_for=stats.waiting_for,
     )
     if gpu_peak is not None:
         summary["gpu_peak_bytes"] = gpu_peak
@@ -113,7 +127,7 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
 
 def execute(
     plan: Plan, backend, *, resume: bool = False, overwrite: bool = False, progress=None,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = 3, part: tuple[int, int] | None = None,
+    chunk_bytes: int | None = None, depth: int = 3, part: tuple[int, int] | None = None,
     cancel: threading.Event | None = None,
 ) -> Stats:
     """Write the plan's output. `progress(nbytes, file_index, file_name, skipped=False)` is called as bytes are
@@ -151,6 +165,9 @@ def execute(
                 todo.append((k, f))
         try:
             if todo:
+                from dsv3conv.engine import DEFAULT_CHUNK_BYTES, run_files
+
+                chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
                 stats.files_written, stats.bytes_written = run_files(plan, backend, todo, progress, chunk_bytes,
                                                                      depth, cancel)
             if part is None:
@@ -170,7 +187,7 @@ def execute(
 
 
 def execute_on_devices(
-    plan: Plan, devices: list[str], *, resume: bool = False, progress=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    plan: Plan, devices: list[str], *, resume: bool = False, progress=None, chunk_bytes: int | None = None,
 ) -> tuple[Stats, int]:
     """One worker per device (`--device cuda:all`): worker i writes part i+1 of N (shards balanced by bytes, so
     all finish together); whichever finishes last writes the index and config, as separate `--part` jobs do.
@@ -186,14 +203,14 @@ def execute_on_devices(
     as_threads = os.environ.get("DSV3CONV_WORKERS", "threads") != "processes"
     cancel = None
     if as_threads:
-        events, cpu_threads, make, cancel = queue.Queue(), 0, threading.Thread, threading.Event()
+        events, make, cancel = queue.Queue(), threading.Thread, threading.Event()
     else:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or thread state
         events, make = ctx.Queue(), ctx.Process
-        cpu_threads = max(1, (os.cpu_count() or 1) // max(1, sum(d == "cpu" for d in devices)))
+    threads_each = max(1, cpu_threads() // max(1, sum(d == "cpu" for d in devices)))  # CPU workers share the cores
     workers = [
         make(target=_device_worker, name=f"dsv3conv-{d}",
-             args=(plan, d, (i + 1, n), resume, chunk_bytes, events, cpu_threads, progress is not None, cancel))
+             args=(plan, d, (i + 1, n), resume, chunk_bytes, events, threads_each, progress is not None, cancel))
         for i, d in enumerate(devices)
     ]
     start = time.perf_counter()
@@ -253,7 +270,7 @@ def _merged(parts: list[Stats], seconds: float) -> Stats:
     return total
 
 
-def _device_worker(plan, device, part, resume, chunk_bytes, events, cpu_threads, report, cancel=None) -> None:
+def _device_worker(plan, device, part, resume, chunk_bytes, events, threads, report, cancel=None) -> None:
     """One `execute_on_devices` worker: its part on its device; progress, result or error to the parent."""
     from dsv3conv.backend import make_backend
 
@@ -269,13 +286,14 @@ def _device_worker(plan, device, part, resume, chunk_bytes, events, cpu_threads,
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
     try:
-        if device == "cpu" and cpu_threads:
-            torch.set_num_threads(cpu_threads)  # CPU workers share the cores
-        backend = make_backend(device)
+        backend = make_backend(device, threads)
         progress = (lambda *a: events.put(("progress", i, a))) if report else None
-        stats = execute(plan, backend, resume=True, progress=progress, chunk_bytes=chunk_bytes, part=part,
-                        cancel=cancel)
-        peak = torch.cuda.max_memory_allocated(backend.device) if device.startswith("cuda") else 0
+        try:
+            stats = execute(plan, backend, resume=True, progress=progress, chunk_bytes=chunk_bytes, part=part,
+                            cancel=cancel)
+        finally:
+            backend.close()
+        peak = _gpu_peak(backend.device) if device.startswith("cuda") else 0
         result = ("done", i, (stats, peak))
     except KeyboardInterrupt:
         result = ("error", i, ("KeyboardInterrupt", "interrupted", (), 130, ""))
@@ -290,6 +308,12 @@ def _device_worker(plan, device, part, resume, chunk_bytes, events, cpu_threads,
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     events.put(result)
+
+
+def _gpu_peak(device) -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device)
 
 
 def _worker_error(device: str, i: int, n: int, payload) -> BaseException:
