@@ -160,11 +160,13 @@ class CpuBackend:
 
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads or cpu_threads()
+        self._torch_threads = torch.get_num_threads()  # the pool's initializer changes torch's default
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dsv3conv-cpu",
                                         initializer=torch.set_num_threads, initargs=(1,))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(self._torch_threads)
 
     def dequant_block_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
         """Each piece cut into row ranges for the pool, converted straight into the arena."""

@@ -110,15 +110,16 @@ def table(r: dict) -> str:
              f"Input {r['large']['input_bytes'] / 1e9:.2f} GB ({gb:.2f} GB FP8) in {r['large']['shards']} shards, "
              f"output {r['large']['output_bytes'] / 1e9:.2f} GB.", "",
              "| run | wall s | FP8 GB/s | peak RSS | vs eager |", "|---|---:|---:|---:|---:|",
-             f"| cat of the input | {r['cat_s']:.1f} | {gb / r['cat_s']:.2f} | - | - |",
-             f"| {r['writers']} parallel output-sized writes | {r['write_s']:.1f} | {gb / r['write_s']:.2f} | - | - |",
-             f"| eager whole-shard converter | {eager:.1f} | {gb / eager:.2f} | {r['eager']['rss'] / 1e9:.2f} GB | 1.00x |"]
+             f"| cat of the input | {r['cat_s']:.1f} | {gb / r['cat_s']:.3g} | - | - |",
+             f"| {r['writers']} parallel output-sized writes | {r['write_s']:.1f} | {gb / r['write_s']:.3g} | - | - |",
+             f"| eager whole-shard converter | {eager:.1f} | {gb / eager:.3g} | {r['eager']['rss'] / 1e9:.2f} GB | 1.00x |"]
     for d in r["dsv3conv"]:
-        lines.append(f"| dsv3conv, {d['threads']} threads | {d['s']:.1f} | {gb / d['s']:.2f} | {d['rss'] / 1e9:.2f} GB "
+        threads = f"{d['threads']} thread" + ("s" if d["threads"] > 1 else "")
+        lines.append(f"| dsv3conv, {threads} | {d['s']:.1f} | {gb / d['s']:.3g} | {d['rss'] / 1e9:.2f} GB "
                      f"| {eager / d['s']:.2f}x |")
     most = r["dsv3conv"][-1]
     lines += ["", f"dsv3conv at {most['threads']} threads vs 1 thread: {r['scaling']:.2f}x; "
-                  f"steady state {r['steady_fp8_gbps']:.2f} GB/s of FP8, fixed start-up {r['startup_s']:.2f} s "
+                  f"steady state {r['steady_fp8_gbps']:.3g} GB/s of FP8, fixed start-up {r['startup_s']:.2f} s "
                   f"(from {r['small']['fp8_bytes'] / 1e9:.2f} GB in {r['small']['s']:.1f} s and {gb:.2f} GB in "
                   f"{most['s']:.1f} s; the run's own startup_seconds: {most.get('startup_seconds')}); "
                   f"output bit-identical to the eager converter's: {r['bit_exact_vs_eager']}."]
