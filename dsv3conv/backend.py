@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from dsv3conv import profiling
 from dsv3conv.devices import cpu_threads, parse_devices
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
@@ -265,17 +266,26 @@ class CudaBackend:
             scales.append(it.scale.reshape(-1))
             dst_off += it.rows * it.cols * TORCH_DTYPES[it.out_dtype].itemsize
             scale_off += it.scale.numel()
-        host_out = torch.empty(out_size, dtype=torch.uint8, pin_memory=True)
+        prof = profiling.current()
+        spans = profiling.StreamSpans(prof)
+        with profiling.stage(prof, "pin_alloc", out_size):
+            host_out = torch.empty(out_size, dtype=torch.uint8, pin_memory=True)
         used = max(it.src_offset + it.nbytes for it in items)
         with torch.cuda.stream(self.stream):
+            spans.point()
             src = buf[:used].to(self.device, non_blocking=True)
             dst = torch.empty(out_size, dtype=torch.uint8, device=self.device)
             sc = torch.cat(scales).to(self.device, non_blocking=True)
+            spans.point()
             for dtype in {it.out_dtype for it in items}:
                 segs = [s for s, it in zip(segments, items) if it.out_dtype == dtype]
                 self._k.dequant_segments(src, dst, sc, segs, TORCH_DTYPES[dtype])
+            spans.point()
             host_out.copy_(dst, non_blocking=True)
-        self.stream.synchronize()
+            spans.point()
+        with profiling.stage(prof, "sync"):
+            self.stream.synchronize()
+        spans.report(("h2d", used), ("kernel", out_size), ("d2h", out_size))
         view = memoryview(host_out.numpy())
         results, pos = [], 0
         for it in items:
@@ -307,7 +317,10 @@ class CudaBackend:
         from dsv3conv.kernels import fp8_block_quant as kq
 
         results = []
+        prof = profiling.current()
+        spans = profiling.StreamSpans(prof)
         with torch.cuda.stream(self.stream):
+            spans.point()
             for it in items:
                 src = buf[it.src_offset : it.src_offset + it.nbytes].to(self.device, non_blocking=True)
                 w = _typed(src, TORCH_DTYPES[it.src_dtype]).view(it.rows, it.cols)
@@ -317,7 +330,10 @@ class CudaBackend:
                 host_q.copy_(q.view(torch.uint8), non_blocking=True)
                 host_s.copy_(s, non_blocking=True)
                 results.append((it, host_q, host_s))
-        self.stream.synchronize()
+            spans.point()
+        with profiling.stage(prof, "sync"):
+            self.stream.synchronize()
+        spans.report(("quant_gpu", sum(it.nbytes for it in items)))
         outs = []
         for it, host_q, host_s in results:
             w = _typed(buf[it.src_offset : it.src_offset + it.nbytes], TORCH_DTYPES[it.src_dtype])

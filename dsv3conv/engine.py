@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dsv3conv import profiling
 from dsv3conv.backend import Backend, Item, OutputArena, convert
 from dsv3conv.checkpoint import read_into, read_tensor
 from dsv3conv.dtypes import TORCH_DTYPES
@@ -41,15 +42,16 @@ def run_files(plan: Plan, backend: Backend | None, todo: list[tuple[int, FilePla
     its last batch. `progress(nbytes, file_index, file_name)` is called as bytes are written; `cancel`, set by
     another thread, stops the run as Ctrl-C would. `backend` may be None when nothing converts.
     """
-    return _Run(plan, backend, todo, progress, chunk_bytes, depth, cancel).run()
+    with profiling.run_profile() as prof:  # DSV3CONV_PROFILE=1: seconds per stage, one line on stderr
+        return _Run(plan, backend, todo, progress, chunk_bytes, depth, cancel, prof).run()
 
 
 class _Run:
     """One `run_files` call: its batches, buffer pools, open output files and threads."""
 
     def __init__(self, plan: Plan, backend: Backend | None, todo, progress, chunk_bytes: int, depth: int,
-                 cancel: threading.Event | None):
-        self.plan, self.backend, self.progress, self.cancel = plan, backend, progress, cancel
+                 cancel: threading.Event | None, prof: profiling.Profile | None = None):
+        self.plan, self.backend, self.progress, self.cancel, self.prof = plan, backend, progress, cancel, prof
         self.specs = [spec for k, f in todo for spec in _batch_specs(k, f, chunk_bytes)]
         self.remaining = Counter(spec.k for spec in self.specs)  # batches still to write, per output file
         self.open_files: dict[int, AtomicFile] = {}
@@ -80,10 +82,15 @@ class _Run:
         writers = ThreadPoolExecutor(max_workers=n_io, thread_name_prefix="dsv3conv-writer")
         try:
             for _ in range(len(self.specs)):
-                spec, buf, items = self._get(self.ready)
-                arena = self._get(self.arenas)
-                writers.submit(self._write, spec, buf, arena, convert(self.backend, buf, items, arena))
-            writers.shutdown(wait=True)
+                with profiling.stage(self.prof, "wait_read"):
+                    spec, buf, items = self._get(self.ready)
+                with profiling.stage(self.prof, "wait_arena"):
+                    arena = self._get(self.arenas)
+                with profiling.stage(self.prof, "convert", spec.out_bytes):
+                    outs = convert(self.backend, buf, items, arena)
+                writers.submit(self._write, spec, buf, arena, outs)
+            with profiling.stage(self.prof, "wait_write"):
+                writers.shutdown(wait=True)
         except _Stopped:
             pass
         except BaseException:
@@ -123,8 +130,10 @@ class _Run:
                     spec = next(self.next_spec, None)
                 if spec is None:
                     return
-                buf = self._get(self.pool) if spec.span_len or spec.pieces else None
-                items = _read_batch(self.plan.source, spec, buf, handles, self.scales)
+                with profiling.stage(self.prof, "wait_buffer"):
+                    buf = self._get(self.pool) if spec.span_len or spec.pieces else None
+                with profiling.stage(self.prof, "read", spec.span_len):
+                    items = _read_batch(self.plan.source, spec, buf, handles, self.scales)
                 self.ready.put((spec, buf, items))
         except _Stopped:
             pass
@@ -140,6 +149,8 @@ class _Run:
             if out is None:
                 out = self.open_files[spec.k] = AtomicFile(self.plan.dest / spec.file.name)
                 out.pwrite(spec.file.header, 0)
+                if self.prof is not None:
+                    self.prof.mark_once("first_write_s")
                 if self.progress:
                     self.progress(len(spec.file.header), spec.k, spec.file.name)
             return out
@@ -166,11 +177,12 @@ class _Run:
         try:
             if self.stop.is_set():
                 return
-            if spec.file.copy_of is not None:
-                copy_file_fast(self.plan.source / spec.file.copy_of, self.plan.dest / spec.file.name)
-                done = True
-            else:
-                done = self._place(spec, outs)
+            with profiling.stage(self.prof, "write", spec.out_bytes):
+                if spec.file.copy_of is not None:
+                    copy_file_fast(self.plan.source / spec.file.copy_of, self.plan.dest / spec.file.name)
+                    done = True
+                else:
+                    done = self._place(spec, outs)
             if buf is not None:
                 self.pool.put(buf)
             arena.reset()

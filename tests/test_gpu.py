@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from dsv3conv.backend import CudaBackend, Item, convert
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.ops import DequantBlockFp8
 from dsv3conv.synthetic import make_tiny, quantize_blocks
-from tests.conftest import assert_bit_exact, load_all
+from tests.conftest import assert_bit_exact, cli, load_all
 
 pytestmark = pytest.mark.gpu
 
@@ -133,3 +135,14 @@ def test_dequant_back_to_back_reads_the_previous_dequant_output(monkeypatch, pdl
     torch.cuda.synchronize()
     for i, (g, ref) in enumerate(zip(got, want)):
         assert torch.equal(canonical(g.cpu()), canonical(ref)), f"step {i}"
+
+
+def test_profile_splits_the_gpu_conversion(tmp_path, monkeypatch, tiny_src):
+    """DSV3CONV_PROFILE=1 on CUDA: the GPU time of copies and kernels, each with the bytes it moved."""
+    monkeypatch.setenv("DSV3CONV_PROFILE", "1")
+    proc = cli("dequant", tiny_src, tmp_path / "out", "--quiet", "--device", "cuda", check=0)
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("dsv3conv profile: ")]
+    stages = json.loads(line.removeprefix("dsv3conv profile: "))["stages"]
+    for name in ("pin_alloc", "h2d", "kernel", "d2h", "sync", "convert", "write"):
+        assert name in stages and stages[name]["calls"] >= 1 and stages[name]["s"] >= 0, stages
+    assert stages["kernel"]["bytes"] == stages["d2h"]["bytes"] > 0, stages
