@@ -16,8 +16,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from dsv3conv.config import config_problems
 from dsv3conv.dtypes import DTYPE_SIZES
-from dsv3conv.errors import Dsv3Error, HeaderError, Problem, UsageError, refuse
+from dsv3conv.errors import Dsv3Error, HeaderError, Problem, UsageError, refuse, short
 from dsv3conv.safetensors_format import Header, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -27,9 +28,6 @@ SCALE_SUFFIX = "_scale_inv"
 # JSON files are read whole: refuse sizes no real checkpoint has (the DeepSeek-V3 index is ~9 MB).
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 MAX_INDEX_BYTES = 256 * 1024 * 1024
-# config.json fields that layer and MTP logic turn into ranges: non-negative integers, bounded.
-CONFIG_COUNTS = ("num_hidden_layers", "num_nextn_predict_layers", "num_experts_per_tok")
-MAX_CONFIG_COUNT = 100_000
 
 
 @dataclass(frozen=True)
@@ -120,21 +118,11 @@ class Checkpoint:
         except Dsv3Error as exc:
             self._problem("config", str(path), str(exc))
             return
-        if not isinstance(config, dict):
-            self._problem("config", str(path), f"{path}: is not a JSON object", "restore it from the release")
-            return
-        for key in CONFIG_COUNTS:
-            value = config.get(key)
-            if value is not None and not (_is_count(value) and value <= MAX_CONFIG_COUNT):
-                self._problem("config", str(path),
-                              f"{path}: {key} is {_short(value)}, not an integer from 0 to {MAX_CONFIG_COUNT}",
-                              "fix config.json")
-                return  # layer and MTP logic must not run on it
-        arch = config.get("architectures")
-        if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
-            self._problem("config", str(path), f"{path}: architectures is {_short(arch)}, not a list of class names",
-                          "fix config.json")
-            return
+        problems = config_problems(config, path)
+        if problems:
+            for text in problems:
+                self._problem("config", str(path), text)
+            return  # layer and MTP logic must not run on it
         self.config = config
 
     def _load_index(self, path: Path) -> list[str]:
@@ -147,10 +135,10 @@ class Checkpoint:
             raise Dsv3Error(f"{path}: `metadata` is {type(metadata).__name__}, not an object; restore it from the release")
         for name, file in weight_map.items():
             if len(name) > 1024 or not name.isprintable():
-                raise Dsv3Error(f"{path}: tensor name {_short(name)} is not a plain tensor name; restore it from the release")
+                raise Dsv3Error(f"{path}: tensor name {short(name)} is not a plain tensor name; restore it from the release")
             if not _is_safe_relative(file):
                 raise Dsv3Error(
-                    f"{path}: tensor `{name}` points at {_short(file)}, outside the checkpoint; refusing to open it"
+                    f"{path}: tensor `{name}` points at {short(file)}, outside the checkpoint; refusing to open it"
                 )
         if not weight_map:
             self._problem("index-empty", str(path), f"{path}: `weight_map` is empty", "restore it from the release")
@@ -223,6 +211,39 @@ class Checkpoint:
                 continue  # stray shards not in the index are reported, never copied
             out.append(rel)
         return out
+
+    def links_outside(self) -> list[tuple[str, str]]:
+        """(file, where it leads) for each file a conversion reads or copies that resolves outside the checkpoint.
+
+        Inside means under the checkpoint directory or, for a Hugging Face cache snapshot
+        (`<repo>/snapshots/<rev>`, files linking to `../../blobs/<hash>`), under that cache repository.
+        """
+        inside = [Path(os.path.realpath(self.root))]
+        if inside[0].parent.name == "snapshots" and (inside[0].parent.parent / "blobs").is_dir():
+            inside.append(inside[0].parent.parent)
+        names = [CONFIG_NAME, INDEX_NAME, *self.shards, *self.extra_files()]
+        out = []
+        for name in names:
+            path = self.root / name
+            if not path.exists():
+                continue
+            target = Path(os.path.realpath(path))
+            if not any(target == d or d in target.parents for d in inside):
+                out.append((name, str(target)))
+        return out
+
+    def require_links_inside(self, follow_links: bool = False) -> None:
+        """Refuse a file that leads outside the checkpoint (a copy would carry it along), unless asked to follow."""
+        if follow_links:
+            return
+        outside = self.links_outside()
+        if outside:
+            name, target = outside[0]
+            more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
+            raise Dsv3Error(
+                f"{self.root / name}: a link to {target}, outside the checkpoint{more}; copy the file into the "
+                "checkpoint, or pass --follow-links to read what the links point to"
+            )
 
     def read(self, info: TensorInfo, start: int = 0, length: int | None = None) -> bytearray:
         """Read `length` bytes of a tensor's data from byte `start` (relative to the tensor)."""
@@ -317,12 +338,3 @@ def _read_json(path: Path, limit: int) -> object:
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else exc.__class__.__name__
         raise Dsv3Error(f"{path}: not valid JSON ({reason}); {restore}") from exc
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _short(value: object, limit: int = 80) -> str:
-    text = ascii(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

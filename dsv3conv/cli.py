@@ -105,6 +105,9 @@ PartOpt = Annotated[
 SpaceCheckOpt = Annotated[bool, typer.Option(
     "--no-space-check", help="Start even if the destination's filesystem reports less free space than the run "
     "writes (e.g. a filesystem that compresses).")]
+FollowLinksOpt = Annotated[bool, typer.Option(
+    "--follow-links", help="Read files that are links leading outside the checkpoint (and outside its Hugging Face "
+    "cache repository); refused otherwise.")]
 DeviceOpt = Annotated[str, typer.Option(
     "--device", metavar="DEVICE", help="auto (a CUDA GPU if present, else CPU), cpu, cuda, cuda:N, or several: cuda:all, cuda:0,cuda:1.")]
 
@@ -264,6 +267,7 @@ def dequant(
     allow_noop: Annotated[bool, typer.Option(
         "--allow-noop", help="Copy a checkpoint that holds no FP8 weights instead of refusing it.")] = False,
     no_space_check: SpaceCheckOpt = False,
+    follow_links: FollowLinksOpt = False,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -280,7 +284,7 @@ def dequant(
             src, dst, mtp=mtp, device=device, dtype=dtype, resume=resume, overwrite=overwrite,
             max_shard_size=max_shard_size, dry_run=dry_run, buffer_size=buffer_size, part=part,
             progress=not (quiet or json_out and not err.is_terminal), allow_noop=allow_noop,
-            space_check=not no_space_check,
+            space_check=not no_space_check, follow_links=follow_links,
         )
     _from_process_start(result, called)
     _print_result(result, json_out, dry_run)
@@ -349,6 +353,7 @@ def quant(
     overwrite: OverwriteOpt = False,
     part: PartOpt = None,
     no_space_check: SpaceCheckOpt = False,
+    follow_links: FollowLinksOpt = False,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -364,7 +369,7 @@ def quant(
         result = quantize(
             src, dst, scale_fmt=scale_fmt, scale_dtype=scale_dtype, skip=skip or [], mtp=mtp, device=device,
             resume=resume, overwrite=overwrite, dry_run=dry_run, progress=not (quiet or json_out and not err.is_terminal),
-            part=part, space_check=not no_space_check,
+            part=part, space_check=not no_space_check, follow_links=follow_links,
         )
     _from_process_start(result, called)
     _print_result(result, json_out, dry_run)
@@ -390,6 +395,7 @@ def split_mtp(
     overwrite: OverwriteOpt = False,
     part: PartOpt = None,
     no_space_check: SpaceCheckOpt = False,
+    follow_links: FollowLinksOpt = False,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -407,7 +413,7 @@ def split_mtp(
         result = run_split(
             src, main_out=main_out, mtp_out=mtp_out, mtp_layout=mtp_layout, resume=resume, overwrite=overwrite,
             dry_run=dry_run, progress=not (quiet or json_out and not err.is_terminal), part=part,
-            space_check=not no_space_check,
+            space_check=not no_space_check, follow_links=follow_links,
         )
     _from_process_start(result["main"], called)
     _from_process_start(result["mtp"], called)

@@ -15,9 +15,9 @@ from dsv3conv.dest import check_apart, check_dest, prepare_dest
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.layout import mtp_layer_ids
 from dsv3conv.ops import QuantScale
-from dsv3conv.plan import parse_size
+from dsv3conv.plan import parse_part, parse_size
 from dsv3conv.quant import plan_quant
-from dsv3conv.runner import run_plan
+from dsv3conv.runner import buffer_bytes, run_plan
 from dsv3conv.split_mtp import check_layout, plan_split_main, plan_split_mtp
 
 
@@ -26,19 +26,23 @@ def dequantize(
     dtype: str = "bfloat16", resume: bool = False, overwrite: bool = False,
     max_shard_size: str | int | None = None, dry_run: bool = False, progress: bool = False,
     buffer_size: str | int | None = None, part: str | tuple[int, int] | None = None, allow_noop: bool = False,
-    space_check: bool = True,
+    space_check: bool = True, follow_links: bool = False,
 ) -> dict:
     """Convert an FP8 checkpoint to `dtype`; return the summary `--json` prints.
 
     `part="K/N"`: convert only part K of N (N independent jobs writing into one DST; the last one to finish
     writes the index and config). A checkpoint with no FP8 weight is refused unless `allow_noop` (a copy).
+    `follow_links`: read files whose links lead outside the checkpoint (refused otherwise).
     """
     started = time.perf_counter()
+    part = parse_part(part)  # options first: a bad number is refused before the data is read
+    buffer_bytes(buffer_size)
     ckpt = Checkpoint.open(src)
     size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     check_dest(ckpt.root, Path(dst))
     plan = plan_dequant(ckpt, Path(dst), out_dtype=dtype, mtp=mtp, max_shard_size=size,
                         extra_files=ckpt.extra_files())
+    ckpt.require_links_inside(follow_links)
     if not plan.converted and not allow_noop:
         dtypes = ", ".join(sorted({t.dtype for t in ckpt.tensors.values()}))
         raise Dsv3Error(f"{ckpt.root}: no FP8 weights to dequantize (its tensors are {dtypes}): nothing to convert; "
@@ -51,7 +55,7 @@ def quantize(
     src: str | os.PathLike, dst: str | os.PathLike, *, scale_fmt: str = "float", scale_dtype: str = "float32",
     skip: list[str] | tuple[str, ...] = (), mtp: str = "keep", device: str = "auto", resume: bool = False,
     overwrite: bool = False, dry_run: bool = False, progress: bool = False, buffer_size: str | int | None = None,
-    part: str | tuple[int, int] | None = None, space_check: bool = True,
+    part: str | tuple[int, int] | None = None, space_check: bool = True, follow_links: bool = False,
 ) -> dict:
     """Quantize a BF16 checkpoint to 128x128 block FP8; return the summary `--json` prints.
 
@@ -59,10 +63,13 @@ def quantize(
         quantize("V3-finetuned-bf16", "V3-finetuned-fp8", scale_fmt="ue8m0")
     """
     started = time.perf_counter()
+    part = parse_part(part)  # options first: a bad number is refused before the data is read
+    buffer_bytes(buffer_size)
     ckpt = Checkpoint.open(src)
     check_dest(ckpt.root, Path(dst))
     plan = plan_quant(ckpt, Path(dst), scale_fmt=scale_fmt, scale_dtype=scale_dtype, skip=skip, mtp=mtp,
                       extra_files=ckpt.extra_files())
+    ckpt.require_links_inside(follow_links)
     result = run_plan(plan, device=device, resume=resume, overwrite=overwrite, dry_run=dry_run, progress=progress,
                       buffer_size=buffer_size, part=part, space_check=space_check, started=started)
     qc = (plan.config or {}).get("quantization_config") or {}
@@ -78,6 +85,7 @@ def split_mtp(
     mtp_out: str | os.PathLike | None = None,
     mtp_layout: str = "sglang", resume: bool = False, overwrite: bool = False, dry_run: bool = False,
     progress: bool = False, part: str | tuple[int, int] | None = None, space_check: bool = True,
+    follow_links: bool = False,
 ) -> dict:
     """Write the checkpoint without its MTP layers (`main_out`) and/or the MTP draft (`mtp_out`).
 
@@ -92,6 +100,7 @@ def split_mtp(
         raise UsageError("{resume} and {overwrite} exclude each other; pick one", "resume", "overwrite")
     if main_out is not None and mtp_out is not None:
         check_apart(Path(main_out), Path(mtp_out), "--main-out", "--mtp-out")
+    part = parse_part(part)
     ckpt = Checkpoint.open(src)
     extra = ckpt.extra_files()
     plans = {}
@@ -101,6 +110,7 @@ def split_mtp(
     if mtp_out is not None:
         check_dest(ckpt.root, Path(mtp_out))
         plans["mtp"] = plan_split_mtp(ckpt, Path(mtp_out), mtp_layout, extra)
+    ckpt.require_links_inside(follow_links)
     for plan in plans.values():  # refuse a non-empty second output before writing the first (a dry run too)
         prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=ckpt.root,
                      create=False)

@@ -63,7 +63,7 @@ class _Run:
         self.pool: queue.Queue[torch.Tensor] = queue.Queue()  # read buffers
         self.arenas: queue.Queue[OutputArena] = queue.Queue()  # converted bytes, recycled like the read buffers
         for _ in range(depth + 2):
-            self.pool.put(torch.empty(buf_bytes, dtype=torch.uint8, pin_memory=pinned))
+            self.pool.put(_buffer(buf_bytes, depth + 2, pinned))
             self.arenas.put(OutputArena(out_bytes))
         self.ready: queue.Queue = queue.Queue()  # (batch, its buffer, its items), read
         self.stop = threading.Event()
@@ -195,6 +195,15 @@ class _Run:
                     self.bytes_written += spec.file.size
         except BaseException as exc:  # handed to the main thread
             self._fail(exc)
+
+
+def _buffer(nbytes: int, count: int, pin_memory: bool = False) -> torch.Tensor:
+    """One buffer of the pool; a failed allocation is the user's buffer size, said in one line."""
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+    except (RuntimeError, MemoryError):
+        raise Dsv3Error(f"cannot allocate {count} buffers of {nbytes:,} bytes (--buffer-size, or the widest tensor's "
+                        "128-row block); give a smaller --buffer-size or free memory") from None
 
 
 class _Stopped(Exception):

@@ -69,3 +69,9 @@ def refuse(problems: list[Problem], hint: str = "") -> None:
         return
     more = f" (and {len(problems) - 1} more problems{hint})" if len(problems) > 1 else ""
     raise Dsv3Error(problems[0].text + more)
+
+
+def short(value: object, limit: int = 80) -> str:
+    """A hostile value as it may appear in a one-line message: escaped (ascii), and cut to `limit` characters."""
+    text = ascii(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -15,12 +15,12 @@ from importlib import resources
 from typing import Iterable, Mapping
 
 from dsv3conv.checkpoint import SCALE_SUFFIX, TensorInfo
+from dsv3conv.config import BLOCK
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 ROUTED_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 FP8_DTYPE = "F8_E4M3"
 SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")
-BLOCK = 128
 
 
 def layer_id(name: str) -> int | None:

@@ -9,16 +9,18 @@ shared by the planners.
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint, TensorInfo
 from dsv3conv.checks import layer_problems
 from dsv3conv.dtypes import DTYPE_SIZES
-from dsv3conv.errors import Dsv3Error, UsageError, refuse
+from dsv3conv.errors import Dsv3Error, UsageError, refuse, short
 from dsv3conv.layout import Fp8Coverage, fp8_coverage
 from dsv3conv.ops import Copy, Op
 from dsv3conv.safetensors_format import build_header
@@ -109,38 +111,61 @@ class Plan:
         }
 
 
-def parse_part(text: str | None) -> tuple[int, int] | None:
-    """'2/3' -> (2, 3): part 2 of 3 (1-based), as a job array index would give it."""
-    if text is None:
+MAX_PARTS = 10_000  # jobs of one array; more would be shards of a few bytes each
+MAX_SHARD_SIZE = 10**15
+BUFFER_RANGE = (1 << 20, 16 << 30)  # --buffer-size: 1 MiB (per-batch overhead) .. 16 GiB (x5 resident)
+MIN_BUFFER_BYTES = 4096  # the smallest a program may pass as an integer (tests: many batches per tensor)
+
+
+def parse_part(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """'2/3' (or (2, 3)) -> (2, 3): part 2 of 3 (1-based), as a job array index would give it."""
+    if value is None:
         return None
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
-        raise UsageError(f"{{part}} {text!r}: give K/N with 1 <= K <= N, e.g. {{part}} 2/8", "part")
-    return int(m.group(1)), int(m.group(2))
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]{1,9})\s*/\s*([0-9]{1,9})\s*", value)
+        k, n = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    else:
+        k, n = value if isinstance(value, tuple) and len(value) == 2 else (0, 0)
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (k, n)) or not 1 <= k <= n <= MAX_PARTS:
+        raise UsageError(f"{{part}} {short(value)}: give K/N with 1 <= K <= N <= {MAX_PARTS}, e.g. {{part}} 2/8", "part")
+    return k, n
 
 
 def assign_parts(files: list[FilePlan], n_parts: int) -> list[int]:
     """Part (1-based) of each output file: largest first to the lightest part, so parts end together.
 
-    Deterministic: every job of an array computes the same assignment from the same plan.
+    Deterministic: every job of an array computes the same assignment from the same plan. Ties go to the
+    lowest part number, so only the first len(files) parts can receive a file: work and memory depend on the
+    number of files, never on `n_parts`.
     """
-    load = [0] * n_parts
+    lightest = [(0, k) for k in range(min(n_parts, len(files)))]  # (load, part index): a heap
     part = [0] * len(files)
     for i in sorted(range(len(files)), key=lambda i: (-files[i].size, files[i].name)):
-        k = min(range(n_parts), key=lambda k: (load[k], k))
+        load, k = heapq.heappop(lightest)
         part[i] = k + 1
-        load[k] += files[i].size
+        heapq.heappush(lightest, (load + files[i].size, k))
     return part
 
 
-def parse_size(text: str, param: str = "max_shard_size") -> int:
-    """'5GB', '500MB', '4GiB', '123' -> bytes; `param` names the parameter in the error."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)\s*", text.upper())
+def parse_size(text: str, param: str = "max_shard_size", limits: tuple[int, int] = (1, MAX_SHARD_SIZE)) -> int:
+    """'5GB', '500MB', '4GiB', '123' -> bytes, refused outside `limits` (inclusive); `param` names the parameter."""
+    m = re.fullmatch(r"\s*([0-9]{1,16}(?:\.[0-9]{1,6})?)\s*([KMGTP]?)(I?B?)\s*", text.upper())
     if not m:
-        raise UsageError(f"{{{param}}} {text!r}: give a size such as 5GB, 500MB or 4GiB", param)
-    power = " KMGT".index(m.group(2) or " ")
+        raise UsageError(f"{{{param}}} {short(text)}: give a size such as 5GB, 500MB or 4GiB", param)
+    power = " KMGTP".index(m.group(2) or " ")
     base = 1024 if m.group(3).startswith("I") else 1000
-    return int(float(m.group(1)) * base**power)
+    size = int(Decimal(m.group(1)) * base**power)
+    if not limits[0] <= size <= limits[1]:
+        raise UsageError(f"{{{param}}} {short(text)}: give a size from {_size_text(limits[0])} to {_size_text(limits[1])}",
+                         param)
+    return size
+
+
+def _size_text(n: int) -> str:
+    for unit, factor in (("PB", 10**15), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return f"{n} bytes" if n != 1 else "1 byte"
 
 
 def require_fp8_pairs(tensors: Mapping[str, TensorInfo], where: str = "the index and from every shard") -> Fp8Coverage:
@@ -178,8 +203,10 @@ def shard_files(groups: list[tuple[str, list[TensorPlan]]], max_shard_size: int 
     """Keep the source's shard names (less emptied ones), or re-shard to at most `max_shard_size` bytes."""
     if max_shard_size is None:
         return [file_plan(name, entries) for name, entries in groups if entries]
-    if max_shard_size <= 0:
-        raise UsageError("{max_shard_size} must be positive", "max_shard_size")
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or not (
+            1 <= max_shard_size <= MAX_SHARD_SIZE):
+        raise UsageError(f"{{max_shard_size}} {short(max_shard_size)}: must be positive, at most {MAX_SHARD_SIZE} bytes",
+                         "max_shard_size")
     chunks: list[list[TensorPlan]] = [[]]
     size = 0
     for _, entries in groups:

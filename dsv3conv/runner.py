@@ -21,7 +21,7 @@ from dsv3conv.dest import FINALIZE_LOCK_NAME, LOCK_NAME, DestLock, is_complete, 
 from dsv3conv.devices import cpu_threads, parse_devices
 from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
 from dsv3conv.ops import Copy
-from dsv3conv.plan import Plan, assign_parts, parse_part, parse_size
+from dsv3conv.plan import BUFFER_RANGE, MIN_BUFFER_BYTES, Plan, assign_parts, parse_part, parse_size
 from dsv3conv.preflight import check_space, space_free, space_needed
 from dsv3conv.progress import ByteProgress
 from dsv3conv.writer import copy_file_fast, write_bytes_atomic
@@ -37,6 +37,19 @@ class Stats:
     waiting_for: list[str] = field(default_factory=list)  # shards other parts have yet to write
 
 
+def buffer_bytes(buffer_size: str | int | None) -> int | None:
+    """--buffer-size in bytes (None: the device's default). A program may pass a smaller integer (tests)."""
+    if buffer_size is None:
+        return None
+    if isinstance(buffer_size, str):
+        return parse_size(buffer_size, "buffer_size", BUFFER_RANGE)
+    if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or not (
+            MIN_BUFFER_BYTES <= buffer_size <= BUFFER_RANGE[1]):
+        raise UsageError(f"{{buffer_size}} {buffer_size!r}: give bytes from {MIN_BUFFER_BYTES} to {BUFFER_RANGE[1]}",
+                         "buffer_size")
+    return buffer_size
+
+
 def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrite: bool = False,
              dry_run: bool = False, progress: bool = False, buffer_size: str | int | None = None,
              part: str | tuple[int, int] | None = None, space_check: bool = True,
@@ -50,7 +63,8 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
     wall time from then to the end, `startup_seconds` the part of it before the first conversion step.
     """
     started = time.perf_counter() if started is None else started
-    part = parse_part(part) if isinstance(part, str) else part
+    part = parse_part(part)
+    chunk = buffer_bytes(buffer_size)
     summary = plan.summary()
     mine = plan.files
     if part is not None:
@@ -71,7 +85,6 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
                          "not with {part} (one device per job) or {overwrite} (empty DST first)",
                          "device", "part", "overwrite")
     threads = cpu_threads() if any(n in ("auto", "cpu") for n in names) else None
-    chunk = parse_size(buffer_size, "buffer_size") if isinstance(buffer_size, str) else buffer_size
     # The refusals a run would give, before any work (the run creates DST later)
     prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=plan.source, create=False)
     summary.update(bytes_needed=space_needed(plan, mine, resume=resume or part is not None, overwrite=overwrite),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsv3conv.dtypes import DTYPE_SIZES
-from dsv3conv.errors import HeaderError
+from dsv3conv.errors import HeaderError, short
 
 # Largest header accepted. The real DeepSeek-V3 shards have headers of ~100 KB; safetensors caps at 100 MB.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -145,24 +145,24 @@ def _parse_entry(name: str, spec: object, path: Path | str) -> TensorEntry:
     if len(name) > MAX_NAME_CHARS or not name.isprintable():
         # Names end up in messages and in the output's header: refuse control characters and endless names.
         what = f"is {len(name)} characters long" if len(name) > MAX_NAME_CHARS else "holds control or unprintable characters"
-        raise HeaderError(f"{path}: tensor name {_short(name)} {what}; the file is damaged")
+        raise HeaderError(f"{path}: tensor name {short(name)} {what}; the file is damaged")
     if not isinstance(spec, dict):
         raise HeaderError(f"{path}: tensor `{name}` entry is not an object")
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-        raise HeaderError(f"{path}: tensor `{name}` has unknown dtype {_short(dtype)}")
+        raise HeaderError(f"{path}: tensor `{name}` has unknown dtype {short(dtype)}")
     if not isinstance(shape, list) or not all(_is_nonneg_int(d) for d in shape):
-        raise HeaderError(f"{path}: tensor `{name}` shape {_short(shape)} is not a list of non-negative integers")
+        raise HeaderError(f"{path}: tensor `{name}` shape {short(shape)} is not a list of non-negative integers")
     if len(shape) > MAX_NDIM:
         raise HeaderError(f"{path}: tensor `{name}` has {len(shape)} dimensions (limit {MAX_NDIM}); the file is damaged")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_nonneg_int(o) for o in offsets)):
-        raise HeaderError(f"{path}: tensor `{name}` data_offsets {_short(offsets)} is not a pair of non-negative integers")
+        raise HeaderError(f"{path}: tensor `{name}` data_offsets {short(offsets)} is not a pair of non-negative integers")
     begin, end = offsets
     if end < begin:
         raise HeaderError(f"{path}: tensor `{name}` data_offsets {offsets} end before they begin")
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if expected > MAX_U64:
-        raise HeaderError(f"{path}: tensor `{name}` {dtype} {_short(shape)} would need more than 2**64 bytes; the file is damaged")
+        raise HeaderError(f"{path}: tensor `{name}` {dtype} {short(shape)} would need more than 2**64 bytes; the file is damaged")
     if end - begin != expected:
         raise HeaderError(
             f"{path}: tensor `{name}` covers {end - begin} bytes but {dtype} {shape} needs {expected}"
@@ -172,12 +172,6 @@ def _parse_entry(name: str, spec: object, path: Path | str) -> TensorEntry:
 
 def _is_nonneg_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_U64
-
-
-def _short(value: object, limit: int = 80) -> str:
-    """A hostile value as it may appear in a one-line message: escaped, and cut to `limit` characters."""
-    text = ascii(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def build_header(

@@ -112,6 +112,8 @@ def _write_error(path: Path, exc: OSError) -> Dsv3Error:
 def copy_file_fast(src: Path, dst: Path) -> None:
     """Copy `src` (following symlinks) to `dst`: a temporary name, fsync, then an atomic rename.
 
+    The copy's permissions are the usual ones for a new file, less any the source lacks.
+
     Fastest first: a reflink (FICLONE; the filesystem shares the extents), else `copy_file_range` (the
     kernel copies, no trip through user space; ext4, NFS 4.2 and CIFS do it server- or block-side), else a
     plain streamed copy. Never a hard link: a later edit of either file must not change the other.
@@ -119,8 +121,12 @@ def copy_file_fast(src: Path, dst: Path) -> None:
     tmp = partial_path(dst)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)  # created afresh below: its mode starts from the umask
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            size = os.fstat(fin.fileno()).st_size
+            st = os.fstat(fin.fileno())
+            size = st.st_size
+            # Never more readable (or writable) than the source: a 0600 secret stays 0600.
+            os.fchmod(fout.fileno(), os.fstat(fout.fileno()).st_mode & st.st_mode & 0o777)
             if not _reflink(fin.fileno(), fout.fileno()):
                 done = _copy_range(fin.fileno(), fout.fileno(), size)
                 _stream(fin, fout, done)

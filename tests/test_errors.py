@@ -392,6 +392,25 @@ CONFIG_ROWS = [
     ("mtp-declared-absent", _config(lambda c: c.__setitem__("num_nextn_predict_layers", 2)),
      ["config.json", "num_nextn_predict_layers"]),
     ("mtp-undeclared", _config(lambda c: c.__setitem__("num_nextn_predict_layers", 0)), ["config.json"]),
+    # Every field read, several spellings each: null, a float, a bool, a list, a string, an object.
+    *[(f"{key}-{tag}", _config(lambda c, key=key, value=value: c.__setitem__(key, value)), ["config.json", key])
+      for key in ("num_hidden_layers", "num_nextn_predict_layers", "num_experts_per_tok", "first_k_dense_replace")
+      for tag, value in (("null", None), ("float", 3.0), ("bool", True), ("list", [3]))],
+    *[(f"{key}-{tag}", _config(lambda c, key=key, value=value: c.__setitem__(key, value)), ["config.json", key])
+      for key, tag, value in (
+          ("architectures", "null", None), ("architectures", "string", "DeepseekV3ForCausalLM"),
+          ("model_type", "number", 3), ("torch_dtype", "object", {"a": 1}),
+          ("quantization_config", "string", "fp8"), ("quantization_config", "list", ["fp8"]),
+          ("quantization_config", "number", 1))],
+    *[(f"block-{tag}", _config(lambda c, value=value: c["quantization_config"].__setitem__("weight_block_size", value)),
+       ["config.json", "quantization_config.weight_block_size", "[128, 128]"])
+      for tag, value in (("112", [112, 112]), ("64x128", [64, 128]), ("one", [128]), ("three", [128, 128, 1]),
+                         ("floats", [128.0, 128.0]), ("null", None), ("string", "128"), ("bools", [True, True]))],
+    *[(f"qc-{key}-{tag}", _config(lambda c, key=key, value=value: c["quantization_config"].__setitem__(key, value)),
+       ["config.json", f"quantization_config.{key}"])
+      for key, tag, value in (("scale_fmt", "number", 1), ("fmt", "list", ["e4m3"]),
+                              ("modules_to_not_convert", "string", "lm_head"),
+                              ("modules_to_not_convert", "numbers", [1, 2]))],
 ]
 
 
@@ -572,13 +591,13 @@ def test_bad_options_are_one_line_usage_errors(tiny_src, tmp_path, option, needl
 
 
 def test_small_buffer_with_a_wide_fp8_tensor(tmp_path):
-    """--buffer-size 1KB and an FP8 weight whose 128-row block is 2 MB: exact output, or one clear line."""
+    """--buffer-size 1MiB (the least) and an FP8 weight whose 128-row block is 2 MB: exact output, or one clear line."""
     q, s = quantize_blocks(torch.randn(256, 16384) * 0.02)
     config = dict(tiny_config(), num_hidden_layers=0, num_nextn_predict_layers=0)
     write_checkpoint(tmp_path / "src", [[("x.weight", "F8_E4M3", (256, 16384), lambda: tensor_bytes(q)),
                                          ("x.weight_scale_inv", "F32", (2, 128), lambda: tensor_bytes(s))]], config)
     proc = cli("dequant", tmp_path / "src", tmp_path / "out", "--quiet", "--device", "cpu",
-                    "--buffer-size", "1KB")
+               "--buffer-size", "1MiB")
     if proc.returncode != 0:
         assert_one_line_error(proc, proc.returncode, "x.weight")
         return
