@@ -259,7 +259,7 @@ def test_verify_against_holds_the_output_to_quant_of_the_source(ckpts, tmp_path)
     write_at(damaged, weight + "_scale_inv", 0, b"\x00\x00\x80\x3f")  # 1.0
     write_at(damaged, copied, 0, b"\x00\x40")
     config = json.loads((damaged / "config.json").read_text())
-    config["quantization_config"]["weight_block_size"] = [64, 64]
+    config["quantization_config"]["activation_scheme"] = "static"
     (damaged / "config.json").write_text(json.dumps(config))
     report = verify_checkpoint(damaged, against=ckpts["root"] / "bf16", full=True)
     c = _checks(report)
@@ -267,7 +267,7 @@ def test_verify_against_holds_the_output_to_quant_of_the_source(ckpts, tmp_path)
     data = c["data_vs_source"]["detail"]
     assert f"`{weight}`" in data and "1 of 12,800 e4m3 codes and 1 of 2 scales differ" in data and f"`{copied}`" in data, data
     assert "e4m3 codes" in data and "bytes differ from the copied source" in data
-    assert "`quantization_config.weight_block_size`: expected [128, 128], found [64, 64]" in c["config_vs_source"]["detail"]
+    assert "`quantization_config.activation_scheme`: expected \"dynamic\", found \"static\"" in c["config_vs_source"]["detail"]
 
 
 def test_verify_against_reads_the_settings_the_output_declares(ckpts, tmp_path):
