@@ -89,7 +89,7 @@ def test_a_run_logs_progress_lines_while_it_runs(tmp_path, monkeypatch, clock):
     monkeypatch.setattr("sys.stderr", log)
     result = {}
     run = threading.Thread(target=lambda: result.update(dequantize(
-        tmp_path / "src", tmp_path / "out", device="cpu", progress=True, buffer_size="4KB")))
+        tmp_path / "src", tmp_path / "out", device="cpu", progress=True, buffer_size=4096)))
     run.start()
     seen = b""
     try:
