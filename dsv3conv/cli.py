@@ -5,7 +5,6 @@ Exit codes: 0 success; 1 a problem found in the data or a runtime failure; 2 a u
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -15,10 +14,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from dsv3conv import __version__
+from dsv3conv.cli_output import err, fmt_bytes, out, print_inspect, print_json, print_result, print_verify
 from dsv3conv.errors import Dsv3Error
 
 
@@ -62,9 +60,6 @@ app = typer.Typer(
 )
 # Off a terminal (a CI log, a file, a pipe) rich would wrap tables at 80 columns: give them room, unless
 # COLUMNS says otherwise.
-_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
-out = Console(highlight=False, soft_wrap=True, width=_WIDTH)
-err = Console(stderr=True, highlight=False, soft_wrap=True, width=_WIDTH)
 _state = {"debug": False}
 
 
@@ -157,18 +152,8 @@ def _option(param: str) -> str:
     return "--" + param.replace("_", "-")
 
 
-def _print_json(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 # -------------------------------------------------------------------------------------------- inspect
@@ -184,62 +169,15 @@ def inspect(ckpt: CkptArg, json_out: JsonOpt = False) -> None:
     with _errors():
         report = inspect_checkpoint(Checkpoint.open(ckpt))
     if json_out:
-        _print_json(report)
+        print_json(report)
     else:
-        _print_inspect(report)
+        print_inspect(report)
     if report["problems"]:
         n = len(report["problems"])
         err.print(f"dsv3conv: error: {ckpt}: {n} problem{'s' if n > 1 else ''} found (listed on stdout)", markup=False)
         raise typer.Exit(1)
 
 
-def _print_inspect(r: dict) -> None:
-    t = Table(title=f"[bold]{r['path']}[/]", show_header=False, title_justify="left")
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row("model type", str(r["model_type"]))
-    t.add_row("architectures", ", ".join(r["architectures"] or []) or "-")
-    t.add_row("layers", f"{r['num_hidden_layers']} main + {r['num_nextn_predict_layers'] or 0} MTP (config); {r['layers']} found")
-    t.add_row("MTP layer ids", ", ".join(map(str, r["mtp_layers"])) or "none")
-    q = r["quantization"]
-    t.add_row("quantization", json.dumps(q, separators=(", ", ": ")) if q else "none")
-    t.add_row("shards", f"{r['shards']} ({_fmt_bytes(r['tensor_bytes'])} of tensors; index total_size {r['total_size']})")
-    t.add_row("tensors", f"{r['tensors']:,}")
-    t.add_row("dtypes", "  ".join(f"{k} {v:,}" for k, v in r["dtypes"].items()))
-    f = r["fp8"]
-    t.add_row("FP8 weights", f"{f['weights_with_scale']:,} with scale, {f['weights_without_scale']:,} without; "
-              f"{f['orphan_scales']:,} orphan scales")
-    t.add_row("formats", "\n".join(f"{k}: {v:,}" for k, v in r["formats"].items()) or "-")
-    lay = r["layout"]
-    if lay.get("mtp_modules") is not None:  # DeepSeek-V4 names
-        kind = {"mtp": "MTP module", "dspark": "DSpark drafter"}.get(lay["mtp_kind"], "none")
-        t.add_row("mtp.*", f"{kind}: modules {lay['mtp_modules']}, {lay['mtp_tensors']:,} tensors" if lay["mtp_kind"] else "none")
-    out.print(t)
-    p = r["params"]
-    pt = Table(title="parameters (scales excluded)", title_justify="left")
-    pt.add_column("figure")
-    pt.add_column("count", justify="right")
-    pt.add_column("")
-    rows = [
-        ("main model", p["main"], "every tensor outside the MTP layers"),
-        ("  embedding", p["embedding"], "model.embed_tokens"),
-        ("  head", p["head"], "lm_head"),
-        ("  activated per token", p["main_activated"], "incl. head, excl. embedding; top-k routed experts"),
-        ("  activated incl. embedding", p["main_activated"] + p["embedding"], ""),
-        ("MTP, all stored", p["mtp"], "incl. its copies of embedding and head"),
-        ("MTP unique", p["mtp_unique"], "without those copies"),
-        ("MTP activated per token", p["mtp_activated"], ""),
-        ("scale elements", p["scales"], "not parameters"),
-    ]
-    for name, n, note in rows:
-        pt.add_row(name, f"{n:,} ({n / 1e9:.3f}B)", note)
-    out.print(pt)
-    if r["problems"]:
-        out.print(f"[bold red]{len(r['problems'])} problems[/]")
-        for line in r["problems"]:
-            out.print(f"  - {line}", markup=False)
-    else:
-        out.print("[green]no problems found[/]")
 
 
 # -------------------------------------------------------------------------------------------- dequant
@@ -287,46 +225,9 @@ def dequant(
             space_check=not no_space_check, follow_links=follow_links,
         )
     _from_process_start(result, called)
-    _print_result(result, json_out, dry_run)
+    print_result(result, json_out, dry_run)
 
 
-def _print_result(result: dict, json_out: bool, dry_run: bool) -> None:
-    if json_out:
-        _print_json(result)
-        return
-    if dry_run:
-        out.print(f"[bold]plan[/] {result['source']} -> {result['output']}")
-        for f in result["files"]:
-            out.print(f"  {f['name']}: {f['tensors']} tensors ({f['converted']} converted), {_fmt_bytes(f['bytes'])}"
-                      + (f" (copy of {f['copy_of']})" if f.get("copy_of") else ""), markup=False)
-        out.print(f"  tensors: {result['tensors_converted']} converted, {result['tensors_copied']} copied, "
-                  f"{result['tensors_dropped']} dropped")
-        out.print(f"  bytes: {_fmt_bytes(result['bytes_in'])} read, {_fmt_bytes(result['bytes_out'])} written")
-        out.print(f"  disk: {_fmt_bytes(result['bytes_needed'])} needed in the destination, "
-                  f"{_fmt_bytes(result['bytes_free'])} free there")
-        for c in result["config_changes"]:
-            out.print(f"  config.json: {c}", markup=False)
-        out.print(f"  other files copied: {', '.join(result['extra_files']) or 'none'}", markup=False)
-        out.print("dry run: nothing written")
-        return
-    if "part" in result:  # this part's own shards and tensors, not the whole plan's
-        done = "index and config written" if result["finalized"] else (
-            f"{len(result['waiting_for'])} shards still to come from other parts; the last part writes index and config")
-        out.print(
-            f"wrote part {result['part']} of {result['output']}: {len(result['part_shards'])} of {result['shards']} "
-            f"shards ({result['shards_skipped']} already complete), {result['part_tensors_converted']} tensors "
-            f"converted, {result['part_tensors_copied']} copied, {_fmt_bytes(result['bytes_written'])} in "
-            f"{result['seconds']:.1f} s on {result['device']}; {done}",
-            markup=False,
-        )
-        return
-    out.print(
-        f"wrote {result['output']}: {result['shards']} shards ({result['shards_skipped']} already complete), "
-        f"{result['tensors_converted']} tensors converted, {result['tensors_copied']} copied, "
-        f"{result['tensors_dropped']} dropped, {_fmt_bytes(result['bytes_written'])} in {result['seconds']:.1f} s "
-        f"on {result['device']}",
-        markup=False,
-    )
 
 
 # ---------------------------------------------------------------------------------------------- quant
@@ -372,7 +273,7 @@ def quant(
             part=part, space_check=not no_space_check, follow_links=follow_links,
         )
     _from_process_start(result, called)
-    _print_result(result, json_out, dry_run)
+    print_result(result, json_out, dry_run)
     if not json_out and result["tensors_skipped"]:
         out.print(f"  {result['tensors_skipped']} weights kept unquantized by --skip (listed in "
                   "quantization_config.modules_to_not_convert)")
@@ -418,7 +319,7 @@ def split_mtp(
     _from_process_start(result["main"], called)
     _from_process_start(result["mtp"], called)
     if json_out:
-        _print_json(result)
+        print_json(result)
         return
     for key, what in (("main", "main model"), ("mtp", f"MTP draft ({mtp_layout} layout)")):
         r = result[key]
@@ -426,7 +327,7 @@ def split_mtp(
             continue
         if dry_run:
             out.print(f"[bold]{what}[/]")
-            _print_result(r, False, True)
+            print_result(r, False, True)
             continue
         if "part" in r:  # this part's own shards and tensors, not the whole plan's
             shards, tensors = f"part {r['part']}: {len(r['part_shards'])} of {r['shards']}", r["part_tensors_copied"]
@@ -435,7 +336,7 @@ def split_mtp(
         out.print(
             f"wrote {what} {r['output']}: {shards} shards ({r['shards_copied_whole']} copied whole, "
             f"{r['shards_skipped']} already complete), {tensors} tensors, "
-            f"{r['tensors_dropped']} left out, {_fmt_bytes(r['bytes_written'])} in {r['seconds']:.1f} s",
+            f"{r['tensors_dropped']} left out, {fmt_bytes(r['bytes_written'])} in {r['seconds']:.1f} s",
             markup=False,
         )
 
@@ -481,7 +382,7 @@ def verify(
             progress=not (quiet or json_out and not err.is_terminal), part=part,
         )
     title = f"verify {ckpt}" + (f" against {against}" if against else "") + (f" part {report['part']}" if part else "")
-    _print_verify(report, title, json_out)
+    print_verify(report, title, json_out)
     if not json_out and part:
         out.print(f"part {report['part']}: {len(report['part_shards'])} shards read: "
                   f"{', '.join(report['part_shards']) or 'none'}", markup=False)
@@ -506,7 +407,7 @@ def verify_combine(
 
     with _errors():
         report = combine_reports(reports)
-    _print_verify(report, f"verify: {report['parts']} parts combined", json_out)
+    print_verify(report, f"verify: {report['parts']} parts combined", json_out)
     if not report["ok"]:
         raise typer.Exit(1)
 
@@ -552,29 +453,6 @@ def example(
     out.print(f"wrote the {kind} example checkpoint to {dst}; try: dsv3conv inspect {dst}", markup=False)
 
 
-def _print_verify(report: dict, title: str, json_out: bool) -> None:
-    """The report of verify (or of its combined parts): JSON, or a table of checks and a verdict."""
-    from rich.text import Text
-
-    if json_out:
-        _print_json(report)
-    else:
-        t = Table(title=Text(title, style="bold"), title_justify="left")
-        t.add_column("check", style="bold", no_wrap=True)
-        t.add_column("result", no_wrap=True)
-        t.add_column("detail", overflow="fold")
-        for c in report["checks"]:
-            t.add_row(c["name"], "[green]pass[/]" if c["ok"] else "[bold red]FAIL[/]", Text(c["detail"]))
-        out.print(t)
-        failed = [c["name"] for c in report["checks"] if not c["ok"]]
-        if report["mismatches"]:
-            out.print(f"[bold red]{len(report['mismatches'])} tensors differ from the source:[/]")
-            for name in report["mismatches"]:
-                out.print(f"  {name}", markup=False)
-        if failed:
-            out.print(f"[bold red]{len(failed)} of {len(report['checks'])} checks failed:[/] {', '.join(failed)}")
-        else:
-            out.print(f"[green]all {len(report['checks'])} checks passed[/]")
 
 
 def main() -> None:

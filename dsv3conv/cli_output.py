@@ -1,0 +1,141 @@
+"""What the command line prints: tables for terminals and logs, JSON for machines (stdout); errors go to stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+out = Console(highlight=False, soft_wrap=True, width=WIDTH)
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=WIDTH)
+
+
+def print_json(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def print_inspect(r: dict) -> None:
+    t = Table(title=f"[bold]{r['path']}[/]", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("model type", str(r["model_type"]))
+    t.add_row("architectures", ", ".join(r["architectures"] or []) or "-")
+    t.add_row("layers", f"{r['num_hidden_layers']} main + {r['num_nextn_predict_layers'] or 0} MTP (config); {r['layers']} found")
+    t.add_row("MTP layer ids", ", ".join(map(str, r["mtp_layers"])) or "none")
+    q = r["quantization"]
+    t.add_row("quantization", json.dumps(q, separators=(", ", ": ")) if q else "none")
+    t.add_row("shards", f"{r['shards']} ({fmt_bytes(r['tensor_bytes'])} of tensors; index total_size {r['total_size']})")
+    t.add_row("tensors", f"{r['tensors']:,}")
+    t.add_row("dtypes", "  ".join(f"{k} {v:,}" for k, v in r["dtypes"].items()))
+    f = r["fp8"]
+    t.add_row("FP8 weights", f"{f['weights_with_scale']:,} with scale, {f['weights_without_scale']:,} without; "
+              f"{f['orphan_scales']:,} orphan scales")
+    t.add_row("formats", "\n".join(f"{k}: {v:,}" for k, v in r["formats"].items()) or "-")
+    lay = r["layout"]
+    if lay.get("mtp_modules") is not None:  # DeepSeek-V4 names
+        kind = {"mtp": "MTP module", "dspark": "DSpark drafter"}.get(lay["mtp_kind"], "none")
+        t.add_row("mtp.*", f"{kind}: modules {lay['mtp_modules']}, {lay['mtp_tensors']:,} tensors" if lay["mtp_kind"] else "none")
+    out.print(t)
+    p = r["params"]
+    pt = Table(title="parameters (scales excluded)", title_justify="left")
+    pt.add_column("figure")
+    pt.add_column("count", justify="right")
+    pt.add_column("")
+    rows = [
+        ("main model", p["main"], "every tensor outside the MTP layers"),
+        ("  embedding", p["embedding"], "model.embed_tokens"),
+        ("  head", p["head"], "lm_head"),
+        ("  activated per token", p["main_activated"], "incl. head, excl. embedding; top-k routed experts"),
+        ("  activated incl. embedding", p["main_activated"] + p["embedding"], ""),
+        ("MTP, all stored", p["mtp"], "incl. its copies of embedding and head"),
+        ("MTP unique", p["mtp_unique"], "without those copies"),
+        ("MTP activated per token", p["mtp_activated"], ""),
+        ("scale elements", p["scales"], "not parameters"),
+    ]
+    for name, n, note in rows:
+        pt.add_row(name, f"{n:,} ({n / 1e9:.3f}B)", note)
+    out.print(pt)
+    if r["problems"]:
+        out.print(f"[bold red]{len(r['problems'])} problems[/]")
+        for line in r["problems"]:
+            out.print(f"  - {line}", markup=False)
+    else:
+        out.print("[green]no problems found[/]")
+
+
+def print_result(result: dict, json_out: bool, dry_run: bool) -> None:
+    if json_out:
+        print_json(result)
+        return
+    if dry_run:
+        out.print(f"[bold]plan[/] {result['source']} -> {result['output']}")
+        for f in result["files"]:
+            out.print(f"  {f['name']}: {f['tensors']} tensors ({f['converted']} converted), {fmt_bytes(f['bytes'])}"
+                      + (f" (copy of {f['copy_of']})" if f.get("copy_of") else ""), markup=False)
+        out.print(f"  tensors: {result['tensors_converted']} converted, {result['tensors_copied']} copied, "
+                  f"{result['tensors_dropped']} dropped")
+        out.print(f"  bytes: {fmt_bytes(result['bytes_in'])} read, {fmt_bytes(result['bytes_out'])} written")
+        out.print(f"  disk: {fmt_bytes(result['bytes_needed'])} needed in the destination, "
+                  f"{fmt_bytes(result['bytes_free'])} free there")
+        for c in result["config_changes"]:
+            out.print(f"  config.json: {c}", markup=False)
+        out.print(f"  other files copied: {', '.join(result['extra_files']) or 'none'}", markup=False)
+        out.print("dry run: nothing written")
+        return
+    if "part" in result:  # this part's own shards and tensors, not the whole plan's
+        done = "index and config written" if result["finalized"] else (
+            f"{len(result['waiting_for'])} shards still to come from other parts; the last part writes index and config")
+        out.print(
+            f"wrote part {result['part']} of {result['output']}: {len(result['part_shards'])} of {result['shards']} "
+            f"shards ({result['shards_skipped']} already complete), {result['part_tensors_converted']} tensors "
+            f"converted, {result['part_tensors_copied']} copied, {fmt_bytes(result['bytes_written'])} in "
+            f"{result['seconds']:.1f} s on {result['device']}; {done}",
+            markup=False,
+        )
+        return
+    out.print(
+        f"wrote {result['output']}: {result['shards']} shards ({result['shards_skipped']} already complete), "
+        f"{result['tensors_converted']} tensors converted, {result['tensors_copied']} copied, "
+        f"{result['tensors_dropped']} dropped, {fmt_bytes(result['bytes_written'])} in {result['seconds']:.1f} s "
+        f"on {result['device']}",
+        markup=False,
+    )
+
+
+def print_verify(report: dict, title: str, json_out: bool) -> None:
+    """The report of verify (or of its combined parts): JSON, or a table of checks and a verdict."""
+    from rich.text import Text
+
+    if json_out:
+        print_json(report)
+    else:
+        t = Table(title=Text(title, style="bold"), title_justify="left")
+        t.add_column("check", style="bold", no_wrap=True)
+        t.add_column("result", no_wrap=True)
+        t.add_column("detail", overflow="fold")
+        for c in report["checks"]:
+            t.add_row(c["name"], "[green]pass[/]" if c["ok"] else "[bold red]FAIL[/]", Text(c["detail"]))
+        out.print(t)
+        failed = [c["name"] for c in report["checks"] if not c["ok"]]
+        if report["mismatches"]:
+            out.print(f"[bold red]{len(report['mismatches'])} tensors differ from the source:[/]")
+            for name in report["mismatches"]:
+                out.print(f"  {name}", markup=False)
+        if failed:
+            out.print(f"[bold red]{len(failed)} of {len(report['checks'])} checks failed:[/] {', '.join(failed)}")
+        else:
+            out.print(f"[green]all {len(report['checks'])} checks passed[/]")
