@@ -30,15 +30,7 @@ import os
 
 import torch
 
-try:  # Triton is optional: the reference must stay usable where it is absent.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from .launch import HAS_TRITON, tl, triton  # Triton is optional: the reference works without it
 
 BLOCK_SIZE = 128
 E4M3_MAX = 448.0
