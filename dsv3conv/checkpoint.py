@@ -334,7 +334,26 @@ def _read_json(path: Path, limit: int) -> object:
     finally:
         os.close(fd)
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except _Ambiguous as exc:
+        raise Dsv3Error(f"{path}: {exc}; {restore}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else exc.__class__.__name__
         raise Dsv3Error(f"{path}: not valid JSON ({reason}); {restore}") from exc
+
+
+class _Ambiguous(ValueError):
+    """JSON that parsers read differently: a repeated key (which one wins?), NaN or Infinity (not JSON)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _Ambiguous(f"key {short(key)} appears more than once in one object (readers keep one or the other)")
+    return out
+
+
+def _no_constant(name: str) -> object:
+    raise _Ambiguous(f"holds {name}, which is not standard JSON (other readers refuse it)")

@@ -74,3 +74,43 @@ def test_quant_refuses_a_bad_field(bf16_src, tmp_path, key, value):
     (src / "config.json").write_text(json.dumps({**json.loads((bf16_src / "config.json").read_text()), key: value}))
     assert_one_line_error(cli("quant", src, tmp_path / "out", "--quiet"), 1, "config.json", key)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------- JSON that readers read differently: refused by every command
+def _dup_weight(text: str) -> str:
+    first = text.index('"model.')
+    line_end = text.index("\n", first)
+    entry = text[first:line_end].rstrip(",")
+    return text[:first] + entry + ",\n    " + text[first:]
+
+
+AMBIGUOUS = [
+    ("index", "dup-weight", _dup_weight, "appears more than once"),
+    ("index", "dup-metadata", lambda t: t.replace('"metadata": {', '"metadata": {"total_size": 1, ', 1),
+     "appears more than once"),
+    ("index", "nan", lambda t: t.replace('"total_size": ', '"total_size": NaN, "x": ', 1), "NaN"),
+    ("index", "infinity", lambda t: t.replace('"total_size": ', '"total_size": Infinity, "x": ', 1), "Infinity"),
+    ("config", "dup-layers", lambda t: t.replace("{", '{"num_hidden_layers": 61, ', 1), "appears more than once"),
+    ("config", "minus-infinity", lambda t: t.replace("{", '{"rope_theta": -Infinity, ', 1), "-Infinity"),
+]
+
+
+@pytest.mark.parametrize("which, tag, edit, needle", AMBIGUOUS, ids=[f"{a[0]}-{a[1]}" for a in AMBIGUOUS])
+def test_ambiguous_json_is_refused_by_every_command(tiny_src, tmp_path, which, tag, edit, needle):
+    """Decided: a repeated key or NaN/Infinity makes the file ambiguous; inspect, dequant and verify agree."""
+    import shutil
+
+    src = Path(shutil.copytree(tiny_src, tmp_path / "src"))
+    path = src / ("model.safetensors.index.json" if which == "index" else "config.json")
+    text = json.dumps(json.loads(path.read_text()), indent=4)
+    path.write_text(edit(text))
+    assert edit(text) != text
+    if which == "index":
+        assert_one_line_error(cli("inspect", src), 1, path.name, needle)
+    else:
+        proc = cli("inspect", src, "--json")
+        assert proc.returncode == 1 and any(needle in p for p in json.loads(proc.stdout)["problems"])
+    assert_one_line_error(cli("dequant", src, tmp_path / "out", "--quiet"), 1, path.name, needle)
+    proc = cli("verify", src, "--json")
+    failed = " ".join(c["detail"] for c in json.loads(proc.stdout)["checks"] if not c["ok"])
+    assert proc.returncode == 1 and needle in failed, failed
