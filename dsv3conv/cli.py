@@ -60,7 +60,7 @@ app = typer.Typer(
 )
 # Off a terminal (a CI log, a file, a pipe) rich would wrap tables at 80 columns: give them room, unless
 # COLUMNS says otherwise.
-_state = {"debug": False}
+_state = {"debug": False, "running": False}  # running: a command has begun (signals then clean up)
 
 
 def _process_age() -> float:
@@ -126,6 +126,7 @@ def _main(
 @contextmanager
 def _errors(writes: bool = False):
     """Map the project's errors to one line on stderr and the exit code; a traceback only with --debug."""
+    _state["running"] = True
     try:
         yield
     except Dsv3Error as exc:
@@ -455,12 +456,28 @@ def example(
 
 
 
+def _on_signal(signum, frame) -> None:
+    """SIGINT or SIGTERM (a job scheduler's time limit or preemption): clean up like Ctrl-C, exit 130.
+
+    The first one counts; later ones are ignored, so that removing temporary files is never cut short. Before
+    a command has begun (start-up: imports, parsing) there is nothing to clean: say so and exit at once.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not _state["running"]:
+        sys.stderr.write("dsv3conv: interrupted\n")
+        sys.stderr.flush()
+        os._exit(130)
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     # Writing past a file-size limit must be an error we can report, not a silent kill.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    # A job scheduler's SIGTERM (time limit, preemption) cleans up like Ctrl-C: no partial file is left.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _on_signal)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where a host installed its own
+        signal.signal(signal.SIGINT, _on_signal)
     try:
         app(prog_name="dsv3conv")
     except SystemExit as exc:
