@@ -199,8 +199,8 @@ def dequant(
     ] = None,
     buffer_size: Annotated[
         Optional[str],
-        typer.Option("--buffer-size", metavar="SIZE", help="Bytes read per step (default 64MB on CPU, 256MB on GPU); memory in use "
-                     "is about 5x this on the host and 3x on the GPU."),
+        typer.Option("--buffer-size", metavar="SIZE", help="Bytes read per step (default 64MB on CPU, 32MB on GPU); host memory in "
+                     "use is at most 15-30x this (by core count), about 9x on each GPU."),
     ] = None,
     part: PartOpt = None,
     allow_noop: Annotated[bool, typer.Option(

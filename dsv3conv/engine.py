@@ -1,10 +1,16 @@
 """The engine: read -> convert -> write one plan's output files, overlapped, in bounded memory.
 
-Reader threads do large sequential reads of the source into a fixed pool of buffers, the calling thread
-converts each batch with a backend, writer threads put each converted piece at its planned offset and
-rename a file into place when its last piece is written. Memory is bounded by the pool (`chunk_bytes` x
-`depth`), never by shard size. What to run and when (destination, devices, index and config) is the
-runner's job.
+Reader threads do large sequential reads of the source into a pool of buffers, the calling thread hands
+each batch to a backend, writer threads put each converted piece at its planned offset and rename a file
+into place when its last piece is written. Batches of several files are in flight at once, and several
+writes: fast storage (tmpfs, NVMe) reaches its speed only with many writes at once.
+
+A backend may convert asynchronously (a GPU): it returns at once with a fence, the calling thread goes on
+to the next batch, and the writer waits on the fence before writing. A batch's read buffer is reused once
+its conversion is done (or, when the batch holds copied bytes, once they are written); its output arena
+once it is written. Buffers and arenas are made on first need, at most a fixed count of each, pinned when
+the backend asks: memory is bounded by `chunk_bytes` x the counts, never by shard size. What to run and
+when (destination, devices, index and config) is the runner's job.
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from dsv3conv import profiling
-from dsv3conv.backend import Backend, Item, OutputArena, convert
+from dsv3conv.backend import Backend, Fence, Item, OutputArena, convert_async, host_buffer
 from dsv3conv.checkpoint import read_into, read_tensor
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error
@@ -31,6 +38,13 @@ DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 MAX_GAP_BYTES = 1 << 20  # small tensors between two read pieces are read along rather than seeked over
 
 
+def io_threads() -> tuple[int, int]:
+    """(readers, writers) for this machine. Reads are large and sequential: a few suffice. Writes need more
+    in flight (on tmpfs one writer copies ~1.5 GB/s, eight ~5 GB/s), up to one per core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(2, min(4, cores // 4)), max(2, min(8, cores))
+
+
 def run_files(plan: Plan, backend: Backend | None, todo: list[tuple[int, FilePlan]], progress=None,
               chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = 3,
               cancel: threading.Event | None = None) -> tuple[int, int]:
@@ -39,11 +53,38 @@ def run_files(plan: Plan, backend: Backend | None, todo: list[tuple[int, FilePla
     Readers fill pooled buffers, this thread converts, writers put each batch at its planned offset. Every
     output byte's offset is known from the plan, so batches may finish in any order: several reader and writer
     threads keep a fast disk (or tmpfs) busy, and each file is renamed into place by whichever writer completes
-    its last batch. `progress(nbytes, file_index, file_name)` is called as bytes are written; `cancel`, set by
-    another thread, stops the run as Ctrl-C would. `backend` may be None when nothing converts.
+    its last batch. `depth`: buffers and arenas beyond one per reader and writer (batches converting).
+    `progress(nbytes, file_index, file_name)` is called as bytes are written; `cancel`, set by another
+    thread, stops the run as Ctrl-C would. `backend` may be None when nothing converts.
     """
     with profiling.run_profile() as prof:  # DSV3CONV_PROFILE=1: seconds per stage, one line on stderr
         return _Run(plan, backend, todo, progress, chunk_bytes, depth, cancel, prof).run()
+
+
+class _Pool:
+    """At most `count` buffers, each made by `make` on first need; the most recently returned is handed out
+    first, so a run that needs few in flight touches few."""
+
+    def __init__(self, make: Callable[[], object], count: int):
+        self._make, self._left = make, count
+        self._free: list = []
+        self._cond = threading.Condition()
+
+    def get(self, check: Callable[[], None]):
+        """A free buffer; `check()` is called while waiting (it raises to stop the wait)."""
+        with self._cond:
+            while not self._free and not self._left:
+                check()
+                self._cond.wait(0.05)
+            if self._free:
+                return self._free.pop()
+            self._left -= 1
+        return self._make()
+
+    def put(self, item) -> None:
+        with self._cond:
+            self._free.append(item)
+            self._cond.notify()
 
 
 class _Run:
@@ -56,15 +97,14 @@ class _Run:
         self.remaining = Counter(spec.k for spec in self.specs)  # batches still to write, per output file
         self.open_files: dict[int, AtomicFile] = {}
         self.files_lock = threading.Lock()
+        self.n_readers, self.n_writers = io_threads()
         # A block of rows is never split: a very wide tensor may need more than `chunk_bytes`.
-        buf_bytes = max([chunk_bytes + MAX_GAP_BYTES] + [s.span_len for s in self.specs])
+        buf_bytes = max([chunk_bytes] + [s.span_len for s in self.specs])
         out_bytes = max([0] + [s.out_bytes for s in self.specs])
         pinned = backend is not None and backend.pin_memory
-        self.pool: queue.Queue[torch.Tensor] = queue.Queue()  # read buffers
-        self.arenas: queue.Queue[OutputArena] = queue.Queue()  # converted bytes, recycled like the read buffers
-        for _ in range(depth + 2):
-            self.pool.put(_buffer(buf_bytes, depth + 2, pinned))
-            self.arenas.put(OutputArena(out_bytes))
+        count = self.n_readers + depth
+        self.pool = _Pool(lambda: _buffer(buf_bytes, count, pinned), count)  # read buffers
+        self.arenas = _Pool(lambda: OutputArena(out_bytes, pinned), self.n_writers + depth)  # converted bytes
         self.ready: queue.Queue = queue.Queue()  # (batch, its buffer, its items), read
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
@@ -74,21 +114,23 @@ class _Run:
         self.files_written = self.bytes_written = 0
 
     def run(self) -> tuple[int, int]:
-        n_io = max(1, min(4, (os.cpu_count() or 2) // 2))
         readers = [threading.Thread(target=self._reader, name=f"dsv3conv-reader-{i}", daemon=True)
-                   for i in range(n_io)]
+                   for i in range(self.n_readers)]
         for t in readers:
             t.start()
-        writers = ThreadPoolExecutor(max_workers=n_io, thread_name_prefix="dsv3conv-writer")
+        writers = ThreadPoolExecutor(max_workers=self.n_writers, thread_name_prefix="dsv3conv-writer")
         try:
             for _ in range(len(self.specs)):
                 with profiling.stage(self.prof, "wait_read"):
                     spec, buf, items = self._get(self.ready)
-                with profiling.stage(self.prof, "wait_arena"):
-                    arena = self._get(self.arenas)
-                with profiling.stage(self.prof, "convert", spec.out_bytes):
-                    outs = convert(self.backend, buf, items, arena)
-                writers.submit(self._write, spec, buf, arena, outs)
+                arena, fence, outs = None, None, []
+                if spec.converts:
+                    with profiling.stage(self.prof, "wait_arena"):
+                        arena = self.arenas.get(self._check)
+                if items:
+                    with profiling.stage(self.prof, "convert", spec.out_bytes):
+                        outs, fence = convert_async(self.backend, buf, items, arena)
+                writers.submit(self._write, spec, buf, arena, outs, fence)
             with profiling.stage(self.prof, "wait_write"):
                 writers.shutdown(wait=True)
         except _Stopped:
@@ -111,16 +153,21 @@ class _Run:
         self.errors.append(exc)
         self.stop.set()
 
+    def _check(self) -> None:
+        """Raise if another stage failed (`_Stopped`) or the run is cancelled."""
+        if self.stop.is_set():
+            raise _Stopped()
+        if self.cancel is not None and self.cancel.is_set():
+            raise KeyboardInterrupt
+
     def _get(self, q: queue.Queue):
         """The next item of `q`, unless another stage failed (`_Stopped`) or the run is cancelled."""
-        while not self.stop.is_set():
-            if self.cancel is not None and self.cancel.is_set():
-                raise KeyboardInterrupt
+        while True:
+            self._check()
             try:
                 return q.get(timeout=0.05)
             except queue.Empty:
                 pass
-        raise _Stopped()
 
     def _reader(self) -> None:
         handles: dict[str, object] = {}
@@ -131,7 +178,7 @@ class _Run:
                 if spec is None:
                     return
                 with profiling.stage(self.prof, "wait_buffer"):
-                    buf = self._get(self.pool) if spec.span_len or spec.pieces else None
+                    buf = self.pool.get(self._check) if spec.span_len or spec.pieces else None
                 with profiling.stage(self.prof, "read", spec.span_len):
                     items = _read_batch(self.plan.source, spec, buf, handles, self.scales)
                 self.ready.put((spec, buf, items))
@@ -173,8 +220,15 @@ class _Run:
             out.commit()
         return done
 
-    def _write(self, spec: _BatchSpec, buf, arena: OutputArena, outs: list[memoryview]) -> None:
+    def _write(self, spec: _BatchSpec, buf, arena: OutputArena | None, outs: list[memoryview],
+               fence: Fence | None) -> None:
         try:
+            if fence is not None:  # always waited for: the device may still use the buffer and the arena
+                with profiling.stage(self.prof, "wait_convert"):
+                    fence.wait()
+            if buf is not None and not spec.copies:  # converted: the buffer may take the next read now
+                self.pool.put(buf)
+                buf = None
             if self.stop.is_set():
                 return
             with profiling.stage(self.prof, "write", spec.out_bytes):
@@ -185,8 +239,9 @@ class _Run:
                     done = self._place(spec, outs)
             if buf is not None:
                 self.pool.put(buf)
-            arena.reset()
-            self.arenas.put(arena)
+            if arena is not None:
+                arena.reset()
+                self.arenas.put(arena)
             if self.progress:
                 self.progress(spec.out_bytes if spec.file.copy_of is None else spec.file.size, spec.k, spec.file.name)
             if done:
@@ -200,7 +255,7 @@ class _Run:
 def _buffer(nbytes: int, count: int, pin_memory: bool = False) -> torch.Tensor:
     """One buffer of the pool; a failed allocation is the user's buffer size, said in one line."""
     try:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+        return host_buffer(nbytes, pin_memory)
     except (RuntimeError, MemoryError):
         raise Dsv3Error(f"cannot allocate {count} buffers of {nbytes:,} bytes (--buffer-size, or the widest tensor's "
                         "128-row block); give a smaller --buffer-size or free memory") from None
@@ -257,6 +312,8 @@ class _BatchSpec:
     pieces: list[tuple[TensorPlan, int, int]]  # (tensor, start byte in the tensor's source, source bytes)
     out_offsets: list[int]  # absolute offset in the output file of each piece the backend returns, in order
     out_bytes: int
+    converts: bool = False  # a piece goes through the backend (the batch needs an arena)
+    copies: bool = False  # a piece is copied: its output is a view of the read buffer
 
 
 def _batch_specs(k: int, f: FilePlan, chunk_bytes: int) -> list[_BatchSpec]:
@@ -275,12 +332,14 @@ def _batch_specs(k: int, f: FilePlan, chunk_bytes: int) -> list[_BatchSpec]:
             fits = cur is not None and (
                 cur.src_file == t.source.file
                 and cur.span_start + cur.span_len <= a <= cur.span_start + cur.span_len + MAX_GAP_BYTES
-                and a + n - cur.span_start <= chunk_bytes + MAX_GAP_BYTES
+                and a + n - cur.span_start <= chunk_bytes
             )
             if not fits:
                 cur = _BatchSpec(k, f, t.source.file, a, 0, [], [], 0)
                 specs.append(cur)
             cur.pieces.append((t, start, n))
+            cur.converts |= t.converts
+            cur.copies |= not t.converts
             cur.span_len = a + n - cur.span_start
             for name, offset, out_n in t.op.outputs(t, start, n):
                 cur.out_offsets.append(where[name] + offset)

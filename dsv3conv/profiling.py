@@ -2,10 +2,10 @@
 
 The engine times each stage of each batch: `read` (reader threads), `wait_buffer` (a reader waiting for a
 free read buffer), `wait_read` (the converting thread waiting for read data), `wait_arena` (waiting for a
-free output buffer), `convert`, `write` (writer threads, commit included) and `wait_write` (the end of the
-run, waiting for the last writes). A CUDA backend splits its conversions into `pin_alloc` (pinned host
-memory for the results), `h2d`, `kernel`, `d2h` (GPU time between CUDA events) and `sync` (the host waiting
-for the stream). At the end of each engine run one line goes to stderr:
+free output buffer), `convert` (on a GPU: enqueuing the batch), `wait_convert` (a writer waiting for an
+asynchronous conversion to finish), `write` (writer threads, commit included) and `wait_write` (the end of
+the run, waiting for the last writes). A CUDA backend adds `h2d`, `kernel`, `d2h` (GPU time between CUDA
+events on the batch's stream). At the end of each engine run one line goes to stderr:
 
     dsv3conv profile: {"wall_s": 19.8, "start_s": 4.1, "first_write_s": 4.9, "stages": {"read": {"s": 12.1,
     "bytes": 11700000000, "calls": 180, "threads": 4}, ...}}

@@ -100,24 +100,23 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
         summary["dropped"] = plan.dropped
         summary["config"] = plan.config
         return summary
-    from dsv3conv.backend import check_device, device_list, make_backend  # torch: only for a real run
     from dsv3conv.engine import DEFAULT_CHUNK_BYTES
+    from dsv3conv.gpu import check_device, device_list  # torch: only for a real run
 
     devices = device_list(device) if plan.converted else []
-    devices = [check_device(d) for d in devices]  # refuse a missing GPU before any worker starts
+    devices = [check_device(d) for d in devices]  # refuse a missing GPU before any work starts
     on_gpu = any(d.startswith("cuda") for d in devices)
-    chunk = chunk or (DEFAULT_CHUNK_BYTES * 4 if on_gpu else DEFAULT_CHUNK_BYTES)
-    gpu_peak = None
+    # A GPU converts asynchronously: smaller steps keep the pinned memory small and the writes many.
+    chunk = chunk or (DEFAULT_CHUNK_BYTES // 2 if on_gpu else DEFAULT_CHUNK_BYTES)
     with ByteProgress(sum(f.size for f in mine), plan.dest.name, enabled=progress) as bar:
         def report(nbytes: int, k: int, name: str, skipped: bool = False) -> None:
             (bar.skip if skipped else bar.advance)(nbytes, f"shard {k + 1}/{len(plan.files)} {name}")
 
         if len(devices) > 1:
             startup = time.perf_counter() - started
-            stats, peak = execute_on_devices(plan, devices, resume=resume, progress=report, chunk_bytes=chunk)
-            gpu_peak = peak if on_gpu else None
+            stats, gpu_peak = execute_on_devices(plan, devices, resume=resume, progress=report, chunk_bytes=chunk)
         else:
-            backend = make_backend(devices[0], threads) if devices else None  # nothing to convert
+            backend = _backend(devices, threads)  # None: nothing to convert
             startup = time.perf_counter() - started
             try:
                 stats = execute(plan, backend, resume=resume, overwrite=overwrite, progress=report,
@@ -125,15 +124,14 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
             finally:
                 if backend is not None:
                     backend.close()
-            if on_gpu:
-                gpu_peak = _gpu_peak(backend.device)
+            gpu_peak = _gpu_peak(devices)
     summary.update(
         device=",".join(devices) if devices else "none", shards_skipped=stats.files_skipped,
         bytes_written=stats.bytes_written, seconds=round(time.perf_counter() - started, 3),
         startup_seconds=round(startup, 3), buffer_bytes=chunk, finalized=stats.finalized,
         waiting_for=stats.waiting_for,
     )
-    if gpu_peak is not None:
+    if on_gpu:
         summary["gpu_peak_bytes"] = gpu_peak
     return summary
 
@@ -202,28 +200,36 @@ def execute(
 def execute_on_devices(
     plan: Plan, devices: list[str], *, resume: bool = False, progress=None, chunk_bytes: int | None = None,
 ) -> tuple[Stats, int]:
-    """One worker per device (`--device cuda:all`): worker i writes part i+1 of N (shards balanced by bytes, so
-    all finish together); whichever finishes last writes the index and config, as separate `--part` jobs do.
-    Returns the merged stats and the largest GPU memory peak of any worker.
+    """Several devices (`--device cuda:all` or a list); returns the stats and the largest GPU memory peak.
 
-    Workers are threads of this process; `DSV3CONV_WORKERS=processes` makes them spawned processes instead
-    (README, Performance, compares the two).
+    By default one engine in this process spreads its batches over the devices in turn: one set of reader
+    and writer threads feeds them all. `DSV3CONV_WORKERS=processes`: one spawned process per device instead,
+    process i writing part i+1 of N (shards balanced by bytes), the last to finish writing the index and
+    config, as separate `--part` jobs do.
     """
+    if os.environ.get("DSV3CONV_WORKERS", "threads") != "processes":
+        backend = _backend(devices, None)
+        try:
+            stats = execute(plan, backend, resume=resume, progress=progress, chunk_bytes=chunk_bytes)
+        finally:
+            backend.close()
+        return stats, _gpu_peak(devices)
+    return _execute_in_processes(plan, devices, resume=resume, progress=progress, chunk_bytes=chunk_bytes)
+
+
+def _execute_in_processes(plan: Plan, devices: list[str], *, resume: bool, progress, chunk_bytes: int | None,
+                          ) -> tuple[Stats, int]:
+    """One spawned process per device, each a part (see `execute_on_devices`)."""
     import multiprocessing
 
     prepare_dest(plan.dest, resume=resume, overwrite=False, source=plan.source)
     n = len(devices)
-    as_threads = os.environ.get("DSV3CONV_WORKERS", "threads") != "processes"
-    cancel = None
-    if as_threads:
-        events, make, cancel = queue.Queue(), threading.Thread, threading.Event()
-    else:
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or thread state
-        events, make = ctx.Queue(), ctx.Process
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or thread state
+    events = ctx.Queue()
     threads_each = max(1, cpu_threads() // max(1, sum(d == "cpu" for d in devices)))  # CPU workers share the cores
     workers = [
-        make(target=_device_worker, name=f"dsv3conv-{d}",
-             args=(plan, d, (i + 1, n), resume, chunk_bytes, events, threads_each, progress is not None, cancel))
+        ctx.Process(target=_device_worker, name=f"dsv3conv-{d}",
+                    args=(plan, d, (i + 1, n), resume, chunk_bytes, events, threads_each, progress is not None))
         for i, d in enumerate(devices)
     ]
     start = time.perf_counter()
@@ -241,7 +247,7 @@ def execute_on_devices(
                 if dead:  # killed without a word (out of memory, a signal): say which one
                     k = dead[0]
                     raise Dsv3Error(f"the worker for {{device}} {devices[k]} (part {k + 1}/{n}) died with exit code "
-                                    f"{getattr(workers[k], 'exitcode', None)}; rerun with {{resume}} to finish the "
+                                    f"{workers[k].exitcode}; rerun with {{resume}} to finish the "
                                     "remaining shards", "device", "resume") from None
                 continue
             if kind == "progress":
@@ -251,10 +257,8 @@ def execute_on_devices(
                 if kind == "error":
                     raise _worker_error(devices[i], i, n, payload)
     except BaseException:
-        if cancel is not None:
-            cancel.set()
         for w in workers:
-            if w.is_alive() and not as_threads:
+            if w.is_alive():
                 os.kill(w.pid, signal.SIGTERM)  # each removes its partial files, as on Ctrl-C
         raise
     finally:
@@ -264,11 +268,28 @@ def execute_on_devices(
                 with contextlib.suppress(queue.Empty):  # a process cannot end while its messages wait
                     while True:
                         events.get_nowait()
-        if not as_threads:
-            events.close()
+        events.close()
     seconds = time.perf_counter() - start
     gpu_peak = max(peak for _, (_, peak) in results.values())
     return _merged([stats for _, (stats, _) in results.values()], seconds), gpu_peak
+
+
+def _backend(devices: list[str], threads: int | None):
+    """The backend of `devices` (checked): None for none, one device's, or several spread."""
+    from dsv3conv.gpu import Spread, make_backend
+
+    if len(devices) <= 1:
+        return make_backend(devices[0], threads) if devices else None
+    threads_each = max(1, cpu_threads() // max(1, devices.count("cpu")))  # CPU backends share the cores
+    backends = []
+    try:
+        for d in devices:
+            backends.append(make_backend(d, threads_each))
+    except BaseException:
+        for b in backends:
+            b.close()
+        raise
+    return Spread(backends)
 
 
 def _merged(parts: list[Stats], seconds: float) -> Stats:
@@ -283,9 +304,9 @@ def _merged(parts: list[Stats], seconds: float) -> Stats:
     return total
 
 
-def _device_worker(plan, device, part, resume, chunk_bytes, events, threads, report, cancel=None) -> None:
-    """One `execute_on_devices` worker: its part on its device; progress, result or error to the parent."""
-    from dsv3conv.backend import make_backend
+def _device_worker(plan, device, part, resume, chunk_bytes, events, threads, report) -> None:
+    """One worker process of `execute_on_devices`: its part on its device; progress, result or error to the parent."""
+    from dsv3conv.gpu import make_backend
 
     i = part[0] - 1
 
@@ -294,19 +315,16 @@ def _device_worker(plan, device, part, resume, chunk_bytes, events, threads, rep
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    in_process = threading.current_thread() is threading.main_thread()  # a worker process, not a thread
-    if in_process:
-        signal.signal(signal.SIGINT, stop)
-        signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     try:
         backend = make_backend(device, threads)
         progress = (lambda *a: events.put(("progress", i, a))) if report else None
         try:
-            stats = execute(plan, backend, resume=True, progress=progress, chunk_bytes=chunk_bytes, part=part,
-                            cancel=cancel)
+            stats = execute(plan, backend, resume=True, progress=progress, chunk_bytes=chunk_bytes, part=part)
         finally:
             backend.close()
-        peak = _gpu_peak(backend.device) if device.startswith("cuda") else 0
+        peak = _gpu_peak([device])
         result = ("done", i, (stats, peak))
     except KeyboardInterrupt:
         result = ("error", i, ("KeyboardInterrupt", "interrupted", (), 130, ""))
@@ -317,16 +335,16 @@ def _device_worker(plan, device, part, resume, chunk_bytes, events, threads, rep
         message, params = (exc.message, exc.params) if ours else (str(exc), ())
         result = ("error", i, (type(exc).__name__, message, params, exc.exit_code if ours else 1,
                                traceback.format_exc()))
-    if in_process:  # done: a late stop from the parent changes nothing
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a late stop from the parent changes nothing
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     events.put(result)
 
 
-def _gpu_peak(device) -> int:
+def _gpu_peak(devices: list[str]) -> int:
+    """The largest GPU memory peak of `devices` (0 without a GPU)."""
     import torch
 
-    return torch.cuda.max_memory_allocated(device)
+    return max([torch.cuda.max_memory_allocated(torch.device(d)) for d in devices if d.startswith("cuda")] + [0])
 
 
 def _worker_error(device: str, i: int, n: int, payload) -> BaseException:

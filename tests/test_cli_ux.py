@@ -87,7 +87,7 @@ def test_without_triton_the_cpu_path_runs_and_the_gpu_path_says_what_to_install(
 
     code = ("import sys; sys.modules['triton'] = None\n"  # `import triton` now fails as if it were absent
             "import torch; torch.cuda.is_available = lambda: True\n"  # as on a GPU host without triton
-            "from dsv3conv.backend import check_device\n"
+            "from dsv3conv.gpu import check_device\n"
             "assert check_device('auto') == 'cpu'\n"
             "from dsv3conv.cli import main; main()\n")
     run = [sys.executable, "-c", code]

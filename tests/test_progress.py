@@ -83,7 +83,7 @@ def test_a_run_logs_progress_lines_while_it_runs(tmp_path, monkeypatch, clock):
                 go.wait()
             return super().run(*args, **kwargs)
 
-    monkeypatch.setattr("dsv3conv.backend.make_backend", lambda *args: HeldBackend())  # the runner imports it per run
+    monkeypatch.setattr("dsv3conv.gpu.make_backend", lambda *args: HeldBackend())  # the runner imports it per run
     read_fd, write_fd = os.pipe()
     log = os.fdopen(write_fd, "w", buffering=1)
     monkeypatch.setattr("sys.stderr", log)

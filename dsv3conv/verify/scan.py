@@ -40,7 +40,7 @@ def scan(ckpt: Checkpoint, src_root: Path | None, tasks: list[Task], device: str
     backend = None
     converts = any(t.planned is not None and t.planned.converts for t in tasks)
     if converts:
-        from dsv3conv.backend import make_backend  # imports the kernels: only when needed
+        from dsv3conv.gpu import make_backend  # imports the kernels: only when needed
 
         backend = make_backend(device)
     results: dict[str, TensorResult] = {}

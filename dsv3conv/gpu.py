@@ -1,0 +1,239 @@
+"""The GPU backend, and which backend runs where.
+
+- `CudaBackend`: the Triton kernel of `dsv3conv.kernels.fp8_block_dequant`, one grouped launch per batch;
+  copies and kernels enqueued on streams taking turns, results copied into the engine's pinned arena, done
+  when the batch's `fence()` says so (the engine converts the next batch meanwhile).
+- `Spread`: several backends as one, taking turns per batch (`--device cuda:all` or a list).
+- `check_device`, `device_list`, `make_backend`: `--device` names asked of torch (which GPUs exist), and
+  the backend of each (`--device` spelling is checked earlier, without torch, by `dsv3conv.devices`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+from dsv3conv import profiling
+from dsv3conv.backend import (
+    CpuBackend,
+    Fence,
+    Item,
+    OutputArena,
+    _blocks,
+    _quant_outputs,
+    _typed,
+    check_quant_scales,
+    e8m0_bits,
+)
+from dsv3conv.devices import parse_devices
+from dsv3conv.dtypes import TORCH_DTYPES
+from dsv3conv.errors import Dsv3Error, UsageError
+from dsv3conv.kernels.fp8_block_dequant import HAS_TRITON
+
+
+class CudaFence:
+    """The end of one batch on a CUDA stream, and what the host checks once it is there."""
+
+    def __init__(self, event, spans: list, checks: list):
+        self.event, self.spans, self.checks = event, spans, checks
+
+    def wait(self) -> None:
+        self.event.synchronize()  # releases the GIL: the other threads go on meanwhile
+        for spans, labels in self.spans:
+            spans.report(*labels)
+        for check in self.checks:
+            check()
+
+
+class CudaBackend:
+    """One GPU. A batch's copies and kernels are enqueued on one of `STREAMS` streams taking turns, so the
+    results of one batch come back while the next goes in and a third converts; every method returns at
+    once, `fence()` marks the batch's end. Inputs come from the engine's pinned read buffers, results go to
+    its pinned arenas (nothing is pinned per batch); device memory is what one batch needs per stream,
+    reused through torch's caching allocator (a tensor freed on a stream is reused only by later work of
+    that stream)."""
+
+    name = "cuda"
+    pin_memory = True
+    STREAMS = 3
+
+    def __init__(self, device: torch.device):
+        from dsv3conv.kernels import fp8_block_dequant as k
+
+        if not hasattr(k, "dequant_segments"):
+            raise Dsv3Error("the Triton kernel is unavailable (is triton installed?); rerun with {device} cpu", "device")
+        self._k = k
+        self.device = device
+        self.name = str(device)
+        self.streams = [torch.cuda.Stream(device) for _ in range(self.STREAMS)]
+        self._turn = 0
+        self._spans: list = []  # (profiling.StreamSpans, labels) of the batch being enqueued
+        self._checks: list[Callable[[], None]] = []  # host checks once the batch is back
+
+    @property
+    def stream(self) -> torch.cuda.Stream:
+        """The stream of the batch being enqueued."""
+        return self.streams[self._turn]
+
+    def fence(self) -> CudaFence:
+        event = torch.cuda.Event(blocking=True)  # a waiting writer sleeps rather than spins: cores are for writes
+        event.record(self.stream)
+        fence = CudaFence(event, self._spans, self._checks)
+        self._spans, self._checks = [], []
+        self._turn = (self._turn + 1) % len(self.streams)
+        return fence
+
+    def close(self) -> None:
+        """Let enqueued work end (a failed run stops mid-batch); the caching allocator keeps the memory."""
+        for stream in self.streams:
+            stream.synchronize()
+
+    def dequant_block_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        """All pieces in one grouped launch per output dtype; the results copied back into the arena."""
+        sizes = [it.rows * it.cols * TORCH_DTYPES[it.out_dtype].itemsize for it in items]
+        segments, scales, starts, dst_off, scale_off = [], [], [], 0, 0
+        for it, n in zip(items, sizes):
+            segments.append((it.src_offset, dst_off, scale_off, it.rows, it.cols))
+            scales.append(it.scale.reshape(-1))
+            starts.append(dst_off)
+            dst_off += n
+            scale_off += it.scale.numel()
+        host_out = out.take(dst_off, 16)
+        used = max(it.src_offset + it.nbytes for it in items)
+        spans = profiling.StreamSpans(profiling.current())
+        with torch.cuda.stream(self.stream):
+            spans.point()
+            src = buf[:used].to(self.device, non_blocking=True)
+            sc = torch.cat(scales).pin_memory().to(self.device, non_blocking=True)
+            dst = torch.empty(dst_off, dtype=torch.uint8, device=self.device)
+            spans.point()
+            for dtype in sorted({it.out_dtype for it in items}):
+                segs = [s for s, it in zip(segments, items) if it.out_dtype == dtype]
+                self._k.dequant_segments(src, dst, sc, segs, TORCH_DTYPES[dtype])
+            spans.point()
+            host_out.copy_(dst, non_blocking=True)
+            spans.point()
+        self._spans.append((spans, (("h2d", used), ("kernel", dst_off), ("d2h", dst_off))))
+        view = memoryview(host_out.numpy())
+        return [[view[a : a + n]] for a, n in zip(starts, sizes)]
+
+    def dequant_mxfp4(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        """Each piece with the Triton MXFP4 kernel; the results copied back into the arena."""
+        from dsv3conv.kernels.mxfp4_dequant import dequant_mxfp4
+
+        results = []
+        with torch.cuda.stream(self.stream):
+            for it in items:
+                host = out.take(it.rows * it.cols * TORCH_DTYPES[it.out_dtype].itemsize, 16)
+                packed = buf[it.src_offset : it.src_offset + it.nbytes].to(self.device, non_blocking=True)
+                bits = e8m0_bits(it.scale).pin_memory().to(self.device, non_blocking=True)
+                got = dequant_mxfp4(packed.view(it.rows, it.cols // 2), bits, TORCH_DTYPES[it.out_dtype])
+                host.copy_(got.view(torch.uint8).reshape(-1), non_blocking=True)
+                results.append([memoryview(host.numpy())])
+        return results
+
+    def quant_block_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        """Each piece with the Triton kernel, one launch per piece; e4m3 and scales copied back into the
+        arena, the scales checked on the host once there (`fence`)."""
+        from dsv3conv.kernels import fp8_block_quant as kq
+
+        results = []
+        spans = profiling.StreamSpans(profiling.current())
+        with torch.cuda.stream(self.stream):
+            spans.point()
+            for it in items:
+                scale_dtype = TORCH_DTYPES[it.op.scale_dtype]
+                blocks = _blocks(it.rows, it.cols)
+                host_q = out.take(it.rows * it.cols).view(it.rows, it.cols)
+                host_s = out.take(blocks[0] * blocks[1] * scale_dtype.itemsize, scale_dtype.itemsize)
+                host_s = host_s.view(scale_dtype).view(blocks)
+                src = buf[it.src_offset : it.src_offset + it.nbytes].to(self.device, non_blocking=True)
+                w = _typed(src, TORCH_DTYPES[it.src_dtype]).view(it.rows, it.cols)
+                q, s = kq.quant(w, it.op.scale_fmt, scale_dtype)
+                host_q.copy_(q.view(torch.uint8), non_blocking=True)
+                host_s.copy_(s, non_blocking=True)
+                self._checks.append(functools.partial(self._check_quant, buf, it, host_s))
+                results.append(_quant_outputs(host_q, host_s))
+            spans.point()
+        self._spans.append((spans, (("quant_gpu", sum(it.nbytes for it in items)),)))
+        return results
+
+    @staticmethod
+    def _check_quant(buf: torch.Tensor, it: Item, scale: torch.Tensor) -> None:
+        w = _typed(buf[it.src_offset : it.src_offset + it.nbytes], TORCH_DTYPES[it.src_dtype])
+        check_quant_scales(it, scale, w.view(it.rows, it.cols))
+
+
+class Spread:
+    """Several backends as one (`--device cuda:all` or a list): each batch goes to the next in turn, so one
+    set of reader and writer threads feeds every device."""
+
+    def __init__(self, backends: list):
+        self.backends = backends
+        self.name = ",".join(b.name for b in backends)
+        self.pin_memory = any(b.pin_memory for b in backends)
+        self._turn = 0
+
+    def _current(self):
+        return self.backends[self._turn]
+
+    def dequant_block_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        return self._current().dequant_block_fp8(buf, items, out)
+
+    def quant_block_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        return self._current().quant_block_fp8(buf, items, out)
+
+    def dequant_mxfp4(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        return self._current().dequant_mxfp4(buf, items, out)
+
+    def fence(self) -> Fence | None:
+        fence = self._current().fence()
+        self._turn = (self._turn + 1) % len(self.backends)
+        return fence
+
+    def close(self) -> None:
+        for b in self.backends:
+            b.close()
+
+
+def device_list(device: str) -> list[str]:
+    """`cuda:all`: every visible GPU; `cuda:0,cuda:1`: those (a device may be named twice: two workers);
+    anything else: that one device."""
+    names = parse_devices(device)
+    if names == ["cuda:all"]:
+        if not torch.cuda.is_available():
+            raise UsageError("{device} cuda:all: no CUDA GPU is visible to torch; use {device} cpu", "device")
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return names
+
+
+def check_device(device: str) -> str:
+    """The device's name once checked (`auto` resolved): a CUDA device must exist; nothing is started on it."""
+    if device == "auto":  # the GPU path needs Triton (the `gpu` extra)
+        device = "cuda" if torch.cuda.is_available() and HAS_TRITON else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"{{device}} {device}: no CUDA GPU is visible to torch; use {{device}} cpu", "device")
+        if not HAS_TRITON:
+            raise UsageError(f"{{device}} {device}: the GPU path needs triton, which is not installed; "
+                             "pip install 'dsv3conv[gpu]', or use {device} cpu", "device")
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise UsageError(f"{{device}} {device!r}: choose auto, cpu, cuda, cuda:N, cuda:all or a list", "device") from exc
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"{{device}} {device}: only {torch.cuda.device_count()} CUDA devices are visible", "device")
+        return device
+    raise UsageError(f"{{device}} {device!r}: choose auto, cpu, cuda, cuda:N, cuda:all or a list (cuda:0,cuda:1)",
+                     "device")
+
+
+def make_backend(device: str, cpu_threads: int | None = None):
+    """`auto`: a CUDA GPU when present, else the CPU; `cpu`; `cuda`; `cuda:N`. `cpu_threads`: the CPU
+    backend's threads (default `devices.cpu_threads()`)."""
+    device = check_device(device)
+    return CpuBackend(cpu_threads) if device == "cpu" else CudaBackend(torch.device(device))

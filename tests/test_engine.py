@@ -1,0 +1,158 @@
+"""The engine with an asynchronous backend, on the CPU: a stand-in whose results exist only once its fence is
+waited for (as a GPU's copies back), so a writer that wrote before waiting, or a read buffer reused before
+its batch was converted, shows as different bytes. Pools stay within their counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dsv3conv import engine
+from dsv3conv.backend import CpuBackend, OutputArena
+from dsv3conv.checkpoint import Checkpoint
+from dsv3conv.dequant import plan_dequant
+from dsv3conv.errors import Dsv3Error
+from dsv3conv.gpu import Spread
+from dsv3conv.runner import execute
+from dsv3conv.synthetic import make_tiny
+
+
+class _Later:
+    """A fence: the batch's conversion runs when waited for; `fail` raises there instead (a host-side check)."""
+
+    def __init__(self, jobs, fail: str | None):
+        self.jobs, self.fail = jobs, fail
+
+    def wait(self) -> None:
+        if self.fail:
+            raise Dsv3Error(self.fail)
+        for job in self.jobs:
+            job()
+
+
+class LateBackend:
+    """Dequant into the engine's arena, but only when the batch's fence is waited for."""
+
+    pin_memory = False
+
+    def __init__(self, name: str = "late", fail_on: str | None = None):
+        self.name, self.fail_on = name, fail_on
+        self.cpu = CpuBackend(1)
+        self.jobs: list = []
+        self.fail: str | None = None
+        self.batches = 0
+
+    def dequant_block_fp8(self, buf, items, out: OutputArena):
+        dsts = [out.take(it.rows * it.cols * 2, 2) for it in items]
+        snapshot = buf.clone()  # what the batch's bytes were when enqueued
+
+        def convert() -> None:
+            assert np.array_equal(buf.numpy(), snapshot.numpy()), "the read buffer was reused before its fence"
+            done = self.cpu.dequant_block_fp8(buf, items, OutputArena(0))
+            for dst, (view,) in zip(dsts, done):
+                dst.numpy()[:] = np.frombuffer(view, dtype=np.uint8)
+
+        self.jobs.append(convert)
+        if self.fail_on is not None and any(it.name == self.fail_on for it in items):
+            self.fail = f"tensor `{self.fail_on}`: refused by the check after the conversion"
+        return [[memoryview(dst.numpy())] for dst in dsts]
+
+    def quant_block_fp8(self, buf, items, out):
+        raise AssertionError("not used here")
+
+    def dequant_mxfp4(self, buf, items, out):
+        raise AssertionError("not used here")
+
+    def fence(self) -> _Later:
+        self.batches += 1
+        fence = _Later(self.jobs, self.fail)
+        self.jobs, self.fail = [], None
+        return fence
+
+    def close(self) -> None:
+        self.cpu.close()
+
+
+@pytest.fixture(scope="module")
+def src_ref(tmp_path_factory):
+    """A checkpoint of several shards and its CPU conversion."""
+    root = tmp_path_factory.mktemp("engine")
+    make_tiny(root / "src", num_hidden_layers=5, n_shards=6)
+    backend = CpuBackend(1)
+    try:
+        execute(plan_dequant(Checkpoint.open(root / "src"), root / "ref"), backend)
+    finally:
+        backend.close()
+    return root / "src", root / "ref"
+
+
+def _same_files(out, ref) -> None:
+    names = sorted(p.name for p in ref.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names
+    for name in names:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("n_backends", [1, 2])
+def test_async_backend_many_batches_in_flight_same_bytes(tmp_path, src_ref, n_backends):
+    """Small steps (many batches of several files in flight), one or two asynchronous backends taking turns:
+    the CPU's bytes exactly."""
+    src, ref = src_ref
+    backends = [LateBackend(f"late{i}") for i in range(n_backends)]
+    backend = backends[0] if n_backends == 1 else Spread(backends)
+    try:
+        stats = execute(plan_dequant(Checkpoint.open(src), tmp_path / "out"), backend, chunk_bytes=8192)
+    finally:
+        backend.close()
+    assert stats.finalized
+    assert all(b.batches > 3 for b in backends), [b.batches for b in backends]
+    _same_files(tmp_path / "out", ref)
+
+
+def test_a_failing_fence_fails_the_run_and_leaves_no_final_file(tmp_path, src_ref):
+    """What the fence raises (a check on the converted bytes) is the run's error; the shard that holds the
+    tensor is never under its final name, nor is config.json."""
+    src, _ = src_ref
+    plan = plan_dequant(Checkpoint.open(src), tmp_path / "out")
+    name = "model.layers.1.self_attn.o_proj.weight"
+    shard = next(f.name for f in plan.files for t in f.tensors if t.name == name)
+    backend = LateBackend(fail_on=name)
+    try:
+        with pytest.raises(Dsv3Error, match=f"`{name}`"):
+            execute(plan, backend, chunk_bytes=8192)
+    finally:
+        backend.close()
+    assert not (tmp_path / "out" / shard).exists()
+    assert not (tmp_path / "out" / "config.json").exists()
+    assert not list((tmp_path / "out").glob(".*partial"))
+
+
+def test_buffers_and_arenas_stay_within_their_counts(tmp_path, src_ref, monkeypatch):
+    """However many batches, at most readers + depth read buffers and writers + depth arenas are made."""
+    src, ref = src_ref
+    made = {"buffers": 0, "arenas": 0}
+    make_buffer, arena_take = engine._buffer, OutputArena.take
+
+    def counting_buffer(*args, **kwargs):
+        made["buffers"] += 1
+        return make_buffer(*args, **kwargs)
+
+    def counting_take(self, nbytes, align=1):
+        if self._buf is None:
+            made["arenas"] += 1
+        return arena_take(self, nbytes, align)
+
+    monkeypatch.setattr(engine, "_buffer", counting_buffer)
+    monkeypatch.setattr(OutputArena, "take", counting_take)
+    backend = CpuBackend(1)
+    try:
+        plan = plan_dequant(Checkpoint.open(src), tmp_path / "out")
+        specs = [s for k, f in enumerate(plan.files) for s in engine._batch_specs(k, f, 8192)]
+        execute(plan, backend, chunk_bytes=8192, depth=1)
+    finally:
+        backend.close()
+    readers, writers = engine.io_threads()
+    assert len(specs) > 4 * (readers + writers + 2)
+    assert 1 <= made["buffers"] <= readers + 1, made
+    assert 1 <= made["arenas"] <= writers + 1, made
+    _same_files(tmp_path / "out", ref)
