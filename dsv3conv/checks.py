@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from dsv3conv.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo
 from dsv3conv.errors import Problem
-from dsv3conv.layout import FP8_DTYPE, fp8_coverage, is_nextn_draft, is_scale, layer_id, mtp_layer_ids
+from dsv3conv.formats import Formats, check_config, classify
+from dsv3conv.layout import is_nextn_draft, layer_id, mtp_layer_ids
+from dsv3conv.layout_v4 import is_v4_names, mtp_module_id, v4_layout
 
 MTP_MARKERS = (".enorm.", ".hnorm.", ".eh_proj.")  # tensors only an MTP layer holds
 # Codes of the problems the reader records about files, index and shards (verify's `files` check).
@@ -25,22 +27,39 @@ FILE_CODES = ("no-index", "index-empty", "shard-missing", "stored-twice", "index
 
 
 # ------------------------------------------------------------------------------------------ FP8 pairs
-def fp8_problems(tensors: Mapping[str, TensorInfo]) -> list[Problem]:
-    """Every FP8 weight has a usable scale, every scale its FP8 weight."""
-    cov = fp8_coverage(tensors)
-    out = [Problem("fp8-unscaled", n, f"tensor `{n}` is F8_E4M3 but `{n}_scale_inv` is missing from the index "
-                   "and from every shard", "restore the missing shard or scale") for n in cov.unscaled]
-    out += [Problem("fp8-bad-scale", text.split("`")[1] if "`" in text else "", text, "restore it from the release")
-            for text in cov.bad_scales]
-    out += [Problem("fp8-orphan-scale", n, f"tensor `{n}` is a scale without its F8_E4M3 weight",
-                    "the checkpoint is incomplete: restore the weight") for n in cov.orphan_scales]
+def fp8_problems(tensors: Mapping[str, TensorInfo], formats: Formats | None = None) -> list[Problem]:
+    """Every quantized weight (block FP8 in any scale naming, packed FP4) has a usable scale, every scale
+    its weight, every one-byte weight is one of them (`formats.classify`, without the config cross-check)."""
+    formats = formats if formats is not None else classify(tensors)
+    unscaled, orphans = set(formats.unscaled), set(formats.orphan_scales)
+    out = []
+    for text in formats.problems:
+        subject = text.split("`")[1] if "`" in text else ""
+        code = "fp8-unscaled" if subject in unscaled else "fp8-orphan-scale" if subject in orphans else "fp8-bad-scale"
+        out.append(Problem(code, subject, text))
     return out
+
+
+def scale_tensors(formats: Formats) -> set[str]:
+    """The names of the scales: those of quantized weights, and scales without their weight."""
+    return {f.name for f in formats.of_kind("scale")} | set(formats.orphan_scales)
+
+
+def quantized(formats: Formats) -> list[str]:
+    """The quantized weights: block FP8 and packed FP4."""
+    return [f.name for f in formats.tensors.values() if f.kind in ("fp8_block", "mxfp4")]
 
 
 # ---------------------------------------------------------------------------------- layers and MTP
 def layer_problems(tensors: Mapping[str, TensorInfo], config: Mapping, config_path: Path | str) -> list[Problem]:
-    """The layers present are exactly the main layers and MTP layers config.json declares (codes `layers`, `mtp`)."""
+    """The layers present are exactly the main layers and MTP layers config.json declares (codes `layers`, `mtp`).
+
+    DeepSeek-V4 names: the main layers `layers.N.*` and the `mtp.*` part (an MTP module or a DSpark drafter)."""
     path = str(config_path)
+    if is_v4_names(tensors):
+        layout = v4_layout(tensors, config)
+        return ([Problem("layers", path, t) for t in layout.layer_problems]
+                + [Problem("mtp", path, t) for t in layout.mtp_problems])
     ids = {i for i in map(layer_id, tensors) if i is not None}
     n_main = int(config.get("num_hidden_layers", 0) or 0)
     mtp_ids = mtp_layer_ids(config)
@@ -66,19 +85,32 @@ def layer_problems(tensors: Mapping[str, TensorInfo], config: Mapping, config_pa
     return out
 
 
-def quantization_config_problems(tensors: Mapping[str, TensorInfo], config: Mapping,
-                                 config_path: Path | str) -> list[Problem]:
-    """quantization_config is present exactly when F8_E4M3 weights are."""
-    has_fp8 = any(t.dtype == FP8_DTYPE and not is_scale(n) for n, t in tensors.items())
+def mtp_rule(tensors: Mapping[str, TensorInfo], config: Mapping) -> Callable[[str], bool]:
+    """Which tensors belong to the MTP layers (or a V4 drafter): V4 names under `mtp.*`, else the layers the
+    config declares after the main ones."""
+    if is_v4_names(tensors):
+        return lambda name: mtp_module_id(name) is not None
+    ids = set(mtp_layer_ids(config))
+    return lambda name: layer_id(name) in ids
+
+
+def quantization_config_problems(tensors: Mapping[str, TensorInfo], config: Mapping, config_path: Path | str,
+                                 formats: Formats | None = None) -> list[Problem]:
+    """quantization_config is present exactly when quantized weights (block FP8, packed FP4) are, and says
+    what the headers say (`formats.check_config`: block size, naming, `expert_dtype`, compressed-tensors'
+    groups and `ignore` list)."""
+    formats = formats if formats is not None else classify(tensors)
+    has_q = bool(quantized(formats))
     has_qc = bool(config.get("quantization_config"))
-    if has_fp8 and not has_qc:
-        return [Problem("quantization-config", str(config_path), f"{config_path}: F8_E4M3 tensors present but no "
+    path = str(config_path)
+    if has_q and not has_qc:
+        return [Problem("quantization-config", path, f"{config_path}: F8_E4M3 tensors present but no "
                         "quantization_config; loaders would read them as plain weights",
                         "restore quantization_config from the release")]
-    if has_qc and not has_fp8:
-        return [Problem("quantization-config", str(config_path), f"{config_path}: quantization_config present but "
+    if has_qc and not has_q:
+        return [Problem("quantization-config", path, f"{config_path}: quantization_config present but "
                         "no F8_E4M3 tensors; loaders would try to load the weights as FP8 and fail", "remove it")]
-    return []
+    return [Problem("quantization-config", path, text) for text in check_config(formats, config, presence=False)]
 
 
 # ---------------------------------------------------------------------------------- files and index

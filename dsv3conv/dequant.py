@@ -11,12 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint
+from dsv3conv.checks import mtp_rule
 from dsv3conv.config_edits import dequant_config
 from dsv3conv.dtypes import FLOAT_DTYPES, OUT_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.formats import check_config, classify
-from dsv3conv.layout import layer_id, mtp_layer_ids
-from dsv3conv.layout_v4 import is_v4_names, mtp_module_id, v4_layout
 from dsv3conv.ops import DequantBlockFp8, DequantMxfp4
 from dsv3conv.plan import Plan, TensorPlan, check_layers, copied, index_json, more, shard_files
 
@@ -67,13 +66,6 @@ def plan_dequant(
 
 
 def _mtp_rule(ckpt: Checkpoint, config: dict):
-    """Which tensors are MTP (or a V4 drafter): V4 names under `mtp.*`, else the layers after the main ones.
-    The layer counts of the config must match the tensors."""
-    if is_v4_names(ckpt.tensors):
-        layout = v4_layout(ckpt.tensors, config)
-        if layout.problems:
-            raise Dsv3Error(layout.problems[0] + more(layout.problems))
-        return lambda name: mtp_module_id(name) is not None
+    """Which tensors are MTP (or a V4 drafter), once the config's layer counts match the tensors."""
     check_layers(ckpt, config)
-    ids = set(mtp_layer_ids(config))
-    return lambda name: layer_id(name) in ids
+    return mtp_rule(ckpt.tensors, config)

@@ -52,7 +52,12 @@ class V4Layout:
     mtp_modules: list[int]  # ids K of `mtp.K.*`
     mtp_kind: str | None  # "mtp", "dspark" or None (no `mtp.*` tensors)
     mtp_tensors: int = 0
-    problems: list[str] = field(default_factory=list)
+    layer_problems: list[str] = field(default_factory=list)  # the main layers against the config
+    mtp_problems: list[str] = field(default_factory=list)  # the `mtp.*` part, alone and against the config
+
+    @property
+    def problems(self) -> list[str]:
+        return self.layer_problems + self.mtp_problems
 
     def summary(self) -> dict:
         return {"main_layers": len(self.main_layers), "mtp_kind": self.mtp_kind,
@@ -70,25 +75,25 @@ def v4_layout(names: Iterable[str], config: Mapping | None) -> V4Layout:
     kind = "dspark" if drafter else "mtp" if mtp_names else None
     out = V4Layout(layers, modules, kind, len(mtp_names))
     if drafter and mtp:
-        out.problems.append(f"tensors `{mtp[0]}` (MTP) and `{drafter[0]}` (DSpark drafter) both sit under mtp.*; "
+        out.mtp_problems.append(f"tensors `{mtp[0]}` (MTP) and `{drafter[0]}` (DSpark drafter) both sit under mtp.*; "
                             "the checkpoint mixes two releases")
     if modules and modules != list(range(len(modules))):
-        out.problems.append(f"mtp.* modules {modules} are not numbered 0..{len(modules) - 1}; a shard is missing")
+        out.mtp_problems.append(f"mtp.* modules {modules} are not numbered 0..{len(modules) - 1}; a shard is missing")
     if config is None:
         return out
     n_main = config.get("num_hidden_layers")
     if n_main is not None and layers and layers != list(range(int(n_main))):
-        out.problems.append(f"config.json: num_hidden_layers is {n_main} but the tensors hold layers {_span(layers)}; "
+        out.layer_problems.append(f"config.json: num_hidden_layers is {n_main} but the tensors hold layers {_span(layers)}; "
                             "fix config.json or restore the missing shards")
     n_mtp = config.get("num_nextn_predict_layers")
     if n_mtp is not None and int(n_mtp) != len(modules):
-        out.problems.append(f"config.json: num_nextn_predict_layers is {n_mtp} but the tensors hold "
+        out.mtp_problems.append(f"config.json: num_nextn_predict_layers is {n_mtp} but the tensors hold "
                             f"{len(modules)} mtp.* modules")
     if drafter_declared(config) and kind == "mtp":
-        out.problems.append(f"config.json declares a DSpark drafter (dspark_* fields) but `{mtp[0] if mtp else mtp_names[0]}` "
+        out.mtp_problems.append(f"config.json declares a DSpark drafter (dspark_* fields) but `{mtp[0] if mtp else mtp_names[0]}` "
                             "is an MTP module's tensor")
     if kind == "dspark" and not drafter_declared(config):
-        out.problems.append(f"tensor `{drafter[0]}` belongs to a DSpark drafter but config.json has no dspark_* fields")
+        out.mtp_problems.append(f"tensor `{drafter[0]}` belongs to a DSpark drafter but config.json has no dspark_* fields")
     return out
 
 

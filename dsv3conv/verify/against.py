@@ -9,20 +9,25 @@ from collections import Counter
 
 from dsv3conv.checkpoint import CONFIG_NAME, Checkpoint
 from dsv3conv.checks import fp8_problems
-from dsv3conv.layout import fp8_coverage
-from dsv3conv.ops import Copy, DequantBlockFp8, QuantBlockFp8
+from dsv3conv.formats import classify
+from dsv3conv.ops import Copy, DequantBlockFp8, DequantMxfp4, QuantBlockFp8
 from dsv3conv.verify.claim import Claim
 from dsv3conv.verify.report import Check, config_diffs, join, names, short_json
 
-OP_WORDS = {DequantBlockFp8: "dequantized", QuantBlockFp8: "quantized, each with its scale", Copy: "copied"}
+OP_WORDS = {DequantBlockFp8: "dequantized", DequantMxfp4: "dequantized from packed FP4",
+            QuantBlockFp8: "quantized, each with its scale", Copy: "copied"}
+DEQUANT_OPS = (DequantBlockFp8, DequantMxfp4)
 
 
 def source_check(src: Checkpoint) -> Check:
-    problems = [p.text for p in list(src.problems) + fp8_problems(src.tensors)]
+    formats = classify(src.tensors)
+    problems = [p.text for p in list(src.problems) + fp8_problems(src.tensors, formats)]
     if problems:
         return Check("source", False, f"{src.root}: " + join(problems))
+    packed = len(formats.of_kind("mxfp4"))
     return Check("source", True, f"{src.root}: {len(src.tensors):,} tensors, "
-                 f"{len(fp8_coverage(src.tensors).pairs):,} FP8 weights with scales")
+                 f"{len(formats.of_kind('fp8_block')):,} FP8 weights with scales"
+                 + (f", {packed:,} packed FP4 weights with scales" if packed else ""))
 
 
 def misformed(ckpt: Checkpoint, c: Claim) -> dict[str, str]:
@@ -53,7 +58,7 @@ def tensor_set_check(ckpt: Checkpoint, c: Claim) -> Check:
         return Check("tensor_set", False, join(problems))
     ops = Counter(type(t.op) for t in planned.values())
     counts = ", ".join(f"{ops[op]:,} {word}" for op, word in OP_WORDS.items() if ops[op])
-    if ops[DequantBlockFp8]:
+    if ops[DequantBlockFp8] or ops[DequantMxfp4]:
         counts = counts.replace("dequantized", f"dequantized to {_out_dtype(planned)}", 1)
     return Check("tensor_set", True, f"{len(planned):,} tensors as {c.kind} of the source makes them "
                  f"({c.settings}): {counts}; {len(c.plan.dropped):,} source tensors left out")
@@ -77,4 +82,4 @@ def config_check(ckpt: Checkpoint, src: Checkpoint, c: Claim) -> Check:
 
 
 def _out_dtype(planned: dict) -> str:
-    return next(t.dtype for t in planned.values() if isinstance(t.op, DequantBlockFp8))
+    return next(t.dtype for t in planned.values() if isinstance(t.op, DEQUANT_OPS))

@@ -9,16 +9,19 @@ from dsv3conv.checks import (
     fp8_problems,
     layer_problems,
     quantization_config_problems,
+    quantized,
     ranges,
     shard_files,
     stray_shards,
     total_size_problems,
 )
-from dsv3conv.layout import BLOCK, FP8_DTYPE, fp8_coverage, is_scale, mtp_layer_ids
+from dsv3conv.formats import BLOCK, MX_GROUP, Formats
+from dsv3conv.layout import mtp_layer_ids
+from dsv3conv.layout_v4 import is_v4_names, v4_layout
 from dsv3conv.verify.report import Check, check_of
 
 
-def header_checks(ckpt: Checkpoint) -> list[Check]:
+def header_checks(ckpt: Checkpoint, formats: Formats) -> list[Check]:
     """The eight checks from index, headers and config.json, in the report's order."""
     files = [p for p in ckpt.problems if p.code not in ("header", "config")]
     files += duplicate_index_keys(ckpt) + stray_shards(ckpt)
@@ -33,7 +36,7 @@ def header_checks(ckpt: Checkpoint) -> list[Check]:
                  f"{len(ckpt.shards)} headers valid; file sizes match the headers ({size:,} bytes)"),
         check_of("total_size", total_size_problems(ckpt), _total_size_passed(ckpt)),
     ]
-    return checks + _config_checks(ckpt) + [_fp8_check(ckpt)]
+    return checks + _config_checks(ckpt, formats) + [_fp8_check(ckpt, formats)]
 
 
 def _total_size_passed(ckpt: Checkpoint) -> str:
@@ -42,7 +45,7 @@ def _total_size_passed(ckpt: Checkpoint) -> str:
     return f"{ckpt.tensor_bytes():,} bytes, the sum of the tensors"
 
 
-def _config_checks(ckpt: Checkpoint) -> list[Check]:
+def _config_checks(ckpt: Checkpoint, formats: Formats) -> list[Check]:
     """config, layers, mtp and quantization_config."""
     path = ckpt.root / CONFIG_NAME
     config = ckpt.config
@@ -52,26 +55,40 @@ def _config_checks(ckpt: Checkpoint) -> list[Check]:
             Check(n, False, f"not checked: {why}") for n in ("layers", "mtp", "quantization_config")]
     layers = layer_problems(ckpt.tensors, config, path)
     n_main = int(config.get("num_hidden_layers", 0) or 0)
-    mtp_ids = mtp_layer_ids(config)
-    n_mtp = config.get("num_nextn_predict_layers", 0) or 0
-    if mtp_ids:
-        mtp_passed = (f"num_nextn_predict_layers={n_mtp}: MTP {'layers' if len(mtp_ids) > 1 else 'layer'} "
-                      f"{ranges(mtp_ids)} present")
-    else:
-        mtp_passed = "no MTP layers declared, none present"
-    has_fp8 = any(t.dtype == FP8_DTYPE and not is_scale(n) for n, t in ckpt.tensors.items())
+    mtp_passed = _mtp_passed(ckpt, config)
+    has_q = bool(quantized(formats))
     return [
         Check("config", True, f"{path.name}: model_type {config.get('model_type')!r}"),
         check_of("layers", [p for p in layers if p.code == "layers"],
                  f"num_hidden_layers={n_main}" + (f": main layers 0..{n_main - 1} present" if n_main else "")),
         check_of("mtp", [p for p in layers if p.code == "mtp"], mtp_passed),
-        check_of("quantization_config", quantization_config_problems(ckpt.tensors, config, path),
-                 "present, FP8 tensors present" if has_fp8 else "absent, no FP8 tensors"),
+        check_of("quantization_config", quantization_config_problems(ckpt.tensors, config, path, formats),
+                 "present, FP8 tensors present" if has_q else "absent, no FP8 tensors"),
     ]
 
 
-def _fp8_check(ckpt: Checkpoint) -> Check:
-    pairs = fp8_coverage(ckpt.tensors).pairs
-    passed = (f"{len(pairs):,} FP8 weights, each with a scale of [ceil(M/{BLOCK}), ceil(N/{BLOCK})]" if pairs
-              else "no FP8 weights, no scales")
-    return check_of("fp8_scales", fp8_problems(ckpt.tensors), passed)
+def _mtp_passed(ckpt: Checkpoint, config: dict) -> str:
+    n_mtp = config.get("num_nextn_predict_layers", 0) or 0
+    if is_v4_names(ckpt.tensors):
+        layout = v4_layout(ckpt.tensors, config)
+        if layout.mtp_kind is None:
+            return "no mtp.* tensors declared, none present"
+        what = "a DSpark drafter" if layout.mtp_kind == "dspark" else "MTP"
+        return f"num_nextn_predict_layers={n_mtp}: {what} at mtp.{ranges(layout.mtp_modules)} present"
+    mtp_ids = mtp_layer_ids(config)
+    if mtp_ids:
+        return (f"num_nextn_predict_layers={n_mtp}: MTP {'layers' if len(mtp_ids) > 1 else 'layer'} "
+                f"{ranges(mtp_ids)} present")
+    return "no MTP layers declared, none present"
+
+
+def _fp8_check(ckpt: Checkpoint, formats: Formats) -> Check:
+    block = formats.of_kind("fp8_block")
+    packed = formats.of_kind("mxfp4")
+    parts = []
+    if block:
+        parts.append(f"{len(block):,} FP8 weights, each with a scale of [ceil(M/{BLOCK}), ceil(N/{BLOCK})]")
+    if packed:
+        parts.append(f"{len(packed):,} packed FP4 weights, each with an E8M0 scale per {MX_GROUP} values")
+    passed = "; ".join(parts) if parts else "no FP8 weights, no scales"
+    return check_of("fp8_scales", fp8_problems(ckpt.tensors, formats), passed)

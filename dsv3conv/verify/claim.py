@@ -19,10 +19,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from dsv3conv.checkpoint import Checkpoint
+from dsv3conv.checks import mtp_rule, quantized, scale_tensors
 from dsv3conv.dequant import plan_dequant
 from dsv3conv.dtypes import FLOAT_DTYPES, OUT_DTYPES, TORCH_NAMES
 from dsv3conv.errors import Dsv3Error
-from dsv3conv.layout import FP8_DTYPE, fp8_coverage, is_nextn_draft, is_scale, layer_id, mtp_layer_ids
+from dsv3conv.formats import FP8, Formats, classify
+from dsv3conv.layout import is_nextn_draft
 from dsv3conv.plan import Plan, TensorPlan
 from dsv3conv.quant import plan_quant
 from dsv3conv.split_mtp import SHARED_WITH_TARGET, plan_split_main, plan_split_mtp
@@ -46,35 +48,36 @@ class Claim:
 def claim(ckpt: Checkpoint, src: Checkpoint) -> Claim:
     """Read what CKPT claims to be made from SRC, and plan that conversion of SRC."""
     config = ckpt.config or {}
-    src_mtp = set(mtp_layer_ids(src.config or {}))
-    src_fp8 = bool(fp8_coverage(src.tensors).pairs)
+    src_formats, ckpt_formats = classify(src.tensors), classify(ckpt.tensors)
+    in_mtp = mtp_rule(src.tensors, src.config or {})
+    src_mtp = any(in_mtp(n) for n in src.tensors)
+    src_q = quantized(src_formats)
     if is_nextn_draft(config) and src_mtp:
         full = any(n.endswith(SHARED_WITH_TARGET) for n in ckpt.tensors)
         layout = "full" if full else "sglang"
         return _plan(Claim("split-mtp draft", f"layout {layout}"),
                      lambda: plan_split_mtp(src, ckpt.root, layout))
-    ckpt_fp8 = bool(fp8_coverage(ckpt.tensors).pairs)
-    if ckpt_fp8 and not _has_fp8(src):
-        return _claim_quant(ckpt, src, src_mtp)
-    mtp = "drop" if src_mtp and _mtp_dropped(ckpt, src_mtp) else "keep"
-    if ckpt_fp8 == src_fp8 and mtp == "drop":
+    ckpt_q = bool(quantized(ckpt_formats))
+    mtp = "drop" if src_mtp and _mtp_dropped(ckpt, in_mtp) else "keep"
+    if ckpt_q and not _has_fp8(src, src_formats):
+        return _claim_quant(ckpt, ckpt_formats, src, mtp)
+    if ckpt_q == bool(src_q) and mtp == "drop":
         return _plan(Claim("split-mtp main", "MTP layers left out"), lambda: plan_split_main(src, ckpt.root))
-    converted = Counter(ckpt.tensors[n].dtype for n in fp8_coverage(src.tensors).pairs if n in ckpt.tensors)
+    converted = Counter(ckpt.tensors[n].dtype for n in src_q if n in ckpt.tensors)
     out_dtype = converted.most_common(1)[0][0] if converted else "BF16"
     dtype_name = TORCH_NAMES.get(out_dtype, "bfloat16") if TORCH_NAMES.get(out_dtype) in OUT_DTYPES else "bfloat16"
     return _plan(Claim("dequant", f"to {FLOAT_DTYPES[dtype_name]}, MTP {mtp}"),
                  lambda: plan_dequant(src, ckpt.root, out_dtype=dtype_name, mtp=mtp))
 
 
-def _claim_quant(ckpt: Checkpoint, src: Checkpoint, src_mtp: set[int]) -> Claim:
+def _claim_quant(ckpt: Checkpoint, formats: Formats, src: Checkpoint, mtp: str) -> Claim:
     qc = (ckpt.config or {}).get("quantization_config")
     qc = qc if isinstance(qc, dict) else {}
     scale_fmt = qc.get("scale_fmt", "float")
-    scale_dtypes = sorted({t.dtype for n, t in ckpt.tensors.items() if is_scale(n)})
+    scale_dtypes = sorted({ckpt.tensors[n].dtype for n in scale_tensors(formats)})
     scale_dtype = TORCH_NAMES.get(scale_dtypes[0], scale_dtypes[0]) if scale_dtypes else "float32"
     modules = qc.get("modules_to_not_convert") or []
     skip = ["^" + re.escape(f"{m}.weight") + "$" for m in modules if isinstance(m, str)]
-    mtp = "drop" if src_mtp and _mtp_dropped(ckpt, src_mtp) else "keep"
     c = Claim("quant", f"scale_fmt {scale_fmt}, scale dtype {scale_dtype}, {len(skip)} weights skipped, MTP {mtp}")
     if len(scale_dtypes) > 1:
         c.problems.append(f"scales stored in several dtypes ({', '.join(scale_dtypes)}); quant writes one")
@@ -90,12 +93,13 @@ def _plan(c: Claim, make) -> Claim:
     return c
 
 
-def _has_fp8(ckpt: Checkpoint) -> bool:
-    return any(t.dtype == FP8_DTYPE or is_scale(n) for n, t in ckpt.tensors.items())
+def _has_fp8(ckpt: Checkpoint, formats: Formats) -> bool:
+    """Any quantized weight, FP8 tensor or scale."""
+    return bool(quantized(formats) or scale_tensors(formats)) or any(t.dtype == FP8 for t in ckpt.tensors.values())
 
 
-def _mtp_dropped(ckpt: Checkpoint, src_mtp: set[int]) -> bool:
+def _mtp_dropped(ckpt: Checkpoint, in_mtp) -> bool:
     """CKPT's config says it has no MTP layers; without a config, CKPT holds no tensor of SRC's MTP layers."""
     if ckpt.config is not None and "num_nextn_predict_layers" in ckpt.config:
         return not ckpt.config.get("num_nextn_predict_layers")
-    return not any(layer_id(n) in src_mtp for n in ckpt.tensors)
+    return not any(in_mtp(n) for n in ckpt.tensors)

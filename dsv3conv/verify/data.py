@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from dsv3conv.checkpoint import Checkpoint
-from dsv3conv.layout import is_scale
-from dsv3conv.ops import Copy, DequantBlockFp8, QuantBlockFp8
+from dsv3conv.ops import Copy, DequantBlockFp8, DequantMxfp4, QuantBlockFp8
 from dsv3conv.verify.report import Check, fmt_diff, join, where
 from dsv3conv.verify.scan import Task
 from dsv3conv.verify.values import TensorResult
@@ -12,23 +11,23 @@ from dsv3conv.verify.values import TensorResult
 # What a verify without --against cannot find, said in its output.
 UNPROVEN = ("without --against a changed byte that still decodes to a valid value goes unnoticed "
             "(the release carries no checksums)")
-KINDS = {Copy: "copy", DequantBlockFp8: "dequant", QuantBlockFp8: "quant"}
+KINDS = {Copy: "copy", DequantBlockFp8: "dequant", DequantMxfp4: "dequant", QuantBlockFp8: "quant"}
 
 
 def values_check(results: dict[str, TensorResult], tasks: list[Task], ckpt: Checkpoint, fraction: float | None,
-                 shards: list[str] | None, against: bool) -> Check:
+                 shards: list[str] | None, against: bool, scale_names: set[str]) -> Check:
     problems = []
     for t in tasks:
         r = results[t.info.name]
         if r.error and t.planned is None:
             problems.append(f"tensor `{t.info.name}`: {r.error}")
         elif r.bad_values:
-            what = "values that are not finite and > 0" if is_scale(t.info.name) else "NaN or Inf values"
+            what = "values that are not finite and > 0" if not t.sampled else "NaN or Inf values"
             problems.append(f"tensor `{t.info.name}` ({t.info.dtype}, {t.info.file}) has {r.bad_values:,} "
                             f"{what} ({r.bad_kind} first at {where(r.bad_first, t.info.shape)})")
     sampled = sum(t.sampled for t in tasks)
     scales = len(tasks) - sampled
-    others = sum(not is_scale(n) and (shards is None or t.file in shards) for n, t in ckpt.tensors.items())
+    others = sum(n not in scale_names and (shards is None or t.file in shards) for n, t in ckpt.tensors.items())
     what = f"{sampled:,} of {others:,} tensors" if fraction is not None else f"all {others:,} tensors"
     if scales:
         what += f" and all {scales:,} scales"

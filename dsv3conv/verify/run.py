@@ -7,8 +7,9 @@ import re
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint, require_dir
-from dsv3conv.checks import shard_files
+from dsv3conv.checks import scale_tensors, shard_files
 from dsv3conv.errors import Dsv3Error, UsageError
+from dsv3conv.formats import classify
 from dsv3conv.ops import QuantBlockFp8, QuantScale
 from dsv3conv.plan import assign_parts, parse_part
 from dsv3conv.verify.against import config_check, misformed, source_check, tensor_set_check
@@ -49,12 +50,14 @@ def verify_checkpoint(
     except Dsv3Error as exc:
         return result([Check("files", False, str(exc))], [], k_n, [])
     shards = part_shards(ckpt, *k_n) if k_n is not None else None
-    checks = header_checks(ckpt)
+    formats = classify(ckpt.tensors)
+    scales = scale_tensors(formats)
+    checks = header_checks(ckpt, formats)
     against_checks, c, src = _against(ckpt, src_root)
     compared = _comparable(ckpt, c)
-    todo = choose_tasks(ckpt, compared, fraction, shards)
+    todo = choose_tasks(ckpt, compared, fraction, shards, scales)
     results, used = scan(ckpt, src_root if src is not None else None, todo, device, chunk_bytes, progress)
-    data_checks = [values_check(results, todo, ckpt, fraction, shards, against is not None)]
+    data_checks = [values_check(results, todo, ckpt, fraction, shards, against is not None, scales)]
     mismatches = set(misformed(ckpt, c)) if c is not None else set()
     if c is not None:  # the source opened (else its check says why, and nothing is compared)
         pool = sum(not isinstance(t.op, QuantScale) and (shards is None or ckpt.tensors[n].file in shards)

@@ -7,7 +7,6 @@ import math
 from collections.abc import Callable
 
 from dsv3conv.checkpoint import Checkpoint
-from dsv3conv.layout import is_scale
 from dsv3conv.ops import QuantScale
 from dsv3conv.plan import TensorPlan
 from dsv3conv.verify.scan import Task
@@ -31,8 +30,8 @@ def choose(names: list[str], group: Callable[[str], object], fraction: float | N
 
 
 def tasks(ckpt: Checkpoint, compared: dict[str, TensorPlan], fraction: float | None,
-          shards: list[str] | None) -> list[Task]:
-    """The sample of CKPT's tensors (at least one per dtype and operation) and all its scales, in the files
+          shards: list[str] | None, scales: set[str]) -> list[Task]:
+    """The sample of CKPT's tensors (at least one per dtype and operation) and all its `scales`, in the files
     of `shards` (None: all), each with its plan when it is compared; sorted to read each shard front to back.
 
     The sample is the whole run's, cut to the part: the parts of a job array add up to it."""
@@ -44,9 +43,9 @@ def tasks(ckpt: Checkpoint, compared: dict[str, TensorPlan], fraction: float | N
         t = compared.get(n)
         return None if t is None or isinstance(t.op, QuantScale) else t  # compared with its weight
 
-    pool = [n for n in ckpt.tensors if not is_scale(n)]
+    pool = [n for n in ckpt.tensors if n not in scales]
     chosen = [Task(ckpt.tensors[n], plan(n), True) for n in choose(pool, group, fraction)]
-    chosen += [Task(t, plan(n), False) for n, t in ckpt.tensors.items() if is_scale(n)]
+    chosen += [Task(t, plan(n), False) for n, t in ckpt.tensors.items() if n in scales]
     if shards is not None:
         in_part = set(shards)
         chosen = [t for t in chosen if t.info.file in in_part]

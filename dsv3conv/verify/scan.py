@@ -29,7 +29,7 @@ class Task:
 
     info: TensorInfo
     planned: TensorPlan | None  # its plan (op copy, dequant or quant), when CKPT's dtype and shape match it
-    sampled: bool  # False for scales, which are always read
+    sampled: bool  # False for scales, which are always read (and must be finite and > 0)
 
 
 def scan(ckpt: Checkpoint, src_root: Path | None, tasks: list[Task], device: str, chunk_bytes: int,
@@ -53,9 +53,9 @@ def scan(ckpt: Checkpoint, src_root: Path | None, tasks: list[Task], device: str
                 res = results[task.info.name] = TensorResult()
                 try:
                     if task.planned is not None:
-                        _compare(ckpt, reader, src_root, task.planned, backend, chunk_bytes, handles, scales, res)
+                        _compare(ckpt, reader, src_root, task, backend, chunk_bytes, handles, scales, res)
                     else:
-                        _values(reader, task.info, chunk_bytes, res)
+                        _values(reader, task.info, chunk_bytes, res, not task.sampled)
                 except (Dsv3Error, OSError) as exc:
                     res.error = str(exc)
                 bar.advance(task.info.nbytes, f"{k + 1}/{len(tasks)} tensors")
@@ -65,23 +65,24 @@ def scan(ckpt: Checkpoint, src_root: Path | None, tasks: list[Task], device: str
     return results, backend.name if backend is not None else ""
 
 
-def _values(reader: ShardReader, info: TensorInfo, chunk_bytes: int, res: TensorResult) -> None:
+def _values(reader: ShardReader, info: TensorInfo, chunk_bytes: int, res: TensorResult, scale: bool) -> None:
     per = max(1, chunk_bytes // info.itemsize)
     for e0 in range(0, info.numel, per):
         n = min(per, info.numel - e0)
-        check_values(_bytes(reader.read(info, e0 * info.itemsize, n * info.itemsize)), info, e0, res)
+        check_values(_bytes(reader.read(info, e0 * info.itemsize, n * info.itemsize)), info, e0, res, scale)
 
 
-def _compare(ckpt: Checkpoint, reader: ShardReader, src_root: Path, t: TensorPlan, backend, chunk_bytes: int,
+def _compare(ckpt: Checkpoint, reader: ShardReader, src_root: Path, task: Task, backend, chunk_bytes: int,
              handles: dict, scales: _ScaleCache, res: TensorResult) -> None:
-    """Run the engine's read and convert steps on tensor `t` alone; hold CKPT's bytes to each output piece."""
+    """Run the engine's read and convert steps on the task's tensor alone; hold CKPT's bytes to each output piece."""
+    t = task.planned
     info = ckpt.tensors[t.name]
     copy = isinstance(t.op, Copy)
     for name, start, want in _expected(src_root, t, backend, chunk_bytes, handles, scales):
         got_info = ckpt.tensors[name]
         got = _bytes(reader.read(got_info, start, len(want)))
         if name == t.name:
-            check_values(got, info, start // info.itemsize, res)
+            check_values(got, info, start // info.itemsize, res, not task.sampled)
         differ, first, largest = count_differ(want, got, None if copy else got_info.dtype)
         if name != t.name:
             res.scale_differ += differ

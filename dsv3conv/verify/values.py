@@ -10,7 +10,6 @@ import torch
 
 from dsv3conv.checkpoint import TensorInfo
 from dsv3conv.dtypes import TORCH_DTYPES
-from dsv3conv.layout import is_scale
 from dsv3conv.safetensors_format import DTYPE_SIZES
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -59,9 +58,8 @@ def _maybe_bad(raw: torch.Tensor, dtype: str) -> bool:
     return True
 
 
-def check_values(raw: torch.Tensor, info: TensorInfo, e0: int, res: TensorResult) -> None:
-    """Count the bad values of `raw`, the elements of `info` from element `e0` on."""
-    scale = is_scale(info.name)
+def check_values(raw: torch.Tensor, info: TensorInfo, e0: int, res: TensorResult, scale: bool) -> None:
+    """Count the bad values of `raw`, the elements of `info` from element `e0` on (`scale`: must be > 0)."""
     if raw.numel() == 0 or (not scale and not _maybe_bad(raw, info.dtype)):
         return
     bad = bad_mask(raw, info.dtype, scale)
