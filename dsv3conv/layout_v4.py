@@ -27,8 +27,9 @@ TensorSpec = tuple[str, tuple[int, ...], str]
 
 
 def is_v4_names(names: Iterable[str]) -> bool:
-    """V4 naming: the embedding or head at top level, or `layers.N.` without the `model.` prefix."""
-    return any(n in V4_TOP_LEVEL or V4_LAYER_RE.match(n) for n in names)
+    """V4 naming: the embedding or head at top level, `layers.N.` without the `model.` prefix, or `mtp.K.`
+    (a draft holds only those)."""
+    return any(n in V4_TOP_LEVEL or V4_LAYER_RE.match(n) or MTP_RE.match(n) for n in names)
 
 
 def v4_layer_id(name: str) -> int | None:
@@ -151,6 +152,15 @@ def _hc_head(prefix: str, hidden: int, hc: int) -> list[TensorSpec]:
             (f"{prefix}hc_head_scale", (1,), "F32")]
 
 
+CSA_RATIO = 4
+
+
+def _compressor(p: str, hidden: int, dim: int, ratio: int) -> list[TensorSpec]:
+    width = dim * (2 if ratio == CSA_RATIO else 1)
+    return [(f"{p}.wkv.weight", (width, hidden), "BF16"), (f"{p}.wgate.weight", (width, hidden), "BF16"),
+            (f"{p}.ape", (ratio, width), "F32"), (f"{p}.norm.weight", (dim,), "BF16")]
+
+
 def _block(p: str, c: Mapping, experts: int, hash_routed: bool, compress: int) -> list[TensorSpec]:
     hidden, hc = c["hidden_size"], c.get("hc_mult", 4)
     heads, head_dim, q_lora = c["num_attention_heads"], c["head_dim"], c["q_lora_rank"]
@@ -166,13 +176,13 @@ def _block(p: str, c: Mapping, experts: int, hash_routed: bool, compress: int) -
     out += _fp8(f"{a}.wkv.weight", (head_dim, hidden)) + [(f"{a}.kv_norm.weight", (head_dim,), "BF16")]
     out += _fp8(f"{a}.wo_a.weight", (o_groups * o_lora, heads * head_dim // o_groups))
     out += _fp8(f"{a}.wo_b.weight", (hidden, o_groups * o_lora)) + [(f"{a}.attn_sink", (heads,), "F32")]
-    if compress:
-        out += [(f"{a}.compressor.wkv.weight", (head_dim, hidden), "BF16"),
-                (f"{a}.compressor.ape", (compress, head_dim), "F32"),
-                (f"{a}.compressor.norm.weight", (head_dim,), "BF16")]
-        idx_heads, idx_dim = c.get("index_n_heads", 2), c.get("index_head_dim", 32)
-        out += _fp8(f"{a}.indexer.wq_b.weight", (idx_heads * idx_dim, q_lora))
-        out.append((f"{a}.indexer.weights_proj.weight", (idx_heads, hidden), "BF16"))
+    if compress:  # CSA (ratio 4: overlapping windows, twice as wide, with an indexer) or HCA (128)
+        out += _compressor(f"{a}.compressor", hidden, head_dim, compress)
+        if compress == CSA_RATIO:
+            idx_heads, idx_dim = c.get("index_n_heads", 2), c.get("index_head_dim", 32)
+            out += _compressor(f"{a}.indexer.compressor", hidden, idx_dim, compress)
+            out += _fp8(f"{a}.indexer.wq_b.weight", (idx_heads * idx_dim, q_lora))
+            out.append((f"{a}.indexer.weights_proj.weight", (idx_heads, hidden), "BF16"))
     f = f"{p}.ffn"
     out.append((f"{f}.gate.weight", (experts, hidden), "BF16"))
     if hash_routed:

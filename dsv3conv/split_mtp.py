@@ -12,8 +12,12 @@ Two outputs, each a plan of `Copy` operations only; no tensor is ever decoded:
 
 The MTP layer ids come from config.json (`num_hidden_layers` .. + `num_nextn_predict_layers` - 1), never a
 fixed 61. DeepSeek-V4 names keep MTP (or a DSpark drafter) under `mtp.*`: main drops those (and the config's
-`dspark_*` fields); a V4 draft is not written yet. FP8, MXFP4 and BF16 checkpoints alike: scales are tensors
-like any other and are copied with their weights.
+`dspark_*` fields); the draft keeps them under their own names with the source's config unchanged, since the
+family's loaders find the drafter by the `mtp.` prefix and size it from `num_hidden_layers`,
+`num_nextn_predict_layers` and `dspark_*` (vLLM's DeepSeek-V4 MTP loader, the official inference code).
+Layout `full` adds the top-level `embed.weight` and `head.weight`, which the V4 MTP module shares with the
+main model and vLLM's loader reads from the draft's directory. FP8, MXFP4 and BF16 checkpoints alike: scales
+are tensors like any other and are copied with their weights.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from dsv3conv.plan import (
 
 LAYOUTS = ("sglang", "full")
 SHARED_WITH_TARGET = (".embed_tokens.weight", ".shared_head.head.weight")  # left out by the sglang layout
+V4_SHARED_WITH_TARGET = ("embed.weight", "head.weight")  # DeepSeek-V4: added by the full layout
 DRAFT_SHARD_BYTES = 5 * 1000**3
 
 
@@ -84,8 +89,7 @@ def plan_split_mtp(ckpt: Checkpoint, dest: Path, layout: str = "sglang",
     check_layout(layout)
     config, mtp_ids = _mtp_source(ckpt)
     if is_v4_names(ckpt.tensors):
-        raise UsageError("split-mtp: a draft of DeepSeek-V4 `mtp.*` tensors (MTP or DSpark drafter) is not "
-                         "supported yet; split the main model alone, without {mtp_out}", "mtp_out")
+        return _plan_v4_draft(ckpt, dest, layout, config, extra_files)
     n_main = int(config["num_hidden_layers"])
     chosen, dropped = [], []
     for shard in ckpt.shards.values():  # source order: long sequential reads
@@ -106,6 +110,18 @@ def plan_split_mtp(ckpt: Checkpoint, dest: Path, layout: str = "sglang",
         edit.drop_quantization("no FP8 tensors in the draft")
     return Plan(ckpt.root, dest, files, index_json(ckpt, files), edit.config, edit.changes, list(extra_files),
                 sorted(dropped))
+
+
+def _plan_v4_draft(ckpt: Checkpoint, dest: Path, layout: str, config: dict,
+                   extra_files: list[str] | tuple[str, ...]) -> Plan:
+    """DeepSeek-V4: the `mtp.*` tensors under their own names (with `full`, the shared embedding and head),
+    config.json as the source's."""
+    shared = V4_SHARED_WITH_TARGET if layout == "full" else ()
+    entries = [copied(ckpt.tensors[e.name]) for shard in ckpt.shards.values() for e in shard.header.tensors
+               if mtp_module_id(e.name) is not None or e.name in shared]
+    files = shard_files([("", entries)], DRAFT_SHARD_BYTES)
+    edit = ConfigEdit(config)
+    return Plan(ckpt.root, dest, files, index_json(ckpt, files), edit.config, edit.changes, list(extra_files), [])
 
 
 def _mtp_source(ckpt: Checkpoint) -> tuple[dict, set[int]]:

@@ -148,7 +148,16 @@ def test_v4_split_mtp_main_drops_mtp_names_byte_for_byte(tmp_path, kind) -> None
     assert config["quantization_config"]["scale_fmt"] == "ue8m0"  # still quantized: kept
 
 
-def test_v4_split_mtp_draft_refused(tmp_path) -> None:
-    make_v4(tmp_path / "src", "flash")
-    proc = cli("split-mtp", tmp_path / "src", "--mtp-out", tmp_path / "draft")
-    assert proc.returncode == 2 and "DeepSeek-V4" in proc.stderr and "--mtp-out" in proc.stderr, proc.stderr
+@pytest.mark.parametrize(("kind", "layout"), [("flash", "sglang"), ("flash", "full"), ("0731", "sglang"), ("0731", "full")])
+def test_v4_split_mtp_draft_byte_for_byte(tmp_path, kind, layout) -> None:
+    """The drafter under its own `mtp.*` names (full: with the shared embedding and head), the source's config."""
+    src = make_v4(tmp_path / "src", kind)
+    proc = cli("split-mtp", tmp_path / "src", "--mtp-out", tmp_path / "draft", "--mtp-layout", layout)
+    assert proc.returncode == 0, proc.stderr
+    out, _ = load_all(tmp_path / "draft")
+    shared = {"embed.weight", "head.weight"} if layout == "full" else set()
+    assert set(out) == {n for n in src if n.startswith("mtp.")} | shared
+    for name, t in out.items():
+        assert torch.equal(t.view(torch.uint8), src[name].view(torch.uint8)), name
+    config = json.loads((tmp_path / "draft" / "config.json").read_text())
+    assert config == json.loads((tmp_path / "src" / "config.json").read_text())

@@ -120,3 +120,21 @@ def test_split_mtp_main_verifies(sources, tmp_path, kind) -> None:
     detail = _passes(verify_checkpoint(tmp_path / "main", against=sources[kind], full=True))
     assert "split-mtp main of the source" in detail["tensor_set"]
     assert detail["mtp"] == "no mtp.* tensors declared, none present"
+
+
+@pytest.mark.parametrize("kind", ["flash", "0731"])
+@pytest.mark.parametrize("layout", ["sglang", "full"])
+def test_split_mtp_draft_verifies(sources, tmp_path, kind, layout) -> None:
+    split_mtp(sources[kind], mtp_out=tmp_path / "draft", mtp_layout=layout)
+    detail = _passes(verify_checkpoint(tmp_path / "draft", against=sources[kind], full=True))
+    assert f"split-mtp draft of the source makes them (layout {layout})" in detail["tensor_set"]
+    assert "no main layers" in detail["layers"]
+
+
+def test_split_mtp_draft_missing_tensor_found(sources, tmp_path) -> None:
+    from tests.test_verify import remove_tensor
+
+    split_mtp(sources["0731"], mtp_out=tmp_path / "draft")
+    remove_tensor(tmp_path / "draft", "mtp.2.markov_head.markov_w1.weight")
+    bad = failed(verify_checkpoint(tmp_path / "draft", against=sources["0731"]))
+    assert "missing from CKPT: `mtp.2.markov_head.markov_w1.weight`" in bad["tensor_set"]

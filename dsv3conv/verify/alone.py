@@ -59,12 +59,17 @@ def _config_checks(ckpt: Checkpoint, formats: Formats) -> list[Check]:
     has_q = bool(quantized(formats))
     return [
         Check("config", True, f"{path.name}: model_type {config.get('model_type')!r}"),
-        check_of("layers", [p for p in layers if p.code == "layers"],
-                 f"num_hidden_layers={n_main}" + (f": main layers 0..{n_main - 1} present" if n_main else "")),
+        check_of("layers", [p for p in layers if p.code == "layers"], _layers_passed(ckpt, n_main)),
         check_of("mtp", [p for p in layers if p.code == "mtp"], mtp_passed),
         check_of("quantization_config", quantization_config_problems(ckpt.tensors, config, path, formats),
                  "present, FP8 tensors present" if has_q else "absent, no FP8 tensors"),
     ]
+
+
+def _layers_passed(ckpt: Checkpoint, n_main: int) -> str:
+    if is_v4_names(ckpt.tensors) and not v4_layout(ckpt.tensors, None).main_layers:
+        return f"num_hidden_layers={n_main}: no main layers (a draft of the mtp.* tensors alone)"
+    return f"num_hidden_layers={n_main}" + (f": main layers 0..{n_main - 1} present" if n_main else "")
 
 
 def _mtp_passed(ckpt: Checkpoint, config: dict) -> str:

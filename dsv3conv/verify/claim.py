@@ -2,7 +2,8 @@
 
 From CKPT's own tensors and config.json:
 - a NextN draft (`architectures` DeepseekV3ForCausalLMNextN) of a SRC with MTP layers: `split-mtp --mtp-out`,
-  layout `full` when the draft keeps its embedding, else `sglang`;
+  layout `full` when the draft keeps its embedding, else `sglang`; of a DeepSeek-V4 SRC: `mtp.*` tensors and
+  no main layer, layout `full` when it holds `head.weight`;
 - FP8 weights with scales where SRC has none: `quant`, with the settings CKPT declares (`scale_fmt` and
   `modules_to_not_convert` from its quantization_config, the dtype of its scales, MTP dropped when its config
   has none);
@@ -25,6 +26,7 @@ from dsv3conv.dtypes import FLOAT_DTYPES, OUT_DTYPES, TORCH_NAMES
 from dsv3conv.errors import Dsv3Error
 from dsv3conv.formats import FP8, Formats, classify
 from dsv3conv.layout import is_nextn_draft
+from dsv3conv.layout_v4 import is_v4_names, mtp_module_id, v4_layer_id
 from dsv3conv.plan import Plan, TensorPlan
 from dsv3conv.quant import plan_quant
 from dsv3conv.split_mtp import SHARED_WITH_TARGET, plan_split_main, plan_split_mtp
@@ -52,6 +54,10 @@ def claim(ckpt: Checkpoint, src: Checkpoint) -> Claim:
     in_mtp = mtp_rule(src.tensors, src.config or {})
     src_mtp = any(in_mtp(n) for n in src.tensors)
     src_q = quantized(src_formats)
+    if src_mtp and _is_v4_draft(ckpt, src):
+        layout = "full" if "head.weight" in ckpt.tensors else "sglang"
+        return _plan(Claim("split-mtp draft", f"layout {layout}"),
+                     lambda: plan_split_mtp(src, ckpt.root, layout))
     if is_nextn_draft(config) and src_mtp:
         full = any(n.endswith(SHARED_WITH_TARGET) for n in ckpt.tensors)
         layout = "full" if full else "sglang"
@@ -91,6 +97,12 @@ def _plan(c: Claim, make) -> Claim:
     except Dsv3Error as exc:
         c.error = f"cannot plan {c.kind} of the source with CKPT's settings ({c.settings}): {exc}"
     return c
+
+
+def _is_v4_draft(ckpt: Checkpoint, src: Checkpoint) -> bool:
+    """A DeepSeek-V4 source, and CKPT holds `mtp.*` tensors but no main layer."""
+    return (is_v4_names(src.tensors) and any(mtp_module_id(n) is not None for n in ckpt.tensors)
+            and not any(v4_layer_id(n) is not None for n in ckpt.tensors))
 
 
 def _has_fp8(ckpt: Checkpoint, formats: Formats) -> bool:
