@@ -23,7 +23,8 @@ from dsv3conv.errors import Dsv3Error
 from dsv3conv.kernels.fp8_block_cpu import dequant_rows, quant_rows, row_ranges
 from dsv3conv.kernels.fp8_block_dequant import BLOCK_SIZE
 from dsv3conv.kernels.mxfp4_dequant import cpu_dequant_mxfp4
-from dsv3conv.ops import Copy, DequantBlockFp8, DequantMxfp4, Op, QuantBlockFp8
+from dsv3conv.kernels.mxfp4_to_fp8 import repack_mxfp4_to_fp8, repack_rows
+from dsv3conv.ops import Copy, DequantBlockFp8, DequantMxfp4, Op, QuantBlockFp8, RepackMxfp4Fp8
 
 
 @dataclass
@@ -110,12 +111,16 @@ class Backend(Protocol):
     def dequant_mxfp4(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
         ...
 
+    def repack_mxfp4_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        ...
+
 
 # The backend method of each converting operation (Copy needs none: its output is its input).
 METHODS: dict[type, Callable[[Backend], Callable[..., list[list[memoryview]]]]] = {
     DequantBlockFp8: lambda b: b.dequant_block_fp8,
     QuantBlockFp8: lambda b: b.quant_block_fp8,
     DequantMxfp4: lambda b: b.dequant_mxfp4,
+    RepackMxfp4Fp8: lambda b: b.repack_mxfp4_fp8,
 }
 
 
@@ -248,6 +253,21 @@ class CpuBackend:
         self._run_all(jobs)
         return results
 
+    def repack_mxfp4_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        """Each piece cut into whole-block row ranges for the pool: e4m3 into the arena, then its block scales;
+        a piece that would lose values is refused (`check_repack`)."""
+        jobs, results, lossy = [], [], []
+        for it in items:
+            packed, bits, q, scale = repack_buffers(buf, it, out)
+            lossy.append([])
+            for r0, r1 in row_ranges(it.rows, it.cols, TASK_ELEMS, BLOCK_SIZE):
+                jobs.append((_count_into, lossy[-1], repack_rows, packed, bits, q, scale, r0, r1))
+            results.append(_quant_outputs(q, scale))
+        self._run_all(jobs)
+        for it, counts in zip(items, lossy):
+            check_repack(it, sum(counts))
+        return results
+
     def _run_all(self, jobs: list[tuple]) -> None:
         futures = [self._pool.submit(*job) for job in jobs]
         try:
@@ -266,6 +286,42 @@ class CpuBackend:
         quant_rows(w, q, scale, it.op.scale_fmt, scale.dtype)
         check_quant_scales(it, scale, w)
         return _quant_outputs(q, scale)
+
+
+def repack_buffers(buf: torch.Tensor, it: Item, out: OutputArena) -> tuple[torch.Tensor, ...]:
+    """A `RepackMxfp4Fp8` piece's packed bytes [rows, cols / 2] and E8M0 scale bytes, and the arena memory its
+    e4m3 [rows, cols] and block scales go to."""
+    packed = buf[it.src_offset : it.src_offset + it.nbytes].view(it.rows, it.cols // 2)
+    sdtype = TORCH_DTYPES[it.op.scale_dtype]
+    blocks = _blocks(it.rows, it.cols)
+    q = out.take(it.rows * it.cols).view(it.rows, it.cols)
+    scale = out.take(blocks[0] * blocks[1] * sdtype.itemsize, sdtype.itemsize).view(sdtype).view(blocks)
+    return packed, e8m0_bits(it.scale), q, scale
+
+
+def repack_on_device(buf: torch.Tensor, it: Item, out: OutputArena, device: torch.device) -> list[memoryview]:
+    """One `RepackMxfp4Fp8` piece converted on `device` (the plain-torch kernel runs anywhere), its e4m3 and
+    block scales copied back into the arena, checked; synchronous. The GPU path of the repack."""
+    packed, bits, q, scale = repack_buffers(buf, it, out)
+    got_q, got_s, lossy = repack_mxfp4_to_fp8(packed.to(device), bits.to(device), scale.dtype)
+    q.copy_(got_q.view(torch.uint8))
+    scale.copy_(got_s)
+    check_repack(it, lossy)
+    return _quant_outputs(q, scale)
+
+
+def check_repack(it: Item, lossy: int) -> None:
+    """A repack is exact or refused: name the tensor and what to do instead."""
+    if lossy:
+        raise Dsv3Error(
+            f"tensor `{it.name}`: {lossy} of its 128x128 blocks hold 32-value groups more than 14 binades apart, "
+            "which e4m3 under one block scale cannot hold exactly; the FP8 repack would change values: "
+            "dequantize without {experts} fp8", "experts"
+        )
+
+
+def _count_into(counts: list[int], fn, *args) -> None:
+    counts.append(fn(*args))
 
 
 # Elements per task of the CPU pool: a few milliseconds of work, many tasks per 64 MB batch.

@@ -192,6 +192,9 @@ def dequant(
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option("--dtype", metavar="bfloat16|float16|float32",
                                        help="The output dtype of the dequantized weights.")] = "bfloat16",
+    experts: Annotated[str, typer.Option("--experts", metavar="dequant|fp8", help=(
+        "fp8: repack DeepSeek-V4's packed FP4 (MXFP4) experts to 128x128 block FP8, exactly or refused, and copy "
+        "every other tensor as it is."))] = "dequant",
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     max_shard_size: Annotated[
@@ -223,7 +226,7 @@ def dequant(
             src, dst, mtp=mtp, device=device, dtype=dtype, resume=resume, overwrite=overwrite,
             max_shard_size=max_shard_size, dry_run=dry_run, buffer_size=buffer_size, part=part,
             progress=not (quiet or json_out and not err.is_terminal), allow_noop=allow_noop,
-            space_check=not no_space_check, follow_links=follow_links,
+            space_check=not no_space_check, follow_links=follow_links, experts=experts,
         )
     _from_process_start(result, called)
     print_result(result, json_out, dry_run)

@@ -67,7 +67,22 @@ def dequant_config(config: Mapping, dtype: str, drop_mtp: bool) -> ConfigEdit:
     edit.drop("expert_dtype", "the experts are no longer packed FP4")
     edit.set_dtype(dtype)
     if drop_mtp:
-        edit.drop_mtp()
-        for key in [k for k in edit.config if str(k).startswith("dspark")]:
-            edit.drop(key, "the DSpark drafter was dropped")
+        _drop_mtp(edit)
     return edit
+
+
+def repack_config(config: Mapping, drop_mtp: bool) -> ConfigEdit:
+    """What `dequant --experts fp8` writes: the source's config (still block FP8, `quantization_config`
+    kept) without `expert_dtype`, as DeepSeek-V4 releases with FP8 experts have it; MTP as `dequant_config`."""
+    edit = ConfigEdit(config)
+    edit.drop("expert_dtype", "the routed experts are 128x128 block FP8 now")
+    if drop_mtp:
+        _drop_mtp(edit)
+    return edit
+
+
+def _drop_mtp(edit: ConfigEdit) -> None:
+    """No MTP layers, nor a DSpark drafter's fields."""
+    edit.drop_mtp()
+    for key in [k for k in edit.config if str(k).startswith("dspark")]:
+        edit.drop(key, "the DSpark drafter was dropped")

@@ -4,6 +4,10 @@ Which tensors convert is decided per tensor from the headers (`formats.classify`
 weight (`_scale_inv`, V4 `.scale` or compressed-tensors `.weight_scale`, any scale dtype) becomes a
 `DequantBlockFp8`, a packed-FP4 expert (V4 `expert_dtype: fp4`) a `DequantMxfp4`; everything else but the
 scales is a `Copy`. The config cross-checks; a mismatch is refused naming the tensor.
+
+`experts="fp8"` (`--experts fp8`): only the packed-FP4 experts convert, each to 128x128 block FP8 with an
+F8_E8M0 `.scale` (`RepackMxfp4Fp8`, exact or refused), as the release's other FP8 weights are stored (its
+quantization_config says `scale_fmt: ue8m0`); every other tensor, scales included, is copied byte for byte.
 """
 
 from __future__ import annotations
@@ -12,21 +16,29 @@ from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint
 from dsv3conv.checks import mtp_rule
-from dsv3conv.config_edits import dequant_config
+from dsv3conv.config_edits import dequant_config, repack_config
 from dsv3conv.dtypes import FLOAT_DTYPES, OUT_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
-from dsv3conv.formats import check_config, classify
-from dsv3conv.ops import DequantBlockFp8, DequantMxfp4
+from dsv3conv.formats import BLOCK, E8M0, FP8, TensorFormat, block_scale_shape, check_config, classify
+from dsv3conv.ops import DequantBlockFp8, DequantMxfp4, QuantScale, RepackMxfp4Fp8
 from dsv3conv.plan import Plan, TensorPlan, check_layers, copied, index_json, more, shard_files
+
+EXPERTS = ("dequant", "fp8")
 
 
 def plan_dequant(
     ckpt: Checkpoint, dest: Path, *, out_dtype: str = "bfloat16", mtp: str = "keep",
-    max_shard_size: int | None = None, extra_files: list[str] | tuple[str, ...] = (),
+    max_shard_size: int | None = None, extra_files: list[str] | tuple[str, ...] = (), experts: str = "dequant",
 ) -> Plan:
-    """Plan `out_dtype` of the opened checkpoint `ckpt` into `dest`; `extra_files` are copied alongside."""
+    """Plan `out_dtype` of the opened checkpoint `ckpt` into `dest`; `extra_files` are copied alongside.
+    `experts`: "dequant" (as every quantized weight) or "fp8" (packed-FP4 experts repacked, the rest copied)."""
     if out_dtype not in OUT_DTYPES:
         raise UsageError(f"{{dtype}} {out_dtype!r}: choose one of {', '.join(OUT_DTYPES)}", "dtype")
+    if experts not in EXPERTS:
+        raise UsageError(f"{{experts}} {experts!r}: choose dequant or fp8", "experts")
+    if experts == "fp8" and out_dtype != "bfloat16":
+        raise UsageError(f"{{experts}} fp8 copies every tensor but the packed FP4 experts; {{dtype}} {out_dtype} "
+                         "does not apply", "experts", "dtype")
     if mtp not in ("keep", "drop"):
         raise UsageError(f"{{mtp}} {mtp!r}: choose keep or drop", "mtp")
     ckpt.require_clean()
@@ -40,29 +52,48 @@ def plan_dequant(
         raise UsageError(f"{{mtp}} drop: {ckpt.root / 'config.json'} declares no MTP layers "
                          "(num_nextn_predict_layers is 0 or absent)", "mtp")
 
-    dtype = FLOAT_DTYPES[out_dtype]
-    dropped = {n for n, f in formats.tensors.items() if f.kind == "scale" or (mtp == "drop" and in_mtp(n))}
+    repack = experts == "fp8"
+    packed = {f.scale: f.name for f in formats.of_kind("mxfp4")}
+    if repack and not packed:
+        raise UsageError(f"{{experts}} fp8: {ckpt.root} holds no packed FP4 (MXFP4) experts to repack", "experts")
+    scales = {f.name for f in formats.of_kind("scale")}
+    dropped = {n for n in ckpt.tensors if (n in scales and not repack) or (mtp == "drop" and in_mtp(n))}
+    skipped = dropped | (set(packed) if repack else set())  # a repacked expert's scale: rewritten with it
     groups: list[tuple[str, list[TensorPlan]]] = []
     for shard in ckpt.shards.values():
         entries = []
         for entry in shard.header.tensors:
             info = ckpt.tensors[entry.name]
-            if info.file != shard.name or info.name in dropped:
+            if info.file != shard.name or info.name in skipped:
                 continue
             f = formats.tensors[info.name]
-            if f.kind == "fp8_block":
-                scale = ckpt.tensors[f.scale]
-                entries.append(TensorPlan(info.name, dtype, info.shape, DequantBlockFp8(scale.dtype), (info, scale)))
-            elif f.kind == "mxfp4":
-                shape = (info.shape[0], 2 * info.shape[1])
-                entries.append(TensorPlan(info.name, dtype, shape, DequantMxfp4(), (info, ckpt.tensors[f.scale])))
+            if repack and f.kind == "mxfp4":
+                entries += _repacked(ckpt, f)
+            elif f.kind in ("fp8_block", "mxfp4") and not repack:
+                entries.append(_dequantized(ckpt, f, FLOAT_DTYPES[out_dtype]))
             else:
                 entries.append(copied(info))
         groups.append((shard.name, entries))
     files = shard_files(groups, max_shard_size)
-    edit = dequant_config(config, out_dtype, drop_mtp=mtp == "drop")
+    drop = mtp == "drop"
+    edit = repack_config(config, drop) if repack else dequant_config(config, out_dtype, drop_mtp=drop)
     return Plan(ckpt.root, dest, files, index_json(ckpt, files), edit.config, edit.changes, list(extra_files),
                 sorted(dropped))
+
+
+def _dequantized(ckpt: Checkpoint, f: TensorFormat, dtype: str) -> TensorPlan:
+    info, scale = ckpt.tensors[f.name], ckpt.tensors[f.scale]
+    if f.kind == "mxfp4":
+        return TensorPlan(f.name, dtype, (info.shape[0], 2 * info.shape[1]), DequantMxfp4(), (info, scale))
+    return TensorPlan(f.name, dtype, info.shape, DequantBlockFp8(scale.dtype), (info, scale))
+
+
+def _repacked(ckpt: Checkpoint, f: TensorFormat) -> list[TensorPlan]:
+    """A packed-FP4 expert as e4m3 [rows, cols], then its 128x128 block scale under the same `.scale` name."""
+    info, scale = ckpt.tensors[f.name], ckpt.tensors[f.scale]
+    shape = (info.shape[0], 2 * info.shape[1])
+    return [TensorPlan(f.name, FP8, shape, RepackMxfp4Fp8(E8M0, f.scale, BLOCK), (info, scale)),
+            TensorPlan(f.scale, E8M0, block_scale_shape(shape), QuantScale(f.name), ())]
 
 
 def _mtp_rule(ckpt: Checkpoint, config: dict):

@@ -26,6 +26,7 @@ from dsv3conv.backend import (
     _typed,
     check_quant_scales,
     e8m0_bits,
+    repack_on_device,
 )
 from dsv3conv.devices import parse_devices
 from dsv3conv.dtypes import TORCH_DTYPES
@@ -160,6 +161,12 @@ class CudaBackend:
         self._spans.append((spans, (("quant_gpu", sum(it.nbytes for it in items)),)))
         return results
 
+    def repack_mxfp4_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        """Packed FP4 -> block FP8 (`dequant --experts fp8`): the plain-torch kernel on this GPU, piece by piece,
+        synchronous (its results are in the arena when it returns; the batch's fence has nothing left of it)."""
+        with torch.cuda.stream(self.stream):
+            return [repack_on_device(buf, it, out, self.device) for it in items]
+
     @staticmethod
     def _check_quant(buf: torch.Tensor, it: Item, scale: torch.Tensor) -> None:
         w = _typed(buf[it.src_offset : it.src_offset + it.nbytes], TORCH_DTYPES[it.src_dtype])
@@ -187,6 +194,9 @@ class Spread:
 
     def dequant_mxfp4(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
         return self._current().dequant_mxfp4(buf, items, out)
+
+    def repack_mxfp4_fp8(self, buf: torch.Tensor, items: list[Item], out: OutputArena) -> list[list[memoryview]]:
+        return self._current().repack_mxfp4_fp8(buf, items, out)
 
     def fence(self) -> Fence | None:
         fence = self._current().fence()

@@ -109,7 +109,8 @@ class QuantBlockFp8(_BlockRows):
 
 @dataclass(frozen=True)
 class QuantScale:
-    """The scales of the `QuantBlockFp8` weight `weight`: written by that weight's pieces, never read alone."""
+    """The scales of the `QuantBlockFp8` (or `RepackMxfp4Fp8`) weight `weight`: written by that weight's
+    pieces, never read alone."""
 
     weight: str
     converts = False
@@ -136,4 +137,26 @@ class DequantMxfp4(_BlockRows):
         return slice(r0, r0 + rows)
 
 
-Op = Union[Copy, DequantBlockFp8, DequantMxfp4, QuantBlockFp8, QuantScale]
+@dataclass(frozen=True)
+class RepackMxfp4Fp8(_BlockRows):
+    """Packed FP4 (sources as `DequantMxfp4`) to e4m3 [rows, cols] with one scale per 128x128 block, written
+    to the tensor `scale_name` in `scale_dtype` (`kernels/mxfp4_to_fp8.py`: exact, or the tensor is refused)."""
+
+    scale_dtype: str
+    scale_name: str
+    block: int = BLOCK
+
+    def outputs(self, t: TensorPlan, start: int, n: int) -> list[Output]:
+        """The piece's e4m3 rows (two per packed byte), then its rows of block scales."""
+        r0, rows = self.rows(t, start, n)
+        scale_row_bytes = -(-t.shape[1] // self.block) * DTYPE_SIZES[self.scale_dtype]
+        return [(t.name, 2 * start, 2 * n),
+                (self.scale_name, r0 // self.block * scale_row_bytes, -(-rows // self.block) * scale_row_bytes)]
+
+    def scale_rows(self, r0: int, rows: int) -> slice:
+        return slice(r0, r0 + rows)
+
+
+EMITS_SCALE = (QuantBlockFp8, RepackMxfp4Fp8)  # operations whose pieces also write a scale tensor
+
+Op = Union[Copy, DequantBlockFp8, DequantMxfp4, QuantBlockFp8, QuantScale, RepackMxfp4Fp8]

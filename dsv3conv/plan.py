@@ -22,7 +22,7 @@ from dsv3conv.checks import layer_problems
 from dsv3conv.dtypes import DTYPE_SIZES
 from dsv3conv.errors import Dsv3Error, UsageError, refuse, short
 from dsv3conv.layout import Fp8Coverage, fp8_coverage
-from dsv3conv.ops import Copy, Op
+from dsv3conv.ops import Copy, Op, QuantScale
 from dsv3conv.safetensors_format import build_header
 
 SHARD_METADATA = {"format": "pt"}
@@ -211,7 +211,7 @@ def shard_files(groups: list[tuple[str, list[TensorPlan]]], max_shard_size: int 
     size = 0
     for _, entries in groups:
         for t in entries:
-            if chunks[-1] and size + t.nbytes > max_shard_size:
+            if chunks[-1] and size + t.nbytes > max_shard_size and not isinstance(t.op, QuantScale):  # with its weight
                 chunks.append([])
                 size = 0
             chunks[-1].append(t)

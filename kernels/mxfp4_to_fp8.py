@@ -56,3 +56,17 @@ def repack_mxfp4_to_fp8(
     lossy = int(bad.view(br, BLOCK, bc, per).any(dim=3).any(dim=1).sum())
     block_scale = torch.ldexp(torch.ones((), device=dev), (s - 127).to(torch.float32)).to(scale_dtype)
     return q, block_scale, lossy
+
+
+def repack_rows(packed: torch.Tensor, scale: torch.Tensor, q_out: torch.Tensor, s_out: torch.Tensor,
+                start: int, stop: int) -> int:
+    """Rows [start, stop) of `repack_mxfp4_to_fp8(packed, scale, s_out.dtype)`, written into the same rows of
+    `q_out` (uint8 or e4m3 [rows, cols]) and their 128-row blocks of `s_out`; returns the lossy blocks.
+
+    `start` must be a multiple of 128: the block exponents of whole blocks equal those of the whole tensor."""
+    if start % BLOCK:
+        raise ValueError(f"start {start} is not a multiple of {BLOCK}")
+    q, s, lossy = repack_mxfp4_to_fp8(packed[start:stop], scale[start:stop], s_out.dtype)
+    q_out[start:stop].copy_(q.view(torch.uint8).view(q_out.dtype))
+    s_out[start // BLOCK : start // BLOCK + s.shape[0]].copy_(s)
+    return lossy

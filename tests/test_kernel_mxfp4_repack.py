@@ -7,7 +7,7 @@ import torch
 
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.kernels.mxfp4_dequant import reference_dequant_mxfp4
-from dsv3conv.kernels.mxfp4_to_fp8 import repack_mxfp4_to_fp8
+from dsv3conv.kernels.mxfp4_to_fp8 import repack_mxfp4_to_fp8, repack_rows
 
 _INT = {2: torch.int16, 4: torch.int32}
 
@@ -57,3 +57,25 @@ def test_nan_scale_refused() -> None:
     scale = torch.full((1, 1), 255, dtype=torch.uint8)
     with pytest.raises(ValueError, match="NaN code 255"):
         repack_mxfp4_to_fp8(torch.zeros((1, 16), dtype=torch.int8), scale)
+
+
+@pytest.mark.parametrize("shape", [(300, 500), (129, 8), (1, 16), (128, 64)])
+@pytest.mark.parametrize("scale_dtype", [torch.float8_e8m0fnu, torch.float32])
+def test_row_ranges_equal_the_whole_tensor(shape, scale_dtype) -> None:
+    """repack_rows over 128-row ranges (the CPU pool's tasks) writes what one whole-tensor repack makes."""
+    rows, pcols = shape
+    gen = torch.Generator().manual_seed(rows * 7 + pcols)
+    packed = torch.randint(0, 256, (rows, pcols), dtype=torch.uint8, generator=gen)
+    scale = torch.randint(100, 140, (rows, -(-2 * pcols // 32)), dtype=torch.uint8, generator=gen)  # some lossy
+    q, s, lossy = repack_mxfp4_to_fp8(packed, scale, scale_dtype)
+    q_out = torch.empty((rows, 2 * pcols), dtype=torch.uint8)
+    s_out = torch.empty(s.shape, dtype=scale_dtype)
+    got = sum(repack_rows(packed, scale, q_out, s_out, r0, min(r0 + 128, rows)) for r0 in range(0, rows, 128))
+    assert got == lossy
+    assert torch.equal(q_out, q.view(torch.uint8)) and torch.equal(s_out.view(torch.uint8), s.view(torch.uint8))
+
+
+def test_row_range_must_start_on_a_block() -> None:
+    with pytest.raises(ValueError, match="multiple of 128"):
+        repack_rows(torch.zeros((256, 8), dtype=torch.uint8), torch.zeros((256, 1), dtype=torch.uint8),
+                    torch.empty((256, 16), dtype=torch.uint8), torch.empty((2, 1), dtype=torch.float32), 64, 256)

@@ -10,12 +10,13 @@ from collections import Counter
 from dsv3conv.checkpoint import CONFIG_NAME, Checkpoint
 from dsv3conv.checks import fp8_problems
 from dsv3conv.formats import classify
-from dsv3conv.ops import Copy, DequantBlockFp8, DequantMxfp4, QuantBlockFp8
+from dsv3conv.ops import Copy, DequantBlockFp8, DequantMxfp4, QuantBlockFp8, RepackMxfp4Fp8
 from dsv3conv.verify.claim import Claim
 from dsv3conv.verify.report import Check, config_diffs, join, names, short_json
 
 OP_WORDS = {DequantBlockFp8: "dequantized", DequantMxfp4: "dequantized from packed FP4",
-            QuantBlockFp8: "quantized, each with its scale", Copy: "copied"}
+            QuantBlockFp8: "quantized, each with its scale",
+            RepackMxfp4Fp8: "repacked from packed FP4 to block FP8, each with its scale", Copy: "copied"}
 DEQUANT_OPS = (DequantBlockFp8, DequantMxfp4)
 
 

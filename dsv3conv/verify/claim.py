@@ -7,6 +7,7 @@ From CKPT's own tensors and config.json:
 - FP8 weights with scales where SRC has none: `quant`, with the settings CKPT declares (`scale_fmt` and
   `modules_to_not_convert` from its quantization_config, the dtype of its scales, MTP dropped when its config
   has none);
+- packed FP4 experts in SRC stored as block FP8 in CKPT: `dequant --experts fp8`, MTP dropped as for dequant;
 - FP8 with scales where SRC has them, or neither has any, and SRC's MTP layers left out: `split-mtp --main-out`;
 - otherwise `dequant` (of a source without FP8 weights: every tensor copied), to the dtype CKPT's dequantized weights have, MTP dropped when CKPT's config says
   `num_nextn_predict_layers: 0` (or, without a config, when CKPT holds no MTP tensor).
@@ -67,6 +68,11 @@ def claim(ckpt: Checkpoint, src: Checkpoint) -> Claim:
     mtp = "drop" if src_mtp and _mtp_dropped(ckpt, in_mtp) else "keep"
     if ckpt_q and not _has_fp8(src, src_formats):
         return _claim_quant(ckpt, ckpt_formats, src, mtp)
+    repacked = [f.name for f in src_formats.of_kind("mxfp4") if f.name in ckpt_formats.tensors
+                and ckpt_formats.tensors[f.name].kind == "fp8_block"]
+    if repacked:
+        return _plan(Claim("dequant --experts fp8", f"{len(repacked):,} packed FP4 experts as block FP8, MTP {mtp}"),
+                     lambda: plan_dequant(src, ckpt.root, mtp=mtp, experts="fp8"))
     if ckpt_q == bool(src_q) and mtp == "drop":
         return _plan(Claim("split-mtp main", "MTP layers left out"), lambda: plan_split_main(src, ckpt.root))
     converted = Counter(ckpt.tensors[n].dtype for n in src_q if n in ckpt.tensors)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dsv3conv.checkpoint import Checkpoint
-from dsv3conv.ops import Copy, DequantBlockFp8, DequantMxfp4, QuantBlockFp8
+from dsv3conv.ops import Copy, DequantBlockFp8, DequantMxfp4, QuantBlockFp8, RepackMxfp4Fp8
 from dsv3conv.verify.report import Check, fmt_diff, join, where
 from dsv3conv.verify.scan import Task
 from dsv3conv.verify.values import TensorResult
@@ -11,7 +11,8 @@ from dsv3conv.verify.values import TensorResult
 # What a verify without --against cannot find, said in its output.
 UNPROVEN = ("without --against a changed byte that still decodes to a valid value goes unnoticed "
             "(the release carries no checksums)")
-KINDS = {Copy: "copy", DequantBlockFp8: "dequant", DequantMxfp4: "dequant", QuantBlockFp8: "quant"}
+KINDS = {Copy: "copy", DequantBlockFp8: "dequant", DequantMxfp4: "dequant", QuantBlockFp8: "quant",
+         RepackMxfp4Fp8: "repack"}
 
 
 def values_check(results: dict[str, TensorResult], tasks: list[Task], ckpt: Checkpoint, fraction: float | None,
@@ -50,6 +51,7 @@ def data_check(results: dict[str, TensorResult], tasks: list[Task], pool: int, f
     ops = [KINDS[type(t.planned.op)] for t in compared]
     how = [f"{ops.count('dequant'):,} dequantized on {device}" if "dequant" in ops else "",
            f"{ops.count('quant'):,} quantized again on {device}, e4m3 codes and scales" if "quant" in ops else "",
+           f"{ops.count('repack'):,} repacked again on {device}, e4m3 codes and scales" if "repack" in ops else "",
            f"{ops.count('copy'):,} copied" if "copy" in ops else ""]
     return Check("data_vs_source", True,
                  f"{scope} tensors bit-identical to {what} ({', '.join(h for h in how if h) or 'none read'})")
@@ -62,9 +64,9 @@ def _differs(t: Task, r: TensorResult) -> str:
     if not (r.differ or r.scale_differ):
         return ""
     head = f"tensor `{info.name}` ({info.file}): "
-    if op == "quant":
+    if op in ("quant", "repack"):
         return head + (f"{r.differ:,} of {info.numel:,} e4m3 codes and {r.scale_differ:,} of "
-                       f"{_scales(t.planned):,} scales differ from quant of the source")
+                       f"{_scales(t.planned):,} scales differ from {op} of the source")
     if op == "copy":
         return head + (f"{r.differ:,} of {info.nbytes:,} bytes differ from the copied source "
                        f"(first at {where(r.diff_first, info.shape)})")

@@ -10,7 +10,7 @@ from dsv3conv.checkpoint import Checkpoint, require_dir
 from dsv3conv.checks import scale_tensors, shard_files
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.formats import classify
-from dsv3conv.ops import QuantBlockFp8, QuantScale
+from dsv3conv.ops import EMITS_SCALE, QuantScale
 from dsv3conv.plan import assign_parts, parse_part
 from dsv3conv.verify.against import config_check, misformed, source_check, tensor_set_check
 from dsv3conv.verify.alone import header_checks
@@ -62,7 +62,7 @@ def verify_checkpoint(
     if c is not None:  # the source opened (else its check says why, and nothing is compared)
         pool = sum(not isinstance(t.op, QuantScale) and (shards is None or ckpt.tensors[n].file in shards)
                    for n, t in compared.items())
-        what = "quant of the source" if c.kind == "quant" else "the source"
+        what = {"quant": "quant of the source", "dequant --experts fp8": "the repack of the source"}.get(c.kind, "the source")
         data_checks.append(data_check(results, todo, pool, fraction, used, what) if c.plan is not None
                            else Check("data_vs_source", False, f"not compared: {c.error}"))
         mismatches |= {t.info.name for t in todo if t.planned is not None and (
@@ -91,7 +91,7 @@ def _comparable(ckpt: Checkpoint, c: Claim | None) -> dict:
         return {}
     bad = misformed(ckpt, c)
     ok = {n: t for n, t in c.planned.items() if n in ckpt.tensors and n not in bad}
-    return {n: t for n, t in ok.items() if not isinstance(t.op, QuantBlockFp8) or t.op.scale_name in ok}
+    return {n: t for n, t in ok.items() if not isinstance(t.op, EMITS_SCALE) or t.op.scale_name in ok}
 
 
 def _fraction(sample: float | None, full: bool) -> float | None:

@@ -18,7 +18,7 @@ import torch
 from dsv3conv.checkpoint import Checkpoint, ShardReader, TensorInfo
 from dsv3conv.engine import _batch_specs, _read_batch, _ScaleCache
 from dsv3conv.errors import Dsv3Error
-from dsv3conv.ops import Copy, QuantBlockFp8, QuantScale
+from dsv3conv.ops import EMITS_SCALE, Copy, QuantScale
 from dsv3conv.plan import FilePlan, TensorPlan
 from dsv3conv.verify.values import TensorResult, check_values, count_differ
 
@@ -100,7 +100,7 @@ def _expected(src_root: Path, t: TensorPlan, backend, chunk_bytes: int, handles:
 
     buf = torch.empty(0, dtype=torch.uint8)
     outputs = (t,)
-    if isinstance(t.op, QuantBlockFp8):  # its scale tensor, written by its pieces
+    if isinstance(t.op, EMITS_SCALE):  # its scale tensor, written by its pieces
         rows, cols = t.shape
         shape = (-(-rows // t.op.block), -(-cols // t.op.block))
         outputs += (TensorPlan(t.op.scale_name, t.op.scale_dtype, shape, QuantScale(t.name), t.sources),)

@@ -1,0 +1,123 @@
+"""`dequant --experts fp8`: DeepSeek-V4's packed-FP4 experts repacked to 128x128 block FP8 (F8_E8M0 `.scale`),
+every other tensor byte for byte; exact (dequant(source) == dequant(result) bit for bit) or refused naming the
+tensor; verified against its source."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv3conv.api import dequantize, verify_checkpoint
+from dsv3conv.kernels.fp8_block_dequant import reference_dequant
+from dsv3conv.kernels.mxfp4_dequant import reference_dequant_mxfp4
+from dsv3conv.kernels.mxfp4_to_fp8 import repack_mxfp4_to_fp8
+from dsv3conv.synthetic_v4 import make_v4
+from tests.conftest import assert_one_line_error, bits, cli, load_all, write_at
+from tests.test_verify import failed, flip_byte
+
+EXPERT = "layers.1.ffn.experts.0.w2.weight"  # packed [256, 80]: two row blocks, the second partial in columns
+
+
+@pytest.fixture(scope="module")
+def flash(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("repack") / "flash"
+    return root, make_v4(root, "flash")
+
+
+def _scale(name: str) -> str:
+    return name[: -len(".weight")] + ".scale"
+
+
+@pytest.mark.parametrize("kind", ["flash", "0731"])
+def test_repack_exact_and_the_rest_copied(tmp_path, kind) -> None:
+    src = make_v4(tmp_path / "src", kind)
+    summary = dequantize(tmp_path / "src", tmp_path / "out", device="cpu", experts="fp8", buffer_size=4096)
+    out, _ = load_all(tmp_path / "out")
+    assert set(out) == set(src)
+    repacked = 0
+    for name, t in src.items():
+        if t.dtype == torch.int8:  # packed FP4: e4m3 + E8M0 block scale, as the whole-tensor reference makes them
+            q, s, lossy = repack_mxfp4_to_fp8(t, src[_scale(name)])
+            assert lossy == 0
+            assert torch.equal(bits(out[name]), bits(q)) and torch.equal(bits(out[_scale(name)]), bits(s)), name
+            for dtype in (torch.bfloat16, torch.float32):
+                want = reference_dequant_mxfp4(t, src[_scale(name)], dtype)
+                assert torch.equal(bits(reference_dequant(out[name], out[_scale(name)], dtype)), bits(want)), name
+            repacked += 1
+        elif not (name.endswith(".scale") and src[name[: -len(".scale")] + ".weight"].dtype == torch.int8):
+            assert out[name].dtype == t.dtype and torch.equal(bits(out[name]), bits(t)), f"{name} changed"
+    assert repacked == summary["tensors_converted"] > 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    source_config = json.loads((tmp_path / "src" / "config.json").read_text())
+    assert config == {k: v for k, v in source_config.items() if k != "expert_dtype"}
+
+
+def test_round_trip_through_dequant(flash, tmp_path) -> None:
+    """dequant(source) and dequant(repacked) are the same checkpoint, bit for bit."""
+    root, _ = flash
+    dequantize(root, tmp_path / "fp8", device="cpu", experts="fp8")
+    dequantize(root, tmp_path / "a", device="cpu")
+    dequantize(tmp_path / "fp8", tmp_path / "b", device="cpu")
+    a, _ = load_all(tmp_path / "a")
+    b, _ = load_all(tmp_path / "b")
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(bits(a[name]), bits(b[name])), name
+    assert json.loads((tmp_path / "a" / "config.json").read_text()) == json.loads((tmp_path / "b" / "config.json").read_text())
+
+
+def test_repack_verifies_and_a_changed_code_is_found(flash, tmp_path) -> None:
+    root, _ = flash
+    dequantize(root, tmp_path / "out", device="cpu", experts="fp8", mtp="drop")
+    report = verify_checkpoint(tmp_path / "out", against=root, full=True)
+    detail = {c["name"]: c["detail"] for c in report["checks"]}
+    assert report["ok"], failed(report)
+    assert "dequant --experts fp8 of the source" in detail["tensor_set"] and "MTP drop" in detail["tensor_set"]
+    assert "repacked again on cpu" in detail["data_vs_source"]
+    flip_byte(tmp_path / "out", EXPERT, 1000)
+    bad = failed(verify_checkpoint(tmp_path / "out", against=root, full=True))
+    assert set(bad) == {"data_vs_source"}, bad
+    assert f"tensor `{EXPERT}`" in bad["data_vs_source"] and "differ from repack of the source" in bad["data_vs_source"]
+
+
+def test_lossy_block_refused_naming_the_tensor(flash, tmp_path) -> None:
+    root, _ = flash
+    src = Path(shutil.copytree(root, tmp_path / "src"))
+    write_at(src, _scale(EXPERT), 0, bytes([140]))  # one group 18+ binades above the rest of its block
+    proc = cli("dequant", src, tmp_path / "out", "--experts", "fp8", "--device", "cpu", "--quiet")
+    assert_one_line_error(proc, 1, f"tensor `{EXPERT}`: 1 of its 128x128 blocks", "without --experts fp8")
+    left = sorted(p.name for p in (tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else []
+    assert not [n for n in left if n.endswith(".json")], left  # finished shards only: index and config come last
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("--experts", "int4"), "--experts 'int4': choose dequant or fp8"),
+    (("--experts", "fp8", "--dtype", "float32"), "--dtype float32 does not apply"),
+])
+def test_bad_options_refused(flash, tmp_path, args, needle) -> None:
+    proc = cli("dequant", flash[0], tmp_path / "out", *args)
+    assert_one_line_error(proc, 2, needle)
+
+
+def test_nothing_to_repack_refused(tmp_path) -> None:
+    make_v4(tmp_path / "src", "flash-base")
+    proc = cli("dequant", tmp_path / "src", tmp_path / "out", "--experts", "fp8")
+    assert_one_line_error(proc, 2, "holds no packed FP4 (MXFP4) experts to repack")
+
+
+@pytest.mark.gpu
+def test_repack_cuda_same_bytes_as_cpu(flash, tmp_path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run `pytest -m gpu` on a GPU host)")
+    root, _ = flash
+    dequantize(root, tmp_path / "cpu", device="cpu", experts="fp8")
+    dequantize(root, tmp_path / "gpu", device="cuda", experts="fp8")
+    a, _ = load_all(tmp_path / "cpu")
+    b, _ = load_all(tmp_path / "gpu")
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(bits(a[name]), bits(b[name])), name
