@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[test,interop]"
+	$(BIN)/python -m dsv3conv.kernels.fp8_block_numba  # the CPU kernel compiled into numba's cache, once
 	touch $(STAMP)
 
 demo: setup

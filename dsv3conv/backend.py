@@ -2,7 +2,8 @@
 
 `Backend` is the interface: one method per converting operation, given all of a batch's pieces of that
 operation at once; `convert` hands each piece of a batch to the method of its operation.
-- `CpuBackend`: `dsv3conv.kernels.fp8_block_cpu` (vectorized torch, no compile step) on a pool of threads.
+- `CpuBackend`: `dsv3conv.kernels.fp8_block_cpu` on a pool of threads (dequant compiled with numba where it
+  is installed, else vectorized torch; quant vectorized torch).
 - `dsv3conv.gpu.CudaBackend`: the Triton kernels, asynchronous (a batch is done when its `fence()` says so).
 Both compute round_to_nearest_even(float32(w) * float32(scale)) and are tested bit for bit against
 `reference_dequant`. The way back, BF16 -> FP8 (`quant`), follows `reference_quant` bit for bit: on the CPU
@@ -20,7 +21,7 @@ import torch
 from dsv3conv.devices import cpu_threads
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error
-from dsv3conv.kernels.fp8_block_cpu import dequant_rows, quant_rows, row_ranges
+from dsv3conv.kernels.fp8_block_cpu import dequant_task, numba_kernel, quant_rows, row_ranges
 from dsv3conv.kernels.fp8_block_dequant import BLOCK_SIZE
 from dsv3conv.kernels.mxfp4_dequant import cpu_dequant_mxfp4
 from dsv3conv.kernels.mxfp4_to_fp8 import repack_mxfp4_to_fp8, repack_rows
@@ -191,14 +192,18 @@ def check_quant_scales(it: Item, scale: torch.Tensor, w: torch.Tensor) -> None:
 
 
 class CpuBackend:
-    """Every core at once: each tensor piece is cut into row ranges (whole 128-row blocks), converted by a pool
-    of threads (one torch intra-op thread each; torch releases the GIL in its ops) straight into its output."""
+    """Every core at once: each tensor piece is cut into row ranges, converted by a pool of threads straight
+    into its output (the numba dequant releases the GIL for its whole range; torch's ops, one intra-op thread
+    each, release it inside each op). `kernel`: the dequant kernel (`fp8_block_cpu.KERNELS`)."""
 
     name = "cpu"
     pin_memory = False
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, kernel: str = "auto") -> None:
         self.threads = threads or cpu_threads()
+        self.kernel = kernel
+        if kernel != "torch":
+            numba_kernel()  # loaded now, not in the first batch's threads
         self._torch_threads = torch.get_num_threads()  # the pool's initializer changes torch's default
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dsv3conv-cpu",
                                         initializer=torch.set_num_threads, initargs=(1,))
@@ -217,8 +222,8 @@ class CpuBackend:
             w = buf[it.src_offset : it.src_offset + it.nbytes].view(it.rows, it.cols)
             dtype = TORCH_DTYPES[it.out_dtype]
             dst = out.take(it.rows * it.cols * dtype.itemsize, dtype.itemsize)
-            jobs += [(dequant_rows, w, it.scale, dst.view(dtype).view(it.rows, it.cols), r0, r1)
-                     for r0, r1 in row_ranges(it.rows, it.cols, TASK_ELEMS)]
+            task = dequant_task(w, it.scale, dst.view(dtype).view(it.rows, it.cols), self.kernel)
+            jobs += [(task, r0, r1) for r0, r1 in row_ranges(it.rows, it.cols, TASK_ELEMS)]
             results.append([memoryview(dst.numpy())])
         self._run_all(jobs)
         return results

@@ -1,16 +1,20 @@
-"""FP8 (e4m3) 128x128 block dequant and quant on the CPU: no compile step, bit-identical to the references.
+"""FP8 (e4m3) 128x128 block dequant and quant on the CPU, bit-identical to the references.
 
 `dequant_rows` equals `reference_dequant` and `quant_rows` equals `reference_quant`, bit for bit, on a range
-of rows of one tensor. Each is a few vectorized torch ops per step of rows (a step stays inside one 128-row
-scale block and fits in a core's cache), run into caller-owned output tensors. Torch releases the GIL inside
-its ops: callers run many row ranges at once from a pool of threads (one torch intra-op thread each), and
-`row_ranges` cuts a tensor into such ranges. Nothing runs on import.
+of rows of one tensor, into caller-owned output tensors. Callers run many row ranges at once from a pool of
+threads; `row_ranges` cuts a tensor into such ranges, `dequant_task` checks a tensor once for many ranges.
+Nothing runs on import.
 
-Dequant decodes e4m3 without torch's scalar float8 conversion: the byte, sign-extended to 16 bits, shifted
-left by 7 and with bit 14 cleared, is the float16 of the e4m3 value times 2^-8 (normals and subnormals alike),
-which the CPU widens to float32 exactly. Multiplying by 256 * scale gives the exact real product the
-reference rounds, hence the same float32 and the same rounded output. Rows holding NaN codes (0x7F, 0xFF)
-and scales where 256 * scale is not finite take the reference's own ops instead.
+Dequant has two kernels:
+- "numba" (`fp8_block_numba`): compiled, one pass per element, the GIL released; used wherever numba imports
+  and its kernel loads (`numba_kernel()`). Rows holding NaN codes take the reference's own ops.
+- "torch": a few vectorized torch ops per step of rows (a step stays inside one 128-row scale block and fits
+  in a core's cache; torch releases the GIL inside its ops, not between them). It decodes e4m3 without
+  torch's scalar float8 conversion: the byte, sign-extended to 16 bits, shifted left by 7 and with bit 14
+  cleared, is the float16 of the e4m3 value times 2^-8 (normals and subnormals alike), which the CPU widens
+  to float32 exactly. Multiplying by 256 * scale gives the exact real product the reference rounds, hence the
+  same float32 and the same rounded output. Rows holding NaN codes (0x7F, 0xFF) and scales where 256 * scale
+  is not finite take the reference's own ops instead.
 
 Quant follows `reference_quant` step for step (block maxima, `block_scales`, division, clamp, cast), a row
 block at a time so nothing is padded or repeated.
@@ -18,7 +22,9 @@ block at a time so nothing is padded or repeated.
 
 from __future__ import annotations
 
+import functools
 import threading
+from typing import Callable
 
 import torch
 
@@ -62,18 +68,64 @@ def _check_dequant(w: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor) 
         raise ValueError("w and out must be contiguous")
 
 
+@functools.cache
+def numba_kernel():
+    """The compiled dequant (`fp8_block_numba`), or None where numba is missing or its kernel does not build
+    here; imported, and the kernel loaded from numba's disk cache (compiled once per install), on first call."""
+    try:
+        from . import fp8_block_numba
+
+        if fp8_block_numba.HAS_NUMBA:
+            fp8_block_numba.warm()
+            return fp8_block_numba
+    except Exception:  # an LLVM or numba failure on this machine: the torch kernel stands in
+        pass
+    return None
+
+
+KERNELS = ("auto", "numba", "torch")
+
+
+def dequant_task(w: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor,
+                 kernel: str = "auto") -> Callable[[int, int], None]:
+    """A function converting rows [start, stop) of `reference_dequant(w, scale_inv, out.dtype)` into the same
+    rows of `out`, the arguments checked once. kernel: "numba", "torch", or "auto" (numba where it works)."""
+    _check_dequant(w, scale_inv, out)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r}: choose one of {KERNELS}")
+    compiled = numba_kernel() if kernel != "torch" else None
+    if kernel == "numba" and compiled is None:
+        raise ValueError("kernel 'numba': numba is not installed or its kernel does not build here")
+    u8 = w.view(torch.uint8)
+    if compiled is None:
+        return functools.partial(_dequant_rows_torch, u8, scale_inv, out)
+    run = compiled.dequant_task(u8, scale_inv, out)
+
+    def rows(start: int, stop: int) -> None:
+        while start < stop:
+            start = run(start, stop)
+            if start < stop:  # a NaN code or a scale that is not finite: the reference's ops for that row
+                _dequant_rows_torch(u8, scale_inv, out, start, start + 1)
+                start += 1
+
+    return rows
+
+
 def dequant_rows(w: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor, start: int = 0,
-                 stop: int | None = None) -> None:
+                 stop: int | None = None, kernel: str = "auto") -> None:
     """Rows [start, stop) of `reference_dequant(w, scale_inv, out.dtype)`, written into the same rows of `out`.
 
     w: [M, N] float8_e4m3fn or uint8 (raw e4m3 bytes), contiguous; scale_inv: [ceil(M/128), ceil(N/128)] of
-    any float dtype; out: [M, N] bfloat16/float16/float32, contiguous."""
-    _check_dequant(w, scale_inv, out)
-    rows, cols = w.shape
-    stop = rows if stop is None else stop
+    any float dtype; out: [M, N] bfloat16/float16/float32, contiguous; kernel as for `dequant_task`."""
+    dequant_task(w, scale_inv, out, kernel)(start, w.shape[0] if stop is None else stop)
+
+
+def _dequant_rows_torch(u8: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor, start: int,
+                        stop: int) -> None:
+    """The torch kernel on rows [start, stop) (arguments checked)."""
+    cols = u8.shape[1]
     if stop <= start or cols == 0:
         return
-    u8 = w.view(torch.uint8)
     step = max(1, STEP_ELEMS // cols)
     bits, wide = _scratch_tensors(min(step, BLOCK_SIZE) * cols)
     nan_codes = _has_nan_codes(u8[start:stop])

@@ -1,30 +1,35 @@
-"""CPU kernels in memory: `CpuBackend` dequant and quant at 1, 2, 4, ... threads beside the plain-torch
-references, on DeepSeek-V3 shapes, with a bit-for-bit check; no files, no I/O.
+"""CPU kernels in memory: `CpuBackend` dequant (numba kernel and torch kernel) and quant at 1, 2, 4, ...
+threads beside the plain-torch references, on DeepSeek-V3 shapes, with a bit-for-bit check; no files, no I/O.
 
-    python scripts/bench_cpu_kernels.py [--repeat 3] [--threads 1,2,16] [--scale-fmt float|ue8m0]
-        [--step ELEMS] [--task ELEMS]
+    python scripts/bench_cpu_kernels.py [--repeat 3] [--threads 1,2,16] [--kernels numba,torch]
+        [--scale-fmt float|ue8m0] [--task ELEMS] [--step ELEMS] [--small] [--json FILE]
 
-Prints G elements/s (median of repeats); the pipeline hands the backend one 64 MB piece at a time, as here.
---step (elements per step of torch ops inside a thread) and --task (elements per task handed to a thread)
-override the defaults, to see where many threads start waiting on Python's GIL.
+Prints G elements/s (median of repeats) per shape, and over all shapes (their elements over their summed
+times); the pipeline hands the backend one 64 MB piece at a time, as here. Thread counts default to 1, 2,
+4, 8, 16 capped at the cores, plus the core count. --task (elements per task handed to a thread) and --step
+(elements per step of the torch kernel's ops) override the defaults. --small: shapes a quarter the size.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from dsv3conv import backend as cpu_backend
-from dsv3conv.backend import CpuBackend, Item, OutputArena, convert
-from dsv3conv.kernels import fp8_block_cpu
-from dsv3conv.kernels.fp8_block_dequant import reference_dequant
-from dsv3conv.kernels.fp8_block_quant import reference_quant
-from dsv3conv.ops import DequantBlockFp8, QuantBlockFp8
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from dsv3conv import backend as cpu_backend  # noqa: E402
+from dsv3conv.backend import CpuBackend, Item, OutputArena, convert  # noqa: E402
+from dsv3conv.kernels import fp8_block_cpu  # noqa: E402
+from dsv3conv.kernels.fp8_block_dequant import reference_dequant  # noqa: E402
+from dsv3conv.kernels.fp8_block_quant import reference_quant  # noqa: E402
+from dsv3conv.ops import DequantBlockFp8, QuantBlockFp8  # noqa: E402
 
 SHAPES = [(3584, 18432), (2048, 7168), (7168, 2048), (576, 7168), (24576, 1536), (32768, 512)]
 
@@ -57,39 +62,72 @@ def _convert(backend: CpuBackend, raw: torch.Tensor, item: Item, out: OutputAren
     return convert(backend, raw, [item], out)
 
 
+def thread_counts(cores: int, given: str | None) -> list[int]:
+    if given:
+        return [int(t) for t in given.split(",")]
+    counts = [t for t in (1, 2, 4, 8, 16) if t <= cores]
+    return counts + ([cores] if counts[-1] != cores else [])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--threads", help="thread counts, e.g. 1,2 (default 1 and every core)")
+    ap.add_argument("--threads", help="thread counts, e.g. 1,2 (default 1, 2, 4, 8, 16 up to the cores, and the cores)")
+    ap.add_argument("--kernels", default="numba,torch", help="dequant kernels to compare (numba, torch)")
     ap.add_argument("--scale-fmt", default="float", choices=("float", "ue8m0"))
     ap.add_argument("--step", type=int, default=fp8_block_cpu.STEP_ELEMS)
     ap.add_argument("--task", type=int, default=cpu_backend.TASK_ELEMS)
+    ap.add_argument("--small", action="store_true", help="shapes a quarter the size (a quick run)")
+    ap.add_argument("--json", type=Path, help="write the rates here too")
     args = ap.parse_args()
     fp8_block_cpu.STEP_ELEMS, cpu_backend.TASK_ELEMS = args.step, args.task
     cores = len(os.sched_getaffinity(0))
-    counts = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, cores})
-    backends = {t: CpuBackend(threads=t) for t in counts}
-    heads = " | ".join(f"{op} {t} thr" for op in ("dequant", "quant") for t in counts)
-    print(f"torch {torch.__version__}, {cores} cores, scale_fmt {args.scale_fmt}, step {args.step}, "
-          f"task {args.task}; G elements/s")
+    counts = thread_counts(cores, args.threads)
+    kernels = args.kernels.split(",")
+    t = time.perf_counter()
+    compiled = fp8_block_cpu.numba_kernel()
+    load_s = time.perf_counter() - t
+    if "numba" in kernels and compiled is None:
+        print("numba is not installed or its kernel does not build: the numba column is left out", file=sys.stderr)
+        kernels.remove("numba")
+    backends = {(k, n): CpuBackend(threads=n, kernel=k) for k in kernels for n in counts}
+    runs = [("dequant", k) for k in kernels] + [("quant", "torch")]
+    heads = " | ".join(f"{op} {k} {n} thr" if op == "dequant" else f"quant {n} thr" for op, k in runs for n in counts)
+    print(f"torch {torch.__version__}, {cores} cores, scale_fmt {args.scale_fmt}, task {args.task}, torch step "
+          f"{args.step}; numba kernel loaded in {load_s:.2f} s; G elements/s")
     print(f"| shape | {heads} | dequant reference | quant reference | bit-exact |")
-    print("|---|" + "---:|" * (2 * len(counts) + 2) + "---|")
-    for rows, cols in SHAPES:
+    print("|---|" + "---:|" * (len(runs) * len(counts) + 2) + "---|")
+    shapes = [(r // 2, c // 2) for r, c in SHAPES] if args.small else SHAPES
+    results, totals = [], {}
+    for rows, cols in shapes:
         (d_item, d_in, d_ref), (q_item, q_in, q_ref), (q, s, x) = cases(rows, cols, args.scale_fmt)
         out = OutputArena(rows * cols * 2)  # recycled, as the engine does
-        n = rows * cols / 1e9
-        rates, exact = [], True
-        for item, raw, ref in ((d_item, d_in, d_ref), (q_item, q_in, q_ref)):
-            for t in counts:
-                run = functools.partial(_convert, backends[t], raw, item, out)
-                rates.append(n / median_seconds(run, args.repeat))
+        n = rows * cols
+        rates, exact = {}, True
+        for op, k in runs:
+            item, raw, ref = (d_item, d_in, d_ref) if op == "dequant" else (q_item, q_in, q_ref)
+            for threads in counts:
+                run = functools.partial(_convert, backends[(k if op == "dequant" else kernels[0], threads)], raw, item, out)
+                sec = median_seconds(run, args.repeat)
+                rates[f"{op} {k} {threads}"] = n / sec / 1e9
+                totals[f"{op} {k} {threads}"] = totals.get(f"{op} {k} {threads}", 0.0) + sec
                 exact &= b"".join(bytes(m) for m in run()) == bytes(ref.reshape(-1).numpy())
-        d_eager = n / median_seconds(functools.partial(reference_dequant, q, s), args.repeat)
-        q_eager = n / median_seconds(functools.partial(reference_quant, x, args.scale_fmt), args.repeat)
-        cells = " | ".join(f"{r:.2f}" for r in rates)
-        print(f"| [{rows}, {cols}] | {cells} | {d_eager:.2f} | {q_eager:.2f} | {exact} |", flush=True)
+        rates["dequant reference"] = n / median_seconds(functools.partial(reference_dequant, q, s), args.repeat) / 1e9
+        rates["quant reference"] = n / median_seconds(functools.partial(reference_quant, x, args.scale_fmt), args.repeat) / 1e9
+        results.append({"shape": [rows, cols], "rates": rates, "bit_exact": exact})
+        print(f"| [{rows}, {cols}] | " + " | ".join(f"{r:.2f}" for r in rates.values()) + f" | {exact} |", flush=True)
+    elems = sum(r * c for r, c in shapes) / 1e9
+    overall = {key: elems / sec for key, sec in totals.items()}
+    print("| all shapes | " + " | ".join(f"{overall[key]:.2f}" for key in totals) + " | | | |")
+    for op, k in runs:
+        most = counts[-1]
+        print(f"{op} {k}: {most} threads vs 1: {overall[f'{op} {k} {most}'] / overall[f'{op} {k} {counts[0]}']:.2f}x")
     for b in backends.values():
         b.close()
+    if args.json:
+        args.json.write_text(json.dumps({"torch": torch.__version__, "cores": cores, "threads": counts,
+                                         "numba_load_s": load_s, "task": args.task, "shapes": results,
+                                         "all_shapes": overall}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

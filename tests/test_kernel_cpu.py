@@ -1,13 +1,17 @@
 """The CPU kernels (`dsv3conv.kernels.fp8_block_cpu`) against the torch references, bit for bit, and the
-thread pool of `CpuBackend` around them."""
+thread pool of `CpuBackend` around them. Dequant is tested with both kernels (numba and torch)."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
 
+import dsv3conv.kernels
 from dsv3conv.backend import CpuBackend, Item, OutputArena, convert, cpu_threads
 from dsv3conv.errors import UsageError
+from dsv3conv.kernels import fp8_block_cpu
 from dsv3conv.kernels.fp8_block_cpu import dequant_rows, quant_rows, row_ranges
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.kernels.fp8_block_quant import reference_quant
@@ -30,10 +34,13 @@ def mismatches(got: torch.Tensor, want: torch.Tensor) -> str:
     return f"{int(bad.sum())} of {bad.numel()} differ; first at {i}: got {got[i].item()!r}, want {want[i].item()!r}"
 
 
-def dequant_in_ranges(w, s, out_dtype, cuts):
+KERNELS = ("numba", "torch")
+
+
+def dequant_in_ranges(w, s, out_dtype, cuts, kernel):
     out = torch.full(w.shape, 7, dtype=out_dtype)
     for r0, r1 in zip(cuts, cuts[1:]):
-        dequant_rows(w, s, out, r0, r1)
+        dequant_rows(w, s, out, r0, r1, kernel=kernel)
     return out
 
 
@@ -44,30 +51,70 @@ def random_scales(shape, scale_dtype, kind, gen):
     return (torch.rand(shape, generator=gen) * mag).to(scale_dtype)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu])
 @pytest.mark.parametrize("kind", ["plain", "subnormal", "huge"])
-def test_dequant_rows_equals_reference(shape, scale_dtype, kind):
+def test_dequant_rows_equals_reference(shape, scale_dtype, kind, kernel):
     """Random bytes (NaN codes included), every out dtype, cut into row ranges that split 128-row blocks."""
     gen = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
     w = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
     s = random_scales((-(-shape[0] // 128), -(-shape[1] // 128)), scale_dtype, kind, gen)
     cuts = sorted({0, shape[0] // 3, shape[0] // 2, shape[0]})
     for out_dtype in OUT_DTYPES:
-        got = dequant_in_ranges(w, s, out_dtype, cuts)
+        got = dequant_in_ranges(w, s, out_dtype, cuts, kernel)
         problem = mismatches(got, reference_dequant(w, s, out_dtype))
-        assert not problem, f"{shape} {scale_dtype} {kind} scales -> {out_dtype}: {problem}"
+        assert not problem, f"{kernel}: {shape} {scale_dtype} {kind} scales -> {out_dtype}: {problem}"
 
 
-@pytest.mark.parametrize("scale", [1.0, 2.0**-30, 3.1e-3, 1e30, 2.0**-149, 2.0**125])
-def test_dequant_rows_every_code(scale):
-    """All 256 e4m3 codes (NaN, -0.0, subnormals, 448) in every row, against scales that reach float32's ends."""
+# Scales reaching float32's ends, float16's (6e-5, 2^-24, 2^-25: products round to float16 subnormals or 0),
+# and, passed to the kernels directly only (the engine refuses them), scales that are not finite.
+EDGE_SCALES = [1.0, 2.0**-30, 3.1e-3, 1e30, 2.0**-149, 2.0**125, 6e-5, 2.0**-24, 2.0**-25, 1.5 * 2.0**-25, 146.3,
+               float("inf"), float("nan")]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("scale", EDGE_SCALES)
+def test_dequant_rows_every_code(scale, kernel):
+    """All 256 e4m3 codes (NaN, -0.0, subnormals, 448) in every row, a NaN-free row between them."""
     w = torch.arange(256, dtype=torch.uint8).repeat(130, 1)
-    s = torch.full((2, 2), scale)
+    w[70] = torch.arange(256, dtype=torch.uint8) % 0x7F
+    s = torch.tensor([[scale, 0.5], [2.0, scale]])
     for out_dtype in OUT_DTYPES:
-        got = dequant_in_ranges(w, s, out_dtype, [0, 64, 130])
+        got = dequant_in_ranges(w, s, out_dtype, [0, 64, 130], kernel)
         problem = mismatches(got, reference_dequant(w, s, out_dtype))
-        assert not problem, f"scale {scale} -> {out_dtype}: {problem}"
+        assert not problem, f"{kernel}: scale {scale} -> {out_dtype}: {problem}"
+
+
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+def test_numba_kernel_rounds_every_product_like_torch(out_dtype):
+    """Random e4m3 codes that are numbers times 120 bfloat16 scales spread over float32's exponents, from below
+    float16's subnormals to overflow: the numba kernel's integer rounding against torch's conversion."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randint(0, 256, (128 * 3, 128 * 40), dtype=torch.uint8, generator=gen)
+    w[(w & 0x7F) == 0x7F] = 0x7E
+    exps = torch.randint(-149, 128, (3, 40), generator=gen).to(torch.float32)
+    s = (torch.exp2(exps) * (1 + torch.rand((3, 40), generator=gen))).to(torch.bfloat16)  # 8-bit significands:
+    got = dequant_in_ranges(w, s, out_dtype, [0, w.shape[0]], "numba")  # products of 12 bits, many exact ties
+    assert not mismatches(got, reference_dequant(w, s, out_dtype)), mismatches(got, reference_dequant(w, s, out_dtype))
+
+
+def test_without_numba_the_torch_kernel_stands_in(monkeypatch):
+    """numba missing (or failing to import): "auto" takes the torch kernel, exactly; "numba" is refused."""
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+    monkeypatch.delitem(sys.modules, "dsv3conv.kernels.fp8_block_numba", raising=False)
+    monkeypatch.delattr(dsv3conv.kernels, "fp8_block_numba", raising=False)
+    fp8_block_cpu.numba_kernel.cache_clear()
+    try:
+        assert fp8_block_cpu.numba_kernel() is None
+        w = torch.arange(256, dtype=torch.uint8).repeat(3, 1)
+        s = torch.full((1, 2), 3.1e-3)
+        got = dequant_in_ranges(w, s, torch.bfloat16, [0, 3], "auto")
+        assert not mismatches(got, reference_dequant(w, s)), mismatches(got, reference_dequant(w, s))
+        with pytest.raises(ValueError, match="numba is not installed"):
+            dequant_rows(w, s, torch.empty(w.shape, dtype=torch.bfloat16), kernel="numba")
+    finally:
+        fp8_block_cpu.numba_kernel.cache_clear()  # the next caller imports the real module again
 
 
 def test_dequant_rows_refuses_mismatched_arguments():
@@ -76,6 +123,8 @@ def test_dequant_rows_refuses_mismatched_arguments():
         dequant_rows(w, torch.ones((1, 1)), torch.empty((130, 10), dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="out is"):
         dequant_rows(w, torch.ones((2, 1)), torch.empty((130, 10), dtype=torch.int16))
+    with pytest.raises(ValueError, match="kernel 'fast'"):
+        dequant_rows(w, torch.ones((2, 1)), torch.empty((130, 10), dtype=torch.bfloat16), kernel="fast")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
