@@ -163,6 +163,8 @@ def commit(self):
     if self.final.name.endswith(".safetensors"):
         step("commit")
     real_commit(self)
+    if self.final.name.endswith(".safetensors"):
+        say("committed")
 
 def announced(method):
     def run(self, *args, **kwargs):
@@ -183,7 +185,8 @@ main()
 
 class Paused:
     """A dsv3conv process that stops at each `pause` step ("convert": a batch is about to be converted;
-    "commit": a finished shard is about to be renamed into place) until the test calls `go()`.
+    "commit": a finished shard is about to be renamed into place) until the test calls `go()`; "committed"
+    (never paused) follows each rename.
 
     Steps announce themselves (`test-hook: commit`) on stderr, which is read as it comes."""
 

@@ -178,7 +178,8 @@ def test_resume_after_kill_gives_identical_bytes(tmp_path):
     run = Paused("dequant", tmp_path / "src", tmp_path / "out", "--device", "cpu", "--quiet", pause=("commit",))
     run.wait_for("commit")
     run.go()
-    run.wait_for("commit", 2)  # one shard renamed into place, the next written but not renamed
+    run.wait_for("committed")  # one shard renamed into place (writers commit in any order)
+    run.wait_for("commit", 2)  # the next written but not renamed
     run.proc.kill()
     assert run.finish()[0] == -signal.SIGKILL
     finals = list((tmp_path / "out").glob("model-*.safetensors"))
