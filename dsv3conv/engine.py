@@ -181,6 +181,8 @@ class _Run:
                     buf = self.pool.get(self._check) if spec.span_len or spec.pieces else None
                 with profiling.stage(self.prof, "read", spec.span_len):
                     items = _read_batch(self.plan.source, spec, buf, handles, self.scales)
+                if self.prof is not None:
+                    self.prof.mark_once("first_read_s")
                 self.ready.put((spec, buf, items))
         except _Stopped:
             pass

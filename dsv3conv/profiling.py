@@ -11,7 +11,9 @@ events on the batch's stream). At the end of each engine run one line goes to st
     "bytes": 11700000000, "calls": 180, "threads": 4}, ...}}
 
 `start_s` and `first_write_s` are seconds since the process started (the fixed cost before the engine, and
-the first byte written). A stage's seconds are summed over the threads that ran it (`threads`), so they may
+the first byte written); so are the steps before the engine, when the runner marks them (`mark`):
+`planned_s` (source opened and planned), `torch_s` (torch imported), `backend_s` (devices ready), and
+`first_read_s` (the first batch read). A stage's seconds are summed over the threads that ran it (`threads`), so they may
 add up to more than `wall_s`. Off, the engine pays one function call per stage and batch.
 """
 
@@ -29,6 +31,7 @@ from pathlib import Path
 
 _NOTHING = contextlib.nullcontext()
 _current: contextvars.ContextVar[Profile | None] = contextvars.ContextVar("dsv3conv_profile", default=None)
+_marks: dict[str, float | None] = {}  # steps before the engine (`mark`), shown by the next engine run
 
 
 def enabled() -> bool:
@@ -52,7 +55,8 @@ class Profile:
         self._lock = threading.Lock()
         self._start = time.perf_counter()
         self.stages: dict[str, dict] = {}
-        self.marks: dict[str, float | None] = {"start_s": process_age()}
+        self.marks: dict[str, float | None] = {**_marks, "start_s": process_age()}
+        _marks.clear()  # shown once, by the engine run they lead to
 
     def add(self, name: str, seconds: float, nbytes: int = 0) -> None:
         with self._lock:
@@ -103,6 +107,15 @@ class StreamSpans:
         if self.profile is not None:
             for (name, nbytes), a, b in zip(spans, self.events, self.events[1:]):
                 self.profile.add(name, a.elapsed_time(b) / 1e3, nbytes)
+
+
+def mark(name: str, first: bool = False) -> None:
+    """When profiling: remember when the start-up step `name` happened, for the next engine run's line.
+    `first`: the first step of a command (what an earlier command of this process marked is forgotten)."""
+    if enabled():
+        if first:
+            _marks.clear()
+        _marks[name] = process_age()
 
 
 def stage(profile: Profile | None, name: str, nbytes: int = 0):

@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from dsv3conv import profiling
 from dsv3conv.checkpoint import CONFIG_NAME, INDEX_NAME
 from dsv3conv.dest import FINALIZE_LOCK_NAME, LOCK_NAME, DestLock, is_complete, prepare_dest, remove_partials
 from dsv3conv.devices import cpu_threads, parse_devices
@@ -100,8 +101,11 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
         summary["dropped"] = plan.dropped
         summary["config"] = plan.config
         return summary
+    profiling.mark("planned_s", first=True)
     from dsv3conv.engine import DEFAULT_CHUNK_BYTES
     from dsv3conv.gpu import check_device, device_list  # torch: only for a real run
+
+    profiling.mark("torch_s")
 
     devices = device_list(device) if plan.converted else []
     devices = [check_device(d) for d in devices]  # refuse a missing GPU before any work starts
@@ -117,6 +121,7 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
             stats, gpu_peak = execute_on_devices(plan, devices, resume=resume, progress=report, chunk_bytes=chunk)
         else:
             backend = _backend(devices, threads)  # None: nothing to convert
+            profiling.mark("backend_s")
             startup = time.perf_counter() - started
             try:
                 stats = execute(plan, backend, resume=resume, overwrite=overwrite, progress=report,
@@ -209,6 +214,7 @@ def execute_on_devices(
     """
     if os.environ.get("DSV3CONV_WORKERS", "threads") != "processes":
         backend = _backend(devices, None)
+        profiling.mark("backend_s")
         try:
             stats = execute(plan, backend, resume=resume, progress=progress, chunk_bytes=chunk_bytes)
         finally:

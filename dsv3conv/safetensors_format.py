@@ -151,11 +151,13 @@ def _parse_entry(name: str, spec: object, path: Path | str) -> TensorEntry:
     dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise HeaderError(f"{path}: tensor `{name}` has unknown dtype {short(dtype)}")
-    if not isinstance(shape, list) or not all(_is_nonneg_int(d) for d in shape):
+    # `type(x) is int`: JSON gives int or bool (an int subclass), never another; tens of thousands per checkpoint
+    if type(shape) is not list or not all([type(d) is int and 0 <= d <= MAX_U64 for d in shape]):
         raise HeaderError(f"{path}: tensor `{name}` shape {short(shape)} is not a list of non-negative integers")
     if len(shape) > MAX_NDIM:
         raise HeaderError(f"{path}: tensor `{name}` has {len(shape)} dimensions (limit {MAX_NDIM}); the file is damaged")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_nonneg_int(o) for o in offsets)):
+    if not (type(offsets) is list and len(offsets) == 2 and type(offsets[0]) is int and type(offsets[1]) is int
+            and 0 <= offsets[0] <= MAX_U64 and 0 <= offsets[1] <= MAX_U64):
         raise HeaderError(f"{path}: tensor `{name}` data_offsets {short(offsets)} is not a pair of non-negative integers")
     begin, end = offsets
     if end < begin:
@@ -169,9 +171,6 @@ def _parse_entry(name: str, spec: object, path: Path | str) -> TensorEntry:
         )
     return TensorEntry(name, dtype, tuple(shape), begin, end)
 
-
-def _is_nonneg_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_U64
 
 
 def build_header(

@@ -13,8 +13,10 @@ same files:
                  `processes:cuda:all` runs the device workers as spawned processes
   dry run        `dsv3conv dequant --dry-run` alone: planning, part of the fixed cost
 From the two sizes, each method's steady-state rate (extra FP8 input bytes / extra seconds) and fixed cost
-(the seconds left at zero bytes). Peak RSS is the largest single process of a run. Results go to
-OUT/bench_convert.json, the table to stdout and OUT/bench_convert.md.
+(the seconds left at zero bytes). Peak RSS is the largest single process of a run; GPU peak the largest
+device memory a run allocated; first byte the seconds from a dsv3conv process's start to its first write
+(from its profile line, with the start-up steps before it). Results go to OUT/bench_convert.json, the
+table to stdout and OUT/bench_convert.md.
 
     python scripts/bench_convert.py --device cuda --layers 1 2 --dir /dev/shm/bench --out /tmp/out
     python scripts/bench_convert.py --device cpu --layers 1 2 --experts 2 --vocab 1024 --dir /tmp/b --out /tmp/o
@@ -213,8 +215,8 @@ def steady(sizes: list[dict], method: str) -> dict | None:
 def table(report: dict) -> str:
     sizes = report["sizes"]
     head = " | ".join(f"{s['layers']} layer(s): s" for s in sizes)
-    lines = [f"| method | {head} | FP8 GB/s at the margin | fixed s | peak RSS | GPU peak |",
-             "|---|" + "---:|" * (len(sizes) + 4)]
+    lines = [f"| method | {head} | FP8 GB/s at the margin | fixed s | peak RSS | GPU peak | first byte s |",
+             "|---|" + "---:|" * (len(sizes) + 5)]
     for method in sizes[-1]["results"]:
         cells = [f"{s['results'][method]['s']:.2f}" if method in s["results"] else "-" for s in sizes]
         st = report["steady"].get(method) or {}
@@ -223,15 +225,24 @@ def table(report: dict) -> str:
         last = sizes[-1]["results"][method]
         rss = f"{last['rss'] / 1e9:.2f} GB" if last.get("rss") else "-"
         gpu = f"{last['gpu_peak'] / 1e9:.2f} GB" if last.get("gpu_peak") else "-"
-        lines.append(f"| {method} | {' | '.join(cells)} | {rate} | {fixed} | {rss} | {gpu} |")
+        first = first_byte(last)
+        first = f"{first:.2f}" if first is not None else "-"
+        lines.append(f"| {method} | {' | '.join(cells)} | {rate} | {fixed} | {rss} | {gpu} | {first} |")
     for s in sizes:
         lines.append(f"\n{s['layers']} layer(s): input {s['input_bytes'] / 1e9:.2f} GB ({s['fp8_bytes'] / 1e9:.2f} GB FP8) "
                      f"in {s['shards']} shards, output {s['output_bytes'] / 1e9:.2f} GB")
         for method, r in s["results"].items():
             for p in r.get("profile") or []:
+                marks = ", ".join(f"{k} {v:.2f}" for k, v in p.items() if k.endswith("_s") and k != "wall_s" and v is not None)
                 stages = ", ".join(f"{k} {v['s']:.2f} s" for k, v in p["stages"].items())
-                lines.append(f"  {method} profile: wall {p['wall_s']:.2f} s; {stages}")
+                lines.append(f"  {method} profile: wall {p['wall_s']:.2f} s; since the process start: {marks}; {stages}")
     return "\n".join(lines)
+
+
+def first_byte(result: dict) -> float | None:
+    """Seconds from a dsv3conv process's start to its first write (the earliest of its parts), if profiled."""
+    marks = [p["first_write_s"] for p in result.get("profile") or [] if p.get("first_write_s") is not None]
+    return min(marks) if marks else None
 
 
 def main() -> None:

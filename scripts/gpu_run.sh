@@ -8,6 +8,9 @@
 #                fixed cost, dsv3conv profiled per stage (needs ~75 GB there with 256 experts)
 #     disk       bench_convert.py on the local disk, page cache dropped before each run
 #     scale      bench_convert.py from /dev/shm on every GPU: threads, processes, --part jobs, two on one GPU
+#     engine     the asynchronous GPU engine in one go: its GPU tests, bench_convert.py from /dev/shm (one GPU,
+#                every GPU in one process, one --part job per GPU; EXPERTS=128), three --dry-run of the
+#                163-shard replica, and a profiled 1-layer run (start-up steps and first byte)
 #     pdl        bench_kernel.py --pdl-sweep: small-tensor configs x PDL modes
 #     quant-e2e  bench_quant_convert.py: quant --device cpu against --device cuda on the same files
 #     write      bench_write.py: N writer threads of one process against N processes on /dev/shm
@@ -48,6 +51,15 @@ for step in "${@:-tests kernel convert}"; do for step in $step; do
       run bench_scale.txt python3 scripts/bench_convert.py --device cuda --device cuda:all --device processes:cuda:all \
         --device "parts:$all" --device cuda:0,cuda:0 --skip-eager --experts "${EXPERTS:-128}" \
         --dir /dev/shm/dsv3conv-scale --out "$OUT/convert-scale" ;;
+    engine)
+      run test_gpu_engine.log python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_engine.py tests/test_gpu.py
+      n=$(nvidia-smi -L | wc -l); all=$(seq -s, -f "cuda:%g" 0 $((n - 1)))
+      run bench_engine.txt python3 scripts/bench_convert.py --device cuda --device cuda:all --device "parts:$all" \
+        --experts "${EXPERTS:-128}" --layers 1 2 --dir /dev/shm/dsv3conv-engine --out "$OUT/convert-engine"
+      R=/dev/shm/dsv3conv-replica; rm -rf "$R" "$R-out"
+      run dry_run.txt bash -c "python3 -m dsv3conv example replica $R >/dev/null && TIMEFORMAT='dry run %R s' && \
+        for i in 1 2 3; do time python3 -m dsv3conv dequant $R $R-out --dry-run --no-space-check >/dev/null; done"
+      rm -rf "$R" ;;
     pdl)
       run bench_pdl.log python3 scripts/bench_kernel.py --pdl-sweep --json "$OUT/bench_pdl.json" ;;
     quant-e2e)

@@ -39,6 +39,16 @@ def test_profile_line_counts_the_bytes_of_each_stage(tiny_src, tmp_path, monkeyp
     assert fp8 <= stages["read"]["bytes"] <= src.tensor_bytes(), stages["read"]
     assert all(v["s"] >= 0 and v["calls"] >= 1 and v["threads"] >= 1 for v in stages.values()), stages
     assert p["wall_s"] >= 0 and 0 <= p["start_s"] <= p["first_write_s"], p
+    steps = ["planned_s", "torch_s", "backend_s", "start_s", "first_read_s", "first_write_s"]  # start-up, in order
+    assert [p[k] for k in steps] == sorted(p[k] for k in steps), p
+
+
+def test_each_run_shows_its_own_start_up_steps(tiny_src, tmp_path, monkeypatch):
+    """Two runs in one process: the second line's start-up steps are the second run's, not the first's."""
+    monkeypatch.setenv("DSV3CONV_PROFILE", "1")
+    (a,) = profile_lines(cli("dequant", tiny_src, tmp_path / "a", "--quiet", "--device", "cpu", check=0).stderr)
+    (b,) = profile_lines(cli("dequant", tiny_src, tmp_path / "b", "--quiet", "--device", "cpu", check=0).stderr)
+    assert a["first_write_s"] <= b["planned_s"] <= b["first_write_s"], (a, b)
 
 
 @pytest.mark.parametrize("value", ["", "0"])
