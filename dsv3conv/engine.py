@@ -2,8 +2,9 @@
 
 Reader threads do large sequential reads of the source into a pool of buffers, the calling thread hands
 each batch to a backend, writer threads put each converted piece at its planned offset and rename a file
-into place when its last piece is written. Batches of several files are in flight at once, and several
-writes: fast storage (tmpfs, NVMe) reaches its speed only with many writes at once.
+into place when its last piece is written. Batches of several files are in flight at once, taking turns
+(`interleaved`), and several writes: fast storage (tmpfs, NVMe) reaches its speed only with many writes at
+once, and a file system takes one write into a file at a time.
 
 A backend may convert asynchronously (a GPU): it returns at once with a fence, the calling thread goes on
 to the next batch, and the writer waits on the fence before writing. A batch's read buffer is reused once
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,11 +94,11 @@ class _Run:
     def __init__(self, plan: Plan, backend: Backend | None, todo, progress, chunk_bytes: int, depth: int,
                  cancel: threading.Event | None, prof: profiling.Profile | None = None):
         self.plan, self.backend, self.progress, self.cancel, self.prof = plan, backend, progress, cancel, prof
-        self.specs = [spec for k, f in todo for spec in _batch_specs(k, f, chunk_bytes)]
+        self.n_readers, self.n_writers = io_threads()
+        self.specs = interleaved([_batch_specs(k, f, chunk_bytes) for k, f in todo], self.n_writers)
         self.remaining = Counter(spec.k for spec in self.specs)  # batches still to write, per output file
         self.open_files: dict[int, AtomicFile] = {}
         self.files_lock = threading.Lock()
-        self.n_readers, self.n_writers = io_threads()
         # A block of rows is never split: a very wide tensor may need more than `chunk_bytes`.
         buf_bytes = max([chunk_bytes] + [s.span_len for s in self.specs])
         out_bytes = max([0] + [s.out_bytes for s in self.specs])
@@ -349,6 +350,25 @@ def _batch_specs(k: int, f: FilePlan, chunk_bytes: int) -> list[_BatchSpec]:
     if not specs:  # a file of empty tensors still gets its header
         specs.append(_BatchSpec(k, f, None, 0, 0, [], [], 0))
     return specs
+
+
+def interleaved(per_file: list[list], window: int) -> list:
+    """The batches of `window` files at a time, taking turns, in file order otherwise.
+
+    A file system lets one write into a file at a time (tmpfs, ext4 and XFS lock the file for each buffered
+    write), so writers run in parallel only on different files; a file ends before the files beyond the
+    window start, so few partial files exist at any moment."""
+    waiting = deque(batches for batches in per_file if batches)
+    active: list[list] = []  # [a file's batches, the index of its next one]
+    order = []
+    while waiting or active:
+        while len(active) < window and waiting:
+            active.append([waiting.popleft(), 0])
+        for turn in active:
+            order.append(turn[0][turn[1]])
+            turn[1] += 1
+        active = [turn for turn in active if turn[1] < len(turn[0])]
+    return order
 
 
 def _read_batch(root: Path, spec: _BatchSpec, buf, handles: dict, scales: _ScaleCache) -> list[Item]:

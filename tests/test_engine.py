@@ -156,3 +156,20 @@ def test_buffers_and_arenas_stay_within_their_counts(tmp_path, src_ref, monkeypa
     assert 1 <= made["buffers"] <= readers + 1, made
     assert 1 <= made["arenas"] <= writers + 1, made
     _same_files(tmp_path / "out", ref)
+
+
+def test_batches_of_a_few_files_take_turns():
+    """Writes into one file wait on each other: the batches of `window` files alternate, each file's in order,
+    and no more than `window` files are begun and unfinished at any moment."""
+    per_file = [[(k, i) for i in range(n)] for k, n in enumerate([3, 1, 0, 2, 4])]
+    order = engine.interleaved(per_file, 2)
+    assert order == [(0, 0), (1, 0), (0, 1), (3, 0), (0, 2), (3, 1), (4, 0), (4, 1), (4, 2), (4, 3)]
+    for window in (1, 2, 3, 8):
+        order = engine.interleaved(per_file, window)
+        assert sorted(order) == sorted(b for f in per_file for b in f)
+        for k, batches in enumerate(per_file):
+            assert [b for b in order if b[0] == k] == batches
+        for n in range(len(order) + 1):
+            begun = {k for k, _ in order[:n]}
+            open_files = [k for k in begun if sum(b[0] == k for b in order[:n]) < len(per_file[k])]
+            assert len(open_files) <= window, (window, order[:n])
