@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -40,6 +41,17 @@ def fp8_problems(tensors: Mapping[str, TensorInfo], formats: Formats | None = No
         code = "fp8-unscaled" if subject in unscaled else "fp8-orphan-scale" if subject in orphans else "fp8-bad-scale"
         out.append(Problem(code, subject, text))
     return out
+
+
+_FORMATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def formats_of(ckpt: Checkpoint) -> Formats:
+    """`formats.classify` of an opened checkpoint's tensors, once per checkpoint (verify asks several times)."""
+    formats = _FORMATS.get(ckpt)
+    if formats is None:
+        formats = _FORMATS[ckpt] = classify(ckpt.tensors)
+    return formats
 
 
 def scale_tensors(formats: Formats) -> set[str]:

@@ -35,7 +35,9 @@ def print_inspect(r: dict) -> None:
     t.add_row("model type", str(r["model_type"]))
     t.add_row("architectures", ", ".join(r["architectures"] or []) or "-")
     t.add_row("layers", f"{r['num_hidden_layers']} main + {r['num_nextn_predict_layers'] or 0} MTP (config); {r['layers']} found")
-    t.add_row("MTP layer ids", ", ".join(map(str, r["mtp_layers"])) or "none")
+    v4 = r["layout"].get("mtp_modules") is not None  # DeepSeek-V4 names: MTP under mtp.*, no layer ids
+    if not v4:
+        t.add_row("MTP layer ids", ", ".join(map(str, r["mtp_layers"])) or "none")
     q = r["quantization"]
     t.add_row("quantization", json.dumps(q, separators=(", ", ": ")) if q else "none")
     t.add_row("shards", f"{r['shards']} ({fmt_bytes(r['tensor_bytes'])} of tensors; index total_size {r['total_size']})")
@@ -46,7 +48,7 @@ def print_inspect(r: dict) -> None:
               f"{f['orphan_scales']:,} orphan scales")
     t.add_row("formats", "\n".join(f"{k}: {v:,}" for k, v in r["formats"].items()) or "-")
     lay = r["layout"]
-    if lay.get("mtp_modules") is not None:  # DeepSeek-V4 names
+    if v4:
         kind = {"mtp": "MTP module", "dspark": "DSpark drafter"}.get(lay["mtp_kind"], "none")
         t.add_row("mtp.*", f"{kind}: modules {lay['mtp_modules']}, {lay['mtp_tensors']:,} tensors" if lay["mtp_kind"] else "none")
     out.print(t)
@@ -57,8 +59,8 @@ def print_inspect(r: dict) -> None:
     pt.add_column("")
     rows = [
         ("main model", p["main"], "every tensor outside the MTP layers"),
-        ("  embedding", p["embedding"], "model.embed_tokens"),
-        ("  head", p["head"], "lm_head"),
+        ("  embedding", p["embedding"], "embed" if v4 else "model.embed_tokens"),
+        ("  head", p["head"], "head" if v4 else "lm_head"),
         ("  activated per token", p["main_activated"], "incl. head, excl. embedding; top-k routed experts"),
         ("  activated incl. embedding", p["main_activated"] + p["embedding"], ""),
         ("MTP, all stored", p["mtp"], "incl. its copies of embedding and head"),

@@ -138,3 +138,12 @@ def test_split_mtp_draft_missing_tensor_found(sources, tmp_path) -> None:
     remove_tensor(tmp_path / "draft", "mtp.2.markov_head.markov_w1.weight")
     bad = failed(verify_checkpoint(tmp_path / "draft", against=sources["0731"]))
     assert "missing from CKPT: `mtp.2.markov_head.markov_w1.weight`" in bad["tensor_set"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("experts", ["dequant", "fp8"])
+def test_verify_on_cuda(sources, tmp_path, experts) -> None:
+    """The comparison runs the conversion again on the GPU backend (MXFP4 Triton kernel, repack on device)."""
+    dequantize(sources["0731"], tmp_path / "out", device="cpu", experts=experts)
+    detail = _passes(verify_checkpoint(tmp_path / "out", against=sources["0731"], full=True, device="cuda"))
+    assert "on cuda" in detail["data_vs_source"]

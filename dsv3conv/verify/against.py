@@ -8,8 +8,7 @@ from __future__ import annotations
 from collections import Counter
 
 from dsv3conv.checkpoint import CONFIG_NAME, Checkpoint
-from dsv3conv.checks import fp8_problems
-from dsv3conv.formats import classify
+from dsv3conv.checks import formats_of, fp8_problems
 from dsv3conv.ops import Copy, DequantBlockFp8, DequantMxfp4, QuantBlockFp8, RepackMxfp4Fp8
 from dsv3conv.verify.claim import Claim
 from dsv3conv.verify.report import Check, config_diffs, join, names, short_json
@@ -21,7 +20,7 @@ DEQUANT_OPS = (DequantBlockFp8, DequantMxfp4)
 
 
 def source_check(src: Checkpoint) -> Check:
-    formats = classify(src.tensors)
+    formats = formats_of(src)
     problems = [p.text for p in list(src.problems) + fp8_problems(src.tensors, formats)]
     if problems:
         return Check("source", False, f"{src.root}: " + join(problems))

@@ -21,11 +21,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from dsv3conv.checkpoint import Checkpoint
-from dsv3conv.checks import mtp_rule, quantized, scale_tensors
+from dsv3conv.checks import formats_of, mtp_rule, quantized, scale_tensors
 from dsv3conv.dequant import plan_dequant
 from dsv3conv.dtypes import FLOAT_DTYPES, OUT_DTYPES, TORCH_NAMES
 from dsv3conv.errors import Dsv3Error
-from dsv3conv.formats import FP8, Formats, classify
+from dsv3conv.formats import FP8, Formats
 from dsv3conv.layout import is_nextn_draft
 from dsv3conv.layout_v4 import is_v4_names, mtp_module_id, v4_layer_id
 from dsv3conv.plan import Plan, TensorPlan
@@ -51,7 +51,7 @@ class Claim:
 def claim(ckpt: Checkpoint, src: Checkpoint) -> Claim:
     """Read what CKPT claims to be made from SRC, and plan that conversion of SRC."""
     config = ckpt.config or {}
-    src_formats, ckpt_formats = classify(src.tensors), classify(ckpt.tensors)
+    src_formats, ckpt_formats = formats_of(src), formats_of(ckpt)
     in_mtp = mtp_rule(src.tensors, src.config or {})
     src_mtp = any(in_mtp(n) for n in src.tensors)
     src_q = quantized(src_formats)

@@ -7,9 +7,8 @@ import re
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint, require_dir
-from dsv3conv.checks import scale_tensors, shard_files
+from dsv3conv.checks import formats_of, scale_tensors, shard_files
 from dsv3conv.errors import Dsv3Error, UsageError
-from dsv3conv.formats import classify
 from dsv3conv.ops import EMITS_SCALE, QuantScale
 from dsv3conv.plan import assign_parts, parse_part
 from dsv3conv.verify.against import config_check, misformed, source_check, tensor_set_check
@@ -50,7 +49,7 @@ def verify_checkpoint(
     except Dsv3Error as exc:
         return result([Check("files", False, str(exc))], [], k_n, [])
     shards = part_shards(ckpt, *k_n) if k_n is not None else None
-    formats = classify(ckpt.tensors)
+    formats = formats_of(ckpt)
     scales = scale_tensors(formats)
     checks = header_checks(ckpt, formats)
     against_checks, c, src = _against(ckpt, src_root)
