@@ -49,7 +49,10 @@ class ConfigEdit:
         self.config["quantization_config"] = qc
 
     def drop_mtp(self) -> None:
+        """No MTP layers, nor a DeepSeek-V4 DSpark drafter's `dspark_*` fields."""
         self.set("num_nextn_predict_layers", 0)
+        for key in [k for k in self.config if str(k).startswith("dspark")]:
+            self.drop(key, "the DSpark drafter was dropped")
 
     def nextn_draft(self, n_mtp: int) -> None:
         """The MTP layers as a standalone draft model: its layers are the MTP layers, every one an MoE layer."""
@@ -67,7 +70,7 @@ def dequant_config(config: Mapping, dtype: str, drop_mtp: bool) -> ConfigEdit:
     edit.drop("expert_dtype", "the experts are no longer packed FP4")
     edit.set_dtype(dtype)
     if drop_mtp:
-        _drop_mtp(edit)
+        edit.drop_mtp()
     return edit
 
 
@@ -77,12 +80,5 @@ def repack_config(config: Mapping, drop_mtp: bool) -> ConfigEdit:
     edit = ConfigEdit(config)
     edit.drop("expert_dtype", "the routed experts are 128x128 block FP8 now")
     if drop_mtp:
-        _drop_mtp(edit)
+        edit.drop_mtp()
     return edit
-
-
-def _drop_mtp(edit: ConfigEdit) -> None:
-    """No MTP layers, nor a DSpark drafter's fields."""
-    edit.drop_mtp()
-    for key in [k for k in edit.config if str(k).startswith("dspark")]:
-        edit.drop(key, "the DSpark drafter was dropped")

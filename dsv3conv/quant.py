@@ -7,6 +7,11 @@ its `e_score_correction_bias`) and `eh_proj` stay as they are; `skip` patterns k
 weight `W` is written as e4m3 with its scale `W_scale_inv` beside it in the same shard; the recipe is
 `dsv3conv.kernels.fp8_block_quant` (module docstring).
 
+DeepSeek-V4 names (`layers.N.*`, `mtp.K.*`): the weights V4-Flash-Base stores as FP8 (attention `wq_a`,
+`wq_b`, `wkv`, `wo_a`, `wo_b`, the indexer's `wq_b`, shared and routed experts `w1`/`w2`/`w3`, the MTP
+module's `e_proj`/`h_proj`, the drafter's `main_proj`), each with its scale `<module>.scale`; routed
+experts become block FP8, not packed FP4. MTP drop removes `mtp.*` (and `dspark_*` from config.json).
+
 A quantized weight is a `TensorPlan` of operation `QuantBlockFp8` that also writes its scale tensor (a
 `QuantScale`) from the same source rows, so the engine streams it like a dequant, in whole-block row chunks.
 Within each shard, tensors are ordered by element size (largest first, source order otherwise), as the
@@ -19,10 +24,11 @@ import re
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint
+from dsv3conv.checks import mtp_rule
 from dsv3conv.config_edits import ConfigEdit
 from dsv3conv.dtypes import DTYPE_SIZES, FLOAT_DTYPES, SCALE_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
-from dsv3conv.layout import BLOCK, is_scale, layer_id, mtp_layer_ids, scale_name, scale_shape
+from dsv3conv.layout import BLOCK, is_scale, mtp_layer_ids, scale_name, scale_shape
 from dsv3conv.ops import QuantBlockFp8, QuantScale
 from dsv3conv.plan import Plan, TensorPlan, check_layers, copied, file_plan, index_json, more
 
@@ -31,6 +37,11 @@ FP8_WEIGHT_RE = re.compile(
     r"^model\.layers\.\d+\."
     r"(?:self_attn\.(?:q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
     r"|mlp\.(?:shared_experts\.|experts\.\d+\.)?(?:gate_proj|up_proj|down_proj))\.weight$"
+)
+V4_FP8_WEIGHT_RE = re.compile(
+    r"^(?:layers|mtp)\.\d+\."
+    r"(?:attn\.(?:wq_a|wq_b|wkv|wo_a|wo_b|indexer\.wq_b)|ffn\.(?:shared_experts|experts\.\d+)\.w[123]"
+    r"|e_proj|h_proj|main_proj)\.weight$"
 )
 # Experts stored fused (one tensor for all experts of a layer): a layout the release never has.
 FUSED_EXPERTS_RE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(?!\d+\.)")
@@ -42,8 +53,13 @@ QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_met
 
 
 def is_fp8_weight_name(name: str) -> bool:
-    """A tensor the DeepSeek-V3 release stores as FP8 (by name; the shape is checked separately)."""
-    return FP8_WEIGHT_RE.match(name) is not None
+    """A tensor the DeepSeek-V3 (or V4) release stores as FP8 (by name; the shape is checked separately)."""
+    return FP8_WEIGHT_RE.match(name) is not None or V4_FP8_WEIGHT_RE.match(name) is not None
+
+
+def quant_scale_name(weight: str) -> str:
+    """`x.weight_scale_inv` (DeepSeek-V3 names) or `x.scale` (DeepSeek-V4 names)."""
+    return weight[: -len(".weight")] + ".scale" if V4_FP8_WEIGHT_RE.match(weight) else scale_name(weight)
 
 
 def plan_quant(
@@ -68,11 +84,12 @@ def plan_quant(
             raise UsageError(f"{{skip}} {text!r}: not a valid regular expression ({exc})", "skip") from exc
     ckpt.require_clean()
     config = ckpt.require_config()
-    mtp_ids = set(mtp_layer_ids(config)) if mtp == "drop" else set()
-    if mtp == "drop" and not mtp_ids:
+    if mtp == "drop" and not mtp_layer_ids(config):
         raise UsageError(f"{{mtp}} drop: {ckpt.root / 'config.json'} declares no MTP layers "
                          "(num_nextn_predict_layers is 0 or absent)", "mtp")
-    targets, skipped = _targets(ckpt, config, patterns, mtp_ids)
+    rule = mtp_rule(ckpt.tensors, config)
+    dropped = sorted(n for n in ckpt.tensors if mtp == "drop" and rule(n))
+    targets, skipped = _targets(ckpt, config, patterns, set(dropped))
 
     fp8_dtype, sdtype = "F8_E4M3", FLOAT_DTYPES[scale_dtype]
     files = []
@@ -80,10 +97,10 @@ def plan_quant(
         entries: list[TensorPlan] = []
         for entry in shard.header.tensors:
             info = ckpt.tensors[entry.name]
-            if info.file != shard.name or layer_id(info.name) in mtp_ids:
+            if info.file != shard.name or info.name in dropped:
                 continue
             if info.name in targets:
-                sname = scale_name(info.name)
+                sname = quant_scale_name(info.name)
                 op = QuantBlockFp8(scale_fmt, sdtype, sname)
                 entries.append(TensorPlan(info.name, fp8_dtype, info.shape, op, (info,)))
                 entries.append(TensorPlan(sname, sdtype, scale_shape(info.shape), QuantScale(info.name), ()))
@@ -100,15 +117,20 @@ def plan_quant(
     edit.set_quantization(qc, f"fp8 e4m3, {BLOCK}x{BLOCK} blocks" + (", scale_fmt ue8m0" if scale_fmt == "ue8m0" else "")
                           + (f", {len(skipped)} modules_to_not_convert" if skipped else ""))
     edit.set_dtype("bfloat16")
-    if mtp_ids:
+    if dropped:
         edit.drop_mtp()
-    dropped = sorted(n for n in ckpt.tensors if layer_id(n) in mtp_ids)
     return Plan(ckpt.root, dest, files, index_json(ckpt, files), edit.config, edit.changes, list(extra_files), dropped)
 
 
-def _targets(ckpt: Checkpoint, config: dict, patterns: list[re.Pattern], mtp_ids: set[int]) -> tuple[set[str], list[str]]:
+def _v4_quantized(name: str, dtype: str) -> bool:
+    """A DeepSeek-V4 scale (`x.scale` beside `x.weight`) or packed FP4 weight: the checkpoint is quantized."""
+    return (name.endswith(".scale") and V4_FP8_WEIGHT_RE.match(name[: -len(".scale")] + ".weight") is not None
+            or dtype in ("I8", "U8") and V4_FP8_WEIGHT_RE.match(name) is not None)
+
+
+def _targets(ckpt: Checkpoint, config: dict, patterns: list[re.Pattern], dropped: set[str]) -> tuple[set[str], list[str]]:
     """The weights to quantize and those `skip` keeps, once the checkpoint is known to be quant's input."""
-    fp8 = sorted(n for n, t in ckpt.tensors.items() if t.dtype in FP8_DTYPES or is_scale(n))
+    fp8 = sorted(n for n, t in ckpt.tensors.items() if t.dtype in FP8_DTYPES or is_scale(n) or _v4_quantized(n, t.dtype))
     if fp8:
         raise Dsv3Error(
             f"{ckpt.root}: already holds FP8 tensors or scales (`{fp8[0]}`{more(fp8)}); quant takes a BF16, F16 "
@@ -121,11 +143,12 @@ def _targets(ckpt: Checkpoint, config: dict, patterns: list[re.Pattern], mtp_ids
             "per expert (`mlp.experts.N.gate_proj.weight`): save the model unfused"
         )
     check_layers(ckpt, config)
-    candidates = [n for n in ckpt.tensors if is_fp8_weight_name(n) and layer_id(n) not in mtp_ids]
+    candidates = [n for n in ckpt.tensors if is_fp8_weight_name(n) and n not in dropped]
     if not candidates:
         raise Dsv3Error(
             f"{ckpt.root}: no tensor to quantize: none is named like a DeepSeek-V3 FP8 weight "
-            "(model.layers.N.self_attn.*_proj.weight, model.layers.N.mlp.*_proj.weight)"
+            "(model.layers.N.self_attn.*_proj.weight, model.layers.N.mlp.*_proj.weight) or a V4 one "
+            "(layers.N.attn.wq_a.weight, layers.N.ffn.experts.E.w1.weight, ...)"
         )
     for p in patterns:
         if not any(p.search(n) for n in candidates):

@@ -25,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint
+from dsv3conv.checks import mtp_rule
 from dsv3conv.config_edits import ConfigEdit
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.formats import classify
@@ -56,12 +57,8 @@ def check_layout(layout: str) -> None:
 # --------------------------------------------------------------------------------------------- plans
 def plan_split_main(ckpt: Checkpoint, dest: Path, extra_files: list[str] | tuple[str, ...] = ()) -> Plan:
     """The checkpoint without its MTP layers: untouched shards copied whole, the others rewritten."""
-    config, mtp_ids = _mtp_source(ckpt)
-    v4 = is_v4_names(ckpt.tensors)
-
-    def in_mtp(name: str) -> bool:
-        return mtp_module_id(name) is not None if v4 else layer_id(name) in mtp_ids
-
+    config, _ = _mtp_source(ckpt)
+    in_mtp = mtp_rule(ckpt.tensors, config)
     files: list[FilePlan] = []
     dropped: list[str] = []
     for shard in ckpt.shards.values():
@@ -74,8 +71,6 @@ def plan_split_main(ckpt: Checkpoint, dest: Path, extra_files: list[str] | tuple
             files.append(file_plan(shard.name, kept))
     edit = ConfigEdit(config)
     edit.drop_mtp()
-    for key in [k for k in config if v4 and str(k).startswith("dspark")]:
-        edit.drop(key, "the DSpark drafter was dropped")
     index = index_json(ckpt, files) if ckpt.index is not None else None
     return Plan(ckpt.root, dest, files, index, edit.config, edit.changes, list(extra_files), sorted(dropped))
 
