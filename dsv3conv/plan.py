@@ -21,7 +21,7 @@ from dsv3conv.checkpoint import Checkpoint, TensorInfo
 from dsv3conv.checks import layer_problems
 from dsv3conv.dtypes import DTYPE_SIZES
 from dsv3conv.errors import Dsv3Error, UsageError, refuse, short
-from dsv3conv.layout import Fp8Coverage, fp8_coverage
+from dsv3conv.formats import classify
 from dsv3conv.ops import Copy, Op, QuantScale
 from dsv3conv.safetensors_format import build_header
 
@@ -168,25 +168,18 @@ def _size_text(n: int) -> str:
     return f"{n} bytes" if n != 1 else "1 byte"
 
 
-def require_fp8_pairs(tensors: Mapping[str, TensorInfo], where: str = "the index and from every shard") -> Fp8Coverage:
-    """Every FP8 weight of `tensors` has a usable scale and every scale a weight, or they are refused.
+EVERYWHERE = "the index and from every shard"
+
+
+def require_fp8_pairs(tensors: Mapping[str, TensorInfo], where: str = EVERYWHERE) -> None:
+    """Every quantized weight of `tensors` (block FP8 in any scale naming, packed FP4) has a usable scale and
+    every scale a weight, or they are refused (`formats.classify`).
 
     `where`: what the tensors are, for the message of a missing scale ("missing from `where`").
     """
-    cov = fp8_coverage(tensors)
-    if cov.unscaled:
-        name = cov.unscaled[0]
-        raise Dsv3Error(
-            f"tensor `{name}` is F8_E4M3 but `{name}_scale_inv` is missing from {where}"
-            f"{more(cov.unscaled)}; restore the missing shard or scale"
-        )
-    if cov.bad_scales:
-        raise Dsv3Error(cov.bad_scales[0] + more(cov.bad_scales))
-    if cov.orphan_scales:
-        name = cov.orphan_scales[0]
-        raise Dsv3Error(f"tensor `{name}` is a scale without its F8_E4M3 weight{more(cov.orphan_scales)}; "
-                        "the checkpoint is incomplete")
-    return cov
+    problems = classify(tensors).problems
+    if problems:
+        raise Dsv3Error(problems[0].replace(f"missing from {EVERYWHERE}", f"missing from {where}") + more(problems))
 
 
 def check_layers(ckpt: Checkpoint, config: dict) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from dsv3conv.api import dequantize, split_mtp, verify_checkpoint
+from dsv3conv.checkpoint import Checkpoint
 from dsv3conv.synthetic_v4 import make_compressed_tensors, make_v4
 from tests.conftest import write_at
 from tests.test_verify import failed, flip_byte
@@ -120,6 +121,15 @@ def test_split_mtp_main_verifies(sources, tmp_path, kind) -> None:
     detail = _passes(verify_checkpoint(tmp_path / "main", against=sources[kind], full=True))
     assert "split-mtp main of the source" in detail["tensor_set"]
     assert detail["mtp"] == "no mtp.* tensors declared, none present"
+
+
+def test_compressed_tensors_split_mtp_verifies(sources, tmp_path) -> None:
+    """`.weight_scale` pairs travel with their weights into both outputs."""
+    split_mtp(sources["ct"], main_out=tmp_path / "main", mtp_out=tmp_path / "draft")
+    for out, kind in (("main", "split-mtp main"), ("draft", "split-mtp draft")):
+        detail = _passes(verify_checkpoint(tmp_path / out, against=sources["ct"], full=True))
+        assert f"{kind} of the source" in detail["tensor_set"]
+    assert any(n.endswith(".weight_scale") for n in Checkpoint.open(tmp_path / "draft").tensors)
 
 
 @pytest.mark.parametrize("kind", ["flash", "0731"])
