@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import Mapping, NamedTuple, Protocol
 
 BLOCK = 128
 MX_GROUP = 32
@@ -37,8 +37,9 @@ class _Info(Protocol):
     shape: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class TensorFormat:
+class TensorFormat(NamedTuple):
+    """One tensor's format (a tuple: one is made per tensor, 92k for DeepSeek-V3)."""
+
     name: str
     kind: str  # fp8_block, mxfp4, scale, copy
     dtype: str  # the stored dtype
@@ -78,12 +79,10 @@ class Formats:
 
 def scale_names(weight: str) -> dict[str, str]:
     """Candidate scale tensor of `weight` under each naming convention."""
-    base = weight[: -len(".weight")] if weight.endswith(".weight") else None
-    names = {"scale_inv": weight + "_scale_inv"}
-    if base is not None:
-        names["scale"] = base + ".scale"
-        names["weight_scale"] = base + ".weight_scale"
-    return names
+    if not weight.endswith(".weight"):
+        return {"scale_inv": weight + "_scale_inv"}
+    base = weight[:-7]
+    return {"scale_inv": weight + "_scale_inv", "scale": base + ".scale", "weight_scale": base + ".weight_scale"}
 
 
 def block_scale_shape(shape: tuple[int, ...], block: int = BLOCK) -> tuple[int, int]:
