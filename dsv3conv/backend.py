@@ -2,8 +2,8 @@
 
 `Backend` is the interface: one method per converting operation, given all of a batch's pieces of that
 operation at once; `convert` hands each piece of a batch to the method of its operation.
-- `CpuBackend`: `dsv3conv.kernels.fp8_block_cpu` on a pool of threads (dequant compiled with numba where it
-  is installed, else vectorized torch; quant vectorized torch).
+- `CpuBackend`: `dsv3conv.kernels.fp8_block_cpu` on a pool of threads (dequant and quant compiled with numba
+  where it is installed, else vectorized torch).
 - `dsv3conv.gpu.CudaBackend`: the Triton kernels, asynchronous (a batch is done when its `fence()` says so).
 Both compute round_to_nearest_even(float32(w) * float32(scale)) and are tested bit for bit against
 `reference_dequant`. The way back, BF16 -> FP8 (`quant`), follows `reference_quant` bit for bit: on the CPU
@@ -21,7 +21,7 @@ import torch
 from dsv3conv.devices import cpu_threads
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error
-from dsv3conv.kernels.fp8_block_cpu import dequant_task, numba_kernel, quant_rows, row_ranges
+from dsv3conv.kernels.fp8_block_cpu import dequant_task, numba_kernel, quant_task, row_ranges
 from dsv3conv.kernels.fp8_block_dequant import BLOCK_SIZE
 from dsv3conv.kernels.mxfp4_dequant import cpu_dequant_mxfp4
 from dsv3conv.kernels.mxfp4_to_fp8 import repack_mxfp4_to_fp8, repack_rows
@@ -193,8 +193,8 @@ def check_quant_scales(it: Item, scale: torch.Tensor, w: torch.Tensor) -> None:
 
 class CpuBackend:
     """Every core at once: each tensor piece is cut into row ranges, converted by a pool of threads straight
-    into its output (the numba dequant releases the GIL for its whole range; torch's ops, one intra-op thread
-    each, release it inside each op). `kernel`: the dequant kernel (`fp8_block_cpu.KERNELS`)."""
+    into its output (the numba kernels release the GIL for a whole range; torch's ops, one intra-op thread
+    each, release it inside each op). `kernel`: the dequant and quant kernel (`fp8_block_cpu.KERNELS`)."""
 
     name = "cpu"
     pin_memory = False
@@ -203,7 +203,7 @@ class CpuBackend:
         self.threads = threads or cpu_threads()
         self.kernel = kernel
         if kernel != "torch":
-            numba_kernel()  # loaded now, not in the first batch's threads
+            numba_kernel()  # imported now; each kernel is loaded by the first piece that needs it
         self._torch_threads = torch.get_num_threads()  # the pool's initializer changes torch's default
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dsv3conv-cpu",
                                         initializer=torch.set_num_threads, initargs=(1,))
@@ -235,8 +235,8 @@ class CpuBackend:
             w = _typed(buf[it.src_offset : it.src_offset + it.nbytes], TORCH_DTYPES[it.src_dtype]).view(it.rows, it.cols)
             q = out.take(it.rows * it.cols)
             scale = torch.empty(_blocks(it.rows, it.cols), dtype=TORCH_DTYPES[it.op.scale_dtype])
-            jobs += [(quant_rows, w, q.view(it.rows, it.cols), scale, it.op.scale_fmt, scale.dtype, r0, r1)
-                     for r0, r1 in row_ranges(it.rows, it.cols, TASK_ELEMS, BLOCK_SIZE)]
+            task = quant_task(w, q.view(it.rows, it.cols), scale, it.op.scale_fmt, scale.dtype, self.kernel)
+            jobs += [(task, r0, r1) for r0, r1 in row_ranges(it.rows, it.cols, TASK_ELEMS, BLOCK_SIZE)]
             quantized.append((it, scale, w))
             results.append(_quant_outputs(q, scale))
         self._run_all(jobs)
@@ -281,17 +281,6 @@ class CpuBackend:
         finally:  # on a failure (or Ctrl-C) stop what has not started; the rest ends with its row range
             for f in futures:
                 f.cancel()
-
-    @staticmethod
-    def _quant(data: torch.Tensor, it: Item) -> list[memoryview]:
-        """One item quantized in the calling thread: (e4m3 bytes, scale bytes)."""
-        w = _typed(data, TORCH_DTYPES[it.src_dtype]).view(it.rows, it.cols)
-        q = torch.empty((it.rows, it.cols), dtype=torch.uint8)
-        scale = torch.empty(_blocks(it.rows, it.cols), dtype=TORCH_DTYPES[it.op.scale_dtype])
-        quant_rows(w, q, scale, it.op.scale_fmt, scale.dtype)
-        check_quant_scales(it, scale, w)
-        return _quant_outputs(q, scale)
-
 
 def repack_buffers(buf: torch.Tensor, it: Item, out: OutputArena) -> tuple[torch.Tensor, ...]:
     """A `RepackMxfp4Fp8` piece's packed bytes [rows, cols / 2] and E8M0 scale bytes, and the arena memory its

@@ -2,7 +2,8 @@
 
 `dequant_rows` equals `reference_dequant` and `quant_rows` equals `reference_quant`, bit for bit, on a range
 of rows of one tensor, into caller-owned output tensors. Callers run many row ranges at once from a pool of
-threads; `row_ranges` cuts a tensor into such ranges, `dequant_task` checks a tensor once for many ranges.
+threads; `row_ranges` cuts a tensor into such ranges, `dequant_task` / `quant_task` check a tensor once for
+many ranges.
 Nothing runs on import.
 
 Dequant has two kernels:
@@ -16,8 +17,9 @@ Dequant has two kernels:
   same float32 and the same rounded output. Rows holding NaN codes (0x7F, 0xFF) and scales where 256 * scale
   is not finite take the reference's own ops instead.
 
-Quant follows `reference_quant` step for step (block maxima, `block_scales`, division, clamp, cast), a row
-block at a time so nothing is padded or repeated.
+Quant has the same two kernels: the numba one computes a 128-row block's maxima, its scales and every code
+in one call (integer rounding to e4m3); the torch one follows `reference_quant` step for step (block maxima,
+`block_scales`, division, clamp, cast), a row block at a time so nothing is padded or repeated.
 """
 
 from __future__ import annotations
@@ -69,14 +71,16 @@ def _check_dequant(w: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor) 
 
 
 @functools.cache
-def numba_kernel():
-    """The compiled dequant (`fp8_block_numba`), or None where numba is missing or its kernel does not build
-    here; imported, and the kernel loaded from numba's disk cache (compiled once per install), on first call."""
+def numba_kernel(what: tuple = ()):
+    """The compiled kernels (`fp8_block_numba`), the one `what` names ready (("dequant", out dtype) or
+    ("quant",): loaded from numba's disk cache, or compiled once per install); None where numba is missing or
+    that kernel does not build here. Imported on first call (numba's import: a few tenths of a second)."""
     try:
         from . import fp8_block_numba
 
         if fp8_block_numba.HAS_NUMBA:
-            fp8_block_numba.warm()
+            if what:
+                fp8_block_numba.warm(what)
             return fp8_block_numba
     except Exception:  # an LLVM or numba failure on this machine: the torch kernel stands in
         pass
@@ -86,16 +90,22 @@ def numba_kernel():
 KERNELS = ("auto", "numba", "torch")
 
 
+def _compiled(kernel: str, what: tuple):
+    """The numba kernel module, `what` ready (`numba_kernel`), for `kernel`; None for the torch kernel."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r}: choose one of {KERNELS}")
+    compiled = numba_kernel(what) if kernel != "torch" else None
+    if kernel == "numba" and compiled is None:
+        raise ValueError("kernel 'numba': numba is not installed or its kernel does not build here")
+    return compiled
+
+
 def dequant_task(w: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor,
                  kernel: str = "auto") -> Callable[[int, int], None]:
     """A function converting rows [start, stop) of `reference_dequant(w, scale_inv, out.dtype)` into the same
     rows of `out`, the arguments checked once. kernel: "numba", "torch", or "auto" (numba where it works)."""
     _check_dequant(w, scale_inv, out)
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel {kernel!r}: choose one of {KERNELS}")
-    compiled = numba_kernel() if kernel != "torch" else None
-    if kernel == "numba" and compiled is None:
-        raise ValueError("kernel 'numba': numba is not installed or its kernel does not build here")
+    compiled = _compiled(kernel, ("dequant", out.dtype))
     u8 = w.view(torch.uint8)
     if compiled is None:
         return functools.partial(_dequant_rows_torch, u8, scale_inv, out)
@@ -173,18 +183,38 @@ def _check_quant(x: torch.Tensor, q: torch.Tensor, scale_out: torch.Tensor, scal
         raise ValueError(f"scale_out is {scale_out.dtype} {tuple(scale_out.shape)}; expected {scale_dtype} {want}")
 
 
-def quant_rows(x: torch.Tensor, q: torch.Tensor, scale_out: torch.Tensor, scale_fmt: str = "float",
-               scale_dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> None:
-    """Rows [start, stop) of `reference_quant(x, scale_fmt, scale_dtype)`: e4m3 codes into the same rows of `q`,
-    the scales of their row blocks into `scale_out`. `start` is a multiple of 128; so is `stop` unless it is
-    the last row."""
+def quant_task(x: torch.Tensor, q: torch.Tensor, scale_out: torch.Tensor, scale_fmt: str = "float",
+               scale_dtype: torch.dtype = torch.float32, kernel: str = "auto") -> Callable[[int, int], None]:
+    """A function writing rows [start, stop) of `reference_quant(x, scale_fmt, scale_dtype)`: e4m3 codes into
+    the same rows of `q`, the scales of their row blocks into `scale_out`; `start` a multiple of 128, so is
+    `stop` unless it is the last row. The arguments are checked once; kernel as for `dequant_task`. Codes of a
+    block whose scale is not finite (NaN or Inf in it) are left unspecified: callers refuse such blocks."""
     _check_quant(x, q, scale_out, scale_fmt, scale_dtype)
-    rows, cols = x.shape
-    stop = rows if stop is None else stop
-    if stop <= start or cols == 0:
-        return
-    if start % BLOCK_SIZE or (stop % BLOCK_SIZE and stop != rows):
-        raise ValueError(f"rows [{start}, {stop}) must start (and, before row {rows}, end) on a 128-row block")
+    compiled = _compiled(kernel, ("quant",))
+    run = (compiled.quant_task(x, q, scale_out, scale_fmt, scale_dtype) if compiled is not None
+           else functools.partial(_quant_rows_torch, x, q, scale_out, scale_fmt, scale_dtype))
+
+    def rows(start: int, stop: int) -> None:
+        if stop <= start or x.shape[1] == 0:
+            return
+        if start % BLOCK_SIZE or (stop % BLOCK_SIZE and stop != x.shape[0]):
+            raise ValueError(f"rows [{start}, {stop}) must start (and, before row {x.shape[0]}, end) on a 128-row block")
+        run(start, stop)
+
+    return rows
+
+
+def quant_rows(x: torch.Tensor, q: torch.Tensor, scale_out: torch.Tensor, scale_fmt: str = "float",
+               scale_dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None,
+               kernel: str = "auto") -> None:
+    """Rows [start, stop) of `reference_quant(x, scale_fmt, scale_dtype)` (`quant_task`)."""
+    quant_task(x, q, scale_out, scale_fmt, scale_dtype, kernel)(start, x.shape[0] if stop is None else stop)
+
+
+def _quant_rows_torch(x: torch.Tensor, q: torch.Tensor, scale_out: torch.Tensor, scale_fmt: str,
+                      scale_dtype: torch.dtype, start: int, stop: int) -> None:
+    """The torch kernel on rows [start, stop) (arguments and range checked)."""
+    cols = x.shape[1]
     q8 = q.view(torch.float8_e4m3fn)
     full, tail = cols // BLOCK_SIZE * BLOCK_SIZE, cols % BLOCK_SIZE
     for r0 in range(start, stop, BLOCK_SIZE):

@@ -1,19 +1,24 @@
-"""FP8 (e4m3) 128x128 block dequant compiled with numba: one pass per element, no GIL, bit-exact.
+"""FP8 (e4m3) 128x128 block dequant and quant compiled with numba: GIL released, bit-exact.
 
-out[i, j] = round_to_nearest_even(float32(w[i, j]) * float32(scale_inv[i // 128, j // 128]))
+Dequant, one pass per element: out[i, j] = round_to_nearest_even(float32(w[i, j]) * float32(scale[i // 128,
+j // 128])). The e4m3 byte is decoded exactly with integer operations, multiplied by its block's float32
+scale (an IEEE float32 multiply: no fastmath), and the product rounded to bfloat16 or float16 with integer
+operations on its bits (round to nearest even, overflow to inf, float16 subnormals) or stored as is for
+float32. A row holding a NaN code, or a block whose scale is not finite, is left to the caller: torch writes
+NaN bits that depend on its vector code (bfloat16 NaN is 0xFFFF on x86), so the caller converts that row with
+torch's ops and resumes after it.
 
-Each element: its e4m3 byte decoded through an exact 256-entry float32 table (built by torch's own float8
-conversion), times its block's float32 scale (an IEEE float32 multiply: no fastmath), then rounded to
-bfloat16 or float16 with integer operations on the product's bits (round to nearest even, overflow to inf,
-float16 subnormals) or stored as is for float32. A NaN product (a NaN code, or a NaN or infinite scale)
-stops the kernel at its row: torch writes NaN bits that depend on its vector code (bfloat16 NaN is 0xFFFF
-on x86), so the caller converts that row with torch's ops and resumes after it.
+Quant, per 128-row block, as `reference_quant`: block maxima of |x| (NaN as inf) as integers, `block_scales`
+(the division by 448, the floor, ue8m0's power of two, the scale dtype's rounding) per block, then every
+element divided by its stored scale (IEEE float32 division), clamped to 448 and rounded to e4m3 (to nearest
+even, subnormals included). Codes of blocks whose scale is not finite are unspecified: callers refuse them.
 
-The kernel releases the GIL: callers run many row ranges at once from a pool of threads. numba compiles it
+The kernels release the GIL: callers run many row ranges at once from a pool of threads. numba compiles them
 on first use and caches the machine code on disk (`cache=True`): one compile per install and CPU, a load of
-the cache afterwards; `warm()` does that ahead of a run. Without numba `HAS_NUMBA` is False and callers use
-the torch kernel of `fp8_block_cpu`. Importing this module imports numba (about half a second); nothing
-else runs on import.
+the cache afterwards; `warm()` (or `python -m dsv3conv.kernels.fp8_block_numba`) does that ahead of a run.
+Division by zero follows IEEE (error_model="numpy"), which lets the loops vectorize. Without numba
+`HAS_NUMBA` is False and callers use the torch kernels of `fp8_block_cpu`. Importing this module imports
+numba (about half a second); nothing else runs on import.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from .fp8_block_quant import scale_floor
 
 try:
     from numba import njit
@@ -38,7 +45,7 @@ _OUT_BITS = {torch.bfloat16: torch.uint16, torch.float16: torch.uint16, torch.fl
 if HAS_NUMBA:
     U32 = np.uint32
 
-    @njit(nogil=True, cache=True, inline="always")
+    @njit(nogil=True, cache=True, error_model="numpy", inline="always")
     def _product_bits(x, s):
         """float32 bits of e4m3 byte `x` (not NaN) times `s`. The byte's magnitude bits shifted into a float32's
         exponent and mantissa, rebiased 7 -> 127, give the normals; a subnormal is its 3 mantissa bits times
@@ -49,12 +56,12 @@ if HAS_NUMBA:
         bits = U32((normal if mag >= U32(8) else subnormal) | ((U32(x) & U32(0x80)) << U32(24)))
         return np.float32(bits.view(np.float32) * s).view(np.uint32)
 
-    @njit(nogil=True, cache=True, inline="always")
+    @njit(nogil=True, cache=True, error_model="numpy", inline="always")
     def _bf16_bits(b):
         """bfloat16 bits of float32 bits `b` (not NaN), rounded to nearest even (overflow to inf)."""
         return U32((b + U32(0x7FFF) + ((b >> U32(16)) & U32(1))) >> U32(16))
 
-    @njit(nogil=True, cache=True, inline="always")
+    @njit(nogil=True, cache=True, error_model="numpy", inline="always")
     def _f16_bits(b):
         """float16 bits of float32 bits `b` (not NaN), rounded to nearest even: overflow to inf, subnormals."""
         a = b & U32(0x7FFFFFFF)
@@ -69,7 +76,7 @@ if HAS_NUMBA:
         h = U32(0x7C00) if a >= U32(0x477FF000) else (normal if a >= U32(0x38800000) else sub)
         return U32(h | ((b >> U32(16)) & U32(0x8000)))
 
-    @njit(nogil=True, cache=True)
+    @njit(nogil=True, cache=True, error_model="numpy")
     def _dequant_rows(w, scale, out, start, stop, kind):
         """Rows [start, stop) of `w` (uint8 [M, N]) into `out` (uint16 or uint32 bits [M, N]); scale float32
         [ceil(M/128), ceil(N/128)]. Returns `stop`, or the first row (left unwritten) that holds a NaN code
@@ -101,6 +108,90 @@ if HAS_NUMBA:
         return stop
 
 
+    @njit(nogil=True, cache=True, error_model="numpy", inline="always")
+    def _f16_to_f32_bits(h):
+        """float32 bits of float16 bits `h`, exactly (subnormals, inf and NaN included)."""
+        h = U32(h)
+        sign = (h & U32(0x8000)) << U32(16)
+        exp, man = (h >> U32(10)) & U32(0x1F), h & U32(0x3FF)
+        subnormal = np.float32(np.float32(man) * np.float32(2.0**-24)).view(np.uint32)
+        other = U32(((h & U32(0x7FFF)) << U32(13)) + (U32(0x38000000) if exp != U32(0x1F) else U32(0x70000000)))
+        return U32((subnormal if exp == U32(0) else other) | sign)
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _source_bits(xr, src_kind, bits):
+        """One source row (uint16: bfloat16 or float16 bits, or float32 as two halves) as float32 bits."""
+        if src_kind == 0:
+            for c in range(bits.size):
+                bits[c] = U32(xr[c]) << U32(16)
+        elif src_kind == 1:
+            for c in range(bits.size):
+                bits[c] = _f16_to_f32_bits(xr[c])
+        else:
+            for c in range(bits.size):
+                bits[c] = U32(xr[2 * c]) | (U32(xr[2 * c + 1]) << U32(16))
+
+    @njit(nogil=True, cache=True, error_model="numpy", inline="always")
+    def _e4m3_bits(u):
+        """e4m3fn code of the float32 of bits `u` clamped to [-448, 448] (not NaN: its block's scale is not
+        finite, and callers refuse those), rounded to nearest even."""
+        a = min(u & U32(0x7FFFFFFF), U32(0x43E00000))  # |y|, at most 448
+        # Normal (|y| >= 2^-6): keep 3 mantissa bits (a carry moves into the exponent), rebias 127 -> 7.
+        normal = U32(((a + U32(0x7FFFF) + ((a >> U32(20)) & U32(1))) >> U32(20)) - U32(120 << 3))
+        # Below 2^-6: |y| + 2^14 rounds |y| to a multiple of 2^-9 (the ulp at 2^14), to nearest even; the
+        # bits above 2^14's are that multiple (up to 8, e4m3's smallest normal).
+        sub = U32(np.float32(U32(a).view(np.float32) + np.float32(16384.0)).view(np.uint32) - U32(0x46800000))
+        return U32((sub if a < U32(0x3C800000) else normal) | ((u >> U32(24)) & U32(0x80)))
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _stored_scale(amax_bits, scale_kind, ue8m0, tiny):
+        """`block_scales` of one block maximum (float32 bits, NaN already inf): (stored bits, as float32)."""
+        s = np.float32(U32(amax_bits).view(np.float32) / np.float32(448.0))
+        s = np.float32(1.0) if amax_bits == U32(0) else max(s, np.float32(tiny))
+        u = np.float32(s).view(np.uint32)
+        if ue8m0 and u & U32(0x7FFFFF):  # up to the next power of two
+            u = U32((u & U32(0xFF800000)) + U32(0x800000))
+        if scale_kind == 1:  # bfloat16
+            r = U32((u + U32(0x7FFF) + ((u >> U32(16)) & U32(1))) & U32(0xFFFF0000))
+            return U32(r >> U32(16)), U32(r).view(np.float32)
+        if scale_kind == 2:  # float16
+            h = _f16_bits(u)
+            return U32(h), U32(_f16_to_f32_bits(h)).view(np.float32)
+        if scale_kind == 3:  # e8m0: the exponent field (a power of two; inf -> 0xFF)
+            return U32((u >> U32(23)) & U32(0xFF)), U32(u).view(np.float32)
+        return U32(u), U32(u).view(np.float32)
+
+    @njit(nogil=True, cache=True, error_model="numpy")
+    def _quant_rows(x, src_kind, q, scale_bytes, scale_kind, ue8m0, tiny, start, stop):
+        """Rows [start, stop) (whole 128-row blocks but the last) of x (uint16 bits [M, N or 2N]) into e4m3 codes
+        `q` (uint8 [M, N]) and their blocks' scales into `scale_bytes` (uint8 [ceil(M/128), ceil(N/128) x the
+        scale's width], little-endian), as `reference_quant` does."""
+        cols = q.shape[1]
+        blocks = (cols + BLOCK - 1) // BLOCK
+        width = scale_bytes.shape[1] // max(blocks, 1)
+        bits = np.empty(cols, dtype=np.uint32)
+        colmax = np.empty(cols, dtype=np.uint32)  # |x| bits, NaN as inf: integer order is float order
+        srow = np.empty(cols, dtype=np.float32)
+        for r0 in range(start, stop, BLOCK):
+            r1 = min(stop, r0 + BLOCK)
+            colmax[:] = 0
+            for r in range(r0, r1):
+                _source_bits(x[r], src_kind, bits)
+                for c in range(cols):
+                    colmax[c] = max(colmax[c], min(bits[c] & U32(0x7FFFFFFF), U32(0x7F800000)))
+            for b in range(blocks):
+                c0, c1 = b * BLOCK, min(cols, (b + 1) * BLOCK)
+                stored, value = _stored_scale(colmax[c0:c1].max(), scale_kind, ue8m0, tiny)
+                for k in range(width):
+                    scale_bytes[r0 // BLOCK, b * width + k] = (stored >> U32(8 * k)) & U32(0xFF)
+                srow[c0:c1] = value
+            for r in range(r0, r1):
+                _source_bits(x[r], src_kind, bits)
+                qr = q[r]
+                for c in range(cols):
+                    qr[c] = _e4m3_bits(np.float32(U32(bits[c]).view(np.float32) / srow[c]).view(np.uint32))
+
+
 def dequant_task(w: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor) -> Callable[[int, int], int]:
     """A function converting rows [start, stop) of the block dequant of `w` (uint8) into `out` (arguments
     checked by the caller: contiguous, matching shapes, out bfloat16/float16/float32). It returns `stop`, or
@@ -110,11 +201,30 @@ def dequant_task(w: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor) ->
     return lambda start, stop: _dequant_rows(*args, start, stop, kind)
 
 
-def warm() -> None:
-    """Compile (or load from the disk cache) the kernel for every output kind, so no run compiles."""
+_SOURCE_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e8m0fnu: 3}
+
+
+def quant_task(x: torch.Tensor, q: torch.Tensor, scale_out: torch.Tensor, scale_fmt: str,
+               scale_dtype: torch.dtype) -> Callable[[int, int], None]:
+    """A function quantizing rows [start, stop) (start a multiple of 128, stop too unless it is the last row) of
+    `x` into `q` and the scales of their row blocks into `scale_out`, as `reference_quant` does (arguments
+    checked by the caller: contiguous, matching shapes and dtypes)."""
+    args = (x.view(torch.uint16).numpy(), _SOURCE_KINDS[x.dtype], q.view(torch.uint8).numpy(),
+            scale_out.view(torch.uint8).numpy(), _SCALE_KINDS[scale_dtype], scale_fmt == "ue8m0",
+            scale_floor(scale_dtype))
+    return lambda start, stop: _quant_rows(*args, start, stop)
+
+
+def warm(what: tuple = ()) -> None:
+    """Compile (or load from the disk cache) the kernel `what` names, ("dequant", out dtype) or ("quant",), or
+    all of them, so that no run compiles."""
     w = torch.zeros((1, 1), dtype=torch.uint8)
     for dtype in KINDS:
-        dequant_task(w, torch.ones((1, 1)), torch.empty((1, 1), dtype=dtype))(0, 1)
+        if what in ((), ("dequant", dtype)):
+            dequant_task(w, torch.ones((1, 1)), torch.empty((1, 1), dtype=dtype))(0, 1)
+    if what in ((), ("quant",)):
+        quant_task(torch.zeros((1, 1)), w, torch.empty((1, 1)), "float", torch.float32)(0, 1)
 
 
 if __name__ == "__main__":  # `python -m dsv3conv.kernels.fp8_block_numba`: compile into the cache once

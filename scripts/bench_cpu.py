@@ -10,6 +10,9 @@ Measured, each in its own process:
   dsv3conv   `DSV3CONV_CPU_THREADS=T dsv3conv dequant --device cpu` for T = 1, 2, 4, ... up to the cores
   small      dsv3conv at the most threads on a second checkpoint a quarter the size: the two sizes give the
              steady rate and the fixed start-up cost
+  start-up   before all that, the numba kernel's first use (a compile where none is cached yet) and its load
+             from the cache; then `dsv3conv --help`, a refusal (a non-empty DST) and the tiny example
+             checkpoint converted end to end (each the median of three processes)
 Reported: wall seconds, GB/s of FP8 input, peak RSS; dsv3conv's output is compared with the eager one, tensor
 by tensor. A JSON file and a markdown table go to --out.
 
@@ -25,6 +28,8 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,6 +64,54 @@ def dsv3conv(src: Path, dst: Path, threads: int) -> dict:
     summary = json.loads(r["stdout"])
     return {"threads": threads, "s": r["s"], "rss": r["rss"], "seconds": summary.get("seconds"),
             "startup_seconds": summary.get("startup_seconds")}
+
+
+KERNEL_LOAD = """import json, time
+t = time.perf_counter()
+import torch
+from dsv3conv.kernels.fp8_block_cpu import numba_kernel
+t1 = time.perf_counter()
+loaded = numba_kernel(("dequant", torch.bfloat16)) is not None
+print(json.dumps({"imports_s": t1 - t, "numba_s": time.perf_counter() - t1, "loaded": loaded}))"""
+
+
+def kernel_load() -> dict:
+    """The numba dequant kernel's first use in this install (compiled if not cached yet), then its load from
+    the cache (numba's import included), as a `dequant --device cpu` run loads it."""
+    runs = [json.loads(subprocess.run([sys.executable, "-c", KERNEL_LOAD], check=True, capture_output=True,
+                                      text=True).stdout) for _ in range(2)]
+    return {"first_s": runs[0]["numba_s"], "cached_s": runs[1]["numba_s"], "torch_import_s": runs[1]["imports_s"],
+            "loaded": runs[1]["loaded"]}
+
+
+def startup(work: Path) -> dict:
+    """Median wall seconds of three processes each: --help, a refusal, the tiny checkpoint end to end."""
+    tiny, full, out = work / "tiny", work / "full", work / "tiny-out"
+    cli = [sys.executable, "-m", "dsv3conv"]
+    for d in (tiny, full, out):
+        shutil.rmtree(d, ignore_errors=True)
+    subprocess.run([*cli, "example", "fp8", str(tiny)], check=True, capture_output=True)
+    full.mkdir()
+    (full / "keep.txt").write_text("not empty\n")
+
+    def median(cmd: list[str], expect: int, fresh: Path | None = None) -> float:
+        times = []
+        for _ in range(3):
+            if fresh:
+                shutil.rmtree(fresh, ignore_errors=True)
+            t = time.perf_counter()
+            rc = subprocess.run(cmd, capture_output=True).returncode
+            times.append(time.perf_counter() - t)
+            if rc != expect:
+                raise SystemExit(f"{shlex.join(cmd)} exited with {rc}, expected {expect}")
+        return statistics.median(times)
+
+    r = {"help_s": median([*cli, "--help"], 0),
+         "refusal_s": median([*cli, "dequant", str(tiny), str(full), "--device", "cpu"], 2),
+         "tiny_s": median([*cli, "dequant", str(tiny), str(out), "--device", "cpu", "--quiet"], 0, out)}
+    for d in (tiny, full, out):
+        shutil.rmtree(d, ignore_errors=True)
+    return r
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -122,7 +175,11 @@ def table(r: dict) -> str:
                   f"steady state {r['steady_fp8_gbps']:.3g} GB/s of FP8, fixed start-up {r['startup_s']:.2f} s "
                   f"(from {r['small']['fp8_bytes'] / 1e9:.2f} GB in {r['small']['s']:.1f} s and {gb:.2f} GB in "
                   f"{most['s']:.1f} s; the run's own startup_seconds: {most.get('startup_seconds')}); "
-                  f"output bit-identical to the eager converter's: {r['bit_exact_vs_eager']}."]
+                  f"output bit-identical to the eager converter's: {r['bit_exact_vs_eager']}.", "",
+              f"Start-up: numba kernel first use {r['kernel']['first_s']:.2f} s, loaded from its cache "
+              f"{r['kernel']['cached_s']:.2f} s (loaded: {r['kernel']['loaded']}; torch's import {r['kernel']['torch_import_s']:.2f} s); "
+              f"`dsv3conv --help` {r['startup']['help_s']:.2f} s, a refusal (non-empty DST) {r['startup']['refusal_s']:.2f} s, "
+              f"the tiny example end to end {r['startup']['tiny_s']:.2f} s (medians of 3)."]
     return "\n".join(lines) + "\n"
 
 
@@ -141,10 +198,13 @@ def main() -> None:
     experts = experts_for(args.gb)
     if experts < 8:
         raise SystemExit(f"--gb {args.gb}: too small for two sizes of one MoE layer; give 0.6 or more")
+    kernel = kernel_load()  # first: the runs below load a cached kernel, as after `make setup`
+    print(f"numba kernel: first use {kernel['first_s']:.2f} s, cached {kernel['cached_s']:.2f} s", file=sys.stderr)
     large, small = build(args.dir / f"src-{experts}", experts), build(args.dir / f"src-{experts // 4}", experts // 4)
     print(f"built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     r: dict = {"date": datetime.date.today().isoformat(), "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-               "machine": machine(args.dir), "large": checkpoint_sizes(large), "small": checkpoint_sizes(small)}
+               "machine": machine(args.dir), "large": checkpoint_sizes(large), "small": checkpoint_sizes(small),
+               "kernel": kernel, "startup": startup(args.dir)}
     writers = min(cores, 8)
     r.update(cat_s=cat_seconds(large), writers=writers, write_s=dd_seconds(args.dir, r["large"]["output_bytes"], writers))
     eager_out = args.dir / "eager"

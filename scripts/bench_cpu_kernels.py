@@ -1,4 +1,4 @@
-"""CPU kernels in memory: `CpuBackend` dequant (numba kernel and torch kernel) and quant at 1, 2, 4, ...
+"""CPU kernels in memory: `CpuBackend` dequant and quant (numba kernels and torch kernels) at 1, 2, 4, ...
 threads beside the plain-torch references, on DeepSeek-V3 shapes, with a bit-for-bit check; no files, no I/O.
 
     python scripts/bench_cpu_kernels.py [--repeat 3] [--threads 1,2,16] [--kernels numba,torch]
@@ -23,13 +23,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from dsv3conv import backend as cpu_backend  # noqa: E402
-from dsv3conv.backend import CpuBackend, Item, OutputArena, convert  # noqa: E402
-from dsv3conv.kernels import fp8_block_cpu  # noqa: E402
-from dsv3conv.kernels.fp8_block_dequant import reference_dequant  # noqa: E402
-from dsv3conv.kernels.fp8_block_quant import reference_quant  # noqa: E402
-from dsv3conv.ops import DequantBlockFp8, QuantBlockFp8  # noqa: E402
+from dsv3conv import backend as cpu_backend
+from dsv3conv.backend import CpuBackend, Item, OutputArena, convert
+from dsv3conv.kernels import fp8_block_cpu
+from dsv3conv.kernels.fp8_block_dequant import reference_dequant
+from dsv3conv.kernels.fp8_block_quant import reference_quant
+from dsv3conv.ops import DequantBlockFp8, QuantBlockFp8
 
 SHAPES = [(3584, 18432), (2048, 7168), (7168, 2048), (576, 7168), (24576, 1536), (32768, 512)]
 
@@ -73,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", help="thread counts, e.g. 1,2 (default 1, 2, 4, 8, 16 up to the cores, and the cores)")
-    ap.add_argument("--kernels", default="numba,torch", help="dequant kernels to compare (numba, torch)")
+    ap.add_argument("--kernels", default="numba,torch", help="kernels to compare (numba, torch)")
     ap.add_argument("--scale-fmt", default="float", choices=("float", "ue8m0"))
     ap.add_argument("--step", type=int, default=fp8_block_cpu.STEP_ELEMS)
     ap.add_argument("--task", type=int, default=cpu_backend.TASK_ELEMS)
@@ -86,13 +85,15 @@ def main() -> None:
     kernels = args.kernels.split(",")
     t = time.perf_counter()
     compiled = fp8_block_cpu.numba_kernel()
+    if compiled is not None:
+        compiled.warm()  # every kernel: loaded from numba's cache (compiled there first if need be)
     load_s = time.perf_counter() - t
     if "numba" in kernels and compiled is None:
         print("numba is not installed or its kernel does not build: the numba column is left out", file=sys.stderr)
         kernels.remove("numba")
     backends = {(k, n): CpuBackend(threads=n, kernel=k) for k in kernels for n in counts}
-    runs = [("dequant", k) for k in kernels] + [("quant", "torch")]
-    heads = " | ".join(f"{op} {k} {n} thr" if op == "dequant" else f"quant {n} thr" for op, k in runs for n in counts)
+    runs = [(op, k) for op in ("dequant", "quant") for k in kernels]
+    heads = " | ".join(f"{op} {k} {n} thr" for op, k in runs for n in counts)
     print(f"torch {torch.__version__}, {cores} cores, scale_fmt {args.scale_fmt}, task {args.task}, torch step "
           f"{args.step}; numba kernel loaded in {load_s:.2f} s; G elements/s")
     print(f"| shape | {heads} | dequant reference | quant reference | bit-exact |")
@@ -107,7 +108,7 @@ def main() -> None:
         for op, k in runs:
             item, raw, ref = (d_item, d_in, d_ref) if op == "dequant" else (q_item, q_in, q_ref)
             for threads in counts:
-                run = functools.partial(_convert, backends[(k if op == "dequant" else kernels[0], threads)], raw, item, out)
+                run = functools.partial(_convert, backends[(k, threads)], raw, item, out)
                 sec = median_seconds(run, args.repeat)
                 rates[f"{op} {k} {threads}"] = n / sec / 1e9
                 totals[f"{op} {k} {threads}"] = totals.get(f"{op} {k} {threads}", 0.0) + sec

@@ -14,6 +14,8 @@
 #     pdl        bench_kernel.py --pdl-sweep: small-tensor configs x PDL modes
 #     quant-e2e  bench_quant_convert.py: quant --device cpu against --device cuda on the same files
 #     write      bench_write.py: N writer threads of one process against N processes on /dev/shm
+#     cpu        the CPU path with the GPUs hidden (on CPUS, default all cores): bench_cpu_kernels.py (numba
+#                and torch kernels at 1..all threads), then bench_cpu.py from /dev/shm (CPU_GB GB, default 2)
 # Exit status: 1 if the tests failed or a benchmark could not run; the other steps still run.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
@@ -65,6 +67,12 @@ for step in "${@:-tests kernel convert}"; do for step in $step; do
     quant-e2e)
       run bench_quant_e2e.txt python3 scripts/bench_quant_convert.py --device cpu --device cuda --gb "${QGB:-6}" \
         --dir /dev/shm/dsv3conv-qbench --json "$OUT/bench_quant_e2e.json" ;;
+    cpu)
+      pin=(); [ -n "${CPUS:-}" ] && pin=(taskset -c "$CPUS")
+      run bench_cpu_kernels.txt env CUDA_VISIBLE_DEVICES= "${pin[@]}" python3 scripts/bench_cpu_kernels.py \
+        --json "$OUT/bench_cpu_kernels.json"
+      run bench_cpu.txt env CUDA_VISIBLE_DEVICES= "${pin[@]}" python3 scripts/bench_cpu.py --gb "${CPU_GB:-2}" \
+        --dir /dev/shm/dsv3conv-cpu --out "$OUT/cpu" ;;
     write)
       run bench_write.txt python3 scripts/bench_write.py --dir /dev/shm/dsv3conv-wtest --gb 16 --workers 1 2 4 8 ;;
     *) echo "unknown step $step"; exit 2 ;;

@@ -100,7 +100,7 @@ def test_numba_kernel_rounds_every_product_like_torch(out_dtype):
 
 
 def test_without_numba_the_torch_kernel_stands_in(monkeypatch):
-    """numba missing (or failing to import): "auto" takes the torch kernel, exactly; "numba" is refused."""
+    """numba missing (or failing to import): "auto" takes the torch kernels, exactly; "numba" is refused."""
     monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
     monkeypatch.delitem(sys.modules, "dsv3conv.kernels.fp8_block_numba", raising=False)
     monkeypatch.delattr(dsv3conv.kernels, "fp8_block_numba", raising=False)
@@ -113,6 +113,12 @@ def test_without_numba_the_torch_kernel_stands_in(monkeypatch):
         assert not mismatches(got, reference_dequant(w, s)), mismatches(got, reference_dequant(w, s))
         with pytest.raises(ValueError, match="numba is not installed"):
             dequant_rows(w, s, torch.empty(w.shape, dtype=torch.bfloat16), kernel="numba")
+        x = got[:, :120].contiguous()  # no NaN codes
+        q, sq = torch.empty(x.shape, dtype=torch.uint8), torch.empty((1, 1))
+        quant_rows(x, q, sq)
+        assert bytes(q.numpy()) == bytes(reference_quant(x)[0].view(torch.uint8).numpy())
+        with pytest.raises(ValueError, match="numba is not installed"):
+            quant_rows(x, q, sq, kernel="numba")
     finally:
         fp8_block_cpu.numba_kernel.cache_clear()  # the next caller imports the real module again
 
@@ -127,11 +133,12 @@ def test_dequant_rows_refuses_mismatched_arguments():
         dequant_rows(w, torch.ones((2, 1)), torch.empty((130, 10), dtype=torch.bfloat16), kernel="fast")
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("src_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("fmt_dtype", [("float", torch.float32), ("float", torch.bfloat16), ("float", torch.float16),
                                        ("ue8m0", torch.float32), ("ue8m0", torch.float8_e8m0fnu)])
-def test_quant_rows_equals_reference(shape, src_dtype, fmt_dtype):
+def test_quant_rows_equals_reference(shape, src_dtype, fmt_dtype, kernel):
     """Rows of very different magnitudes (some blocks underflow the scale floor), NaN and Inf in some blocks:
     scales equal everywhere, codes equal wherever the scale is finite (elsewhere callers refuse)."""
     fmt, scale_dtype = fmt_dtype
@@ -143,12 +150,31 @@ def test_quant_rows_equals_reference(shape, src_dtype, fmt_dtype):
     q = torch.full(shape, 0x55, dtype=torch.uint8)
     s = torch.empty((-(-shape[0] // 128), -(-shape[1] // 128)), dtype=scale_dtype)
     for r0, r1 in row_ranges(shape[0], shape[1], 128 * 64, 128):
-        quant_rows(x, q, s, fmt, scale_dtype, r0, r1)
+        quant_rows(x, q, s, fmt, scale_dtype, r0, r1, kernel=kernel)
     q_ref, s_ref = reference_quant(x, fmt, scale_dtype)
-    assert not mismatches(s, s_ref), f"scales: {mismatches(s, s_ref)}"
+    assert not mismatches(s, s_ref), f"{kernel} scales: {mismatches(s, s_ref)}"
     finite = torch.isfinite(s_ref.to(torch.float32)).repeat_interleave(128, 0)[: shape[0]]
     finite = finite.repeat_interleave(128, 1)[:, : shape[1]]
     assert not mismatches(q[finite], q_ref.view(torch.uint8)[finite]), mismatches(q[finite], q_ref.view(torch.uint8)[finite])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("src_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cols", [16, 127])
+def test_quant_rows_every_source_value(src_dtype, cols, kernel):
+    """Every finite bfloat16 / float16 value, ordered by magnitude so that blocks span a few binades (16 columns)
+    or many (127): codes from 448 down to e4m3's subnormals and 0, exact ties under power-of-two scales."""
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(src_dtype)
+    finite = every[torch.isfinite(every)]
+    values = finite[finite.to(torch.float32).abs().argsort(stable=True)]
+    x = values[: values.numel() // cols * cols].view(-1, cols).contiguous()
+    for fmt, scale_dtype in (("float", torch.float32), ("ue8m0", torch.float8_e8m0fnu), ("float", torch.bfloat16)):
+        q = torch.empty(x.shape, dtype=torch.uint8)
+        s = torch.empty((-(-x.shape[0] // 128), 1), dtype=scale_dtype)
+        quant_rows(x, q, s, fmt, scale_dtype, kernel=kernel)
+        q_ref, s_ref = reference_quant(x, fmt, scale_dtype)
+        assert not mismatches(s, s_ref), f"{kernel} {fmt} {scale_dtype} scales: {mismatches(s, s_ref)}"
+        assert not mismatches(q, q_ref.view(torch.uint8)), f"{kernel} {fmt} {scale_dtype}: {mismatches(q, q_ref.view(torch.uint8))}"
 
 
 def test_quant_rows_refuses_ranges_inside_a_block():
