@@ -13,8 +13,10 @@ import math
 import os
 import re
 import stat
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from dsv3conv.config import config_problems
 from dsv3conv.dtypes import DTYPE_SIZES
@@ -261,21 +263,31 @@ def read_tensor(root: Path, info: TensorInfo, start: int = 0, length: int | None
 
 
 class ShardReader:
-    """Reads tensor bytes of one checkpoint with pread, keeping at most `max_open` shard files open."""
+    """Reads tensor bytes of one checkpoint with pread, keeping at most `max_open` shard files open.
 
-    def __init__(self, root: Path, max_open: int = 32):
+    A checkpoint may hold more shards than a process may open files (`ulimit -n` is often 1024): the least
+    recently used file is closed first. Not thread-safe: one reader per reading thread.
+    """
+
+    def __init__(self, root: Path, max_open: int = 16):
         self.root = root
         self.max_open = max_open
-        self._open: dict[str, object] = {}
+        self._open: OrderedDict[str, BinaryIO] = OrderedDict()
+
+    def read_span(self, file: str, offset: int, view: memoryview) -> None:
+        """Fill `view` with the bytes of shard `file` from absolute `offset`."""
+        f = self._open.get(file)
+        if f is None:
+            while len(self._open) >= self.max_open:
+                self._open.popitem(last=False)[1].close()
+            f = self._open[file] = open(self.root / file, "rb", buffering=0)  # closed by close()
+        else:
+            self._open.move_to_end(file)
+        read_into(f, offset, view, self.root / file)
 
     def read_into(self, info: TensorInfo, start: int, view: memoryview) -> None:
         """Fill `view` with the tensor's bytes from byte `start` (relative to the tensor)."""
-        f = self._open.get(info.file)
-        if f is None:
-            if len(self._open) >= self.max_open:
-                self.close()
-            f = self._open[info.file] = open(self.root / info.file, "rb", buffering=0)
-        read_into(f, info.offset + start, view, self.root / info.file)
+        self.read_span(info.file, info.offset + start, view)
 
     def read(self, info: TensorInfo, start: int = 0, length: int | None = None) -> bytearray:
         length = info.nbytes - start if length is None else length
@@ -284,9 +296,8 @@ class ShardReader:
         return buf
 
     def close(self) -> None:
-        for f in self._open.values():
-            f.close()
-        self._open.clear()
+        while self._open:
+            self._open.popitem()[1].close()
 
     def __enter__(self) -> "ShardReader":
         return self

@@ -29,7 +29,7 @@ import torch
 
 from dsv3conv import profiling
 from dsv3conv.backend import Backend, Fence, Item, OutputArena, convert_async, host_buffer
-from dsv3conv.checkpoint import read_into, read_tensor
+from dsv3conv.checkpoint import ShardReader, read_tensor
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error
 from dsv3conv.plan import FilePlan, Plan, TensorPlan
@@ -171,7 +171,7 @@ class _Run:
                 pass
 
     def _reader(self) -> None:
-        handles: dict[str, object] = {}
+        handles = ShardReader(self.plan.source)  # a bounded number of open files, however many shards
         try:
             while not self.stop.is_set():
                 with self.spec_lock:
@@ -181,7 +181,7 @@ class _Run:
                 with profiling.stage(self.prof, "wait_buffer"):
                     buf = self.pool.get(self._check) if spec.span_len or spec.pieces else None
                 with profiling.stage(self.prof, "read", spec.span_len):
-                    items = _read_batch(self.plan.source, spec, buf, handles, self.scales)
+                    items = _read_batch(spec, buf, handles, self.scales)
                 if self.prof is not None:
                     self.prof.mark_once("first_read_s")
                 self.ready.put((spec, buf, items))
@@ -190,8 +190,7 @@ class _Run:
         except BaseException as exc:  # handed to the main thread
             self._fail(exc)
         finally:
-            for fh in handles.values():
-                fh.close()
+            handles.close()
 
     def _output(self, spec: _BatchSpec) -> AtomicFile:
         with self.files_lock:
@@ -371,14 +370,11 @@ def interleaved(per_file: list[list], window: int) -> list:
     return order
 
 
-def _read_batch(root: Path, spec: _BatchSpec, buf, handles: dict, scales: _ScaleCache) -> list[Item]:
+def _read_batch(spec: _BatchSpec, buf, handles: ShardReader, scales: _ScaleCache) -> list[Item]:
     """Read the batch's source span into `buf`; describe each piece for the backend."""
     if not spec.pieces:
         return []
-    fh = handles.get(spec.src_file)
-    if fh is None:
-        fh = handles[spec.src_file] = open(root / spec.src_file, "rb", buffering=0)
-    read_into(fh, spec.span_start, memoryview(buf.numpy())[: spec.span_len], root / spec.src_file)
+    handles.read_span(spec.src_file, spec.span_start, memoryview(buf.numpy())[: spec.span_len])
     items = []
     for t, start, n in spec.pieces:
         src_off = t.source.offset + start - spec.span_start

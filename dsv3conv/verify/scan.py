@@ -45,23 +45,18 @@ def scan(ckpt: Checkpoint, src_root: Path | None, tasks: list[Task], device: str
         backend = make_backend(device)
     results: dict[str, TensorResult] = {}
     bar = ByteProgress(sum(t.info.nbytes for t in tasks), "verify", enabled=progress)
-    handles: dict[str, object] = {}
     scales = _ScaleCache(src_root) if src_root is not None else None
-    with bar, ShardReader(ckpt.root) as reader:
-        try:
-            for k, task in enumerate(tasks):
-                res = results[task.info.name] = TensorResult()
-                try:
-                    if task.planned is not None:
-                        _compare(ckpt, reader, src_root, task, backend, chunk_bytes, handles, scales, res)
-                    else:
-                        _values(reader, task.info, chunk_bytes, res, not task.sampled)
-                except (Dsv3Error, OSError) as exc:
-                    res.error = str(exc)
-                bar.advance(task.info.nbytes, f"{k + 1}/{len(tasks)} tensors")
-        finally:
-            for f in handles.values():
-                f.close()
+    with bar, ShardReader(ckpt.root) as reader, ShardReader(src_root or ckpt.root) as src_reader:
+        for k, task in enumerate(tasks):
+            res = results[task.info.name] = TensorResult()
+            try:
+                if task.planned is not None:
+                    _compare(ckpt, reader, src_reader, task, backend, chunk_bytes, scales, res)
+                else:
+                    _values(reader, task.info, chunk_bytes, res, not task.sampled)
+            except (Dsv3Error, OSError) as exc:
+                res.error = str(exc)
+            bar.advance(task.info.nbytes, f"{k + 1}/{len(tasks)} tensors")
     return results, backend.name if backend is not None else ""
 
 
@@ -72,13 +67,13 @@ def _values(reader: ShardReader, info: TensorInfo, chunk_bytes: int, res: Tensor
         check_values(_bytes(reader.read(info, e0 * info.itemsize, n * info.itemsize)), info, e0, res, scale)
 
 
-def _compare(ckpt: Checkpoint, reader: ShardReader, src_root: Path, task: Task, backend, chunk_bytes: int,
-             handles: dict, scales: _ScaleCache, res: TensorResult) -> None:
+def _compare(ckpt: Checkpoint, reader: ShardReader, src_reader: ShardReader, task: Task, backend,
+             chunk_bytes: int, scales: _ScaleCache, res: TensorResult) -> None:
     """Run the engine's read and convert steps on the task's tensor alone; hold CKPT's bytes to each output piece."""
     t = task.planned
     info = ckpt.tensors[t.name]
     copy = isinstance(t.op, Copy)
-    for name, start, want in _expected(src_root, t, backend, chunk_bytes, handles, scales):
+    for name, start, want in _expected(src_reader, t, backend, chunk_bytes, scales):
         got_info = ckpt.tensors[name]
         got = _bytes(reader.read(got_info, start, len(want)))
         if name == t.name:
@@ -93,7 +88,7 @@ def _compare(ckpt: Checkpoint, reader: ShardReader, src_root: Path, task: Task, 
         res.max_diff = max(res.max_diff, largest)
 
 
-def _expected(src_root: Path, t: TensorPlan, backend, chunk_bytes: int, handles: dict,
+def _expected(src_reader: ShardReader, t: TensorPlan, backend, chunk_bytes: int,
               scales: _ScaleCache) -> Iterator[tuple[str, int, torch.Tensor]]:
     """(output tensor, byte offset in it, expected bytes) of each piece the engine makes of `t`'s source."""
     from dsv3conv.backend import convert
@@ -107,7 +102,7 @@ def _expected(src_root: Path, t: TensorPlan, backend, chunk_bytes: int, handles:
     for spec in _batch_specs(0, FilePlan("", outputs, b""), chunk_bytes):
         if buf.numel() < spec.span_len:
             buf = torch.empty(spec.span_len, dtype=torch.uint8)
-        items = _read_batch(src_root, spec, buf, handles, scales)
+        items = _read_batch(spec, buf, src_reader, scales)
         placed = [out for pt, start, n in spec.pieces for out in pt.op.outputs(pt, start, n)]
         for piece, (name, offset, _) in zip(convert(backend, buf, items), placed):
             yield name, offset, _bytes(piece)
