@@ -162,6 +162,11 @@ class Checkpoint:
                 continue
             self.shards[name] = ShardInfo(name, path, header, path.stat().st_size)
             for entry in header.tensors:
+                odd = odd_index(entry.name)
+                if odd is not None:
+                    self._problem("odd-index", entry.name, f"tensor `{entry.name}` in {name}: {odd!r} is not "
+                                  f"written the way loaders write module numbers (`{int(odd)}`), so no loader would "
+                                  "find it", "rename the tensor")
                 if entry.name in owner:
                     self._problem("stored-twice", entry.name,
                                   f"tensor `{entry.name}` is stored twice: in {owner[entry.name]} and in {name}")
@@ -314,6 +319,20 @@ def read_into(f, offset: int, view: memoryview, path: Path) -> None:
         if n == 0:
             raise Dsv3Error(f"{path}: ended early while reading tensor data; the file is truncated, download it again")
         got += n
+
+
+def odd_index(name: str) -> str | None:
+    """A dotted part of tensor `name` that is a number written otherwise than module numbers are (`03`, `٣`).
+
+    Loaders find a layer or an expert by `str(int)` (`model.layers.3.`); a tensor named otherwise belongs to
+    no module, and a renumbering would mangle it.
+    """
+    if name.isascii() and ".0" not in name and name[:1] != "0":  # the common case, without splitting
+        return None
+    for part in name.split("."):
+        if part.isdecimal() and not (part.isascii() and (part == "0" or part[0] != "0")):
+            return part
+    return None
 
 
 def _is_safe_relative(file: str) -> bool:

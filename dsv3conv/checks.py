@@ -9,10 +9,8 @@ imports the runner, the engine or the command line.
 
 from __future__ import annotations
 
-import json
 import re
 import weakref
-from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -24,9 +22,6 @@ from dsv3conv.layout_v4 import is_v4_names, mtp_module_id, v4_layout
 
 MTP_MARKERS = (".enorm.", ".hnorm.", ".eh_proj.")  # tensors only an MTP layer holds
 _MTP_MARKED = re.compile("|".join(map(re.escape, MTP_MARKERS)))  # one search per name, not three
-# Codes of the problems the reader records about files, index and shards (verify's `files` check).
-FILE_CODES = ("no-index", "index-empty", "shard-missing", "stored-twice", "index-phantom", "index-elsewhere",
-              "index-unlisted", "index-duplicate-key", "stray-shard")
 
 
 # ------------------------------------------------------------------------------------------ FP8 pairs
@@ -138,25 +133,6 @@ def stray_shards(ckpt: Checkpoint) -> list[Problem]:
             out.append(Problem("stray-shard", rel, f"{rel} is not listed in the index (a stray or leftover shard)",
                                "remove it, or restore the index that lists it"))
     return out
-
-
-def duplicate_index_keys(ckpt: Checkpoint) -> list[Problem]:
-    """Tensor names given more than once in the index's weight_map (json.loads keeps only the last)."""
-    if ckpt.index is None:
-        return []
-    seen: list[Counter] = []
-
-    def hook(pairs):
-        seen.append(Counter(k for k, _ in pairs))
-        return dict(pairs)
-
-    try:
-        json.loads((ckpt.root / INDEX_NAME).read_text(encoding="utf-8"), object_pairs_hook=hook)
-    except (OSError, ValueError):
-        return []
-    keys = set(ckpt.index["weight_map"])
-    return [Problem("index-duplicate-key", n, f"tensor `{n}` appears {k} times in {INDEX_NAME}", "restore the index")
-            for counts in seen if set(counts) == keys for n, k in sorted(counts.items()) if k > 1]
 
 
 def shard_files(ckpt: Checkpoint) -> set[str]:

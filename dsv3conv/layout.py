@@ -17,15 +17,27 @@ from typing import Iterable, Mapping
 from dsv3conv.checkpoint import SCALE_SUFFIX, TensorInfo
 from dsv3conv.config import BLOCK
 
-LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
-ROUTED_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+# Layer and expert numbers as loaders write them: ASCII digits, no leading zero (the reader reports others).
+LAYER_RE = re.compile(r"^model\.layers\.(0|[1-9][0-9]*)\.(.+)$", re.DOTALL)
+ROUTED_EXPERT_RE = re.compile(r"^model\.layers\.(0|[1-9][0-9]*)\.mlp\.experts\.(0|[1-9][0-9]*)\.")
 FP8_DTYPE = "F8_E4M3"
 SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")
 
 
-def layer_id(name: str) -> int | None:
+def layer_parts(name: str) -> tuple[int, str] | None:
+    """`model.layers.61.mlp.gate.weight` -> (61, "mlp.gate.weight"); None outside the layers."""
     m = LAYER_RE.match(name)
-    return int(m.group(1)) if m else None
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def layer_id(name: str) -> int | None:
+    parts = layer_parts(name)
+    return parts[0] if parts else None
+
+
+def layer_name(layer: int, rest: str) -> str:
+    """The inverse of `layer_parts`."""
+    return f"model.layers.{layer}.{rest}"
 
 
 NEXTN_ARCHITECTURE = "DeepseekV3ForCausalLMNextN"

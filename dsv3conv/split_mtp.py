@@ -29,7 +29,7 @@ from dsv3conv.checks import mtp_rule
 from dsv3conv.config_edits import ConfigEdit
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.formats import classify
-from dsv3conv.layout import FP8_DTYPE, layer_id, mtp_layer_ids
+from dsv3conv.layout import FP8_DTYPE, layer_id, layer_name, layer_parts, mtp_layer_ids
 from dsv3conv.layout_v4 import is_v4_names, mtp_module_id, v4_layout
 from dsv3conv.plan import (
     FilePlan,
@@ -89,15 +89,14 @@ def plan_split_mtp(ckpt: Checkpoint, dest: Path, layout: str = "sglang",
     chosen, dropped = [], []
     for shard in ckpt.shards.values():  # source order: long sequential reads
         for entry in shard.header.tensors:
-            layer = layer_id(entry.name)
-            if layer not in mtp_ids:
+            if layer_id(entry.name) not in mtp_ids:
                 continue
             if layout == "sglang" and entry.name.endswith(SHARED_WITH_TARGET):
                 dropped.append(entry.name)
                 continue
-            chosen.append((entry.name, layer))
-    require_fp8_pairs({name: ckpt.tensors[name] for name, _ in chosen}, "the MTP layer")
-    entries = [copied(ckpt.tensors[name], _renumber(name, layer, layer - n_main)) for name, layer in chosen]
+            chosen.append(entry.name)
+    require_fp8_pairs({name: ckpt.tensors[name] for name in chosen}, "the MTP layer")
+    entries = [copied(ckpt.tensors[name], _renumber(name, -n_main)) for name in chosen]
     files = shard_files([("", entries)], DRAFT_SHARD_BYTES)
     edit = ConfigEdit(config)
     edit.nextn_draft(len(mtp_ids))
@@ -139,7 +138,7 @@ def _mtp_source(ckpt: Checkpoint) -> tuple[dict, set[int]]:
     return config, mtp_ids
 
 
-def _renumber(name: str, layer: int, new_layer: int) -> str:
-    """`model.layers.61.mlp.gate.weight` -> `model.layers.0.mlp.gate.weight`."""
-    old = f"model.layers.{layer}."
-    return f"model.layers.{new_layer}." + name[len(old):]
+def _renumber(name: str, shift: int) -> str:
+    """`model.layers.61.mlp.gate.weight`, shift -61 -> `model.layers.0.mlp.gate.weight` (parsed, not sliced)."""
+    layer, rest = layer_parts(name)
+    return layer_name(layer + shift, rest)
