@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.text import Text
 
 from dsv3conv import __version__
 from dsv3conv.cli_output import err, fmt_bytes, out, print_inspect, print_json, print_result, print_verify
@@ -58,8 +59,6 @@ app = typer.Typer(
     context_settings={"max_content_width": 120},
     rich_markup_mode=None,  # plain help: flags without value placeholders, readable in logs and pipes
 )
-# Off a terminal (a CI log, a file, a pipe) rich would wrap tables at 80 columns: give them room, unless
-# COLUMNS says otherwise.
 _state = {"debug": False, "running": False}  # running: a command has begun (signals then clean up)
 
 
@@ -132,7 +131,7 @@ def _errors(writes: bool = False):
     except Dsv3Error as exc:
         if _state["debug"]:
             if getattr(exc, "worker_traceback", ""):
-                err.print(f"in the worker process:\n{exc.worker_traceback}", markup=False)
+                err.print(Text(f"in the worker process:\n{exc.worker_traceback}"))
             raise
         err.print(f"dsv3conv: error: {exc.naming(_option)}", markup=False)
         raise typer.Exit(exc.exit_code) from None
@@ -330,7 +329,7 @@ def split_mtp(
         if r is None:
             continue
         if dry_run:
-            out.print(f"[bold]{what}[/]")
+            out.print(Text(what, style="bold"))
             print_result(r, False, True)
             continue
         if "part" in r:  # this part's own shards and tensors, not the whole plan's

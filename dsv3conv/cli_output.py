@@ -7,11 +7,33 @@ import os
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from dsv3conv.errors import printable
+
+# Off a terminal (a CI log, a file, a pipe) rich would wrap tables at 80 columns: give them room, unless
+# COLUMNS says otherwise.
 WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
-out = Console(highlight=False, soft_wrap=True, width=WIDTH)
-err = Console(stderr=True, highlight=False, soft_wrap=True, width=WIDTH)
+MAX_PROBLEMS_SHOWN = 50  # inspect's table output; --json lists every problem
+
+
+class _Console(Console):
+    """Strings print escaped (`printable`): a name holding a newline, an escape sequence or bytes that are not
+    UTF-8 stays on its line and cannot break the output. A rich `Text` prints as it is."""
+
+    def print(self, *objects, **kwargs) -> None:
+        super().print(*(printable(o) if isinstance(o, str) else o for o in objects), **kwargs)
+
+
+out = _Console(highlight=False, soft_wrap=True, width=WIDTH)
+err = _Console(stderr=True, highlight=False, soft_wrap=True, width=WIDTH)
+
+
+def plain(text: object) -> Text:
+    """A name or value for a table cell or title: escaped, and never read as rich markup."""
+    return Text(printable(str(text)))
 
 
 def print_json(obj: dict) -> None:
@@ -29,17 +51,17 @@ def fmt_bytes(n: int | None) -> str:
 
 
 def print_inspect(r: dict) -> None:
-    t = Table(title=f"[bold]{r['path']}[/]", show_header=False, title_justify="left")
+    t = Table(title=Text(printable(r["path"]), style="bold"), show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("model type", str(r["model_type"]))
-    t.add_row("architectures", ", ".join(r["architectures"] or []) or "-")
+    t.add_row("model type", plain(r["model_type"]))
+    t.add_row("architectures", plain(", ".join(r["architectures"] or []) or "-"))
     t.add_row("layers", f"{r['num_hidden_layers']} main + {r['num_nextn_predict_layers'] or 0} MTP (config); {r['layers']} found")
     v4 = r["layout"].get("mtp_modules") is not None  # DeepSeek-V4 names: MTP under mtp.*, no layer ids
     if not v4:
         t.add_row("MTP layer ids", ", ".join(map(str, r["mtp_layers"])) or "none")
     q = r["quantization"]
-    t.add_row("quantization", json.dumps(q, separators=(", ", ": ")) if q else "none")
+    t.add_row("quantization", plain(json.dumps(q, separators=(", ", ": ")) if q else "none"))
     t.add_row("shards", f"{r['shards']} ({fmt_bytes(r['tensor_bytes'])} of tensors; index total_size {r['total_size']})")
     t.add_row("tensors", f"{r['tensors']:,}")
     t.add_row("dtypes", "  ".join(f"{k} {v:,}" for k, v in r["dtypes"].items()))
@@ -73,8 +95,10 @@ def print_inspect(r: dict) -> None:
     out.print(pt)
     if r["problems"]:
         out.print(f"[bold red]{len(r['problems'])} problems[/]")
-        for line in r["problems"]:
+        for line in r["problems"][:MAX_PROBLEMS_SHOWN]:
             out.print(f"  - {line}", markup=False)
+        if len(r["problems"]) > MAX_PROBLEMS_SHOWN:
+            out.print(f"  ... and {len(r['problems']) - MAX_PROBLEMS_SHOWN} more problems (--json lists them all)")
     else:
         out.print("[green]no problems found[/]")
 
@@ -84,7 +108,7 @@ def print_result(result: dict, json_out: bool, dry_run: bool) -> None:
         print_json(result)
         return
     if dry_run:
-        out.print(f"[bold]plan[/] {result['source']} -> {result['output']}")
+        out.print(f"[bold]plan[/] {escape(printable(result['source']))} -> {escape(printable(result['output']))}")
         for f in result["files"]:
             out.print(f"  {f['name']}: {f['tensors']} tensors ({f['converted']} converted), {fmt_bytes(f['bytes'])}"
                       + (f" (copy of {f['copy_of']})" if f.get("copy_of") else ""), markup=False)
@@ -120,17 +144,15 @@ def print_result(result: dict, json_out: bool, dry_run: bool) -> None:
 
 def print_verify(report: dict, title: str, json_out: bool) -> None:
     """The report of verify (or of its combined parts): JSON, or a table of checks and a verdict."""
-    from rich.text import Text
-
     if json_out:
         print_json(report)
     else:
-        t = Table(title=Text(title, style="bold"), title_justify="left")
+        t = Table(title=Text(printable(title), style="bold"), title_justify="left")
         t.add_column("check", style="bold", no_wrap=True)
         t.add_column("result", no_wrap=True)
         t.add_column("detail", overflow="fold")
         for c in report["checks"]:
-            t.add_row(c["name"], "[green]pass[/]" if c["ok"] else "[bold red]FAIL[/]", Text(c["detail"]))
+            t.add_row(c["name"], "[green]pass[/]" if c["ok"] else "[bold red]FAIL[/]", plain(c["detail"]))
         out.print(t)
         failed = [c["name"] for c in report["checks"] if not c["ok"]]
         if report["mismatches"]:

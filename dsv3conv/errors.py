@@ -9,7 +9,8 @@ from typing import Callable
 class Dsv3Error(Exception):
     """A problem with the input data or a runtime failure (exit code 1).
 
-    The message is a single line that names the file or tensor and, where possible, what to do. It names
+    The message is a single line that names the file or tensor and, where possible, what to do (any name in
+    it that holds a newline, another control character or bytes that are not UTF-8 is shown escaped). It names
     the parameters it concerns as `{name}` (listed in `params`): `str()` shows `name`, as a program passes
     it; the command line shows its option instead (`cli.py`).
     """
@@ -17,7 +18,7 @@ class Dsv3Error(Exception):
     exit_code = 1
 
     def __init__(self, message: str, *params: str):
-        self.message = message
+        self.message = printable(str(message))
         self.params = params
         super().__init__(self.naming(lambda name: name))
 
@@ -69,6 +70,14 @@ def refuse(problems: list[Problem], hint: str = "") -> None:
         return
     more = f" (and {len(problems) - 1} more problems{hint})" if len(problems) > 1 else ""
     raise Dsv3Error(problems[0].text + more)
+
+
+def printable(text: str) -> str:
+    """`text` as one printable line: newlines, control characters and undecodable bytes (the surrogate escapes
+    of a non-UTF-8 file name) written as Python escapes (`\\n`, `\\x1b`, `\\udcff`); all else as it is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def short(value: object, limit: int = 80) -> str:

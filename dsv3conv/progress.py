@@ -27,6 +27,8 @@ from rich.progress import (
 from rich.text import Text
 from tqdm import tqdm
 
+from dsv3conv.errors import printable
+
 LOG_INTERVAL_ENV = "DSV3CONV_PROGRESS_SECONDS"
 DEFAULT_LOG_INTERVAL = 10.0
 
@@ -36,7 +38,7 @@ class ByteProgress:
 
     def __init__(self, total: int, label: str, *, enabled: bool = True):
         self.total = total
-        self.label = label
+        self.label = printable(label)
         self.enabled = enabled
         self._lock = threading.Lock()
         self._console = Console(stderr=True)
@@ -95,7 +97,7 @@ class _TerminalView:
 
     def __init__(self, total: int, label: str, console: Console):
         self.label = label
-        self._p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), _Speed(), _Eta(),
+        self._p = Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(), _Speed(), _Eta(),
                            console=console, transient=False)
         self._p.start()
         self._task = self._p.add_task(f"{label}: starting", total=total)
@@ -170,7 +172,8 @@ class _LogView:
 
 
 def _describe(label: str, detail: str) -> str:
-    return f"{label} {detail}" if detail else label
+    """The label and where the work is: one line, whatever the names hold."""
+    return printable(f"{label} {detail}") if detail else label
 
 
 def _decimal(n: int) -> str:
