@@ -8,7 +8,10 @@ each existing ancestor of one path with the other path's, both ways.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,9 +20,10 @@ from dsv3conv.writer import PARTIAL_SUFFIX, partial_path
 
 LOCK_NAME = ".dsv3conv.lock"
 FINALIZE_LOCK_NAME = ".dsv3conv.finalize.lock"
+PLAN_NAME = ".dsv3conv.plan"  # what an unfinished DST is being written under; removed once complete
 
 if TYPE_CHECKING:
-    from dsv3conv.plan import FilePlan
+    from dsv3conv.plan import FilePlan, Plan
 
 
 # ----------------------------------------------------------------------------------------- identity
@@ -102,7 +106,8 @@ def prepare_dest(dest: Path, *, resume: bool, overwrite: bool, source: Path | No
         check_dest(source, dest)
     if not os.access(dest, os.W_OK | os.X_OK):
         raise Dsv3Error(f"{dest}: output directory is not writable; fix its permissions or choose another path")
-    entries = [p for p in dest.iterdir() if not p.name.startswith(LOCK_NAME) and p.name != FINALIZE_LOCK_NAME]
+    ours = (FINALIZE_LOCK_NAME, PLAN_NAME)
+    entries = [p for p in dest.iterdir() if not p.name.startswith(LOCK_NAME) and p.name not in ours]
     if entries and not (resume or overwrite):
         raise UsageError(
             f"{dest}: output directory is not empty; pass --resume to finish an earlier run or --overwrite to replace it"
@@ -164,3 +169,108 @@ def is_complete(path: Path, file: FilePlan) -> bool:
             return f.read(len(file.header)) == file.header
     except OSError:
         return False
+
+
+# ------------------------------------------------------------------------------- the plan DST is under
+def plan_record(plan: Plan) -> dict:
+    """What a resumed run must share with the run that began DST: the source directory, every output file's
+    name and header (tensors, dtypes, offsets), config.json and the files copied alongside. A source file may
+    change in between (a damaged shard replaced: the documented way to finish a failed run)."""
+    return {
+        "source": os.path.realpath(plan.source),
+        "output_files": {f.name: _digest(f.header) for f in plan.files},
+        "config": _digest(json.dumps(plan.config, sort_keys=True).encode()),
+        "extra_files": list(plan.extra_files),
+    }
+
+
+def check_claim(plan: Plan) -> dict | None:
+    """Refuse to resume DST begun under another plan, naming what differs; return the record DST holds.
+
+    Without a record (DST left by a finished run, or by a run stopped before it began), output shards the
+    plan does not hold are refused: they would stay beside the new ones.
+    """
+    path = plan.dest / PLAN_NAME
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        before = None
+    except (OSError, ValueError):
+        before = {}  # unreadable: another plan as far as can be told
+    now = plan_record(plan)
+    if before is None:
+        names = set(now["output_files"])
+        stray = sorted(p.name for p in plan.dest.glob("*.safetensors") if p.name not in names)
+        if stray:
+            raise UsageError(f"{plan.dest}: cannot resume, it holds shards this run would not write ({_few(stray)}): "
+                             "it was written with other options or from another source; rerun with those, or "
+                             "{overwrite} to start again", "overwrite")
+        return None
+    diffs = _differences(before if isinstance(before, dict) else {}, now)
+    if diffs:
+        raise UsageError(f"{plan.dest}: cannot resume, begun under another plan ({'; '.join(diffs)}); rerun with "
+                         "that run's source and options, or {overwrite} to start again", "overwrite")
+    return before
+
+
+def claim_dest(plan: Plan, *, resume: bool) -> None:
+    """Record the plan in DST before the first output file; resuming (or a part), first `check_claim`."""
+    if not resume:
+        _write_record(plan.dest / PLAN_NAME, plan_record(plan), replace=True)
+    elif check_claim(plan) is None and not _write_record(plan.dest / PLAN_NAME, plan_record(plan), replace=False):
+        check_claim(plan)  # another part recorded its plan meanwhile: hold this one to it
+
+
+def release_dest(dest: Path) -> None:
+    """DST is complete: its plan record goes."""
+    (dest / PLAN_NAME).unlink(missing_ok=True)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _write_record(path: Path, record: dict, *, replace: bool) -> bool:
+    """Write the record atomically; without `replace`, only if none exists (False if one does)."""
+    from dsv3conv.writer import write_bytes_atomic
+
+    data = (json.dumps(record, indent=1) + "\n").encode()
+    if replace:
+        write_bytes_atomic(path, data)
+        return True
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_bytes(data)
+    try:
+        os.link(tmp, path)  # published only if absent: parts starting together agree on one record
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _differences(before: dict, now: dict) -> list[str]:
+    """What differs between two plan records, in words (the first few names of each kind)."""
+    diffs = []
+    if before.get("source") != now["source"]:
+        diffs.append(f"source {before.get('source')}, now {now['source']}")
+    old_out, new_out = before.get("output_files") or {}, now["output_files"]
+    if not isinstance(old_out, dict):
+        old_out = {}
+    gone, added = sorted(set(old_out) - set(new_out)), sorted(set(new_out) - set(old_out))
+    if gone or added:
+        diffs.append(f"output shards {len(old_out)} before, {len(new_out)} now"
+                     + (f"; not planned now: {_few(gone)}" if gone else ""))
+    other = sorted(n for n in set(old_out) & set(new_out) if old_out[n] != new_out[n])
+    if other:
+        diffs.append(f"other tensors or dtypes in {_few(other)}")
+    if before.get("config") != now["config"]:
+        diffs.append("another config.json")
+    if before.get("extra_files") != now["extra_files"]:
+        diffs.append("other files copied alongside")
+    return diffs
+
+
+def _few(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

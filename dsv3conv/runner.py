@@ -18,7 +18,17 @@ from dataclasses import dataclass, field
 
 from dsv3conv import profiling
 from dsv3conv.checkpoint import CONFIG_NAME, INDEX_NAME
-from dsv3conv.dest import FINALIZE_LOCK_NAME, LOCK_NAME, DestLock, is_complete, prepare_dest, remove_partials
+from dsv3conv.dest import (
+    FINALIZE_LOCK_NAME,
+    LOCK_NAME,
+    DestLock,
+    check_claim,
+    claim_dest,
+    is_complete,
+    prepare_dest,
+    release_dest,
+    remove_partials,
+)
 from dsv3conv.devices import cpu_threads, parse_devices
 from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
 from dsv3conv.ops import Copy
@@ -88,6 +98,8 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
     threads = cpu_threads() if any(n in ("auto", "cpu") for n in names) else None
     # The refusals a run would give, before any work (the run creates DST later)
     prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=plan.source, create=False)
+    if (resume or part is not None) and plan.dest.is_dir():
+        check_claim(plan)  # DST begun under another plan
     summary.update(bytes_needed=space_needed(plan, mine, resume=resume or part is not None, overwrite=overwrite),
                    bytes_free=space_free(plan.dest))
     if space_check:
@@ -171,6 +183,7 @@ def execute(
                 (plan.dest / name).unlink(missing_ok=True)
             for p in plan.dest.glob("*.safetensors"):
                 p.unlink()
+        claim_dest(plan, resume=resume or part is not None)
         todo = []
         for k, f in mine:
             if (resume or part is not None) and is_complete(plan.dest / f.name, f):
@@ -229,6 +242,8 @@ def _execute_in_processes(plan: Plan, devices: list[str], *, resume: bool, progr
     import multiprocessing
 
     prepare_dest(plan.dest, resume=resume, overwrite=False, source=plan.source)
+    if not resume:
+        release_dest(plan.dest)  # a record left by a run stopped before its first shard: not this run's
     n = len(devices)
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or thread state
     events = ctx.Queue()
@@ -375,3 +390,4 @@ def _finalize(plan: Plan) -> None:
         write_bytes_atomic(plan.dest / INDEX_NAME, (json.dumps(plan.index, indent=2) + "\n").encode())
     if plan.config is not None:
         write_bytes_atomic(plan.dest / CONFIG_NAME, (json.dumps(plan.config, indent=2) + "\n").encode())
+    release_dest(plan.dest)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -22,7 +23,12 @@ NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, err
 
 
 def partial_path(final: Path) -> Path:
-    return final.with_name("." + final.name + PARTIAL_SUFFIX)
+    """`.NAME.dsv3conv-partial`; for a name too long to take the suffix (a file name has at most 255 bytes)
+    `.HASH.dsv3conv-partial`, derived from the name: a later run finds and removes it all the same."""
+    name = "." + final.name + PARTIAL_SUFFIX
+    if len(os.fsencode(name)) > 255:
+        name = "." + hashlib.sha256(os.fsencode(final.name)).hexdigest()[:40] + PARTIAL_SUFFIX
+    return final.with_name(name)
 
 
 class AtomicFile:
