@@ -79,3 +79,23 @@ def test_row_range_must_start_on_a_block() -> None:
     with pytest.raises(ValueError, match="multiple of 128"):
         repack_rows(torch.zeros((256, 8), dtype=torch.uint8), torch.zeros((256, 1), dtype=torch.uint8),
                     torch.empty((256, 16), dtype=torch.uint8), torch.empty((2, 1), dtype=torch.float32), 64, 256)
+
+
+def test_table_path_every_byte_and_offset(monkeypatch) -> None:
+    """The CPU table path alone (the reference is not called) on every packed byte at every exact offset
+    d = -8 .. 6, both scale dtypes: the reference's bytes."""
+    import dsv3conv.kernels.mxfp4_to_fp8 as m
+
+    rows, pcols = 256, 128  # 8 groups per row, 2 x 2 blocks
+    packed = ((torch.arange(rows)[:, None] * pcols + torch.arange(pcols)[None, :]) % 256).to(torch.uint8)
+    k = 116 + (torch.arange(rows)[:, None] + torch.arange(8)[None, :]) % 15  # 116 .. 130 in every block
+    scale = k.to(torch.uint8)
+    for scale_dtype in (torch.float8_e8m0fnu, torch.float32):
+        q, s, lossy = repack_mxfp4_to_fp8(packed, scale, scale_dtype)
+        assert lossy == 0
+        q_out = torch.empty((rows, 2 * pcols), dtype=torch.uint8)
+        s_out = torch.empty(s.shape, dtype=scale_dtype)
+        with monkeypatch.context() as patch:
+            patch.setattr(m, "repack_mxfp4_to_fp8", None)  # the table path must not need it
+            assert m.repack_rows(packed, scale, q_out, s_out, 0, 128) + m.repack_rows(packed, scale, q_out, s_out, 128, 256) == 0
+        assert torch.equal(q_out, q.view(torch.uint8)) and torch.equal(s_out.view(torch.uint8), s.view(torch.uint8))
