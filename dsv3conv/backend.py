@@ -21,7 +21,7 @@ import torch
 from dsv3conv.devices import cpu_threads
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error
-from dsv3conv.kernels.fp8_block_cpu import dequant_task, numba_kernel, quant_task, row_ranges
+from dsv3conv.kernels.fp8_block_cpu import dequant_task, quant_task, row_ranges
 from dsv3conv.kernels.fp8_block_dequant import BLOCK_SIZE
 from dsv3conv.kernels.mxfp4_dequant import cpu_dequant_mxfp4
 from dsv3conv.kernels.mxfp4_to_fp8 import repack_mxfp4_to_fp8, repack_rows
@@ -201,9 +201,7 @@ class CpuBackend:
 
     def __init__(self, threads: int | None = None, kernel: str = "auto") -> None:
         self.threads = threads or cpu_threads()
-        self.kernel = kernel
-        if kernel != "torch":
-            numba_kernel()  # imported now; each kernel is loaded by the first piece that needs it
+        self.kernel = kernel  # numba and each of its kernels are loaded by the first piece that needs them
         self._torch_threads = torch.get_num_threads()  # the pool's initializer changes torch's default
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dsv3conv-cpu",
                                         initializer=torch.set_num_threads, initargs=(1,))

@@ -8,7 +8,8 @@ Nothing runs on import.
 
 Dequant has two kernels:
 - "numba" (`fp8_block_numba`): compiled, one pass per element, the GIL released; used wherever numba imports
-  and its kernel loads (`numba_kernel()`). Rows holding NaN codes take the reference's own ops.
+  and its kernel loads (`numba_kernel()`), for tensors of a million elements or more (the smaller ones of a
+  small checkpoint are not worth numba's start-up). Rows holding NaN codes take the reference's own ops.
 - "torch": a few vectorized torch ops per step of rows (a step stays inside one 128-row scale block and fits
   in a core's cache; torch releases the GIL inside its ops, not between them). It decodes e4m3 without
   torch's scalar float8 conversion: the byte, sign-extended to 16 bits, shifted left by 7 and with bit 14
@@ -88,13 +89,19 @@ def numba_kernel(what: tuple = ()):
 
 
 KERNELS = ("auto", "numba", "torch")
+# "auto" takes the numba kernels for tensors of at least this many elements: numba's import and the kernel's
+# load from its cache (a few tenths of a second, once per process) pay off only on real work, and small
+# checkpoints (the tiny examples, tests) convert without them.
+AUTO_NUMBA_ELEMS = 1 << 20
 
 
-def _compiled(kernel: str, what: tuple):
-    """The numba kernel module, `what` ready (`numba_kernel`), for `kernel`; None for the torch kernel."""
+def _compiled(kernel: str, what: tuple, elems: int):
+    """The numba kernel module, `what` ready (`numba_kernel`), for `kernel` on a tensor of `elems` elements;
+    None for the torch kernel."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel {kernel!r}: choose one of {KERNELS}")
-    compiled = numba_kernel(what) if kernel != "torch" else None
+    use = kernel == "numba" or (kernel == "auto" and elems >= AUTO_NUMBA_ELEMS)
+    compiled = numba_kernel(what) if use else None
     if kernel == "numba" and compiled is None:
         raise ValueError("kernel 'numba': numba is not installed or its kernel does not build here")
     return compiled
@@ -103,9 +110,10 @@ def _compiled(kernel: str, what: tuple):
 def dequant_task(w: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor,
                  kernel: str = "auto") -> Callable[[int, int], None]:
     """A function converting rows [start, stop) of `reference_dequant(w, scale_inv, out.dtype)` into the same
-    rows of `out`, the arguments checked once. kernel: "numba", "torch", or "auto" (numba where it works)."""
+    rows of `out`, the arguments checked once. kernel: "numba", "torch", or "auto" (numba where it works, for
+    tensors of at least `AUTO_NUMBA_ELEMS` elements)."""
     _check_dequant(w, scale_inv, out)
-    compiled = _compiled(kernel, ("dequant", out.dtype))
+    compiled = _compiled(kernel, ("dequant", out.dtype), w.numel())
     u8 = w.view(torch.uint8)
     if compiled is None:
         return functools.partial(_dequant_rows_torch, u8, scale_inv, out)
@@ -190,7 +198,7 @@ def quant_task(x: torch.Tensor, q: torch.Tensor, scale_out: torch.Tensor, scale_
     `stop` unless it is the last row. The arguments are checked once; kernel as for `dequant_task`. Codes of a
     block whose scale is not finite (NaN or Inf in it) are left unspecified: callers refuse such blocks."""
     _check_quant(x, q, scale_out, scale_fmt, scale_dtype)
-    compiled = _compiled(kernel, ("quant",))
+    compiled = _compiled(kernel, ("quant",), x.numel())
     run = (compiled.quant_task(x, q, scale_out, scale_fmt, scale_dtype) if compiled is not None
            else functools.partial(_quant_rows_torch, x, q, scale_out, scale_fmt, scale_dtype))
 

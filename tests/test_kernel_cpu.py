@@ -3,6 +3,7 @@ thread pool of `CpuBackend` around them. Dequant is tested with both kernels (nu
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -16,6 +17,7 @@ from dsv3conv.kernels.fp8_block_cpu import dequant_rows, quant_rows, row_ranges
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.kernels.fp8_block_quant import reference_quant
 from dsv3conv.ops import DequantBlockFp8, QuantBlockFp8
+from tests.conftest import ENV, TIMEOUT
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SHAPES = [(1, 1), (129, 257), (576, 896), (128, 1), (5, 300), (300, 128)]
@@ -97,6 +99,29 @@ def test_numba_kernel_rounds_every_product_like_torch(out_dtype):
     s = (torch.exp2(exps) * (1 + torch.rand((3, 40), generator=gen))).to(torch.bfloat16)  # 8-bit significands:
     got = dequant_in_ranges(w, s, out_dtype, [0, w.shape[0]], "numba")  # products of 12 bits, many exact ties
     assert not mismatches(got, reference_dequant(w, s, out_dtype)), mismatches(got, reference_dequant(w, s, out_dtype))
+
+
+def test_auto_takes_numba_for_large_tensors_only(monkeypatch):
+    """"auto": the torch kernels below `AUTO_NUMBA_ELEMS` elements (numba not even imported), numba from there."""
+    asked = []
+    real = fp8_block_cpu.numba_kernel
+    monkeypatch.setattr(fp8_block_cpu, "numba_kernel", lambda what=(): asked.append(what) or real(what))
+    monkeypatch.setattr(fp8_block_cpu, "AUTO_NUMBA_ELEMS", 256 * 4)
+    w = torch.arange(256, dtype=torch.uint8).repeat(4, 1)
+    for rows, want in ((3, []), (4, [("dequant", torch.bfloat16)])):
+        got = dequant_in_ranges(w[:rows], torch.full((1, 2), 0.5), torch.bfloat16, [0, rows], "auto")
+        assert asked == want and not mismatches(got, reference_dequant(w[:rows], torch.full((1, 2), 0.5)))
+    x = got.to(torch.float32)[:, :120].contiguous()
+    quant_rows(x, torch.empty(x.shape, dtype=torch.uint8), torch.empty((1, 1)))
+    assert asked == want  # 480 elements: torch's
+
+
+def test_a_small_checkpoint_converts_without_numba(tiny_src, tmp_path):
+    """The tiny example end to end in a fresh process: numba's import is not part of its start-up."""
+    code = ("import sys; from dsv3conv.commands import dequantize; "
+            f"dequantize({str(tiny_src)!r}, {str(tmp_path / 'out')!r}, device='cpu'); print('numba' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc
 
 
 def test_without_numba_the_torch_kernel_stands_in(monkeypatch):
