@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import cached_property
 from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint, TensorInfo
@@ -46,7 +47,7 @@ class TensorPlan:
     def source(self) -> TensorInfo:
         return self.sources[0]
 
-    @property
+    @cached_property  # asked for again and again when a plan of ~100,000 tensors is summed up
     def nbytes(self) -> int:
         return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
 
@@ -70,7 +71,7 @@ class FilePlan:
     header: bytes
     copy_of: str | None = None  # a source shard copied unchanged, byte for byte
 
-    @property
+    @cached_property
     def size(self) -> int:
         return len(self.header) + sum(t.nbytes for t in self.tensors)
 
