@@ -33,7 +33,7 @@ from dsv3conv.checkpoint import ShardReader, read_tensor
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error
 from dsv3conv.plan import FilePlan, Plan, TensorPlan
-from dsv3conv.writer import AtomicFile, copy_file_fast
+from dsv3conv.writer import AtomicFile, copy_file_fast, fs_type
 
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 MAX_GAP_BYTES = 1 << 20  # small tensors between two read pieces are read along rather than seeked over
@@ -98,7 +98,11 @@ class _Run:
         self.specs = interleaved([_batch_specs(k, f, chunk_bytes) for k, f in todo], self.n_writers)
         self.remaining = Counter(spec.k for spec in self.specs)  # batches still to write, per output file
         self.open_files: dict[int, AtomicFile] = {}
+        self.opening: dict[int, threading.Lock] = {}  # one per output file: its first writer opens it
         self.files_lock = threading.Lock()
+        # One write() into a file at a time: on tmpfs, copies through mappings may run in parallel (measured
+        # only when asked: DSV3CONV_MAP_WRITES=1)
+        self.map_writes = os.environ.get("DSV3CONV_MAP_WRITES", "") == "1" and fs_type(plan.dest) == "tmpfs"
         # A block of rows is never split: a very wide tensor may need more than `chunk_bytes`.
         buf_bytes = max([chunk_bytes] + [s.span_len for s in self.specs])
         out_bytes = max([0] + [s.out_bytes for s in self.specs])
@@ -193,16 +197,32 @@ class _Run:
             handles.close()
 
     def _output(self, spec: _BatchSpec) -> AtomicFile:
+        """The batch's output file, opened by the first writer that needs it (the others of that file wait)."""
         with self.files_lock:
             out = self.open_files.get(spec.k)
-            if out is None:
-                out = self.open_files[spec.k] = AtomicFile(self.plan.dest / spec.file.name)
+            if out is not None:
+                return out
+            opening = self.opening.setdefault(spec.k, threading.Lock())
+        with opening:  # writers of other files go on meanwhile
+            with self.files_lock:
+                out = self.open_files.get(spec.k)
+            if out is not None:
+                return out
+            out = AtomicFile(self.plan.dest / spec.file.name)
+            try:
+                if self.map_writes:
+                    out.map_writes(spec.file.size)
                 out.pwrite(spec.file.header, 0)
-                if self.prof is not None:
-                    self.prof.mark_once("first_write_s")
-                if self.progress:
-                    self.progress(len(spec.file.header), spec.k, spec.file.name)
-            return out
+            except BaseException:
+                out.abort()
+                raise
+            with self.files_lock:
+                self.open_files[spec.k] = out
+        if self.prof is not None:
+            self.prof.mark_once("first_write_s")
+        if self.progress:
+            self.progress(len(spec.file.header), spec.k, spec.file.name)
+        return out
 
     def _place(self, spec: _BatchSpec, outs: list[memoryview]) -> bool:
         """Write the batch's pieces at their planned offsets; commit the file once all its batches are in."""

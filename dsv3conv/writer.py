@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -18,6 +19,7 @@ from dsv3conv.errors import Dsv3Error
 PARTIAL_SUFFIX = ".dsv3conv-partial"
 FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): share the source's extents (btrfs, XFS, bcachefs)
 COPY_CHUNK = 64 * 1024 * 1024
+MAP_MIN_BYTES = 1 << 20  # smaller writes go through write(): a mapping costs more than it saves
 # copy_file_range cannot serve these files here (another filesystem, old kernel, unsupported): stream instead
 NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM, errno.ETXTBSY)
 
@@ -40,11 +42,26 @@ class AtomicFile:
         self._fd = -1
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # RDWR: mappable
         except OSError as exc:
             raise _write_error(final, exc) from exc
         self.written = 0
         self._lock = threading.Lock()
+        self._mapped = False
+
+    def map_writes(self, size: int) -> None:
+        """Give the file its `size` bytes now and let large `pwrite`s copy through a mapping of their pages.
+
+        For tmpfs: it takes one write() into a file at a time, while copies into a mapping of one file run
+        in parallel. The space is reserved first (fallocate), so a full file system is refused here, in one
+        line, and never reached later through the mapping (where it would kill the process with SIGBUS)."""
+        if size <= 0:
+            return
+        try:
+            os.posix_fallocate(self._fd, 0, size)
+        except OSError as exc:
+            raise _write_error(self.final, exc) from exc
+        self._mapped = True
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
@@ -62,6 +79,9 @@ class AtomicFile:
         view = memoryview(data).cast("B")
         total = len(view)
         try:
+            if self._mapped and total >= MAP_MIN_BYTES:
+                _copy_mapped(self._fd, view, offset)
+                view = view[total:]
             while view:
                 n = os.pwrite(self._fd, view, offset)
                 view, offset = view[n:], offset + n
@@ -97,6 +117,37 @@ class AtomicFile:
             self.commit()
         else:
             self.abort()
+
+
+def _copy_mapped(fd: int, view: memoryview, offset: int) -> None:
+    """Copy `view` to `offset` of the file through a mapping of just those pages (unmapped at once: resident
+    memory stays small); numpy copies without holding the GIL."""
+    import numpy as np
+
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, offset + len(view) - start, offset=start) as pages:
+        dst = np.frombuffer(pages, dtype=np.uint8, count=len(view), offset=offset - start)
+        dst[:] = np.frombuffer(view, dtype=np.uint8)
+        del dst  # the mapping closes only without views of it
+
+
+def fs_type(path: Path) -> str:
+    """The file system type of the mount holding `path` ("tmpfs", "ext4", ...; "" where unknown)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    real, best, kind = os.path.realpath(path), "", ""
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not rest:
+            continue
+        mount = parts[4].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):  # the last of equal mounts is the one on top
+            best, kind = mount, rest.split()[0]
+    return kind
 
 
 def write_bytes_atomic(final: Path, data: bytes) -> None:

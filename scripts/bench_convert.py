@@ -10,7 +10,8 @@ same files:
                  plain torch, `save_file`, fsync
   dsv3conv       `dsv3conv dequant --device D` for each `--device` (run with DSV3CONV_PROFILE=1: seconds per
                  stage); `parts:cuda:0,cuda:1` runs one `--part k/N` process per listed device at once,
-                 `processes:cuda:all` runs the device workers as spawned processes
+                 `processes:cuda:all` runs the device workers as spawned processes, `mapped:cuda` writes
+                 through mappings (DSV3CONV_MAP_WRITES=1)
   dry run        `dsv3conv dequant --dry-run` alone: planning, part of the fixed cost
 From the two sizes, each method's steady-state rate (extra FP8 input bytes / extra seconds) and fixed cost
 (the seconds left at zero bytes). Peak RSS is the largest single process of a run; GPU peak the largest
@@ -70,6 +71,7 @@ RSS_WRAPPER = (
     "sys.stderr.write(f'@@maxrss {ru.ru_maxrss}\\n'); sys.exit(os.waitstatus_to_exitcode(st))"
 )
 PROFILE_PREFIX = "dsv3conv profile: "
+PREFIXES = ("parts:", "processes:", "mapped:")  # how a --device entry is run, before the device
 
 
 def timed(cmd: list[str], env=None) -> dict:
@@ -120,7 +122,9 @@ def dsv3conv_run(src: Path, dst: Path, device: str, work: Path) -> dict:
     else:
         if device.startswith("processes:"):
             env["DSV3CONV_WORKERS"] = "processes"
-        r = timed(cmd + ["--device", device.removeprefix("processes:")], env=env)
+        if device.startswith("mapped:"):
+            env["DSV3CONV_MAP_WRITES"] = "1"
+        r = timed(cmd + ["--device", device.split(":", 1)[1] if device.startswith(PREFIXES) else device], env=env)
         gpu_peak = json.loads(r["stdout"]).get("gpu_peak_bytes")
     shutil.rmtree(dst, ignore_errors=True)
     return {"s": r["s"], "rss": r["rss"], "gpu_peak": gpu_peak, "profile": profiles(r["stderr"])}
@@ -161,7 +165,7 @@ def measure(src: Path, work: Path, args, out_bytes: int) -> dict:
     res["overlap bound"] = {"s": max(res["cat"]["s"], res[f"dd x{n}"]["s"])}
     if not args.skip_eager:
         fresh()
-        device = args.device[0].split(":", 1)[1] if args.device[0].startswith(("parts:", "processes:")) else args.device[0]
+        device = args.device[0].split(":", 1)[1] if args.device[0].startswith(PREFIXES) else args.device[0]
         device = "cuda:0" if device == "cuda:all" else device.split(",")[0]
         r = timed([sys.executable, "-c", EAGER, str(src), str(work / "eager"), device])
         res["eager"] = {"s": r["s"], "rss": r["rss"], "gpu_peak": json.loads(r["stdout"].splitlines()[-1])["gpu_peak"]}
@@ -170,7 +174,7 @@ def measure(src: Path, work: Path, args, out_bytes: int) -> dict:
         fresh()
         res[f"dsv3conv {device}"] = dsv3conv_run(src, work / "dsv3conv", device, work)
         dry = timed([sys.executable, "-m", "dsv3conv", "dequant", str(src), str(work / "dry"), "--dry-run", "--json",
-                     "--device", device.split(":", 1)[1] if device.startswith(("parts:", "processes:")) else device])
+                     "--device", device.split(":", 1)[1] if device.startswith(PREFIXES) else device])
         res[f"dry run {device}"] = {"s": dry["s"], "rss": dry["rss"]}
     return res
 

@@ -9,8 +9,9 @@
 #     disk       bench_convert.py on the local disk, page cache dropped before each run
 #     scale      bench_convert.py from /dev/shm on every GPU: threads, processes, --part jobs, two on one GPU
 #     engine     the asynchronous GPU engine in one go: its GPU tests, bench_convert.py from /dev/shm (one GPU,
-#                every GPU in one process, one --part job per GPU; EXPERTS=128), three --dry-run of the
-#                163-shard replica, and a profiled 1-layer run (start-up steps and first byte)
+#                one GPU writing through mappings, every GPU in one process, one --part job per GPU;
+#                EXPERTS=128, shards of SHARD_GB=1 GB as many output files as a real release has in flight),
+#                and three --dry-run of the 163-shard replica
 #     pdl        bench_kernel.py --pdl-sweep: small-tensor configs x PDL modes
 #     quant-e2e  bench_quant_convert.py: quant --device cpu against --device cuda on the same files
 #     write      bench_write.py: N writer threads of one process against N processes on /dev/shm
@@ -56,8 +57,9 @@ for step in "${@:-tests kernel convert}"; do for step in $step; do
     engine)
       run test_gpu_engine.log python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_engine.py tests/test_gpu.py
       n=$(nvidia-smi -L | wc -l); all=$(seq -s, -f "cuda:%g" 0 $((n - 1)))
-      run bench_engine.txt python3 scripts/bench_convert.py --device cuda --device cuda:all --device "parts:$all" \
-        --experts "${EXPERTS:-128}" --layers 1 2 --dir /dev/shm/dsv3conv-engine --out "$OUT/convert-engine"
+      run bench_engine.txt python3 scripts/bench_convert.py --device cuda --device mapped:cuda --device cuda:all \
+        --device "parts:$all" --skip-eager --experts "${EXPERTS:-128}" --shard-gb "${SHARD_GB:-1}" --layers 1 2 \
+        --dir /dev/shm/dsv3conv-engine --out "$OUT/convert-engine"
       R=/dev/shm/dsv3conv-replica; rm -rf "$R" "$R-out"
       run dry_run.txt bash -c "python3 -m dsv3conv example replica $R >/dev/null && TIMEFORMAT='dry run %R s' && \
         for i in 1 2 3; do time python3 -m dsv3conv dequant $R $R-out --dry-run --no-space-check >/dev/null; done"

@@ -173,3 +173,73 @@ def test_batches_of_a_few_files_take_turns():
             begun = {k for k, _ in order[:n]}
             open_files = [k for k in begun if sum(b[0] == k for b in order[:n]) < len(per_file[k])]
             assert len(open_files) <= window, (window, order[:n])
+
+
+def test_mapped_writes_from_several_threads_are_the_bytes_written(tmp_path):
+    """tmpfs output goes through mappings of the file's pages: pieces from several threads at unaligned
+    offsets, large and small (small ones through write()), are the file's bytes; its size is reserved first."""
+    import threading
+
+    from dsv3conv.writer import MAP_MIN_BYTES, AtomicFile
+
+    size = 8 * MAP_MIN_BYTES + 12345
+    data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+    cuts = [0, 7, 100, MAP_MIN_BYTES + 3, 3 * MAP_MIN_BYTES + 1, 3 * MAP_MIN_BYTES + 9, 6 * MAP_MIN_BYTES - 5, size]
+    out = AtomicFile(tmp_path / "x.bin")
+    out.map_writes(size)
+    assert (tmp_path / ".x.bin.dsv3conv-partial").stat().st_size == size
+    threads = [threading.Thread(target=out.pwrite, args=(memoryview(data)[a:b], a)) for a, b in zip(cuts, cuts[1:])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out.written == size
+    out.commit()
+    assert (tmp_path / "x.bin").read_bytes() == data
+
+
+def test_a_full_file_system_is_refused_when_the_file_is_opened(tmp_path, monkeypatch):
+    """Mapped writes reserve the file's size first: no space is one line (disk full, --resume), never SIGBUS."""
+    import errno
+
+    from dsv3conv.writer import AtomicFile
+
+    def no_space(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("os.posix_fallocate", no_space)
+    out = AtomicFile(tmp_path / "x.bin")
+    with pytest.raises(Dsv3Error, match="disk full"):
+        out.map_writes(1 << 30)
+    out.abort()
+
+
+def test_conversion_into_tmpfs_maps_its_writes(tmp_path, src_ref, monkeypatch):
+    """DSV3CONV_MAP_WRITES=1 and an output on tmpfs (the engine asks the mount): written through mappings,
+    the same bytes."""
+    from dsv3conv import writer
+
+    src, ref = src_ref
+    mapped = []
+    real = writer.AtomicFile.map_writes
+    monkeypatch.setenv("DSV3CONV_MAP_WRITES", "1")
+    monkeypatch.setattr(engine, "fs_type", lambda path: "tmpfs")
+    monkeypatch.setattr(writer, "MAP_MIN_BYTES", 4096)
+    monkeypatch.setattr(writer.AtomicFile, "map_writes", lambda self, size: (mapped.append(size), real(self, size)))
+    backend = CpuBackend(1)
+    try:
+        plan = plan_dequant(Checkpoint.open(src), tmp_path / "out")
+        execute(plan, backend, chunk_bytes=1 << 16)
+    finally:
+        backend.close()
+    assert sorted(mapped) == sorted(f.size for f in plan.files)
+    _same_files(tmp_path / "out", ref)
+
+
+def test_file_system_type_of_a_path():
+    from pathlib import Path
+
+    from dsv3conv.writer import fs_type
+
+    assert fs_type(Path("/proc/self")) == "proc"
+    assert fs_type(Path("/")) not in ("", "proc")
