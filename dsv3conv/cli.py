@@ -201,8 +201,8 @@ def dequant(
     ] = None,
     buffer_size: Annotated[
         Optional[str],
-        typer.Option("--buffer-size", metavar="SIZE", help="Bytes read per step (default 64MB on CPU, 32MB on GPU); host memory in "
-                     "use is at most 15-30x this (by core count), about 9x on each GPU."),
+        typer.Option("--buffer-size", metavar="SIZE", help="Bytes read per step (default 64MB on CPU, 32MB on GPU); host buffers "
+                     "take at most about 1.3GB (6x this if more), each GPU about 9x this."),
     ] = None,
     part: PartOpt = None,
     allow_noop: Annotated[bool, typer.Option(

@@ -37,6 +37,7 @@ from dsv3conv.writer import AtomicFile, copy_file_fast, fs_type
 
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 MAX_GAP_BYTES = 1 << 20  # small tensors between two read pieces are read along rather than seeked over
+POOL_BUDGET_BYTES = 5 << 28  # 1.25 GiB of buffers and arenas: beyond that, more in flight only adds memory
 
 
 def io_threads() -> tuple[int, int]:
@@ -44,6 +45,17 @@ def io_threads() -> tuple[int, int]:
     in flight (on tmpfs one writer copies ~1.5 GB/s, eight ~5 GB/s), up to one per core."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
     return max(2, min(4, cores // 4)), max(2, min(8, cores))
+
+
+def pool_counts(buffers: int, arenas: int, buf_bytes: int, out_bytes: int,
+                budget: int = POOL_BUDGET_BYTES) -> tuple[int, int]:
+    """(read buffers, arenas): as asked, less arenas and then buffers (down to 2 each) while both pools
+    together would hold more than `budget` bytes. Host memory stays near the budget whatever the machine."""
+    while arenas > 2 and buffers * buf_bytes + arenas * out_bytes > budget:
+        arenas -= 1
+    while buffers > 2 and buffers * buf_bytes + arenas * out_bytes > budget:
+        buffers -= 1
+    return buffers, arenas
 
 
 def run_files(plan: Plan, backend: Backend | None, todo: list[tuple[int, FilePlan]], progress=None,
@@ -107,9 +119,9 @@ class _Run:
         buf_bytes = max([chunk_bytes] + [s.span_len for s in self.specs])
         out_bytes = max([0] + [s.out_bytes for s in self.specs])
         pinned = backend is not None and backend.pin_memory
-        count = self.n_readers + depth
+        count, arenas = pool_counts(self.n_readers + depth, self.n_writers + depth, buf_bytes, out_bytes)
         self.pool = _Pool(lambda: _buffer(buf_bytes, count, pinned), count)  # read buffers
-        self.arenas = _Pool(lambda: OutputArena(out_bytes, pinned), self.n_writers + depth)  # converted bytes
+        self.arenas = _Pool(lambda: OutputArena(out_bytes, pinned), arenas)  # converted bytes
         self.ready: queue.Queue = queue.Queue()  # (batch, its buffer, its items), read
         self.stop = threading.Event()
         self.errors: list[BaseException] = []

@@ -243,3 +243,12 @@ def test_file_system_type_of_a_path():
 
     assert fs_type(Path("/proc/self")) == "proc"
     assert fs_type(Path("/")) not in ("", "proc")
+
+
+def test_pools_stay_within_the_memory_budget():
+    """Arenas go first, then read buffers, never under two each; a pool within budget is left as asked."""
+    mib = 1 << 20
+    assert engine.pool_counts(7, 11, 32 * mib, 64 * mib) == (7, 11)  # a GPU's default: 0.9 GiB
+    buffers, arenas = engine.pool_counts(7, 11, 64 * mib, 128 * mib)  # a 16-core CPU's default
+    assert (buffers, arenas) == (7, 6) and 7 * 64 * mib + 6 * 128 * mib <= engine.POOL_BUDGET_BYTES
+    assert engine.pool_counts(7, 11, 1 << 30, 2 << 30) == (2, 2)  # --buffer-size 1GiB: what it asks for
