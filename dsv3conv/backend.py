@@ -21,6 +21,7 @@ import torch
 from dsv3conv.devices import cpu_threads
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error
+from dsv3conv.finite import canonical_nan_after
 from dsv3conv.kernels.fp8_block_cpu import dequant_task, quant_task, row_ranges
 from dsv3conv.kernels.fp8_block_dequant import BLOCK_SIZE
 from dsv3conv.kernels.mxfp4_dequant import cpu_dequant_mxfp4
@@ -41,6 +42,7 @@ class Item:
     out_dtype: str = ""
     scale: torch.Tensor | None = None  # DequantBlockFp8, DequantMxfp4: float32 scales of these rows
     name: str = ""  # the tensor, for error messages
+    nonfinite: bool = False  # its output holds NaN or Inf (allowed): NaN bits made canonical (`finite`)
 
 
 def host_buffer(nbytes: int, pin_memory: bool = False) -> torch.Tensor:
@@ -156,6 +158,10 @@ def convert_async(backend: Backend | None, buf: torch.Tensor, items: list[Item],
         for i, outs in zip(idx, METHODS[op_type](backend)(buf, [items[i] for i in idx], out)):
             results[i] = outs
     fence = backend.fence() if groups else None
+    nans = [(buf[it.src_offset : it.src_offset + it.nbytes], results[i][0], TORCH_DTYPES[it.out_dtype])
+            for i, it in enumerate(items) if it.nonfinite and isinstance(it.op, DequantBlockFp8)]
+    if nans:  # NaN made the same on every backend, once the bytes are there
+        fence = canonical_nan_after(fence, nans)
     return [piece for outs in results for piece in outs], fence
 
 

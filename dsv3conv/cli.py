@@ -152,10 +152,6 @@ def _option(param: str) -> str:
     return "--" + param.replace("_", "-")
 
 
-
-
-
-
 # -------------------------------------------------------------------------------------------- inspect
 @app.command(short_help="What a checkpoint holds (headers only): layers, MTP, quantization, parameters.")
 def inspect(ckpt: CkptArg, json_out: JsonOpt = False) -> None:
@@ -176,8 +172,6 @@ def inspect(ckpt: CkptArg, json_out: JsonOpt = False) -> None:
         n = len(report["problems"])
         err.print(f"dsv3conv: error: {ckpt}: {n} problem{'s' if n > 1 else ''} found (listed on stdout)", markup=False)
         raise typer.Exit(1)
-
-
 
 
 # -------------------------------------------------------------------------------------------- dequant
@@ -207,6 +201,9 @@ def dequant(
     part: PartOpt = None,
     allow_noop: Annotated[bool, typer.Option(
         "--allow-noop", help="Copy a checkpoint that holds no FP8 weights instead of refusing it.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option(
+        "--allow-nonfinite", help="Write values that come out NaN or Inf (e4m3 NaN codes, products beyond the "
+        "output dtype) instead of stopping; NaN gets the same bits on CPU and GPU.")] = False,
     no_space_check: SpaceCheckOpt = False,
     follow_links: FollowLinksOpt = False,
     dry_run: DryRunOpt = False,
@@ -226,11 +223,10 @@ def dequant(
             max_shard_size=max_shard_size, dry_run=dry_run, buffer_size=buffer_size, part=part,
             progress=not (quiet or json_out and not err.is_terminal), allow_noop=allow_noop,
             space_check=not no_space_check, follow_links=follow_links, experts=experts,
+            allow_nonfinite=allow_nonfinite,
         )
     _from_process_start(result, called)
     print_result(result, json_out, dry_run)
-
-
 
 
 # ---------------------------------------------------------------------------------------------- quant
@@ -454,8 +450,6 @@ def example(
         else:
             make_example(kind, dst)
     out.print(f"wrote the {kind} example checkpoint to {dst}; try: dsv3conv inspect {dst}", markup=False)
-
-
 
 
 def _on_signal(signum, frame) -> None:

@@ -26,7 +26,7 @@ def dequantize(
     dtype: str = "bfloat16", resume: bool = False, overwrite: bool = False,
     max_shard_size: str | int | None = None, dry_run: bool = False, progress: bool = False,
     buffer_size: str | int | None = None, part: str | tuple[int, int] | None = None, allow_noop: bool = False,
-    space_check: bool = True, follow_links: bool = False, experts: str = "dequant",
+    space_check: bool = True, follow_links: bool = False, experts: str = "dequant", allow_nonfinite: bool = False,
 ) -> dict:
     """Convert an FP8 checkpoint to `dtype`; return the summary `--json` prints.
 
@@ -35,6 +35,7 @@ def dequantize(
     `part="K/N"`: convert only part K of N (N independent jobs writing into one DST; the last one to finish
     writes the index and config). A checkpoint with no FP8 weight is refused unless `allow_noop` (a copy).
     `follow_links`: read files whose links lead outside the checkpoint (refused otherwise).
+    `allow_nonfinite`: write values that come out NaN or Inf (NaN codes, overflow) instead of stopping.
     """
     started = time.perf_counter()
     part = parse_part(part)  # options first: a bad number is refused before the data is read
@@ -43,7 +44,7 @@ def dequantize(
     size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     check_dest(ckpt.root, Path(dst))
     plan = plan_dequant(ckpt, Path(dst), out_dtype=dtype, mtp=mtp, max_shard_size=size,
-                        extra_files=ckpt.extra_files(), experts=experts)
+                        extra_files=ckpt.extra_files(), experts=experts, allow_nonfinite=allow_nonfinite)
     ckpt.require_links_inside(follow_links)
     if not plan.converted and not allow_noop:
         dtypes = ", ".join(sorted({t.dtype for t in ckpt.tensors.values()}))

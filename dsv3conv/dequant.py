@@ -29,9 +29,11 @@ EXPERTS = ("dequant", "fp8")
 def plan_dequant(
     ckpt: Checkpoint, dest: Path, *, out_dtype: str = "bfloat16", mtp: str = "keep",
     max_shard_size: int | None = None, extra_files: list[str] | tuple[str, ...] = (), experts: str = "dequant",
+    allow_nonfinite: bool = False,
 ) -> Plan:
     """Plan `out_dtype` of the opened checkpoint `ckpt` into `dest`; `extra_files` are copied alongside.
-    `experts`: "dequant" (as every quantized weight) or "fp8" (packed-FP4 experts repacked, the rest copied)."""
+    `experts`: "dequant" (as every quantized weight) or "fp8" (packed-FP4 experts repacked, the rest copied).
+    A value that would come out NaN or Inf stops the run unless `allow_nonfinite` (`dsv3conv.finite`)."""
     if out_dtype not in OUT_DTYPES:
         raise UsageError(f"{{dtype}} {out_dtype!r}: choose one of {', '.join(OUT_DTYPES)}", "dtype")
     if experts not in EXPERTS:
@@ -70,7 +72,7 @@ def plan_dequant(
             if repack and f.kind == "mxfp4":
                 entries += _repacked(ckpt, f)
             elif f.kind in ("fp8_block", "mxfp4") and not repack:
-                entries.append(_dequantized(ckpt, f, FLOAT_DTYPES[out_dtype]))
+                entries.append(_dequantized(ckpt, f, FLOAT_DTYPES[out_dtype], allow_nonfinite))
             else:
                 entries.append(copied(info))
         groups.append((shard.name, entries))
@@ -81,11 +83,13 @@ def plan_dequant(
                 sorted(dropped))
 
 
-def _dequantized(ckpt: Checkpoint, f: TensorFormat, dtype: str) -> TensorPlan:
+def _dequantized(ckpt: Checkpoint, f: TensorFormat, dtype: str, allow_nonfinite: bool) -> TensorPlan:
     info, scale = ckpt.tensors[f.name], ckpt.tensors[f.scale]
     if f.kind == "mxfp4":
-        return TensorPlan(f.name, dtype, (info.shape[0], 2 * info.shape[1]), DequantMxfp4(), (info, scale))
-    return TensorPlan(f.name, dtype, info.shape, DequantBlockFp8(scale.dtype), (info, scale))
+        op = DequantMxfp4(allow_nonfinite=allow_nonfinite)
+        return TensorPlan(f.name, dtype, (info.shape[0], 2 * info.shape[1]), op, (info, scale))
+    op = DequantBlockFp8(scale.dtype, allow_nonfinite=allow_nonfinite)
+    return TensorPlan(f.name, dtype, info.shape, op, (info, scale))
 
 
 def _repacked(ckpt: Checkpoint, f: TensorFormat) -> list[TensorPlan]:

@@ -32,6 +32,7 @@ from dsv3conv.backend import Backend, Fence, Item, OutputArena, convert_async, h
 from dsv3conv.checkpoint import ShardReader, read_tensor
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error
+from dsv3conv.finite import check_piece
 from dsv3conv.plan import FilePlan, Plan, TensorPlan
 from dsv3conv.writer import AtomicFile, copy_file_fast, fs_type
 
@@ -415,5 +416,6 @@ def _read_batch(spec: _BatchSpec, buf, handles: ShardReader, scales: _ScaleCache
             continue
         r0, rows = t.op.rows(t, start, n)
         scale = scales.get(t.sources[1])[t.op.scale_rows(r0, rows)].clone() if len(t.sources) > 1 else None
-        items.append(Item(t.op, src_off, n, rows, t.shape[1], t.source.dtype, t.dtype, scale, t.name))
+        nonfinite = check_piece(t, buf[src_off : src_off + n], r0, scale, TORCH_DTYPES[t.dtype])
+        items.append(Item(t.op, src_off, n, rows, t.shape[1], t.source.dtype, t.dtype, scale, t.name, nonfinite))
     return items

@@ -76,10 +76,12 @@ class _BlockRows:
 @dataclass(frozen=True)
 class DequantBlockFp8(_BlockRows):
     """e4m3 weight (source 0) times the float32 value of its block's scale (source 1, `scale_dtype`),
-    rounded once to the output dtype."""
+    rounded once to the output dtype. A value that would be NaN or Inf is refused unless `allow_nonfinite`
+    (`dsv3conv.finite`)."""
 
     scale_dtype: str
     block: int = BLOCK
+    allow_nonfinite: bool = False
 
     def outputs(self, t: TensorPlan, start: int, n: int) -> list[Output]:
         return [self._elements(t, start, n)]
@@ -125,9 +127,11 @@ class QuantScale:
 @dataclass(frozen=True)
 class DequantMxfp4(_BlockRows):
     """Packed FP4 (source 0: [rows, cols / 2] bytes, two E2M1 codes each, low nibble first) times the float32
-    value of its group's E8M0 scale (source 1: [rows, ceil(cols / 32)]), rounded once to the output dtype."""
+    value of its group's E8M0 scale (source 1: [rows, ceil(cols / 32)]), rounded once to the output dtype.
+    A value that would be Inf is refused unless `allow_nonfinite` (`dsv3conv.finite`)."""
 
     block: int = 1  # every row has scales of its own
+    allow_nonfinite: bool = False
 
     def outputs(self, t: TensorPlan, start: int, n: int) -> list[Output]:
         size = DTYPE_SIZES[t.dtype]

@@ -79,7 +79,7 @@ def claim(ckpt: Checkpoint, src: Checkpoint) -> Claim:
     out_dtype = converted.most_common(1)[0][0] if converted else "BF16"
     dtype_name = TORCH_NAMES.get(out_dtype, "bfloat16") if TORCH_NAMES.get(out_dtype) in OUT_DTYPES else "bfloat16"
     return _plan(Claim("dequant", f"to {FLOAT_DTYPES[dtype_name]}, MTP {mtp}"),
-                 lambda: plan_dequant(src, ckpt.root, out_dtype=dtype_name, mtp=mtp))
+                 lambda: plan_dequant(src, ckpt.root, out_dtype=dtype_name, mtp=mtp, allow_nonfinite=True))
 
 
 def _claim_quant(ckpt: Checkpoint, formats: Formats, src: Checkpoint, mtp: str) -> Claim:
