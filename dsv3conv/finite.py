@@ -2,8 +2,8 @@
 
 The rule is round_to_nearest_even(float32(w) * float32(scale)). The engine refuses a scale that is not
 finite and positive, so an output value can only be
-- NaN where the e4m3 code is NaN (0x7F or 0xFF; e2m1 has no NaN): two byte maxima of the piece find them
-  (0xFF is the largest byte as uint8, 0x7F the largest as int8);
+- NaN where the e4m3 code is NaN (0x7F or 0xFF; e2m1 has no NaN): one pass over the piece's bytes finds them
+  (`kernels/e4m3_nan_scan.py`);
 - Inf where the product rounds beyond the output dtype: the largest code magnitude (448 for e4m3, 6 for e2m1)
   times each block's scale, rounded by the rule, bounds every value of the block; only a block whose bound
   is not finite is converted by the reference to find out.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from dsv3conv.errors import Dsv3Error
+from dsv3conv.kernels.e4m3_nan_scan import has_nan_code
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.kernels.mxfp4_dequant import reference_dequant_mxfp4
 from dsv3conv.ops import DequantBlockFp8, DequantMxfp4
@@ -87,7 +88,7 @@ class _ThenCanonical:
 
 def _nan_code(data: torch.Tensor, cols: int) -> tuple[tuple[int, int], str] | None:
     u8 = data.view(torch.uint8)
-    if int(u8.max()) != 0xFF and int(u8.view(torch.int8).max()) != 0x7F:
+    if not has_nan_code(u8):
         return None
     first = int(((u8 & 0x7F) == 0x7F).nonzero()[0, 0])
     code = int(u8[first])

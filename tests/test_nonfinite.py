@@ -179,3 +179,30 @@ def test_nan_bits_are_set_once_an_asynchronous_backend_is_done():
     now = torch.full((3,), 0x7FFF, dtype=torch.int16)
     assert canonical_nan_after(None, [(codes, memoryview(now.numpy()).cast("B"), torch.bfloat16)]) is None
     assert [v & 0xFFFF for v in now.tolist()] == [0x7FC0, 0x7FFF, 0xFFC0]
+
+
+def test_the_compiled_nan_scan_equals_the_reference():
+    """Every alignment and length around the 8-byte words, each NaN code at each place; random ranges."""
+    pytest.importorskip("numba")  # loaded: `has_nan_code` takes the compiled scan
+    from dsv3conv.kernels.e4m3_nan_scan import _compiled, has_nan_code, reference_has_nan_code
+
+    assert _compiled() is not None, "numba is installed but the scan did not compile"
+    base = torch.full((160,), 0x7E, dtype=torch.uint8)
+    for start in range(8):
+        for length in (64, 65, 71, 72, 80, 130):
+            piece = base[start : start + length]
+            assert not has_nan_code(piece)
+            for at in range(length):
+                for code in (0x7F, 0xFF):
+                    damaged = piece.clone()
+                    damaged[at] = code
+                    assert has_nan_code(damaged[:]), (start, length, at, code)
+                    view = base.clone()
+                    view[start + at] = code
+                    assert has_nan_code(view[start : start + length]), (start, length, at, code)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        piece = torch.randint(0, 256, (int(torch.randint(64, 4000, (1,), generator=gen)),), generator=gen,
+                              dtype=torch.uint8)
+        piece[(piece & 0x7F) == 0x7F] = 0x7E if bool(torch.rand(1, generator=gen) < 0.5) else 0x7F
+        assert has_nan_code(piece) == reference_has_nan_code(piece)
