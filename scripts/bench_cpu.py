@@ -171,8 +171,9 @@ def table(r: dict) -> str:
         lines.append(f"| dsv3conv, {threads} | {d['s']:.1f} | {gb / d['s']:.3g} | {d['rss'] / 1e9:.2f} GB "
                      f"| {eager / d['s']:.2f}x |")
     most = r["dsv3conv"][-1]
-    lines += ["", f"dsv3conv at {most['threads']} threads vs 1 thread: {r['scaling']:.2f}x; "
-                  f"steady state {r['steady_fp8_gbps']:.3g} GB/s of FP8, fixed start-up {r['startup_s']:.2f} s "
+    fit = ("no steady rate (the smaller run was not faster)" if r["steady_fp8_gbps"] is None else
+           f"steady state {r['steady_fp8_gbps']:.3g} GB/s of FP8, fixed start-up {r['startup_s']:.2f} s")
+    lines += ["", f"dsv3conv at {most['threads']} threads vs 1 thread: {r['scaling']:.2f}x; {fit} "
                   f"(from {r['small']['fp8_bytes'] / 1e9:.2f} GB in {r['small']['s']:.1f} s and {gb:.2f} GB in "
                   f"{most['s']:.1f} s; the run's own startup_seconds: {most.get('startup_seconds')}); "
                   f"output bit-identical to the eager converter's: {r['bit_exact_vs_eager']}.", "",
@@ -224,9 +225,11 @@ def main() -> None:
     r["small"].update(dsv3conv(small, out, counts[-1]))
     shutil.rmtree(out)
     most, one = r["dsv3conv"][-1], r["dsv3conv"][0]
-    rate = (r["large"]["fp8_bytes"] - r["small"]["fp8_bytes"]) / max(most["s"] - r["small"]["s"], 1e-9)
-    r["steady_fp8_gbps"] = rate / 1e9
-    r["startup_s"] = r["small"]["s"] - r["small"]["fp8_bytes"] / rate
+    r["steady_fp8_gbps"] = r["startup_s"] = None  # no fit where the smaller run was not the faster one
+    if most["s"] > r["small"]["s"]:
+        rate = (r["large"]["fp8_bytes"] - r["small"]["fp8_bytes"]) / (most["s"] - r["small"]["s"])
+        r["steady_fp8_gbps"] = rate / 1e9
+        r["startup_s"] = r["small"]["s"] - r["small"]["fp8_bytes"] / rate
     r["scaling"] = one["s"] / most["s"]
     r["bench_seconds"] = time.perf_counter() - start
     if not args.keep:
