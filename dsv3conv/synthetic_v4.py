@@ -8,7 +8,9 @@
 - `make_compressed_tensors(root)`: a DeepSeek-V3-layout model quantized the way llm-compressor's FP8_BLOCK
   scheme stores it: `.weight_scale` multipliers, `quant_method: compressed-tensors`, an `ignore` list whose
   modules (`lm_head`, the routers, `kv_a_proj_with_mqa`) stay BF16.
-Shapes are tiny; some FP8 dimensions are not multiples of 128.
+Shapes are tiny; some FP8 dimensions are not multiples of 128. `v4_flash_config` gives V4-Flash's own
+dimensions (as transformers' `DeepseekV4Config` states them), shrinkable, for benchmarks (`make_v4(...,
+config=...)`, scripts/bench_v4.py).
 """
 
 from __future__ import annotations
@@ -52,6 +54,24 @@ def v4_tiny_config(kind: str = "flash") -> dict:
     return c
 
 
+def v4_flash_config(kind: str = "flash", **overrides) -> dict:
+    """V4-Flash's dimensions (43 layers of 256 routed experts, hidden 4096, ...); `overrides` shrink it. With
+    fewer layers the compressors cycle CSA (4), HCA (128), none, so that one layer already holds an indexer."""
+    c = v4_tiny_config(kind)
+    c.update(vocab_size=129280, hidden_size=4096, num_hidden_layers=43, num_attention_heads=64, head_dim=512,
+             q_lora_rank=1024, o_lora_rank=1024, o_groups=8, qk_rope_head_dim=64, moe_intermediate_size=2048,
+             n_routed_experts=256, num_experts_per_tok=6, num_hash_layers=3, index_n_heads=64, index_head_dim=128,
+             index_topk=512)
+    c.update(overrides)
+    n = c["num_hidden_layers"]
+    if n == 43 and "compress_ratios" not in overrides:
+        c["compress_ratios"] = [0, 0] + [4, 128] * 20 + [0, 0]  # the last entry: the MTP module
+    elif "compress_ratios" not in overrides:
+        c["compress_ratios"] = [(4, 128, 0)[i % 3] for i in range(n)] + [0]
+        c["num_hash_layers"] = min(c["num_hash_layers"], max(n - 1, 0))
+    return c
+
+
 def _mxfp4(shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random packed E2M1 bytes and E8M0 scales between 2^-9 and 2^-5 (no NaN code)."""
     rows, pcols = shape
@@ -83,10 +103,12 @@ def _values(specs, gen: torch.Generator, scale_dtype: str, config: dict) -> dict
     return tensors
 
 
-def make_v4(root: str | os.PathLike, kind: str = "flash", *, seed: int = 0, n_shards: int = 3) -> dict[str, torch.Tensor]:
-    """Write a tiny DeepSeek-V4-family checkpoint (see the module docstring); return its tensors."""
+def make_v4(root: str | os.PathLike, kind: str = "flash", *, seed: int = 0, n_shards: int = 3,
+            config: dict | None = None) -> dict[str, torch.Tensor]:
+    """Write a tiny DeepSeek-V4-family checkpoint (see the module docstring), or one of `config`'s
+    dimensions (`v4_flash_config`); return its tensors."""
     root = Path(root)
-    config = v4_tiny_config(kind)
+    config = config if config is not None else v4_tiny_config(kind)
     specs = deepseek_v4_tensors(config)
     tensors = _values(specs, torch.Generator().manual_seed(seed), "F8_E8M0", config)
     _write_tensors(root, specs, tensors, config, n_shards)

@@ -189,3 +189,19 @@ def test_inspect_v4_formats_layout_and_parameters(tmp_path, kind) -> None:
     assert p["mtp_unique"] - p["mtp_activated"] == stages * (e - k) * expert
     scales = sum(math.prod(s) for n, s, d in deepseek_v4_tensors(c) if d == "F8_E8M0")
     assert p["scales"] == scales
+
+
+def test_v4_flash_dimensions_classify_cleanly() -> None:
+    """The full V4-Flash layout from its dimensions (headers only): every tensor classified, config consistent,
+    one MTP module of 1,575 tensors; 256 experts x 3 x 43 layers (+ MTP) packed FP4."""
+    from dsv3conv.synthetic_v4 import v4_flash_config
+
+    config = v4_flash_config()
+    tensors = headers(deepseek_v4_tensors(config))
+    formats = classify(tensors, config)
+    assert formats.problems == [] and v4_layout(tensors, config).problems == []
+    assert len(formats.of_kind("mxfp4")) == 256 * 3 * 44
+    assert sum(n.startswith("mtp.0.") for n in tensors) == 1575
+    assert tensors["layers.2.attn.compressor.wkv.weight"].shape == (1024, 4096)  # CSA: 2 x head_dim
+    assert tensors["layers.3.attn.compressor.wkv.weight"].shape == (512, 4096)  # HCA
+    assert "layers.3.attn.indexer.wq_b.weight" not in tensors and "layers.2.attn.indexer.wq_b.weight" in tensors
