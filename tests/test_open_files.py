@@ -21,7 +21,9 @@ NOFILE = 1024
 
 
 def _limit_open_files() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    limit = NOFILE if hard == resource.RLIM_INFINITY else min(NOFILE, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 def _open_fds() -> set[str]:
