@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import dsv3conv.kernels
+from dsv3conv import backend as cpu_backend
 from dsv3conv.backend import CpuBackend, Item, OutputArena, convert, cpu_threads
 from dsv3conv.errors import UsageError
 from dsv3conv.kernels import fp8_block_cpu
@@ -124,6 +125,22 @@ def test_a_small_checkpoint_converts_without_numba(tiny_src, tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc
 
 
+def test_a_checkpoint_through_the_numba_kernels_equals_the_torch_kernels(tiny_src, tmp_path, monkeypatch):
+    """dequant, then quant of its output, end to end: every tensor through numba gives the same files."""
+    from dsv3conv.commands import dequantize, quantize
+
+    def files(root):
+        return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
+
+    runs = {}
+    for kernel, threshold in (("torch", 1 << 62), ("numba", 1)):
+        monkeypatch.setattr(fp8_block_cpu, "AUTO_NUMBA_ELEMS", threshold)
+        dequantize(tiny_src, tmp_path / kernel / "bf16", device="cpu")
+        quantize(tmp_path / kernel / "bf16", tmp_path / kernel / "fp8", device="cpu")
+        runs[kernel] = (files(tmp_path / kernel / "bf16"), files(tmp_path / kernel / "fp8"))
+    assert runs["numba"] == runs["torch"]
+
+
 def test_without_numba_the_torch_kernel_stands_in(monkeypatch):
     """numba missing (or failing to import): "auto" takes the torch kernels, exactly; "numba" is refused."""
     monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
@@ -218,8 +235,11 @@ def test_row_ranges_cover_every_row_once():
         assert all(r0 % align == 0 for r0, _ in ranges)
 
 
-def test_backend_threads_write_each_piece_into_out_or_a_new_buffer():
-    """Two threads, a dequant and a quant item sharing a batch, the recycled buffer too small for both."""
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_backend_threads_write_each_piece_into_out_or_a_new_buffer(kernel, monkeypatch):
+    """Two threads, a dequant and a quant item sharing a batch, the recycled buffer too small for both, each
+    item cut into several row ranges."""
+    monkeypatch.setattr(cpu_backend, "TASK_ELEMS", 128 * 300)
     gen = torch.Generator().manual_seed(3)
     w = torch.randint(0, 256, (700, 300), dtype=torch.uint8, generator=gen)
     s = torch.rand((6, 3), generator=gen)
@@ -228,7 +248,7 @@ def test_backend_threads_write_each_piece_into_out_or_a_new_buffer():
     items = [Item(DequantBlockFp8("F32"), 0, w.numel(), 700, 300, "F8_E4M3", "BF16", s),
              Item(QuantBlockFp8("float", "F32", "x_scale_inv"), w.numel() + 1, x.numel() * 2, 260, 130, "BF16",
                   "F8_E4M3", name="x")]
-    backend = CpuBackend(threads=2)
+    backend = CpuBackend(threads=2, kernel=kernel)
     try:
         deq, q, sc = convert(backend, buf, items, OutputArena(700 * 300 * 2 + 100))
     finally:
