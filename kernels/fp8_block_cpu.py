@@ -75,7 +75,8 @@ def _check_dequant(w: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor) 
 def numba_kernel(what: tuple = ()):
     """The compiled kernels (`fp8_block_numba`), the one `what` names ready (("dequant", out dtype) or
     ("quant",): loaded from numba's disk cache, or compiled once per install); None where numba is missing or
-    that kernel does not build here. Imported on first call (numba's import: a few tenths of a second)."""
+    that kernel does not build here (`NUMBA_FAILURES` says why). Imported on first call (numba's import: a
+    few tenths of a second)."""
     try:
         from . import fp8_block_numba
 
@@ -83,9 +84,13 @@ def numba_kernel(what: tuple = ()):
             if what:
                 fp8_block_numba.warm(what)
             return fp8_block_numba
-    except Exception:  # an LLVM or numba failure on this machine: the torch kernel stands in
-        pass
+        NUMBA_FAILURES[what] = "numba is not installed (or does not import)"
+    except Exception as exc:  # an LLVM or numba failure on this machine: the torch kernel stands in
+        NUMBA_FAILURES[what] = f"{type(exc).__name__}: {exc}"
     return None
+
+
+NUMBA_FAILURES: dict[tuple, str] = {}  # why `numba_kernel(what)` gave None, for benchmarks and bug reports
 
 
 KERNELS = ("auto", "numba", "torch")

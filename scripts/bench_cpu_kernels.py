@@ -85,16 +85,21 @@ def main() -> None:
     kernels = args.kernels.split(",")
     t = time.perf_counter()
     compiled = fp8_block_cpu.numba_kernel()
-    if compiled is not None:
-        compiled.warm()  # every kernel: loaded from numba's cache (compiled there first if need be)
+    try:
+        if compiled is not None:
+            compiled.warm()  # every kernel: loaded from numba's cache (compiled there first if need be)
+    except Exception as exc:
+        fp8_block_cpu.NUMBA_FAILURES["warm"] = f"{type(exc).__name__}: {exc}"
+        compiled = None
     load_s = time.perf_counter() - t
     if "numba" in kernels and compiled is None:
-        print("numba is not installed or its kernel does not build: the numba column is left out", file=sys.stderr)
+        print(f"the numba kernels are left out: {fp8_block_cpu.NUMBA_FAILURES}", file=sys.stderr)
         kernels.remove("numba")
     backends = {(k, n): CpuBackend(threads=n, kernel=k) for k in kernels for n in counts}
     runs = [(op, k) for op in ("dequant", "quant") for k in kernels]
     heads = " | ".join(f"{op} {k} {n} thr" for op, k in runs for n in counts)
-    print(f"torch {torch.__version__}, {cores} cores, scale_fmt {args.scale_fmt}, task {args.task}, torch step "
+    print(f"torch {torch.__version__}, numba {getattr(sys.modules.get('numba'), '__version__', None)}, {cores} cores, "
+          f"scale_fmt {args.scale_fmt}, task {args.task}, torch step "
           f"{args.step}; numba kernel loaded in {load_s:.2f} s; G elements/s")
     print(f"| shape | {heads} | dequant reference | quant reference | bit-exact |")
     print("|---|" + "---:|" * (len(runs) * len(counts) + 2) + "---|")

@@ -146,9 +146,11 @@ def test_without_numba_the_torch_kernel_stands_in(monkeypatch):
     monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
     monkeypatch.delitem(sys.modules, "dsv3conv.kernels.fp8_block_numba", raising=False)
     monkeypatch.delattr(dsv3conv.kernels, "fp8_block_numba", raising=False)
+    monkeypatch.setattr(fp8_block_cpu, "NUMBA_FAILURES", {})
     fp8_block_cpu.numba_kernel.cache_clear()
     try:
         assert fp8_block_cpu.numba_kernel() is None
+        assert fp8_block_cpu.NUMBA_FAILURES == {(): "numba is not installed (or does not import)"}
         w = torch.arange(256, dtype=torch.uint8).repeat(3, 1)
         s = torch.full((1, 2), 3.1e-3)
         got = dequant_in_ranges(w, s, torch.bfloat16, [0, 3], "auto")
