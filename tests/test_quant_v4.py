@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from dsv3conv.api import dequantize, quantize, verify_checkpoint
 from dsv3conv.checkpoint import Checkpoint
 from dsv3conv.synthetic_v4 import make_v4
-from tests.conftest import bits, load_all
+from tests.test_repack_v4 import assert_same_tensors
 from tests.test_verify import failed
 
 E8M0 = {"scale_fmt": "ue8m0", "scale_dtype": "float8_e8m0fnu"}
@@ -26,11 +25,7 @@ def test_flash_base_round_trip(tmp_path) -> None:
     assert {n: (t.dtype, t.shape) for n, t in q.tensors.items()} == {n: (t.dtype, t.shape) for n, t in src.tensors.items()}
     assert q.config == src.config
     dequantize(tmp_path / "q", tmp_path / "again", device="cpu")
-    a, _ = load_all(tmp_path / "bf16")
-    b, _ = load_all(tmp_path / "again")
-    assert set(a) == set(b)
-    for name in a:
-        assert torch.equal(bits(a[name]), bits(b[name])), name
+    assert_same_tensors(tmp_path / "bf16", tmp_path / "again")
     report = verify_checkpoint(tmp_path / "q", against=tmp_path / "bf16", full=True)
     assert report["ok"], failed(report)
 

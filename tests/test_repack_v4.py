@@ -22,6 +22,15 @@ from tests.test_verify import failed, flip_byte
 EXPERT = "layers.1.ffn.experts.0.w2.weight"  # packed [256, 80]: two row blocks, the second partial in columns
 
 
+def assert_same_tensors(a: Path, b: Path) -> None:
+    """Two checkpoints hold the same tensor names, each with the same bytes."""
+    ta, _ = load_all(a)
+    tb, _ = load_all(b)
+    assert set(ta) == set(tb)
+    for name in ta:
+        assert torch.equal(bits(ta[name]), bits(tb[name])), name
+
+
 @pytest.fixture(scope="module")
 def flash(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("repack") / "flash"
@@ -62,11 +71,7 @@ def test_round_trip_through_dequant(flash, tmp_path) -> None:
     dequantize(root, tmp_path / "fp8", device="cpu", experts="fp8")
     dequantize(root, tmp_path / "a", device="cpu")
     dequantize(tmp_path / "fp8", tmp_path / "b", device="cpu")
-    a, _ = load_all(tmp_path / "a")
-    b, _ = load_all(tmp_path / "b")
-    assert set(a) == set(b)
-    for name in a:
-        assert torch.equal(bits(a[name]), bits(b[name])), name
+    assert_same_tensors(tmp_path / "a", tmp_path / "b")
     assert json.loads((tmp_path / "a" / "config.json").read_text()) == json.loads((tmp_path / "b" / "config.json").read_text())
 
 
@@ -114,8 +119,4 @@ def test_repack_cuda_same_bytes_as_cpu(flash, tmp_path) -> None:
     root, _ = flash
     dequantize(root, tmp_path / "cpu", device="cpu", experts="fp8")
     dequantize(root, tmp_path / "gpu", device="cuda", experts="fp8")
-    a, _ = load_all(tmp_path / "cpu")
-    b, _ = load_all(tmp_path / "gpu")
-    assert set(a) == set(b)
-    for name in a:
-        assert torch.equal(bits(a[name]), bits(b[name])), name
+    assert_same_tensors(tmp_path / "cpu", tmp_path / "gpu")
