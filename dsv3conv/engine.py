@@ -1,8 +1,9 @@
 """The engine: read -> convert -> write one plan's output files, overlapped, in bounded memory.
 
 Reader threads do large sequential reads of the source into a pool of buffers, the calling thread hands
-each batch to a backend, writer threads put each converted piece at its planned offset and rename a file
-into place when its last piece is written. Batches of several files are in flight at once, taking turns
+each batch to a backend, writer threads hand each converted batch to a sink: `FileSink` puts each piece at
+its planned offset and renames a file into place when its last piece is written (`run_files`); `verify`
+gives a sink that compares the pieces with a checkpoint's bytes instead (`run_batches`). Batches of several files are in flight at once, taking turns
 (`interleaved`), and several writes: fast storage (tmpfs, NVMe) reaches its speed only with many writes at
 once, and a file system takes one write into a file at a time.
 
@@ -23,7 +24,7 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -72,7 +73,33 @@ def run_files(plan: Plan, backend: Backend | None, todo: list[tuple[int, FilePla
     thread, stops the run as Ctrl-C would. `backend` may be None when nothing converts.
     """
     with profiling.run_profile() as prof:  # DSV3CONV_PROFILE=1: seconds per stage, one line on stderr
-        return _Run(plan, backend, todo, progress, chunk_bytes, depth, cancel, prof).run()
+        sink = FileSink(plan, progress, prof)
+        _Run(plan, backend, todo, sink, chunk_bytes, depth, cancel, prof).run()
+    return sink.files_written, sink.bytes_written
+
+
+def run_batches(plan: Plan, backend: Backend | None, todo: list[tuple[int, FilePlan]], sink: Sink,
+                chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = 3, cancel: threading.Event | None = None) -> None:
+    """`run_files` with `sink` in place of the file writer: the same reads, conversions and bounded memory."""
+    with profiling.run_profile() as prof:
+        _Run(plan, backend, todo, sink, chunk_bytes, depth, cancel, prof).run()
+
+
+class Sink(Protocol):
+    """The write stage: takes each converted batch, from several writer threads at once, in any order."""
+
+    def start(self, specs: list[BatchSpec]) -> None:
+        """The run's batches, before the first is read."""
+
+    def put(self, spec: BatchSpec, outs: list[memoryview]) -> None:
+        """The batch's output pieces, in the order of `spec.out_offsets` (valid until this returns)."""
+
+    def skip(self, spec: BatchSpec, exc: Exception) -> bool:
+        """Reading the batch's source failed with `exc` (Dsv3Error or OSError): True when the sink has taken
+        note and the run goes on without the batch, False to stop the run with `exc`."""
+
+    def close(self) -> None:
+        """The run ended (finished, failed or cancelled): let go of what is not done."""
 
 
 class _Pool:
@@ -102,20 +129,14 @@ class _Pool:
 
 
 class _Run:
-    """One `run_files` call: its batches, buffer pools, open output files and threads."""
+    """One engine run: its batches, buffer pools and threads; the batches go to `sink`."""
 
-    def __init__(self, plan: Plan, backend: Backend | None, todo, progress, chunk_bytes: int, depth: int,
+    def __init__(self, plan: Plan, backend: Backend | None, todo, sink: Sink, chunk_bytes: int, depth: int,
                  cancel: threading.Event | None, prof: profiling.Profile | None = None):
-        self.plan, self.backend, self.progress, self.cancel, self.prof = plan, backend, progress, cancel, prof
+        self.plan, self.backend, self.sink, self.cancel, self.prof = plan, backend, sink, cancel, prof
         self.n_readers, self.n_writers = io_threads()
         self.specs = interleaved([_batch_specs(k, f, chunk_bytes) for k, f in todo], self.n_writers)
-        self.remaining = Counter(spec.k for spec in self.specs)  # batches still to write, per output file
-        self.open_files: dict[int, AtomicFile] = {}
-        self.opening: dict[int, threading.Lock] = {}  # one per output file: its first writer opens it
-        self.files_lock = threading.Lock()
-        # One write() into a file at a time: on tmpfs, copies through mappings may run in parallel (measured
-        # only when asked: DSV3CONV_MAP_WRITES=1)
-        self.map_writes = os.environ.get("DSV3CONV_MAP_WRITES", "") == "1" and fs_type(plan.dest) == "tmpfs"
+        sink.start(self.specs)
         # A block of rows is never split: a very wide tensor may need more than `chunk_bytes`.
         buf_bytes = max([chunk_bytes] + [s.span_len for s in self.specs])
         out_bytes = max([0] + [s.out_bytes for s in self.specs])
@@ -123,15 +144,14 @@ class _Run:
         count, arenas = pool_counts(self.n_readers + depth, self.n_writers + depth, buf_bytes, out_bytes)
         self.pool = _Pool(lambda: _buffer(buf_bytes, count, pinned), count)  # read buffers
         self.arenas = _Pool(lambda: OutputArena(out_bytes, pinned), arenas)  # converted bytes
-        self.ready: queue.Queue = queue.Queue()  # (batch, its buffer, its items), read
+        self.ready: queue.Queue = queue.Queue()  # (batch, its buffer, its items: None when skipped), read
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         self.next_spec = iter(self.specs)
         self.spec_lock = threading.Lock()
         self.scales = _ScaleCache(plan.source)
-        self.files_written = self.bytes_written = 0
 
-    def run(self) -> tuple[int, int]:
+    def run(self) -> None:
         readers = [threading.Thread(target=self._reader, name=f"dsv3conv-reader-{i}", daemon=True)
                    for i in range(self.n_readers)]
         for t in readers:
@@ -141,6 +161,8 @@ class _Run:
             for _ in range(len(self.specs)):
                 with profiling.stage(self.prof, "wait_read"):
                     spec, buf, items = self._get(self.ready)
+                if items is None:  # its read failed and the sink took note
+                    continue
                 arena, fence, outs = None, None, []
                 if spec.converts:
                     with profiling.stage(self.prof, "wait_arena"):
@@ -161,11 +183,9 @@ class _Run:
             writers.shutdown(wait=True, cancel_futures=True)
             for t in readers:
                 t.join()
-            for out in self.open_files.values():
-                out.abort()
+            self.sink.close()
         if self.errors:
             raise self.errors[0]
-        return self.files_written, self.bytes_written
 
     def _fail(self, exc: BaseException) -> None:
         self.errors.append(exc)
@@ -198,7 +218,14 @@ class _Run:
                 with profiling.stage(self.prof, "wait_buffer"):
                     buf = self.pool.get(self._check) if spec.span_len or spec.pieces else None
                 with profiling.stage(self.prof, "read", spec.span_len):
-                    items = _read_batch(spec, buf, handles, self.scales)
+                    try:
+                        items = _read_batch(spec, buf, handles, self.scales)
+                    except (Dsv3Error, OSError) as exc:
+                        if not self.sink.skip(spec, exc):
+                            raise
+                        if buf is not None:
+                            self.pool.put(buf)
+                        buf = items = None
                 if self.prof is not None:
                     self.prof.mark_once("first_read_s")
                 self.ready.put((spec, buf, items))
@@ -209,7 +236,68 @@ class _Run:
         finally:
             handles.close()
 
-    def _output(self, spec: _BatchSpec) -> AtomicFile:
+    def _write(self, spec: BatchSpec, buf, arena: OutputArena | None, outs: list[memoryview],
+               fence: Fence | None) -> None:
+        try:
+            if fence is not None:  # always waited for: the device may still use the buffer and the arena
+                with profiling.stage(self.prof, "wait_convert"):
+                    fence.wait()
+            if buf is not None and not spec.copies:  # converted: the buffer may take the next read now
+                self.pool.put(buf)
+                buf = None
+            if self.stop.is_set():
+                return
+            with profiling.stage(self.prof, "write", spec.out_bytes):
+                self.sink.put(spec, outs)
+            if buf is not None:
+                self.pool.put(buf)
+            if arena is not None:
+                arena.reset()
+                self.arenas.put(arena)
+        except BaseException as exc:  # handed to the main thread
+            self._fail(exc)
+
+
+class FileSink:
+    """The conversion's sink: each batch's pieces written at their planned offsets into the output file,
+    opened by its first writer and renamed into place by the writer of its last batch."""
+
+    def __init__(self, plan: Plan, progress=None, prof: profiling.Profile | None = None):
+        self.plan, self.progress, self.prof = plan, progress, prof
+        self.remaining: Counter = Counter()  # batches still to write, per output file
+        self.open_files: dict[int, AtomicFile] = {}
+        self.opening: dict[int, threading.Lock] = {}  # one per output file: its first writer opens it
+        self.files_lock = threading.Lock()
+        # One write() into a file at a time: on tmpfs, copies through mappings may run in parallel (measured
+        # only when asked: DSV3CONV_MAP_WRITES=1)
+        self.map_writes = os.environ.get("DSV3CONV_MAP_WRITES", "") == "1" and fs_type(plan.dest) == "tmpfs"
+        self.files_written = self.bytes_written = 0
+
+    def start(self, specs: list[BatchSpec]) -> None:
+        """A file is committed when the last of its batches is written."""
+        self.remaining.update(spec.k for spec in specs)
+
+    def put(self, spec: BatchSpec, outs: list[memoryview]) -> None:
+        if spec.file.copy_of is not None:
+            copy_file_fast(self.plan.source / spec.file.copy_of, self.plan.dest / spec.file.name)
+            done = True
+        else:
+            done = self._place(spec, outs)
+        if self.progress:
+            self.progress(spec.out_bytes if spec.file.copy_of is None else spec.file.size, spec.k, spec.file.name)
+        if done:
+            with self.files_lock:
+                self.files_written += 1
+                self.bytes_written += spec.file.size
+
+    def skip(self, spec: BatchSpec, exc: Exception) -> bool:
+        return False  # a conversion never leaves a batch out
+
+    def close(self) -> None:
+        for out in self.open_files.values():
+            out.abort()
+
+    def _output(self, spec: BatchSpec) -> AtomicFile:
         """The batch's output file, opened by the first writer that needs it (the others of that file wait)."""
         with self.files_lock:
             out = self.open_files.get(spec.k)
@@ -237,7 +325,7 @@ class _Run:
             self.progress(len(spec.file.header), spec.k, spec.file.name)
         return out
 
-    def _place(self, spec: _BatchSpec, outs: list[memoryview]) -> bool:
+    def _place(self, spec: BatchSpec, outs: list[memoryview]) -> bool:
         """Write the batch's pieces at their planned offsets; commit the file once all its batches are in."""
         out = self._output(spec)
         if len(outs) != len(spec.out_offsets):
@@ -254,37 +342,6 @@ class _Run:
                 raise Dsv3Error(f"{out.final}: wrote {out.written} bytes, the plan says {spec.file.size}; this is a bug")
             out.commit()
         return done
-
-    def _write(self, spec: _BatchSpec, buf, arena: OutputArena | None, outs: list[memoryview],
-               fence: Fence | None) -> None:
-        try:
-            if fence is not None:  # always waited for: the device may still use the buffer and the arena
-                with profiling.stage(self.prof, "wait_convert"):
-                    fence.wait()
-            if buf is not None and not spec.copies:  # converted: the buffer may take the next read now
-                self.pool.put(buf)
-                buf = None
-            if self.stop.is_set():
-                return
-            with profiling.stage(self.prof, "write", spec.out_bytes):
-                if spec.file.copy_of is not None:
-                    copy_file_fast(self.plan.source / spec.file.copy_of, self.plan.dest / spec.file.name)
-                    done = True
-                else:
-                    done = self._place(spec, outs)
-            if buf is not None:
-                self.pool.put(buf)
-            if arena is not None:
-                arena.reset()
-                self.arenas.put(arena)
-            if self.progress:
-                self.progress(spec.out_bytes if spec.file.copy_of is None else spec.file.size, spec.k, spec.file.name)
-            if done:
-                with self.files_lock:
-                    self.files_written += 1
-                    self.bytes_written += spec.file.size
-        except BaseException as exc:  # handed to the main thread
-            self._fail(exc)
 
 
 def _buffer(nbytes: int, count: int, pin_memory: bool = False) -> torch.Tensor:
@@ -336,7 +393,7 @@ class _ScaleCache:
 
 
 @dataclass
-class _BatchSpec:
+class BatchSpec:
     """One read -> convert -> write step, decided before any data moves."""
 
     k: int  # index of the output file in the plan
@@ -351,16 +408,16 @@ class _BatchSpec:
     copies: bool = False  # a piece is copied: its output is a view of the read buffer
 
 
-def _batch_specs(k: int, f: FilePlan, chunk_bytes: int) -> list[_BatchSpec]:
+def _batch_specs(k: int, f: FilePlan, chunk_bytes: int) -> list[BatchSpec]:
     """Group the file's tensor pieces into batches of contiguous source bytes (interleaved small scales read along)."""
     if f.copy_of is not None:
-        return [_BatchSpec(k, f, None, 0, 0, [], [], f.size)]
-    specs: list[_BatchSpec] = []
+        return [BatchSpec(k, f, None, 0, 0, [], [], f.size)]
+    specs: list[BatchSpec] = []
     where, at = {}, len(f.header)  # each tensor's data offset in the output file
     for t in f.tensors:
         where[t.name] = at
         at += t.nbytes
-    cur: _BatchSpec | None = None
+    cur: BatchSpec | None = None
     for t in f.tensors:
         for start, n in t.op.pieces(t, chunk_bytes):
             a = t.source.offset + start
@@ -370,7 +427,7 @@ def _batch_specs(k: int, f: FilePlan, chunk_bytes: int) -> list[_BatchSpec]:
                 and a + n - cur.span_start <= chunk_bytes
             )
             if not fits:
-                cur = _BatchSpec(k, f, t.source.file, a, 0, [], [], 0)
+                cur = BatchSpec(k, f, t.source.file, a, 0, [], [], 0)
                 specs.append(cur)
             cur.pieces.append((t, start, n))
             cur.converts |= t.converts
@@ -380,7 +437,7 @@ def _batch_specs(k: int, f: FilePlan, chunk_bytes: int) -> list[_BatchSpec]:
                 cur.out_offsets.append(where[name] + offset)
                 cur.out_bytes += out_n
     if not specs:  # a file of empty tensors still gets its header
-        specs.append(_BatchSpec(k, f, None, 0, 0, [], [], 0))
+        specs.append(BatchSpec(k, f, None, 0, 0, [], [], 0))
     return specs
 
 
@@ -403,7 +460,7 @@ def interleaved(per_file: list[list], window: int) -> list:
     return order
 
 
-def _read_batch(spec: _BatchSpec, buf, handles: ShardReader, scales: _ScaleCache) -> list[Item]:
+def _read_batch(spec: BatchSpec, buf, handles: ShardReader, scales: _ScaleCache) -> list[Item]:
     """Read the batch's source span into `buf`; describe each piece for the backend."""
     if not spec.pieces:
         return []

@@ -2,8 +2,10 @@
 
     python scripts/bench_verify.py [--layers 2] [--experts 4] [--device cpu] [--dir /dev/shm/x]
 
-Writes an FP8 checkpoint, dequantizes it, then times `verify` of the output against it (every tensor
-compared bit for bit) and of the output alone; prints seconds and GB/s of bytes read (source + output).
+Writes an FP8 checkpoint, times its dequantization (the engine's speed on these files: the baseline),
+then `verify` of the output against it (every tensor compared bit for bit: the same reads and conversions,
+the output read instead of written) and of the output alone; prints seconds and GB/s of bytes moved
+(source + output).
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ def main() -> None:
     try:
         src = make_real_shapes(root / "src", num_layers=args.layers, num_experts=args.experts, vocab_size=8192,
                                shard_bytes=512 * 1024**2)
+        start = time.perf_counter()
         dequantize(src, root / "out", device=args.device)
+        seconds = time.perf_counter() - start
         moved = Checkpoint.open(src).tensor_bytes() + Checkpoint.open(root / "out").tensor_bytes()
+        print(f"dequant (baseline): {seconds:.1f} s, {moved / seconds / 1e9:.2f} GB/s read + written")
         for label, kwargs in (("against --full", {"against": src}), ("alone --full", {})):
             start = time.perf_counter()
             report = verify_checkpoint(root / "out", full=True, device=args.device, **kwargs)

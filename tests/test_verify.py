@@ -127,6 +127,27 @@ def test_flipped_byte_in_converted_tensor(damaged, tiny_src):
     assert "first at [5, 0]" in detail, detail  # element 1000 of a [144, 200] tensor
 
 
+def test_first_difference_is_the_lowest_of_pieces_compared_in_any_order(damaged, tiny_src):
+    """Pieces of one tensor are compared by several writer threads; the report names the first element."""
+    flip_byte(damaged, CONVERTED, 28000)  # [140, 0]: in the last piece of 4 KiB of source
+    flip_byte(damaged, CONVERTED, 1000)  # [5, 0]: in the first
+    detail = failed(verify_checkpoint(damaged, against=tiny_src, full=True, chunk_bytes=4096))["data_vs_source"]
+    assert "2 of 28,800 elements" in detail and "first at [5, 0]" in detail, detail
+
+
+def test_unreadable_source_piece_leaves_its_tensor_uncompared(tiny, tmp_path):
+    """A source scale that is not finite and > 0 stops the comparison of its tensor only."""
+    root, _ = tiny
+    out = tmp_path / "out"
+    dequantize(root, out, device="cpu")
+    weight = "model.layers.0.self_attn.o_proj.weight"
+    write_at(root, weight + "_scale_inv", 0, b"\x00\x00\x00\x00")
+    report = verify_checkpoint(out, against=root, full=True)
+    detail = failed(report)["data_vs_source"]
+    assert detail.startswith("1 of the ") and f"tensor `{weight}`: not compared: " in detail, detail
+    assert "not finite and positive" in detail and report["mismatches"] == [], detail
+
+
 def test_flipped_byte_in_copied_tensor(damaged, tiny_src):
     flip_byte(damaged, COPIED, 3)
     report = verify_checkpoint(damaged, against=tiny_src, full=True)
@@ -332,3 +353,17 @@ def test_device_is_checked_with_or_without_against(tiny_src):
     for bad in ("gpu", "cuda:all", "cpu,cpu"):
         proc = cli("verify", tiny_src, "--device", bad, check=2)
         assert "verify runs on one device" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.gpu
+def test_cuda_report_is_the_cpu_report(outputs, damaged, tiny_src):
+    """`verify --against --device cuda` converts on the GPU backend (pinned pools, fences) and finds what the
+    CPU finds, word for word but the device."""
+    flip_byte(damaged, CONVERTED, 1000)
+    flip_byte(damaged, COPIED, 3)
+    cpu = verify_checkpoint(damaged, against=tiny_src, full=True, device="cpu", chunk_bytes=4096)
+    cuda = verify_checkpoint(damaged, against=tiny_src, full=True, device="cuda", chunk_bytes=4096)
+    assert cuda["mismatches"] == cpu["mismatches"] == sorted([CONVERTED, COPIED])
+    assert json.dumps(cuda).replace("cuda", "cpu") == json.dumps(cpu)
+    clean = verify_checkpoint(outputs["keep"], against=tiny_src, full=True, device="cuda")
+    assert clean["ok"] and " on cuda" in checks(clean)["data_vs_source"]["detail"]

@@ -1,25 +1,26 @@
 """The data scan of `verify`: read the chosen tensors of CKPT once, check their values, and compare each
 planned one with what its operation makes of the source.
 
-The expected bytes come from the engine's own steps: the planned tensor (with the scale a quantized weight
-emits) is cut into the engine's batches, its source bytes read by the engine's batch reader (scales included,
-checked as the engine checks them) and converted by the same backend as the conversion. CKPT's bytes are read
-with the checkpoint reader, piece by piece: memory holds a few chunks, never a whole shard.
+The expected bytes come from the engine itself (`run_batches`): the planned tensors (with the scale a quantized
+weight emits) are cut into the engine's batches, their source bytes read by its reader threads (scales
+included, checked as the conversion checks them) and converted by the same backend as the conversion, the
+reads, conversions and comparisons overlapped in the engine's bounded pools. Its sink (`_Comparer`) reads
+CKPT's bytes of each converted piece, from the writer threads, and holds them to the piece.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from dsv3conv.checkpoint import Checkpoint, ShardReader, TensorInfo
-from dsv3conv.engine import _batch_specs, _read_batch, _ScaleCache
+from dsv3conv.engine import BatchSpec, run_batches
 from dsv3conv.errors import Dsv3Error
 from dsv3conv.ops import EMITS_SCALE, Copy, QuantScale
-from dsv3conv.plan import FilePlan, TensorPlan
+from dsv3conv.plan import FilePlan, Plan, TensorPlan
 from dsv3conv.verify.values import TensorResult, check_values, count_differ
 
 
@@ -38,26 +39,44 @@ def scan(ckpt: Checkpoint, src_root: Path | None, tasks: list[Task], device: str
     from dsv3conv.progress import ByteProgress
 
     backend = None
-    converts = any(t.planned is not None and t.planned.converts for t in tasks)
-    if converts:
+    compared = [t for t in tasks if t.planned is not None]
+    if any(t.planned.converts for t in compared):
         from dsv3conv.gpu import make_backend  # imports the kernels: only when needed
 
         backend = make_backend(device)
-    results: dict[str, TensorResult] = {}
+    results = {t.info.name: TensorResult() for t in tasks}
     bar = ByteProgress(sum(t.info.nbytes for t in tasks), "verify", enabled=progress)
-    scales = _ScaleCache(src_root) if src_root is not None else None
-    with bar, ShardReader(ckpt.root) as reader, ShardReader(src_root or ckpt.root) as src_reader:
-        for k, task in enumerate(tasks):
-            res = results[task.info.name] = TensorResult()
-            try:
-                if task.planned is not None:
-                    _compare(ckpt, reader, src_reader, task, backend, chunk_bytes, scales, res)
-                else:
-                    _values(reader, task.info, chunk_bytes, res, not task.sampled)
-            except (Dsv3Error, OSError) as exc:
-                res.error = str(exc)
-            bar.advance(task.info.nbytes, f"{k + 1}/{len(tasks)} tensors")
+    with bar:
+        if compared:
+            files = _file_plans(compared)
+            plan = Plan(src_root, ckpt.root, files, None, None, [], [])
+            sink = _Comparer(ckpt, compared, results, bar)
+            run_batches(plan, backend, list(enumerate(files)), sink, chunk_bytes)
+        with ShardReader(ckpt.root) as reader:
+            for task in tasks:
+                if task.planned is None:
+                    try:
+                        _values(reader, task.info, chunk_bytes, results[task.info.name], not task.sampled)
+                    except (Dsv3Error, OSError) as exc:
+                        results[task.info.name].error = str(exc)
+                    bar.advance(task.info.nbytes, task.info.name)
     return results, backend.name if backend is not None else ""
+
+
+def _file_plans(compared: list[Task]) -> list[FilePlan]:
+    """The compared tensors as the engine's files, one tensor each (a quantized weight with the scale its pieces
+    emit), in source order: a batch never mixes two tensors, so a source piece that cannot be read or
+    converted leaves only its own tensor uncompared."""
+    files = []
+    for task in sorted(compared, key=lambda t: (t.planned.source.file, t.planned.source.offset)):
+        t = task.planned
+        outputs = (t,)
+        if isinstance(t.op, EMITS_SCALE):
+            rows, cols = t.shape
+            shape = (-(-rows // t.op.block), -(-cols // t.op.block))
+            outputs += (TensorPlan(t.op.scale_name, t.op.scale_dtype, shape, QuantScale(t.name), t.sources),)
+        files.append(FilePlan(t.name, outputs, b""))
+    return files
 
 
 def _values(reader: ShardReader, info: TensorInfo, chunk_bytes: int, res: TensorResult, scale: bool) -> None:
@@ -67,45 +86,91 @@ def _values(reader: ShardReader, info: TensorInfo, chunk_bytes: int, res: Tensor
         check_values(_bytes(reader.read(info, e0 * info.itemsize, n * info.itemsize)), info, e0, res, scale)
 
 
-def _compare(ckpt: Checkpoint, reader: ShardReader, src_reader: ShardReader, task: Task, backend,
-             chunk_bytes: int, scales: _ScaleCache, res: TensorResult) -> None:
-    """Run the engine's read and convert steps on the task's tensor alone; hold CKPT's bytes to each output piece."""
-    t = task.planned
-    info = ckpt.tensors[t.name]
-    copy = isinstance(t.op, Copy)
-    for name, start, want in _expected(src_reader, t, backend, chunk_bytes, scales):
-        got_info = ckpt.tensors[name]
-        got = _bytes(reader.read(got_info, start, len(want)))
-        if name == t.name:
-            check_values(got, info, start // info.itemsize, res, not task.sampled)
-        differ, first, largest = count_differ(want, got, None if copy else got_info.dtype)
-        if name != t.name:
-            res.scale_differ += differ
-            continue
-        if differ and res.diff_first < 0:
-            res.diff_first = (start + first) // info.itemsize if copy else start // info.itemsize + first
-        res.differ += differ
-        res.max_diff = max(res.max_diff, largest)
+@dataclass
+class _Piece:
+    """What one converted piece showed, merged into its tensor's result under the comparer's lock."""
+
+    found: TensorResult = field(default_factory=TensorResult)
+    start: int = 0  # element of the piece's first value in its tensor
 
 
-def _expected(src_reader: ShardReader, t: TensorPlan, backend, chunk_bytes: int,
-              scales: _ScaleCache) -> Iterator[tuple[str, int, torch.Tensor]]:
-    """(output tensor, byte offset in it, expected bytes) of each piece the engine makes of `t`'s source."""
-    from dsv3conv.backend import convert
+class _Comparer:
+    """The engine's sink for verify: CKPT's bytes of each converted piece, read at the piece's offset in its
+    tensor, value-checked and compared bit for bit (from several writer threads at once)."""
 
-    buf = torch.empty(0, dtype=torch.uint8)
-    outputs = (t,)
-    if isinstance(t.op, EMITS_SCALE):  # its scale tensor, written by its pieces
-        rows, cols = t.shape
-        shape = (-(-rows // t.op.block), -(-cols // t.op.block))
-        outputs += (TensorPlan(t.op.scale_name, t.op.scale_dtype, shape, QuantScale(t.name), t.sources),)
-    for spec in _batch_specs(0, FilePlan("", outputs, b""), chunk_bytes):
-        if buf.numel() < spec.span_len:
-            buf = torch.empty(spec.span_len, dtype=torch.uint8)
-        items = _read_batch(spec, buf, src_reader, scales)
+    def __init__(self, ckpt: Checkpoint, compared: list[Task], results: dict[str, TensorResult], bar):
+        self.ckpt, self.results, self.bar = ckpt, results, bar
+        self.task_of: dict[str, Task] = {}  # output tensor -> the compared task it belongs to
+        for task in compared:
+            self.task_of[task.planned.name] = task
+            if isinstance(task.planned.op, EMITS_SCALE):
+                self.task_of[task.planned.op.scale_name] = task
+        self.lock = threading.Lock()
+        self.local = threading.local()  # one CKPT reader per writer thread
+        self.readers: list[ShardReader] = []
+
+    def start(self, specs: list[BatchSpec]) -> None:
+        pass
+
+    def put(self, spec: BatchSpec, outs: list[memoryview]) -> None:
+        local = self.local
+        if not hasattr(local, "reader"):
+            local.reader, local.buf = ShardReader(self.ckpt.root), torch.empty(0, dtype=torch.uint8)
+            with self.lock:
+                self.readers.append(local.reader)
         placed = [out for pt, start, n in spec.pieces for out in pt.op.outputs(pt, start, n)]
-        for piece, (name, offset, _) in zip(convert(backend, buf, items), placed):
-            yield name, offset, _bytes(piece)
+        for piece, (name, offset, _) in zip(outs, placed):
+            task = self.task_of[name]
+            if local.buf.numel() < len(piece):  # CKPT's bytes are read into one buffer per thread, reused
+                local.buf = torch.empty(len(piece), dtype=torch.uint8)
+            try:
+                self._compare(local.reader, local.buf[: len(piece)], task, name, offset, _bytes(piece))
+            except (Dsv3Error, OSError) as exc:
+                with self.lock:
+                    self.results[task.info.name].error = str(exc)
+
+    def skip(self, spec: BatchSpec, exc: Exception) -> bool:
+        with self.lock:
+            for t, _, _ in spec.pieces:
+                task = self.task_of[t.name]
+                self.results[task.info.name].error = str(exc)
+        return True
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+
+    def _compare(self, reader: ShardReader, got: torch.Tensor, task: Task, name: str, start: int,
+                 want: torch.Tensor) -> None:
+        """Hold CKPT's bytes of output tensor `name` from byte `start` (read into `got`) to `want`."""
+        info, got_info = task.info, self.ckpt.tensors[name]
+        if len(got):
+            reader.read_into(got_info, start, memoryview(got.numpy()))
+        copy = isinstance(task.planned.op, Copy)
+        found = TensorResult()
+        if name == info.name:
+            check_values(got, info, start // info.itemsize, found, not task.sampled)
+        differ, first, largest = count_differ(want, got, None if copy else got_info.dtype)
+        if differ and name == info.name:
+            found.diff_first = (start + first) // info.itemsize if copy else start // info.itemsize + first
+        with self.lock:
+            _merge(self.results[info.name], found, differ if name == info.name else 0, largest,
+                   differ if name != info.name else 0)
+        if name == info.name:
+            self.bar.advance(len(got), info.name)
+
+
+def _merge(res: TensorResult, found: TensorResult, differ: int, largest: float, scale_differ: int) -> None:
+    """Add one piece's findings to its tensor's; the first bad or differing element is the lowest seen."""
+    if found.bad_values and (res.bad_first < 0 or found.bad_first < res.bad_first):
+        res.bad_first, res.bad_kind = found.bad_first, found.bad_kind
+    res.bad_values += found.bad_values
+    if differ and (res.diff_first < 0 or found.diff_first < res.diff_first):
+        res.diff_first = found.diff_first
+    res.differ += differ
+    res.scale_differ += scale_differ
+    if differ:
+        res.max_diff = max(res.max_diff, largest)
 
 
 def _bytes(data) -> torch.Tensor:
