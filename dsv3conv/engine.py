@@ -2,10 +2,10 @@
 
 Reader threads do large sequential reads of the source into a pool of buffers, the calling thread hands
 each batch to a backend, writer threads hand each converted batch to a sink: `FileSink` puts each piece at
-its planned offset and renames a file into place when its last piece is written (`run_files`); `verify`
-gives a sink that compares the pieces with a checkpoint's bytes instead (`run_batches`). Batches of several files are in flight at once, taking turns
-(`interleaved`), and several writes: fast storage (tmpfs, NVMe) reaches its speed only with many writes at
-once, and a file system takes one write into a file at a time.
+its planned offset and renames a file into place when its last piece is written (`run_files`); verify's
+sink compares the pieces with a checkpoint's bytes instead (`run_batches`). Batches of several files are in
+flight at once, taking turns (`interleaved`), and several writes: fast storage (tmpfs, NVMe) reaches its
+speed only with many writes at once, and a file system takes one write into a file at a time.
 
 A backend may convert asynchronously (a GPU): it returns at once with a fence, the calling thread goes on
 to the next batch, and the writer waits on the fence before writing. A batch's read buffer is reused once
