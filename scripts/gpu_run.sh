@@ -15,6 +15,8 @@
 #     pdl        bench_kernel.py --pdl-sweep: small-tensor configs x PDL modes
 #     quant-e2e  bench_quant_convert.py: quant --device cpu against --device cuda on the same files
 #     write      bench_write.py: N writer threads of one process against N processes on /dev/shm
+#     verify     verify --against through the engine: its GPU tests (the CUDA report is the CPU's), then
+#                bench_verify.py from /dev/shm on cuda and on cpu (2 layers of VERIFY_EXPERTS, default 32, experts)
 #     cpu        the CPU path with the GPUs hidden (on CPUS, default all cores): bench_cpu_kernels.py (numba
 #                and torch kernels at 1..all threads), then bench_cpu.py from /dev/shm (CPU_GB GB, default 2)
 # Exit status: 1 if the tests failed or a benchmark could not run; the other steps still run.
@@ -54,6 +56,14 @@ for step in "${@:-tests kernel convert}"; do for step in $step; do
       run bench_scale.txt python3 scripts/bench_convert.py --device cuda --device cuda:all --device processes:cuda:all \
         --device "parts:$all" --device cuda:0,cuda:0 --skip-eager --experts "${EXPERTS:-128}" \
         --dir /dev/shm/dsv3conv-scale --out "$OUT/convert-scale" ;;
+    verify)
+      run test_gpu_verify.log python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_verify.py tests/test_verify_v4.py
+      for dev in cuda cpu; do
+        rm -rf /dev/shm/dsv3conv-verify
+        run "bench_verify_$dev.txt" python3 scripts/bench_verify.py --device "$dev" --experts "${VERIFY_EXPERTS:-32}" \
+          --dir /dev/shm/dsv3conv-verify
+      done
+      rm -rf /dev/shm/dsv3conv-verify ;;
     engine)
       run test_gpu_engine.log python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_engine.py tests/test_gpu.py
       n=$(nvidia-smi -L | wc -l); all=$(seq -s, -f "cuda:%g" 0 $((n - 1)))
