@@ -95,8 +95,8 @@ class Sink(Protocol):
         """The batch's output pieces, in the order of `spec.out_offsets` (valid until this returns)."""
 
     def skip(self, spec: BatchSpec, exc: Exception) -> bool:
-        """Reading the batch's source failed with `exc` (Dsv3Error or OSError): True when the sink has taken
-        note and the run goes on without the batch, False to stop the run with `exc`."""
+        """Reading or converting the batch failed with `exc` (Dsv3Error or OSError): True when the sink has
+        taken note and the run goes on without the batch, False to stop the run with `exc`."""
 
     def close(self) -> None:
         """The run ended (finished, failed or cancelled): let go of what is not done."""
@@ -169,7 +169,12 @@ class _Run:
                         arena = self.arenas.get(self._check)
                 if items:
                     with profiling.stage(self.prof, "convert", spec.out_bytes):
-                        outs, fence = convert_async(self.backend, buf, items, arena)
+                        try:
+                            outs, fence = convert_async(self.backend, buf, items, arena)
+                        except (Dsv3Error, OSError) as exc:
+                            if not self.sink.skip(spec, exc):
+                                raise
+                            outs, fence = None, self.backend and self.backend.fence()  # what was enqueued
                 writers.submit(self._write, spec, buf, arena, outs, fence)
             with profiling.stage(self.prof, "wait_write"):
                 writers.shutdown(wait=True)
@@ -236,19 +241,26 @@ class _Run:
         finally:
             handles.close()
 
-    def _write(self, spec: BatchSpec, buf, arena: OutputArena | None, outs: list[memoryview],
+    def _write(self, spec: BatchSpec, buf, arena: OutputArena | None, outs: list[memoryview] | None,
                fence: Fence | None) -> None:
+        """Hand the batch to the sink (`outs` None: its conversion failed and the sink took note)."""
         try:
             if fence is not None:  # always waited for: the device may still use the buffer and the arena
                 with profiling.stage(self.prof, "wait_convert"):
-                    fence.wait()
+                    try:
+                        fence.wait()
+                    except (Dsv3Error, OSError) as exc:
+                        if not self.sink.skip(spec, exc):
+                            raise
+                        outs = None
             if buf is not None and not spec.copies:  # converted: the buffer may take the next read now
                 self.pool.put(buf)
                 buf = None
             if self.stop.is_set():
                 return
-            with profiling.stage(self.prof, "write", spec.out_bytes):
-                self.sink.put(spec, outs)
+            if outs is not None:
+                with profiling.stage(self.prof, "write", spec.out_bytes):
+                    self.sink.put(spec, outs)
             if buf is not None:
                 self.pool.put(buf)
             if arena is not None:

@@ -270,6 +270,18 @@ def test_verify_against_holds_the_output_to_quant_of_the_source(ckpts, tmp_path)
     assert "`quantization_config.activation_scheme`: expected \"dynamic\", found \"static\"" in c["config_vs_source"]["detail"]
 
 
+def test_verify_against_a_source_quant_refuses_names_the_tensor(ckpts, tmp_path):
+    """A NaN in the source, where quant refuses: that tensor is reported not compared, the rest compared."""
+    src = shutil.copytree(ckpts["root"] / "bf16", tmp_path / "bf16")
+    weight = "model.layers.1.self_attn.o_proj.weight"
+    write_at(src, weight, 7, b"\xc0\x7f")  # BF16 NaN
+    report = verify_checkpoint(ckpts["root"] / "q", against=src, full=True)
+    data = _checks(report)["data_vs_source"]
+    assert not data["ok"] and report["mismatches"] == [], data
+    assert data["detail"].startswith("1 of the 99 compared tensors differ: ") and f"tensor `{weight}`: not compared" in data["detail"]
+    assert "holds NaN or Inf values" in data["detail"], data
+
+
 def test_verify_against_reads_the_settings_the_output_declares(ckpts, tmp_path):
     """ue8m0 scales as F8_E8M0, skipped weights and a dropped MTP layer: verify plans the same quant."""
     bf16, dst = ckpts["root"] / "bf16", tmp_path / "out"
