@@ -29,6 +29,7 @@ from .launch import (  # noqa: F401  (re-exported: callers import them from here
     _num_sms,
     _require_triton,
     _triton_has_pdl,
+    output_for,
     pdl_mode,
     pick_config,
     pick_segments_config,
@@ -331,16 +332,7 @@ def dequant(
     if scale_inv.device != weight.device:
         raise ValueError(f"weight is on {weight.device} but scale_inv is on {scale_inv.device}")
     _check_device(weight.device)
-    if out is None:
-        out = torch.empty((rows, cols), dtype=out_dtype, device=weight.device)
-    else:
-        if tuple(out.shape) != (rows, cols) or out.dtype != out_dtype or out.device != weight.device:
-            raise ValueError(
-                f"out is {tuple(out.shape)} {out.dtype} on {out.device}; "
-                f"expected {(rows, cols)} {out_dtype} on {weight.device}"
-            )
-        if cols > 1 and out.stride(1) != 1:
-            raise ValueError(f"out must be contiguous along columns, got strides {out.stride()}")
+    out = output_for(out, rows, cols, out_dtype, weight.device)
     if rows == 0 or cols == 0:
         return out
     if cols > 1 and weight.stride(1) != 1:

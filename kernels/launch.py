@@ -52,6 +52,20 @@ def _check_device(device: torch.device) -> None:
         )
 
 
+def output_for(out: torch.Tensor | None, rows: int, cols: int, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """A kernel's [rows, cols] output: `out` once checked (shape, dtype, device, rows contiguous), else new."""
+    if out is None:
+        return torch.empty((rows, cols), dtype=dtype, device=device)
+    if tuple(out.shape) != (rows, cols) or out.dtype != dtype or out.device != device:
+        raise ValueError(
+            f"out is {tuple(out.shape)} {out.dtype} on {out.device}; expected {(rows, cols)} {dtype} on {device}"
+        )
+    if cols > 1 and out.stride(1) != 1:
+        raise ValueError(f"out must be contiguous along columns, got strides {out.stride()}")
+    return out
+
+
 def resolve_decode_bits(device: torch.device, decode_bits: bool | None) -> bool:
     """`decode_bits=None`: native FP8 loads on sm89+ (and in the interpreter), bit decoding below."""
     if decode_bits is not None:

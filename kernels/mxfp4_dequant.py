@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from .launch import HAS_TRITON, tl, triton  # Triton is optional: the reference works without it
+from .launch import HAS_TRITON, output_for, tl, triton  # Triton is optional: the reference works without it
 
 if HAS_TRITON:
     from .fp8_block_dequant import _e8m0_bits_to_f32
@@ -233,15 +233,7 @@ def dequant_mxfp4(
         raise ValueError(f"Triton MXFP4 dequant needs CUDA tensors, got device {packed.device}")
     if scale.device != packed.device:
         raise ValueError(f"packed is on {packed.device} but scale is on {scale.device}")
-    if out is None:
-        out = torch.empty((rows, cols), dtype=out_dtype, device=packed.device)
-    elif tuple(out.shape) != (rows, cols) or out.dtype != out_dtype or out.device != packed.device:
-        raise ValueError(
-            f"out is {tuple(out.shape)} {out.dtype} on {out.device}; expected {(rows, cols)} {out_dtype} "
-            f"on {packed.device}"
-        )
-    elif cols > 1 and out.stride(1) != 1:
-        raise ValueError(f"out must be contiguous along columns, got strides {out.stride()}")
+    out = output_for(out, rows, cols, out_dtype, packed.device)
     if rows == 0 or cols == 0:
         return out
     launch(packed, scale, out, pick_config(rows, cols // 2))
