@@ -188,6 +188,10 @@ def dequant(
     experts: Annotated[str, typer.Option("--experts", metavar="dequant|fp8", help=(
         "fp8: repack DeepSeek-V4's packed FP4 (MXFP4) experts to 128x128 block FP8, exactly or refused, and copy "
         "every other tensor as it is."))] = "dequant",
+    scale_dtype: Annotated[Optional[str], typer.Option(
+        "--scale-dtype", metavar="float8_e8m0fnu|float32", show_default=False,
+        help="With --experts fp8: the dtype the repacked experts' block scales are stored in (powers of two, "
+        "exact in both; default float8_e8m0fnu, as the release's other FP8 weights).")] = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     max_shard_size: Annotated[
@@ -223,7 +227,7 @@ def dequant(
             max_shard_size=max_shard_size, dry_run=dry_run, buffer_size=buffer_size, part=part,
             progress=not (quiet or json_out and not err.is_terminal), allow_noop=allow_noop,
             space_check=not no_space_check, follow_links=follow_links, experts=experts,
-            allow_nonfinite=allow_nonfinite,
+            allow_nonfinite=allow_nonfinite, scale_dtype=scale_dtype,
         )
     _from_process_start(result, called)
     print_result(result, json_out, dry_run)

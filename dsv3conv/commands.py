@@ -27,10 +27,12 @@ def dequantize(
     max_shard_size: str | int | None = None, dry_run: bool = False, progress: bool = False,
     buffer_size: str | int | None = None, part: str | tuple[int, int] | None = None, allow_noop: bool = False,
     space_check: bool = True, follow_links: bool = False, experts: str = "dequant", allow_nonfinite: bool = False,
+    scale_dtype: str | None = None,
 ) -> dict:
     """Convert an FP8 checkpoint to `dtype`; return the summary `--json` prints.
 
-    `experts="fp8"`: repack DeepSeek-V4's packed-FP4 experts to 128x128 block FP8 and copy everything else.
+    `experts="fp8"`: repack DeepSeek-V4's packed-FP4 experts to 128x128 block FP8 and copy everything else;
+    `scale_dtype` ("float8_e8m0fnu", the default, or "float32"): the dtype of their block scales.
 
     `part="K/N"`: convert only part K of N (N independent jobs writing into one DST; the last one to finish
     writes the index and config). A checkpoint with no FP8 weight is refused unless `allow_noop` (a copy).
@@ -44,7 +46,8 @@ def dequantize(
     size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
     check_dest(ckpt.root, Path(dst))
     plan = plan_dequant(ckpt, Path(dst), out_dtype=dtype, mtp=mtp, max_shard_size=size,
-                        extra_files=ckpt.extra_files(), experts=experts, allow_nonfinite=allow_nonfinite)
+                        extra_files=ckpt.extra_files(), experts=experts, allow_nonfinite=allow_nonfinite,
+                        scale_dtype=scale_dtype)
     ckpt.require_links_inside(follow_links)
     if not plan.converted and not allow_noop:
         dtypes = ", ".join(sorted({t.dtype for t in ckpt.tensors.values()}))

@@ -5,9 +5,10 @@ weight (`_scale_inv`, V4 `.scale` or compressed-tensors `.weight_scale`, any sca
 `DequantBlockFp8`, a packed-FP4 expert (V4 `expert_dtype: fp4`) a `DequantMxfp4`; everything else but the
 scales is a `Copy`. The config cross-checks; a mismatch is refused naming the tensor.
 
-`experts="fp8"` (`--experts fp8`): only the packed-FP4 experts convert, each to 128x128 block FP8 with an
-F8_E8M0 `.scale` (`RepackMxfp4Fp8`, exact or refused), as the release's other FP8 weights are stored (its
-quantization_config says `scale_fmt: ue8m0`); every other tensor, scales included, is copied byte for byte.
+`experts="fp8"` (`--experts fp8`): only the packed-FP4 experts convert, each to 128x128 block FP8 with a
+`.scale` (`RepackMxfp4Fp8`, exact or refused) of power-of-two values, stored F8_E8M0 as the release's other
+FP8 weights are (its quantization_config says `scale_fmt: ue8m0`) or, with `scale_dtype="float32"`, F32 (the
+same values); every other tensor, scales included, is copied byte for byte.
 """
 
 from __future__ import annotations
@@ -19,20 +20,22 @@ from dsv3conv.checks import mtp_rule
 from dsv3conv.config_edits import dequant_config, repack_config
 from dsv3conv.dtypes import FLOAT_DTYPES, OUT_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
-from dsv3conv.formats import BLOCK, E8M0, FP8, TensorFormat, block_scale_shape, check_config, classify
+from dsv3conv.formats import BLOCK, FP8, TensorFormat, block_scale_shape, check_config, classify
 from dsv3conv.ops import DequantBlockFp8, DequantMxfp4, QuantScale, RepackMxfp4Fp8
 from dsv3conv.plan import Plan, TensorPlan, check_layers, copied, index_json, more, shard_files
 
 EXPERTS = ("dequant", "fp8")
+EXPERT_SCALE_DTYPES = ("float8_e8m0fnu", "float32")  # what `--experts fp8` stores block scales in (exact)
 
 
 def plan_dequant(
     ckpt: Checkpoint, dest: Path, *, out_dtype: str = "bfloat16", mtp: str = "keep",
     max_shard_size: int | None = None, extra_files: list[str] | tuple[str, ...] = (), experts: str = "dequant",
-    allow_nonfinite: bool = False,
+    allow_nonfinite: bool = False, scale_dtype: str | None = None,
 ) -> Plan:
     """Plan `out_dtype` of the opened checkpoint `ckpt` into `dest`; `extra_files` are copied alongside.
-    `experts`: "dequant" (as every quantized weight) or "fp8" (packed-FP4 experts repacked, the rest copied).
+    `experts`: "dequant" (as every quantized weight) or "fp8" (packed-FP4 experts repacked, the rest copied),
+    their block scales stored in `scale_dtype` (one of `EXPERT_SCALE_DTYPES`, default float8_e8m0fnu).
     A value that would come out NaN or Inf stops the run unless `allow_nonfinite` (`dsv3conv.finite`)."""
     if out_dtype not in OUT_DTYPES:
         raise UsageError(f"{{dtype}} {out_dtype!r}: choose one of {', '.join(OUT_DTYPES)}", "dtype")
@@ -41,6 +44,7 @@ def plan_dequant(
     if experts == "fp8" and out_dtype != "bfloat16":
         raise UsageError(f"{{experts}} fp8 copies every tensor but the packed FP4 experts; {{dtype}} {out_dtype} "
                          "does not apply", "experts", "dtype")
+    scale_dtype = _expert_scale_dtype(experts, scale_dtype)
     if mtp not in ("keep", "drop"):
         raise UsageError(f"{{mtp}} {mtp!r}: choose keep or drop", "mtp")
     ckpt.require_clean()
@@ -70,7 +74,7 @@ def plan_dequant(
                 continue
             f = formats.tensors[info.name]
             if repack and f.kind == "mxfp4":
-                entries += _repacked(ckpt, f)
+                entries += _repacked(ckpt, f, FLOAT_DTYPES[scale_dtype])
             elif f.kind in ("fp8_block", "mxfp4") and not repack:
                 entries.append(_dequantized(ckpt, f, FLOAT_DTYPES[out_dtype], allow_nonfinite))
             else:
@@ -92,12 +96,27 @@ def _dequantized(ckpt: Checkpoint, f: TensorFormat, dtype: str, allow_nonfinite:
     return TensorPlan(f.name, dtype, info.shape, op, (info, scale))
 
 
-def _repacked(ckpt: Checkpoint, f: TensorFormat) -> list[TensorPlan]:
-    """A packed-FP4 expert as e4m3 [rows, cols], then its 128x128 block scale under the same `.scale` name."""
+def _expert_scale_dtype(experts: str, scale_dtype: str | None) -> str:
+    """The dtype `--experts fp8` stores its block scales in; any other `experts` writes no scales."""
+    if scale_dtype is None:
+        return EXPERT_SCALE_DTYPES[0]
+    if experts != "fp8":
+        raise UsageError(f"{{scale_dtype}} {scale_dtype} sets the block scales {{experts}} fp8 writes; "
+                         f"{{experts}} {experts} writes none: add {{experts}} fp8 or leave {{scale_dtype}} out",
+                         "scale_dtype", "experts")
+    if scale_dtype not in EXPERT_SCALE_DTYPES:
+        raise UsageError(f"{{scale_dtype}} {scale_dtype!r}: choose float8_e8m0fnu or float32 (the repacked "
+                         "experts' block scales are powers of two, exact in both)", "scale_dtype")
+    return scale_dtype
+
+
+def _repacked(ckpt: Checkpoint, f: TensorFormat, scale_dtype: str) -> list[TensorPlan]:
+    """A packed-FP4 expert as e4m3 [rows, cols], then its 128x128 block scale (F8_E8M0 or F32) under the
+    same `.scale` name."""
     info, scale = ckpt.tensors[f.name], ckpt.tensors[f.scale]
     shape = (info.shape[0], 2 * info.shape[1])
-    return [TensorPlan(f.name, FP8, shape, RepackMxfp4Fp8(E8M0, f.scale, BLOCK), (info, scale)),
-            TensorPlan(f.scale, E8M0, block_scale_shape(shape), QuantScale(f.name), ())]
+    return [TensorPlan(f.name, FP8, shape, RepackMxfp4Fp8(scale_dtype, f.scale, BLOCK), (info, scale)),
+            TensorPlan(f.scale, scale_dtype, block_scale_shape(shape), QuantScale(f.name), ())]
 
 
 def _mtp_rule(ckpt: Checkpoint, config: dict):

@@ -1,6 +1,6 @@
-"""`dequant --experts fp8`: DeepSeek-V4's packed-FP4 experts repacked to 128x128 block FP8 (F8_E8M0 `.scale`),
-every other tensor byte for byte; exact (dequant(source) == dequant(result) bit for bit) or refused naming the
-tensor; verified against its source."""
+"""`dequant --experts fp8`: DeepSeek-V4's packed-FP4 experts repacked to 128x128 block FP8 (`.scale` F8_E8M0,
+or F32 with `--scale-dtype float32`), every other tensor byte for byte; exact (dequant(source) ==
+dequant(result) bit for bit) or refused naming the tensor; verified against its source."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from tests.conftest import assert_one_line_error, bits, cli, load_all, write_at
 from tests.test_verify import failed, flip_byte
 
 EXPERT = "layers.1.ffn.experts.0.w2.weight"  # packed [256, 80]: two row blocks, the second partial in columns
+SCALE_DTYPES = {"float8_e8m0fnu": torch.float8_e8m0fnu, "float32": torch.float32}
 
 
 def assert_same_tensors(a: Path, b: Path) -> None:
@@ -41,17 +42,19 @@ def _scale(name: str) -> str:
     return name[: -len(".weight")] + ".scale"
 
 
-@pytest.mark.parametrize("kind", ["flash", "0731"])
-def test_repack_exact_and_the_rest_copied(tmp_path, kind) -> None:
+@pytest.mark.parametrize(("kind", "scale_dtype"), [("flash", "float8_e8m0fnu"), ("0731", "float8_e8m0fnu"),
+                                                   ("flash", "float32")])
+def test_repack_exact_and_the_rest_copied(tmp_path, kind, scale_dtype) -> None:
     src = make_v4(tmp_path / "src", kind)
-    summary = dequantize(tmp_path / "src", tmp_path / "out", device="cpu", experts="fp8", buffer_size=4096)
+    summary = dequantize(tmp_path / "src", tmp_path / "out", device="cpu", experts="fp8", buffer_size=4096,
+                         scale_dtype=scale_dtype)
     out, _ = load_all(tmp_path / "out")
     assert set(out) == set(src)
     repacked = 0
     for name, t in src.items():
-        if t.dtype == torch.int8:  # packed FP4: e4m3 + E8M0 block scale, as the whole-tensor reference makes them
-            q, s, lossy = repack_mxfp4_to_fp8(t, src[_scale(name)])
-            assert lossy == 0
+        if t.dtype == torch.int8:  # packed FP4: e4m3 + block scale, as the whole-tensor reference makes them
+            q, s, lossy = repack_mxfp4_to_fp8(t, src[_scale(name)], SCALE_DTYPES[scale_dtype])
+            assert lossy == 0 and out[_scale(name)].dtype == SCALE_DTYPES[scale_dtype], name
             assert torch.equal(bits(out[name]), bits(q)) and torch.equal(bits(out[_scale(name)]), bits(s)), name
             for dtype in (torch.bfloat16, torch.float32):
                 want = reference_dequant_mxfp4(t, src[_scale(name)], dtype)
@@ -65,23 +68,26 @@ def test_repack_exact_and_the_rest_copied(tmp_path, kind) -> None:
     assert config == {k: v for k, v in source_config.items() if k != "expert_dtype"}
 
 
-def test_round_trip_through_dequant(flash, tmp_path) -> None:
-    """dequant(source) and dequant(repacked) are the same checkpoint, bit for bit."""
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
+def test_round_trip_through_dequant(flash, tmp_path, scale_dtype) -> None:
+    """dequant(source) and dequant(repacked) are the same checkpoint, bit for bit, with either scale dtype."""
     root, _ = flash
-    dequantize(root, tmp_path / "fp8", device="cpu", experts="fp8")
+    dequantize(root, tmp_path / "fp8", device="cpu", experts="fp8", scale_dtype=scale_dtype)
     dequantize(root, tmp_path / "a", device="cpu")
     dequantize(tmp_path / "fp8", tmp_path / "b", device="cpu")
     assert_same_tensors(tmp_path / "a", tmp_path / "b")
     assert json.loads((tmp_path / "a" / "config.json").read_text()) == json.loads((tmp_path / "b" / "config.json").read_text())
 
 
-def test_repack_verifies_and_a_changed_code_is_found(flash, tmp_path) -> None:
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
+def test_repack_verifies_and_a_changed_code_is_found(flash, tmp_path, scale_dtype) -> None:
     root, _ = flash
-    dequantize(root, tmp_path / "out", device="cpu", experts="fp8", mtp="drop")
+    dequantize(root, tmp_path / "out", device="cpu", experts="fp8", mtp="drop", scale_dtype=scale_dtype)
     report = verify_checkpoint(tmp_path / "out", against=root, full=True)
     detail = {c["name"]: c["detail"] for c in report["checks"]}
     assert report["ok"], failed(report)
     assert "dequant --experts fp8 of the source" in detail["tensor_set"] and "MTP drop" in detail["tensor_set"]
+    assert f"scale dtype {scale_dtype}" in detail["tensor_set"], detail["tensor_set"]
     assert "repacked again on cpu" in detail["data_vs_source"]
     flip_byte(tmp_path / "out", EXPERT, 1000)
     bad = failed(verify_checkpoint(tmp_path / "out", against=root, full=True))
@@ -99,9 +105,23 @@ def test_lossy_block_refused_naming_the_tensor(flash, tmp_path) -> None:
     assert not [n for n in left if n.endswith(".json")], left  # finished shards only: index and config come last
 
 
+def test_changed_f32_scale_is_found(flash, tmp_path) -> None:
+    """An F32 block scale of a repacked expert doubled (still a power of two): verify names the tensor."""
+    root, _ = flash
+    dequantize(root, tmp_path / "out", device="cpu", experts="fp8", scale_dtype="float32")
+    out, _ = load_all(tmp_path / "out")
+    doubled = (out[_scale(EXPERT)][1, 0] * 2).reshape(1).view(torch.uint8)
+    write_at(tmp_path / "out", _scale(EXPERT), out[_scale(EXPERT)].shape[1], bytes(doubled.tolist()))
+    bad = failed(verify_checkpoint(tmp_path / "out", against=root, full=True))
+    assert set(bad) == {"data_vs_source"}, bad
+    assert f"tensor `{EXPERT}`" in bad["data_vs_source"] and "0 of 40,960 e4m3 codes and 1 of 4 scales" in bad["data_vs_source"]
+
+
 @pytest.mark.parametrize(("args", "needle"), [
     (("--experts", "int4"), "--experts 'int4': choose dequant or fp8"),
     (("--experts", "fp8", "--dtype", "float32"), "--dtype float32 does not apply"),
+    (("--experts", "fp8", "--scale-dtype", "bfloat16"), "--scale-dtype 'bfloat16': choose float8_e8m0fnu or float32"),
+    (("--scale-dtype", "float32",), "--experts dequant writes none: add --experts fp8"),
 ])
 def test_bad_options_refused(flash, tmp_path, args, needle) -> None:
     proc = cli("dequant", flash[0], tmp_path / "out", *args)
@@ -115,8 +135,9 @@ def test_nothing_to_repack_refused(tmp_path) -> None:
 
 
 @pytest.mark.gpu
-def test_repack_cuda_same_bytes_as_cpu(flash, tmp_path) -> None:
+@pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
+def test_repack_cuda_same_bytes_as_cpu(flash, tmp_path, scale_dtype) -> None:
     root, _ = flash
-    dequantize(root, tmp_path / "cpu", device="cpu", experts="fp8")
-    dequantize(root, tmp_path / "gpu", device="cuda", experts="fp8")
+    dequantize(root, tmp_path / "cpu", device="cpu", experts="fp8", scale_dtype=scale_dtype)
+    dequantize(root, tmp_path / "gpu", device="cuda", experts="fp8", scale_dtype=scale_dtype)
     assert_same_tensors(tmp_path / "cpu", tmp_path / "gpu")

@@ -7,7 +7,8 @@ From CKPT's own tensors and config.json:
 - FP8 weights with scales where SRC has none: `quant`, with the settings CKPT declares (`scale_fmt` and
   `modules_to_not_convert` from its quantization_config, the dtype of its scales, MTP dropped when its config
   has none);
-- packed FP4 experts in SRC stored as block FP8 in CKPT: `dequant --experts fp8`, MTP dropped as for dequant;
+- packed FP4 experts in SRC stored as block FP8 in CKPT: `dequant --experts fp8`, with the dtype of those
+  experts' scales, MTP dropped as for dequant;
 - FP8 with scales where SRC has them, or neither has any, and SRC's MTP layers left out: `split-mtp --main-out`;
 - otherwise `dequant` (of a source without FP8 weights: every tensor copied), to the dtype CKPT's dequantized weights have, MTP dropped when CKPT's config says
   `num_nextn_predict_layers: 0` (or, without a config, when CKPT holds no MTP tensor).
@@ -71,8 +72,7 @@ def claim(ckpt: Checkpoint, src: Checkpoint) -> Claim:
     repacked = [f.name for f in src_formats.of_kind("mxfp4") if f.name in ckpt_formats.tensors
                 and ckpt_formats.tensors[f.name].kind == "fp8_block"]
     if repacked:
-        return _plan(Claim("dequant --experts fp8", f"{len(repacked):,} packed FP4 experts as block FP8, MTP {mtp}"),
-                     lambda: plan_dequant(src, ckpt.root, mtp=mtp, experts="fp8"))
+        return _claim_repack(ckpt, ckpt_formats, src, repacked, mtp)
     if ckpt_q == bool(src_q) and mtp == "drop":
         return _plan(Claim("split-mtp main", "MTP layers left out"), lambda: plan_split_main(src, ckpt.root))
     converted = Counter(ckpt.tensors[n].dtype for n in src_q if n in ckpt.tensors)
@@ -80,6 +80,18 @@ def claim(ckpt: Checkpoint, src: Checkpoint) -> Claim:
     dtype_name = TORCH_NAMES.get(out_dtype, "bfloat16") if TORCH_NAMES.get(out_dtype) in OUT_DTYPES else "bfloat16"
     return _plan(Claim("dequant", f"to {FLOAT_DTYPES[dtype_name]}, MTP {mtp}"),
                  lambda: plan_dequant(src, ckpt.root, out_dtype=dtype_name, mtp=mtp, allow_nonfinite=True))
+
+
+def _claim_repack(ckpt: Checkpoint, formats: Formats, src: Checkpoint, repacked: list[str], mtp: str) -> Claim:
+    """`dequant --experts fp8`, its block scales in the dtype CKPT's repacked experts have."""
+    scale_dtypes = sorted({formats.tensors[n].scale_dtype for n in repacked})
+    scale_dtype = TORCH_NAMES.get(scale_dtypes[0], scale_dtypes[0])
+    c = Claim("dequant --experts fp8", f"{len(repacked):,} packed FP4 experts as block FP8, scale dtype "
+              f"{scale_dtype}, MTP {mtp}")
+    if len(scale_dtypes) > 1:
+        c.problems.append(f"repacked experts' scales stored in several dtypes ({', '.join(scale_dtypes)}); "
+                          "dequant --experts fp8 writes one")
+    return _plan(c, lambda: plan_dequant(src, ckpt.root, mtp=mtp, experts="fp8", scale_dtype=scale_dtype))
 
 
 def _claim_quant(ckpt: Checkpoint, formats: Formats, src: Checkpoint, mtp: str) -> Claim:
