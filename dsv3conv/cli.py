@@ -418,8 +418,8 @@ def verify_combine(
 # -------------------------------------------------------------------------------------------- example
 @app.command(short_help="Write an example checkpoint (tiny FP8 or BF16, real shapes, a replica) to try commands on.")
 def example(
-    kind: Annotated[str, typer.Argument(metavar="KIND", help="fp8, bf16, real-shapes, replica, or a sibling "
-                                        "release: r1, v3-0324, v3.1, v3.1-e8m0, v3.2, kimi-k2, mtp78, qwen3.",
+    kind: Annotated[str, typer.Argument(metavar="KIND", help="fp8, bf16, real-shapes, replica, v4-replica, or a "
+                                        "sibling release: r1, v3-0324, v3.1, v3.1-e8m0, v3.2, kimi-k2, mtp78, qwen3.",
                                         show_default=False)],
     dst: Annotated[Path, typer.Argument(metavar="DIR", help="Where to write it (absent or empty).",
                                         show_default=False)],
@@ -429,19 +429,21 @@ def example(
     fp8: a tiny FP8 release (DeepSeek-V3 names and dtypes, 3 layers, MTP at layer 3, 4 shards, 2.5 MB).
     bf16: that checkpoint dequantized (the input `quant` takes). real-shapes: DeepSeek-V3's true tensor shapes,
     2 layers of 8 experts (about 1.6 GB). replica: every header of the full DeepSeek-V3 release in 163 sparse
-    shards (688 GB apparent size, no data: for inspect and --dry-run). r1 ... qwen3: tiny FP8 checkpoints laid
-    out as those releases.
+    shards (688 GB apparent size, no data: for inspect and --dry-run). v4-replica: the same of DeepSeek-V4-Flash
+    (46 shards, 160 GB apparent). r1 ... qwen3: tiny FP8 checkpoints laid out as those releases.
 
     Example: dsv3conv example fp8 tiny-fp8 && dsv3conv inspect tiny-fp8
     """
     import tempfile
 
     from dsv3conv.errors import UsageError
-    from dsv3conv.synthetic import EXAMPLES, make_example, make_tiny
+    from dsv3conv.synthetic import make_tiny
+    from dsv3conv.synthetic_v4 import ALL_EXAMPLES, make_any_example
 
     with _errors(writes=True):
-        if kind not in EXAMPLES and kind != "bf16":
-            raise UsageError(f"example {kind!r}: choose one of fp8, bf16, {', '.join(k for k in EXAMPLES if k != 'fp8')}")
+        if kind not in ALL_EXAMPLES and kind != "bf16":
+            raise UsageError(f"example {kind!r}: choose one of fp8, bf16, "
+                             f"{', '.join(k for k in ALL_EXAMPLES if k != 'fp8')}")
         if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
             raise UsageError(f"{dst}: exists and is not an empty directory; choose a new path")
         if kind == "bf16":
@@ -452,7 +454,7 @@ def example(
                 make_tiny(tmp)
                 dequantize(tmp, dst, device="cpu")
         else:
-            make_example(kind, dst)
+            make_any_example(kind, dst)
     out.print(f"wrote the {kind} example checkpoint to {dst}; try: dsv3conv inspect {dst}", markup=False)
 
 

@@ -30,6 +30,9 @@ SCALE_DTYPE_CHOICES = ("F32", "BF16", "F16", "F8_E8M0")
 TensorSpec = tuple[str, tuple[int, ...], str]
 
 
+PT_METADATA = {"format": "pt"}  # the `__metadata__` torch's safetensors writer puts in every header
+
+
 def shard_name(k: int, n: int) -> str:
     """Shard names as the DeepSeek-V3 release spells them (`model-00001-of-000163.safetensors`)."""
     return f"model-{k:05d}-of-{n:06d}.safetensors"
@@ -81,10 +84,12 @@ def write_checkpoint(
     names: list[str] | None = None,
     sparse: bool = False,
     single_file: bool = False,
+    metadata: dict[str, str] | None = PT_METADATA,
 ) -> None:
     """Write shards (each a list of (name, dtype, shape, data function)), the index and config.json.
 
     `sparse`: write headers only and extend each file to its full size, leaving the data as holes.
+    `metadata`: each header's `__metadata__` (None: none, as some releases' writers leave it out).
     """
     root.mkdir(parents=True, exist_ok=True)
     names = names or [shard_name(k + 1, len(shards)) for k in range(len(shards))]
@@ -92,7 +97,7 @@ def write_checkpoint(
         names = ["model.safetensors"]
     weight_map, total = {}, 0
     for fname, items in zip(names, shards):
-        header, _ = build_header([(n, d, s) for n, d, s, _ in items], {"format": "pt"})
+        header, _ = build_header([(n, d, s) for n, d, s, _ in items], metadata)
         data_size = sum(math.prod(s) * DTYPE_SIZES[d] for _, d, s, _ in items)
         if sparse:
             with open(root / fname, "wb") as f:

@@ -11,6 +11,8 @@
 Shapes are tiny; some FP8 dimensions are not multiples of 128. `v4_flash_config` gives V4-Flash's own
 dimensions (as transformers' `DeepseekV4Config` states them), shrinkable, for benchmarks (`make_v4(...,
 config=...)`, scripts/bench_v4.py).
+- `make_v4_replica(root)`: every header of the DeepSeek-V4-Flash release (46 shards, 69,187 tensors) as sparse
+  files, laid out as the release is (docs/formats.md says from what): for `inspect` and `--dry-run`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,16 @@ import torch
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.formats import ignored
 from dsv3conv.layout import FP8_DTYPE, deepseek_v3_tensors, is_scale, scale_shape
-from dsv3conv.layout_v4 import deepseek_v4_tensors
-from dsv3conv.synthetic import _write_tensors, quantize_blocks, tiny_config, write_extra_files
+from dsv3conv.layout_v4 import deepseek_v4_tensors, mtp_module_id, v4_layer_id
+from dsv3conv.synthetic import (
+    EXAMPLES,
+    _write_tensors,
+    make_example,
+    quantize_blocks,
+    tiny_config,
+    write_checkpoint,
+    write_extra_files,
+)
 
 V4_KINDS = ("flash", "flash-base", "0731")
 V4_QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "scale_fmt": "ue8m0",
@@ -64,8 +74,8 @@ def v4_flash_config(kind: str = "flash", **overrides) -> dict:
              index_topk=512)
     c.update(overrides)
     n = c["num_hidden_layers"]
-    if n == 43 and "compress_ratios" not in overrides:
-        c["compress_ratios"] = [0, 0] + [4, 128] * 20 + [0, 0]  # the last entry: the MTP module
+    if n == 43 and "compress_ratios" not in overrides:  # the release's: layers 2, 4, .., 42 CSA, 3, .., 41 HCA
+        c["compress_ratios"] = [0, 0] + [4, 128] * 20 + [4, 0]  # the last entry: the MTP module
     elif "compress_ratios" not in overrides:
         c["compress_ratios"] = [(4, 128, 0)[i % 3] for i in range(n)] + [0]
         c["num_hash_layers"] = min(c["num_hash_layers"], max(n - 1, 0))
@@ -159,3 +169,50 @@ def make_compressed_tensors(
     _write_tensors(root, specs, tensors, config, n_shards)
     write_extra_files(root, config)
     return tensors
+
+
+# --------------------------------------------------------------------------------------- the replica
+# safetensors' dtype order: its writer lays tensors out by dtype, this order reversed, then by name.
+_LIBRARY_DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16",
+                        "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
+
+
+def v4_release_shard(name: str, num_layers: int) -> int:
+    """The shard (1-based) of `name` in a V4 release: the embedding alone, one per main layer, then the head
+    (with `norm` and `hc_head_*`), then the `mtp.*` part."""
+    if name == "embed.weight":
+        return 1
+    layer = v4_layer_id(name)
+    if layer is not None:
+        return layer + 2
+    return num_layers + (3 if mtp_module_id(name) is not None else 2)
+
+
+def make_v4_replica(root: str | os.PathLike) -> Path:
+    """Header-exact replica of DeepSeek-V4-Flash: 46 sparse shards (160 GB apparent), no data, no
+    `__metadata__`, tensors in the order the safetensors writer gives them."""
+    root = Path(root)
+    config = v4_flash_config("flash")
+    n = config["num_hidden_layers"]
+    n_shards = n + 2 + (1 if config.get("num_nextn_predict_layers") else 0)
+    shards: list[list] = [[] for _ in range(n_shards)]
+    for name, shape, dtype in deepseek_v4_tensors(config):
+        shards[v4_release_shard(name, n) - 1].append((name, dtype, shape, None))
+    for items in shards:
+        items.sort(key=lambda t: (-_LIBRARY_DTYPE_ORDER.index(t[1]), t[0]))
+    names = [f"model-{k:05d}-of-{n_shards:05d}.safetensors" for k in range(1, n_shards + 1)]  # as V4 spells them
+    write_checkpoint(root, shards, config, names=names, sparse=True, metadata=None)
+    write_extra_files(root, config)
+    return root
+
+
+V4_EXAMPLES = {"v4-replica": "a header-exact replica of the DeepSeek-V4-Flash release: 46 sparse shards (160 GB "
+                             "apparent, no data; for --dry-run and inspect)"}
+ALL_EXAMPLES = {**EXAMPLES, **V4_EXAMPLES}
+
+
+def make_any_example(kind: str, root: str | os.PathLike) -> Path:
+    """Write the example checkpoint `kind` (a key of `ALL_EXAMPLES`) into `root`."""
+    if kind == "v4-replica":
+        return make_v4_replica(root)
+    return make_example(kind, root)
