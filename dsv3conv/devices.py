@@ -1,4 +1,4 @@
-"""Where a run computes: `--device` names and CPU threads, checked without importing torch.
+"""Where a run computes: `--device` names, CPU threads and I/O threads, checked without importing torch.
 
 A mistyped device or thread count is refused at once; whether a CUDA device exists is asked of torch later,
 by `dsv3conv.backend.check_device`, once every other check has passed.
@@ -14,6 +14,7 @@ from dsv3conv.errors import UsageError
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, cuda:all or a list (cuda:0,cuda:1)"
 _ONE_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 THREADS_ENV = "DSV3CONV_CPU_THREADS"
+READERS_ENV, WRITERS_ENV = "DSV3CONV_READERS", "DSV3CONV_WRITERS"  # measurement knobs (docs/environment.md)
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -26,9 +27,28 @@ def parse_devices(spec: str) -> list[str]:
 
 def cpu_threads() -> int:
     """Threads of the CPU backend: `DSV3CONV_CPU_THREADS`, else every core this process may run on."""
-    env = os.environ.get(THREADS_ENV, "").strip()
-    if env:
-        if not env.isdigit() or int(env) < 1:
-            raise UsageError(f"{THREADS_ENV}={env!r}: give a whole number of threads, 1 or more")
-        return int(env)
+    return _env_count(THREADS_ENV) or _cores()
+
+
+def io_threads() -> tuple[int, int]:
+    """(readers, writers) of the engine. Reads are large and sequential: a few suffice. Writes need more in
+    flight (on tmpfs one writer copies ~1.5 GB/s, eight ~5 GB/s), up to one per core. `DSV3CONV_READERS` and
+    `DSV3CONV_WRITERS` set either count (for measurements)."""
+    cores = _cores()
+    return (_env_count(READERS_ENV) or max(2, min(4, cores // 4)),
+            _env_count(WRITERS_ENV) or max(2, min(8, cores)))
+
+
+def _env_count(name: str) -> int | None:
+    """The whole number, 1 or more, in environment variable `name`; None when unset or empty."""
+    env = os.environ.get(name, "").strip()
+    if not env:
+        return None
+    if not env.isdigit() or int(env) < 1:
+        raise UsageError(f"{name}={env!r}: give a whole number of threads, 1 or more")
+    return int(env)
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

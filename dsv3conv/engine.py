@@ -31,6 +31,7 @@ import torch
 from dsv3conv import profiling
 from dsv3conv.backend import Backend, Fence, Item, OutputArena, convert_async, host_buffer
 from dsv3conv.checkpoint import ShardReader, read_tensor
+from dsv3conv.devices import io_threads
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error
 from dsv3conv.finite import check_piece
@@ -40,13 +41,6 @@ from dsv3conv.writer import AtomicFile, copy_file_fast, fs_type
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 MAX_GAP_BYTES = 1 << 20  # small tensors between two read pieces are read along rather than seeked over
 POOL_BUDGET_BYTES = 5 << 28  # 1.25 GiB of buffers and arenas: beyond that, more in flight only adds memory
-
-
-def io_threads() -> tuple[int, int]:
-    """(readers, writers) for this machine. Reads are large and sequential: a few suffice. Writes need more
-    in flight (on tmpfs one writer copies ~1.5 GB/s, eight ~5 GB/s), up to one per core."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-    return max(2, min(4, cores // 4)), max(2, min(8, cores))
 
 
 def pool_counts(buffers: int, arenas: int, buf_bytes: int, out_bytes: int,

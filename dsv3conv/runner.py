@@ -29,7 +29,7 @@ from dsv3conv.dest import (
     release_dest,
     remove_partials,
 )
-from dsv3conv.devices import cpu_threads, parse_devices
+from dsv3conv.devices import cpu_threads, io_threads, parse_devices
 from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
 from dsv3conv.ops import Copy
 from dsv3conv.plan import BUFFER_RANGE, MIN_BUFFER_BYTES, Plan, assign_parts, parse_part, parse_size
@@ -96,6 +96,7 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
                          "not with {part} (one device per job) or {overwrite} (empty DST first)",
                          "device", "part", "overwrite")
     threads = cpu_threads() if any(n in ("auto", "cpu") for n in names) else None
+    io_threads()  # a bad DSV3CONV_READERS or DSV3CONV_WRITERS is refused here, before any work
     # The refusals a run would give, before any work (the run creates DST later)
     prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=plan.source, create=False)
     if (resume or part is not None) and plan.dest.is_dir():

@@ -11,7 +11,8 @@ from dsv3conv import engine
 from dsv3conv.backend import CpuBackend, OutputArena
 from dsv3conv.checkpoint import Checkpoint
 from dsv3conv.dequant import plan_dequant
-from dsv3conv.errors import Dsv3Error
+from dsv3conv.devices import io_threads
+from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.gpu import Spread
 from dsv3conv.runner import execute
 from dsv3conv.synthetic import make_tiny
@@ -151,11 +152,41 @@ def test_buffers_and_arenas_stay_within_their_counts(tmp_path, src_ref, monkeypa
         execute(plan, backend, chunk_bytes=8192, depth=1)
     finally:
         backend.close()
-    readers, writers = engine.io_threads()
+    readers, writers = io_threads()
     assert len(specs) > 4 * (readers + writers + 2)
     assert 1 <= made["buffers"] <= readers + 1, made
     assert 1 <= made["arenas"] <= writers + 1, made
     _same_files(tmp_path / "out", ref)
+
+
+def test_reader_and_writer_counts_from_the_environment(tmp_path, src_ref, monkeypatch):
+    """DSV3CONV_READERS and DSV3CONV_WRITERS set the engine's thread counts (measurements); anything but a
+    whole number from 1 is refused, naming the variable."""
+    src, ref = src_ref
+    monkeypatch.setenv("DSV3CONV_READERS", "3")
+    monkeypatch.setenv("DSV3CONV_WRITERS", "5")
+    assert io_threads() == (3, 5)
+    seen = []
+    init = engine._Run.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        seen.append((self.n_readers, self.n_writers))
+
+    monkeypatch.setattr(engine._Run, "__init__", spy)
+    backend = LateBackend()
+    try:
+        execute(plan_dequant(Checkpoint.open(src), tmp_path / "out"), backend, chunk_bytes=8192)
+    finally:
+        backend.close()
+    assert seen == [(3, 5)]
+    _same_files(tmp_path / "out", ref)
+    monkeypatch.delenv("DSV3CONV_READERS")
+    assert io_threads()[0] >= 2 and io_threads()[1] == 5
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("DSV3CONV_WRITERS", bad)
+        with pytest.raises(UsageError, match=f"DSV3CONV_WRITERS='{bad}'"):
+            io_threads()
 
 
 def test_batches_of_a_few_files_take_turns():

@@ -55,9 +55,11 @@ def full_dst(tmp_path):
 
 @pytest.mark.parametrize("case", ["non-empty DST", "non-empty DST, dry run", "resume and overwrite",
                                   "missing SRC", "unknown device", "part and overwrite", "bad thread count",
+                                  "bad writer count",
                                   "quant into a non-empty DST", "split-mtp into a non-empty DST, dry run"])
 def test_refusals_come_before_torch(case, tiny_src, tiny_bf16, full_dst, tmp_path):
-    env = dict(ENV, DSV3CONV_CPU_THREADS="many") if case == "bad thread count" else None
+    env = {"bad thread count": dict(ENV, DSV3CONV_CPU_THREADS="many"),
+           "bad writer count": dict(ENV, DSV3CONV_WRITERS="0")}.get(case)
     fresh = tmp_path / "fresh"
     args, code, needle = {
         "non-empty DST": (("dequant", tiny_src, full_dst), 2, "not empty"),
@@ -67,6 +69,7 @@ def test_refusals_come_before_torch(case, tiny_src, tiny_bf16, full_dst, tmp_pat
         "unknown device": (("dequant", tiny_src, fresh, "--device", "gpu0"), 2, "'gpu0'"),
         "part and overwrite": (("dequant", tiny_src, fresh, "--part", "1/2", "--overwrite"), 2, "exclude each other"),
         "bad thread count": (("dequant", tiny_src, fresh, "--device", "cpu"), 2, "DSV3CONV_CPU_THREADS='many'"),
+        "bad writer count": (("dequant", tiny_src, fresh), 2, "DSV3CONV_WRITERS='0'"),
         "quant into a non-empty DST": (("quant", tiny_bf16, full_dst), 2, "not empty"),
         "split-mtp into a non-empty DST, dry run": (("split-mtp", tiny_src, "--mtp-out", full_dst, "--dry-run"), 2,
                                                     "not empty"),
