@@ -3,24 +3,38 @@
 For each size (`--layers 1 2`: checkpoints of real DeepSeek-V3 shapes with that many MoE layers), on the
 same files:
   cat            one sequential read of the input (`cat SHARDS > /dev/null`)
-  dd             one sequential write of an output-sized file (`dd conv=fsync`)
-  dd xN          N writers at once (`--writers`, default 8), each writing 1/N of the output size
+  dd             one sequential write of an output-sized file (`dd conv=fsync`; `--skip-single-dd`: not run)
+  dd xN          N writers at once (`--writers`, default 8), each writing 1/N of the output size into its own
+                 file, each file fsync'd at its end
   overlap bound  max(cat, dd xN): what a converter that overlaps reading with N parallel writes can reach
   eager          a DeepSeek-style converter: a whole shard onto the device, each tensor dequantized with
                  plain torch, `save_file`, fsync
   dsv3conv       `dsv3conv dequant --device D` for each `--device` (run with DSV3CONV_PROFILE=1: seconds per
                  stage); `parts:cuda:0,cuda:1` runs one `--part k/N` process per listed device at once,
                  `processes:cuda:all` runs the device workers as spawned processes, `mapped:cuda` writes
-                 through mappings (DSV3CONV_MAP_WRITES=1)
+                 through mappings (DSV3CONV_MAP_WRITES=1); `--io R:W` (repeatable) runs it once per setting
+                 with R reader and W writer threads (DSV3CONV_READERS, DSV3CONV_WRITERS). dsv3conv fsyncs each
+                 output file before renaming it into place: its time includes writing the bytes to the disk,
+                 as dd's does.
   dry run        `dsv3conv dequant --dry-run` alone: planning, part of the fixed cost
+`--cold`: before each step the input is pushed out of the page cache (dirty pages written first, sync):
+through /proc/sys/vm/drop_caches (root) or posix_fadvise(POSIX_FADV_DONTNEED) on each input file (no
+privilege needed). A sandbox may accept either and do nothing (gVisor ignores fadvise's advice), so whether
+one works is measured, not assumed: the first 1 GiB of one input file is read from the cache, then after each
+method until one makes the read 1.5x slower; every time is printed, and the method that evicted is used
+(none: the table says so, and its "cold" steps are warm-cache steps).
+
 From the two sizes, each method's steady-state rate (extra FP8 input bytes / extra seconds) and fixed cost
 (the seconds left at zero bytes). Peak RSS is the largest single process of a run; GPU peak the largest
 device memory a run allocated; first byte the seconds from a dsv3conv process's start to its first write
-(from its profile line, with the start-up steps before it). Results go to OUT/bench_convert.json, the
+(from its profile line, with the start-up steps before it); engine s the engine's own wall time (its profile,
+after start-up) and bound / engine that time's rate as a share of the overlap bound's. Results go to OUT/bench_convert.json, the
 table to stdout and OUT/bench_convert.md.
 
     python scripts/bench_convert.py --device cuda --layers 1 2 --dir /dev/shm/bench --out /tmp/out
     python scripts/bench_convert.py --device cpu --layers 1 2 --experts 2 --vocab 1024 --dir /tmp/b --out /tmp/o
+    python scripts/bench_convert.py --device cuda --layers 2 --shard-gb 1 --skip-eager --io 2:8 --io 4:16 ...
+    python scripts/bench_convert.py --device cuda --layers 1 2 --shard-gb 1 --cold --dir /disk/b --out /tmp/o
 """
 
 from __future__ import annotations
@@ -95,23 +109,81 @@ def all_of(commands: list[str]) -> str:
     return f"rc=0; {starts}; {waits}; exit $rc"
 
 
-def drop_caches() -> None:
+EVICTIONS = ("drop_caches", "fadvise")  # ways to push files out of the page cache, tried in this order
+EVICTED = 1.5  # a re-read this many times slower than from the cache came from the disk
+
+
+def evict(paths: list[Path], method: str) -> str | None:
+    """Push `paths` out of the page cache, dirty pages written first: `drop_caches` the whole cache (root),
+    `fadvise` each file's pages (no privilege needed). None when done, else why it could not be done."""
+    os.sync()
+    if method == "drop_caches":
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+        except OSError as exc:
+            return f"/proc/sys/vm/drop_caches: {exc.strerror or exc}"
+        return None
     try:
-        subprocess.run(["sync"], check=False)
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # dirty pages are not dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    except (OSError, AttributeError) as exc:
+        return f"posix_fadvise: {getattr(exc, 'strerror', None) or exc}"
+    return None
+
+
+def read_seconds(path: Path, limit: int = 1 << 30) -> float:
+    """Seconds to read the first `limit` bytes of `path`."""
+    buf = bytearray(16 << 20)
+    start, done = time.perf_counter(), 0
+    with open(path, "rb", buffering=0) as f:
+        while done < limit and (n := f.readinto(buf)):
+            done += n
+    return time.perf_counter() - start
+
+
+def eviction_check(path: Path, methods: tuple[str, ...]) -> dict:
+    """Which of `methods` evicts here: the first 1 GiB of `path` read from the cache (the best of three), then
+    after each method in turn until one makes the read EVICTED times slower. `method`: that one, or None."""
+    read_seconds(path)  # into the cache
+    cached = min(read_seconds(path) for _ in range(3))  # the best of three: a busy machine's noise is slower
+    check = {"file": path.name, "bytes": min(path.stat().st_size, 1 << 30), "cached_s": cached,
+             "tried": {}, "method": None}
+    for method in methods:
+        why = evict([path], method)
+        check["tried"][method] = why or read_seconds(path)  # the read puts the pages back for the next method
+        if why is None and check["tried"][method] >= EVICTED * check["cached_s"]:
+            check["method"] = method
+            break
+    return check
+
+
+def eviction_line(check: dict) -> str:
+    tried = "; ".join(f"after {m}: " + (f"{v:.2f} s ({v / max(check['cached_s'], 1e-9):.1f}x)" if isinstance(v, float)
+                                        else f"not done ({v})") for m, v in check["tried"].items())
+    verdict = (f"{check['method']} evicts: the cold steps read from the disk" if check["method"] else
+               f"no method made the read {EVICTED}x slower: the pages most likely stayed cached, so the 'cold' "
+               "steps are warm-cache steps")
+    return (f"cache eviction: {check['bytes'] / 1e9:.2f} GB of {check['file']} read in {check['cached_s']:.2f} s "
+            f"from the cache; {tried}. {verdict}")
 
 
 def profiles(stderr: list[str]) -> list[dict]:
     return [json.loads(line[len(PROFILE_PREFIX):]) for line in stderr if line.startswith(PROFILE_PREFIX)]
 
 
-def dsv3conv_run(src: Path, dst: Path, device: str, work: Path) -> dict:
-    """One `dsv3conv dequant` (or several `--part` processes at once), profiled."""
+def dsv3conv_run(src: Path, dst: Path, device: str, work: Path, io: tuple[int, int] | None = None) -> dict:
+    """One `dsv3conv dequant` (or several `--part` processes at once), profiled; `io`: (readers, writers)."""
     shutil.rmtree(dst, ignore_errors=True)
     cmd = [sys.executable, "-m", "dsv3conv", "dequant", str(src), str(dst), "--json", "--quiet"]
     env = dict(os.environ, DSV3CONV_PROFILE="1")
+    if io is not None:
+        env.update(DSV3CONV_READERS=str(io[0]), DSV3CONV_WRITERS=str(io[1]))
     if device.startswith("parts:"):
         devs = device.removeprefix("parts:").split(",")
         r = timed(["sh", "-c", all_of([
@@ -147,18 +219,22 @@ def dd_seconds(work: Path, total_bytes: int, writers: int) -> float:
     return t
 
 
-def measure(src: Path, work: Path, args, out_bytes: int) -> dict:
+def measure(src: Path, work: Path, args, out_bytes: int, evicted: str | None = None) -> dict:
     """Every method once on the checkpoint at `src`: {method: {"s": seconds, ...}}."""
     res: dict[str, dict] = {}
+    shards = sorted(src.glob("*.safetensors"))
+    # The method that evicted; where none did, the one asked (auto: fadvise, which at least writes dirty pages)
+    method = evicted or (EVICTIONS[-1] if args.cold == "auto" else args.cold)
 
     def fresh() -> None:
         if args.cold:
-            drop_caches()
+            evict(shards, method)
 
     fresh()
     res["cat"] = {"s": cat_seconds(src)}
-    fresh()
-    res["dd"] = {"s": dd_seconds(work, out_bytes, 1)}
+    if not args.skip_single_dd:
+        fresh()
+        res["dd"] = {"s": dd_seconds(work, out_bytes, 1)}
     fresh()
     n = args.writers
     res[f"dd x{n}"] = {"s": dd_seconds(work, out_bytes, n)}
@@ -171,8 +247,10 @@ def measure(src: Path, work: Path, args, out_bytes: int) -> dict:
         res["eager"] = {"s": r["s"], "rss": r["rss"], "gpu_peak": json.loads(r["stdout"].splitlines()[-1])["gpu_peak"]}
         shutil.rmtree(work / "eager", ignore_errors=True)
     for device in args.device:
-        fresh()
-        res[f"dsv3conv {device}"] = dsv3conv_run(src, work / "dsv3conv", device, work)
+        for io in args.io or [None]:
+            fresh()
+            label = f"dsv3conv {device}" + (f" r{io[0]} w{io[1]}" if io else "")
+            res[label] = dsv3conv_run(src, work / "dsv3conv", device, work, io)
         dry = timed([sys.executable, "-m", "dsv3conv", "dequant", str(src), str(work / "dry"), "--dry-run", "--json",
                      "--device", device.split(":", 1)[1] if device.startswith(PREFIXES) else device])
         res[f"dry run {device}"] = {"s": dry["s"], "rss": dry["rss"]}
@@ -219,8 +297,9 @@ def steady(sizes: list[dict], method: str) -> dict | None:
 def table(report: dict) -> str:
     sizes = report["sizes"]
     head = " | ".join(f"{s['layers']} layer(s): s" for s in sizes)
-    lines = [f"| method | {head} | FP8 GB/s at the margin | fixed s | peak RSS | GPU peak | first byte s |",
-             "|---|" + "---:|" * (len(sizes) + 5)]
+    lines = [f"| method | {head} | FP8 GB/s at the margin | fixed s | peak RSS | GPU peak | first byte s "
+             "| end to end / bound | engine s | bound / engine |", "|---|" + "---:|" * (len(sizes) + 8)]
+    bound = sizes[-1]["results"]["overlap bound"]["s"]
     for method in sizes[-1]["results"]:
         cells = [f"{s['results'][method]['s']:.2f}" if method in s["results"] else "-" for s in sizes]
         st = report["steady"].get(method) or {}
@@ -231,10 +310,17 @@ def table(report: dict) -> str:
         gpu = f"{last['gpu_peak'] / 1e9:.2f} GB" if last.get("gpu_peak") else "-"
         first = first_byte(last)
         first = f"{first:.2f}" if first is not None else "-"
-        lines.append(f"| {method} | {' | '.join(cells)} | {rate} | {fixed} | {rss} | {gpu} | {first} |")
+        e2e = f"{last['s'] / bound:.2f}" if not method.startswith("dry run") else "-"
+        walls = [p["wall_s"] for p in last.get("profile") or []]
+        engine = f"{max(walls):.2f} | {bound / max(walls):.2f}" if walls else "- | -"
+        lines.append(f"| {method} | {' | '.join(cells)} | {rate} | {fixed} | {rss} | {gpu} | {first} | {e2e} "
+                     f"| {engine} |")
     for s in sizes:
         lines.append(f"\n{s['layers']} layer(s): input {s['input_bytes'] / 1e9:.2f} GB ({s['fp8_bytes'] / 1e9:.2f} GB FP8) "
-                     f"in {s['shards']} shards, output {s['output_bytes'] / 1e9:.2f} GB")
+                     f"in {s['shards']} shards, output {s['output_bytes'] / 1e9:.2f} GB, in {report['dir']} "
+                     f"({report['fs_type']})")
+        if s.get("eviction"):
+            lines.append("  " + eviction_line(s["eviction"]))
         for method, r in s["results"].items():
             for p in r.get("profile") or []:
                 marks = ", ".join(f"{k} {v:.2f}" for k, v in p.items() if k.endswith("_s") and k != "wall_s" and v is not None)
@@ -261,7 +347,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="directory for bench_convert.json and .md")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints (reused by the next run)")
     ap.add_argument("--skip-eager", action="store_true")
-    ap.add_argument("--cold", action="store_true", help="drop the page cache before each measurement (root)")
+    ap.add_argument("--skip-single-dd", action="store_true", help="no single dd (the bound needs only dd xN)")
+    ap.add_argument("--io", type=io_setting, action="append", metavar="R:W",
+                    help="run dsv3conv with R reader and W writer threads (repeat for several settings)")
+    ap.add_argument("--cold", nargs="?", const="auto", choices=("auto", *EVICTIONS),
+                    help="push the input out of the page cache before each step: the first of drop_caches and "
+                         "fadvise that works here (auto), or the one named")
     args = ap.parse_args()
     args.device = args.device or ["cpu"]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -278,19 +369,36 @@ def main() -> None:
             raise SystemExit(f"{args.dir}: {free / 1e9:.1f} GB free, {layers} layer(s) of {args.experts} experts need "
                              f"about {need / 1e9:.1f} GB; use fewer --experts or another --dir")
         size = build(src, layers, args)
-        size["results"] = measure(src, work, args, size["output_bytes"])
+        if args.cold:
+            methods = EVICTIONS if args.cold == "auto" else (args.cold,)
+            size["eviction"] = eviction_check(sorted(src.glob("*.safetensors"))[0], methods)
+            print(eviction_line(size["eviction"]), file=sys.stderr, flush=True)
+        size["results"] = measure(src, work, args, size["output_bytes"], size.get("eviction", {}).get("method"))
         sizes.append(size)
         print(f"{layers} layer(s) measured", file=sys.stderr, flush=True)
         if not args.keep:
             shutil.rmtree(src, ignore_errors=True)
+    from dsv3conv.writer import fs_type
+
     report = {"devices": args.device, "writers": args.writers, "experts": args.experts, "cold": args.cold,
-              "sizes": sizes}
+              "io": args.io, "dir": str(args.dir), "fs_type": fs_type(args.dir) or "?", "sizes": sizes}
     report["steady"] = {m: steady(sizes, m) for m in sizes[-1]["results"] if not m.startswith("dry run")}
     text = table(report)
     print(text)
     (args.out / "bench_convert.json").write_text(json.dumps(report, indent=2))
     (args.out / "bench_convert.md").write_text(text + "\n")
     shutil.rmtree(work, ignore_errors=True)
+
+
+def io_setting(text: str) -> tuple[int, int]:
+    """`R:W` -> (readers, writers)."""
+    try:
+        r, w = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give readers:writers, e.g. 2:8") from None
+    if r < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: readers and writers are 1 or more")
+    return r, w
 
 
 def warm_up(root: Path, devices: list[str]) -> None:

@@ -6,7 +6,13 @@
 #     kernel     bench_kernel.py (dequant kernel, with and without PDL), bench_kernel_quant.py, bench_mxfp4.py
 #     convert    bench_convert.py from /dev/shm: 1 and 2 MoE layers of EXPERTS (256) experts, steady state and
 #                fixed cost, dsv3conv profiled per stage (needs ~75 GB there with 256 experts)
-#     disk       bench_convert.py on the local disk, page cache dropped before each run
+#     disk       bench_convert.py on the local disk (DISK_DIR, default /tmp/dsv3conv-disk): 1 and 2 MoE layers of
+#                EXPERTS=128 experts in SHARD_GB=1 GB shards (~36 GB of disk at most), the input pushed out of the
+#                page cache before each step (--cold: drop_caches or fadvise, whichever is seen to work; the log
+#                says which, with the re-read times that show it), one GPU, no eager converter
+#     sweep      bench_convert.py from /dev/shm, 2 MoE layers (EXPERTS=128, SHARD_GB=1): dsv3conv --device cuda at
+#                every SWEEP_READERS ("2 4") x SWEEP_WRITERS ("4 8 12 16") reader and writer thread counts on the
+#                same files: engine seconds and its rate against the overlap bound, per setting
 #     scale      bench_convert.py from /dev/shm on every GPU: threads, processes, --part jobs, two on one GPU
 #     engine     the asynchronous GPU engine in one go: its GPU tests, bench_convert.py from /dev/shm (one GPU,
 #                one GPU writing through mappings, every GPU in one process, one --part job per GPU;
@@ -49,8 +55,17 @@ for step in "${@:-tests kernel convert}"; do for step in $step; do
       run bench_tmpfs.txt python3 scripts/bench_convert.py --device cuda --experts "${EXPERTS:-256}" \
         --dir /dev/shm/dsv3conv-bench --out "$OUT/convert-tmpfs" ;;
     disk)
-      run bench_disk.txt python3 scripts/bench_convert.py --device cuda --experts "${EXPERTS:-256}" --cold \
-        --dir /tmp/dsv3conv-bench --out "$OUT/convert-disk" ;;
+      d=${DISK_DIR:-/tmp/dsv3conv-disk}; mkdir -p "$d"; df -hT "$d" /dev/shm
+      run bench_disk.txt python3 scripts/bench_convert.py --device cuda --experts "${EXPERTS:-128}" \
+        --shard-gb "${SHARD_GB:-1}" --layers 1 2 --cold --skip-eager --skip-single-dd --dir "$d" \
+        --out "$OUT/convert-disk"
+      rm -rf "$d" ;;
+    sweep)
+      io=(); for r in ${SWEEP_READERS:-2 4}; do for w in ${SWEEP_WRITERS:-4 8 12 16}; do io+=(--io "$r:$w"); done; done
+      run bench_sweep.txt python3 scripts/bench_convert.py --device cuda "${io[@]}" --skip-eager --skip-single-dd \
+        --experts "${EXPERTS:-128}" --shard-gb "${SHARD_GB:-1}" --layers 2 --dir /dev/shm/dsv3conv-sweep \
+        --out "$OUT/convert-sweep"
+      rm -rf /dev/shm/dsv3conv-sweep ;;
     scale)
       n=$(nvidia-smi -L | wc -l); all=$(seq -s, -f "cuda:%g" 0 $((n - 1)))
       run bench_scale.txt python3 scripts/bench_convert.py --device cuda --device cuda:all --device processes:cuda:all \
