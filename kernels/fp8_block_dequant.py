@@ -17,18 +17,16 @@ from collections.abc import Sequence
 
 import torch
 
-from .launch import (  # noqa: F401  (re-exported: callers import them from here)
-    _NO_GUARD,
+from .launch import (  # noqa: F401  (re-exported: benchmarks and tests reach them through this module)
     HAS_TRITON,
+    SCALE_KIND,
+    SCALE_VIEW,
     Config,
     _cdiv,
-    _check_device,
     _device_guard,
-    _device_info,
-    _interpreting,
     _num_sms,
-    _require_triton,
-    _triton_has_pdl,
+    check_out_dtype,
+    launch_device,
     output_for,
     pdl_mode,
     pick_config,
@@ -42,13 +40,6 @@ BLOCK_SIZE = 128
 
 # Element-count limit of one tile's int32 in-tile offsets (BLOCK_M * row stride).
 _INT32_MAX = 2**31 - 1
-_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_E8M0 = getattr(torch, "float8_e8m0fnu", None)
-# Scale dtype -> kernel SCALE_KIND; non-float32 scales are passed as their bits and decoded exactly.
-_SCALE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-if _E8M0 is not None:
-    _SCALE_KIND[_E8M0] = 3
-_SCALE_VIEW = {0: torch.float32, 1: torch.int16, 2: torch.int16, 3: torch.uint8}
 
 
 def reference_dequant(
@@ -287,8 +278,8 @@ def _launch_dequant(
         raise ValueError(f"row stride {max(weight.stride(0), out.stride(0))} too large for BLOCK_M={block_m}")
     w_dtype = torch.uint8 if decode_bits else torch.float8_e4m3fn
     w = weight if weight.dtype == w_dtype else weight.view(w_dtype)
-    scale_kind = _SCALE_KIND[scale.dtype]
-    s = scale if scale_kind == 0 else scale.view(_SCALE_VIEW[scale_kind])
+    scale_kind = SCALE_KIND[scale.dtype]
+    s = scale if scale_kind == 0 else scale.view(SCALE_VIEW[scale_kind])
     grid = (_cdiv(rows, block_m) * _cdiv(cols, block_n),)
     mode = pdl_mode(weight.device)
     pdl = {"PDL": mode, "launch_pdl": True} if mode else {"PDL": 0}
@@ -313,7 +304,7 @@ def dequant(
     float32/bfloat16/float16/float8_e8m0fnu. out: optional [M, N] tensor of out_dtype to write into.
     decode_bits: True decodes e4m3 from raw bytes (pre-sm89 GPUs); None picks by compute capability.
     """
-    _require_triton()
+    device = launch_device("dequant", "reference_dequant", weight=weight, scale_inv=scale_inv)
     if weight.dtype not in (torch.float8_e4m3fn, torch.uint8):
         raise ValueError(f"weight must be float8_e4m3fn or uint8 (raw e4m3 bits), got {weight.dtype}")
     if weight.dim() != 2:
@@ -325,21 +316,17 @@ def dequant(
             f"scale_inv shape {tuple(scale_inv.shape)} does not match weight shape {tuple(weight.shape)}: "
             f"expected {want} (ceil of each dim / {BLOCK_SIZE})"
         )
-    if scale_inv.dtype not in _SCALE_KIND:
+    if scale_inv.dtype not in SCALE_KIND:
         raise ValueError(f"scale_inv dtype {scale_inv.dtype} unsupported: use float32/bfloat16/float16/e8m0")
-    if out_dtype not in _OUT_DTYPES:
-        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
-    if scale_inv.device != weight.device:
-        raise ValueError(f"weight is on {weight.device} but scale_inv is on {scale_inv.device}")
-    _check_device(weight.device)
-    out = output_for(out, rows, cols, out_dtype, weight.device)
+    check_out_dtype(out_dtype)
+    out = output_for(out, rows, cols, out_dtype, device)
     if rows == 0 or cols == 0:
         return out
     if cols > 1 and weight.stride(1) != 1:
         weight = weight.contiguous()
     scale = scale_inv.contiguous()
-    decode = resolve_decode_bits(weight.device, decode_bits)
-    _launch_dequant(weight, scale, out, decode, pick_config(rows, cols, _num_sms(weight.device)))
+    decode = resolve_decode_bits(device, decode_bits)
+    _launch_dequant(weight, scale, out, decode, pick_config(rows, cols, _num_sms(device)))
     return out
 
 
@@ -391,7 +378,7 @@ def dequant_segments(
     row-major at scales[scale_elem_offset:], and writes [rows, cols] of out_dtype at dst[dst_byte_offset:].
     Segments whose offsets and columns allow 16-byte vectors run in one launch, any others in a second.
     """
-    _require_triton()
+    device = launch_device("dequant", "reference_dequant", src=src, dst=dst, scales=scales)
     import numpy as np  # host-side segment metadata (see _segment_table)
 
     for name, t, dtype in (
@@ -403,14 +390,7 @@ def dequant_segments(
             raise ValueError(
                 f"{name} must be a contiguous 1-D {dtype} tensor, got {t.dtype} {tuple(t.shape)}"
             )
-    if out_dtype not in _OUT_DTYPES:
-        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
-    device = src.device
-    if dst.device != device or scales.device != device:
-        raise ValueError(
-            f"src, dst and scales must share a device: {src.device}, {dst.device}, {scales.device}"
-        )
-    _check_device(device)
+    check_out_dtype(out_dtype)
     elem_size = out_dtype.itemsize
     seg = _segment_table(segments, src.numel(), dst.numel(), scales.numel(), elem_size)
     seg = seg[(seg[:, 3] > 0) & (seg[:, 4] > 0)]

@@ -25,23 +25,26 @@ rounding mode.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
-from .launch import HAS_TRITON, tl, triton  # Triton is optional: the reference works without it
+from .launch import (  # Triton is optional: the reference works without it
+    E8M0,
+    HAS_TRITON,
+    SCALE_KIND,
+    SCALE_VIEW,
+    _cdiv,
+    _device_guard,
+    _device_info,
+    launch_device,
+    output_for,
+    tl,
+    triton,
+)
 
 BLOCK_SIZE = 128
 E4M3_MAX = 448.0
 SCALE_FMTS = ("float", "ue8m0")
 SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_E8M0 = getattr(torch, "float8_e8m0fnu", None)
-# Scale dtype -> kernel SCALE_KIND; the kernel writes bfloat16/float16 as int16 bits, e8m0 as uint8 bits.
-_SCALE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-if _E8M0 is not None:
-    _SCALE_KIND[_E8M0] = 3
-_SCALE_VIEW = {0: torch.float32, 1: torch.int16, 2: torch.int16, 3: torch.uint8}
 _F16_TINY = 2.0**-14
 _F32_TINY = 2.0**-126
 
@@ -54,9 +57,9 @@ def scale_floor(scale_dtype: torch.dtype) -> float:
 def check_scale_args(scale_fmt: str, scale_dtype: torch.dtype) -> None:
     if scale_fmt not in SCALE_FMTS:
         raise ValueError(f"scale_fmt {scale_fmt!r}: choose one of {SCALE_FMTS}")
-    if scale_dtype not in _SCALE_KIND:
+    if scale_dtype not in SCALE_KIND:
         raise ValueError(f"scale_dtype {scale_dtype}: choose float32, bfloat16, float16 or float8_e8m0fnu")
-    if scale_dtype == _E8M0 and scale_fmt != "ue8m0":
+    if scale_dtype == E8M0 and scale_fmt != "ue8m0":
         raise ValueError("float8_e8m0fnu scales hold powers of two only: use scale_fmt='ue8m0'")
 
 
@@ -201,23 +204,13 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@functools.cache
-def _capability(device: torch.device) -> tuple[int, int]:
-    props = torch.cuda.get_device_properties(device)
-    return props.major, props.minor
-
-
 def resolve_encode_bits(device: torch.device, encode_bits: bool | None) -> bool:
     """`None`: the native FP8 conversion on sm89+ GPUs; the integer encoder below sm89 and in the interpreter."""
     if encode_bits is not None:
         return bool(encode_bits)
     if device.type != "cuda":
         return True
-    return _capability(device) < (8, 9)
+    return _device_info(device)[1] < (8, 9)
 
 
 def quant(
@@ -234,51 +227,31 @@ def quant(
     scale_dtype. out / scale_out: optional tensors to write into (float8_e4m3fn or uint8; scale_dtype).
     encode_bits: True encodes e4m3 with integer arithmetic (pre-sm89 GPUs); None picks by compute capability.
     """
-    if not HAS_TRITON:
-        raise RuntimeError("triton is not installed; use reference_quant (plain torch) instead")
+    device = launch_device("quant", "reference_quant", w=w)
     check_scale_args(scale_fmt, scale_dtype)
     if w.dtype not in SOURCE_DTYPES:
         raise ValueError(f"w must be bfloat16, float16 or float32, got {w.dtype}")
     if w.dim() != 2:
         raise ValueError(f"w must be 2-D [M, N], got shape {tuple(w.shape)}")
-    if w.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"Triton quant needs CUDA tensors, got device {w.device}; use reference_quant on the CPU")
     rows, cols = w.shape
     if cols > 1 and w.stride(1) != 1:
         w = w.contiguous()
-    sshape = (triton.cdiv(rows, BLOCK_SIZE), triton.cdiv(cols, BLOCK_SIZE))
-    if out is None:
-        out = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=w.device)
-    elif (tuple(out.shape) != (rows, cols) or out.dtype not in (torch.float8_e4m3fn, torch.uint8)
-          or out.device != w.device or (cols > 1 and out.stride(1) != 1)):
-        raise ValueError(f"out is {tuple(out.shape)} {out.dtype} on {out.device}; expected {(rows, cols)} "
-                         f"float8_e4m3fn (or uint8), contiguous along columns, on {w.device}")
-    if scale_out is None:
-        scale_out = torch.empty(sshape, dtype=scale_dtype, device=w.device)
-    elif (tuple(scale_out.shape) != sshape or scale_out.dtype != scale_dtype or scale_out.device != w.device
-          or (sshape[1] > 1 and scale_out.stride(1) != 1)):
-        raise ValueError(f"scale_out is {tuple(scale_out.shape)} {scale_out.dtype} on {scale_out.device}; "
-                         f"expected {sshape} {scale_dtype} on {w.device}")
+    sshape = (_cdiv(rows, BLOCK_SIZE), _cdiv(cols, BLOCK_SIZE))
+    if out is not None and out.dtype == torch.uint8:
+        out = out.view(torch.float8_e4m3fn)  # raw e4m3 bytes: the same storage
+    out = output_for(out, rows, cols, torch.float8_e4m3fn, device)
+    scale_out = output_for(scale_out, *sshape, scale_dtype, device, name="scale_out")
     if rows == 0 or cols == 0:
-        return out.view(torch.float8_e4m3fn), scale_out
-    encode = resolve_encode_bits(w.device, encode_bits)
+        return out, scale_out
+    encode = resolve_encode_bits(device, encode_bits)
     q = out.view(torch.uint8) if encode else out.view(torch.float8_e4m3fn)
-    kind = _SCALE_KIND[scale_dtype]
-    s = scale_out.view(_SCALE_VIEW[kind])
+    kind = SCALE_KIND[scale_dtype]
+    s = scale_out.view(SCALE_VIEW[kind])
     grid = (sshape[0] * sshape[1],)
-    ctx = torch.cuda.device(w.device) if w.device.type == "cuda" else _nullcontext()
-    with ctx:
+    with _device_guard(device):
         _quant_kernel[grid](
             w, q, s, rows, cols, w.stride(0), q.stride(0), s.stride(0),
             TINY=scale_floor(scale_dtype), UE8M0=scale_fmt == "ue8m0", SCALE_KIND=kind, ENCODE_BITS=encode,
             BLOCK=BLOCK_SIZE, num_warps=8,
         )  # fmt: skip
     return out.view(torch.float8_e4m3fn), scale_out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -36,33 +36,51 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device)
 
 
-def _require_triton() -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("triton is not installed; use reference_dequant (plain torch) instead")
+# Output dtypes of the dequant kernels; scale dtype -> SCALE_KIND of the FP8 kernels, and the integer view a
+# non-float32 scale travels as (its bits, decoded or encoded exactly in the kernel).
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+E8M0 = getattr(torch, "float8_e8m0fnu", None)
+SCALE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+if E8M0 is not None:
+    SCALE_KIND[E8M0] = 3
+SCALE_VIEW = {0: torch.float32, 1: torch.int16, 2: torch.int16, 3: torch.uint8}
+
+
+def check_out_dtype(out_dtype: torch.dtype) -> None:
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _check_device(device: torch.device) -> None:
+def launch_device(kernel: str, fallback: str, **tensors: torch.Tensor) -> torch.device:
+    """The checks every launcher makes first: Triton installed, `tensors` on one device, a CUDA one (or Triton's
+    interpreter). `kernel` names the launcher and `fallback` what to call instead, in the errors."""
+    if not HAS_TRITON:
+        raise RuntimeError(f"triton is not installed; use {fallback} instead")
+    devices = {name: t.device for name, t in tensors.items()}
+    device = next(iter(devices.values()))
+    if any(d != device for d in devices.values()):
+        raise ValueError(f"{', '.join(devices)} must share a device, got "
+                         + ", ".join(f"{name} on {d}" for name, d in devices.items()))
     if device.type != "cuda" and not _interpreting():
-        raise ValueError(
-            f"Triton dequant needs CUDA tensors, got device {device}; use reference_dequant on the CPU"
-        )
+        raise ValueError(f"Triton {kernel} needs CUDA tensors, got device {device}; use {fallback} on the CPU")
+    return device
 
 
 def output_for(out: torch.Tensor | None, rows: int, cols: int, dtype: torch.dtype,
-               device: torch.device) -> torch.Tensor:
+               device: torch.device, name: str = "out") -> torch.Tensor:
     """A kernel's [rows, cols] output: `out` once checked (shape, dtype, device, rows contiguous), else new."""
     if out is None:
         return torch.empty((rows, cols), dtype=dtype, device=device)
     if tuple(out.shape) != (rows, cols) or out.dtype != dtype or out.device != device:
         raise ValueError(
-            f"out is {tuple(out.shape)} {out.dtype} on {out.device}; expected {(rows, cols)} {dtype} on {device}"
+            f"{name} is {tuple(out.shape)} {out.dtype} on {out.device}; expected {(rows, cols)} {dtype} on {device}"
         )
     if cols > 1 and out.stride(1) != 1:
-        raise ValueError(f"out must be contiguous along columns, got strides {out.stride()}")
+        raise ValueError(f"{name} must be contiguous along columns, got strides {out.stride()}")
     return out
 
 

@@ -13,13 +13,20 @@ E2M1 code c: sign c >> 3, exponent (c >> 1) & 3 (bias 1), mantissa c & 1; magnit
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 
 import torch
 
-from .launch import HAS_TRITON, output_for, tl, triton  # Triton is optional: the reference works without it
+from .launch import (  # Triton is optional: the reference works without it
+    HAS_TRITON,
+    _cdiv,
+    _device_guard,
+    check_out_dtype,
+    launch_device,
+    output_for,
+    tl,
+    triton,
+)
 
 if HAS_TRITON:
     from .fp8_block_dequant import _e8m0_bits_to_f32
@@ -27,7 +34,6 @@ if HAS_TRITON:
 GROUP = 32  # values per scale
 E8M0_NAN = 255
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _PACKED_DTYPES = (torch.int8, torch.uint8)
 # Packed bytes per CPU chunk: bounds the int32 index temporary (4 bytes per packed byte).
 _CPU_CHUNK_BYTES = 1 << 22
@@ -61,8 +67,7 @@ def check_args(packed: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype
             f"scale shape {tuple(scale.shape)} does not match packed shape {tuple(packed.shape)}: "
             f"expected {want} (one scale per {GROUP} values of the {cols} unpacked columns)"
         )
-    if out_dtype not in _OUT_DTYPES:
-        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    check_out_dtype(out_dtype)
     return rows, cols
 
 
@@ -75,7 +80,7 @@ def nan_scale(scale: torch.Tensor) -> tuple[int, int] | None:
     return i, j
 
 
-def _refuse_nan(scale: torch.Tensor) -> None:
+def refuse_nan_scale(scale: torch.Tensor) -> None:
     where = nan_scale(scale)
     if where is not None:
         raise ValueError(f"scale[{where[0]}, {where[1]}] is the E8M0 NaN code 255; the scale is damaged")
@@ -86,7 +91,7 @@ def reference_dequant_mxfp4(
 ) -> torch.Tensor:
     """Plain-torch MXFP4 dequant: the semantics every other implementation must match bit for bit."""
     rows, cols = check_args(packed, scale, out_dtype)
-    _refuse_nan(scale)
+    refuse_nan_scale(scale)
     b = packed.view(torch.uint8).to(torch.int64)
     codes = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(rows, cols)
     values = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)[codes]
@@ -127,7 +132,7 @@ def cpu_dequant_mxfp4(
     `out`: an optional contiguous [rows, cols] tensor of out_dtype, written in place.
     """
     rows, cols = check_args(packed, scale, out_dtype)
-    _refuse_nan(scale)
+    refuse_nan_scale(scale)
     if out is None:
         out = torch.empty((rows, cols), dtype=out_dtype)
     elif tuple(out.shape) != (rows, cols) or out.dtype != out_dtype or not out.is_contiguous():
@@ -204,10 +209,6 @@ if HAS_TRITON:
         tl.store(o_ptr + rows64[:, None] * stride_o + offs_c[None, :], out, mask=o_mask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def pick_config(rows: int, pcols: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, num_warps): 8 KB of packed bytes per tile, narrower tiles for narrow tensors."""
     block_k = 128 if pcols > 64 else 64
@@ -226,14 +227,9 @@ def dequant_mxfp4(
     The kernel turns scale byte 255 into NaN without a check (a check would wait on the GPU): callers
     refuse such scales first (`nan_scale`). out: optional [rows, cols] of out_dtype, rows contiguous.
     """
-    if not HAS_TRITON:
-        raise RuntimeError("triton is not installed; use cpu_dequant_mxfp4 instead")
+    device = launch_device("MXFP4 dequant", "cpu_dequant_mxfp4", packed=packed, scale=scale)
     rows, cols = check_args(packed, scale, out_dtype)
-    if packed.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"Triton MXFP4 dequant needs CUDA tensors, got device {packed.device}")
-    if scale.device != packed.device:
-        raise ValueError(f"packed is on {packed.device} but scale is on {scale.device}")
-    out = output_for(out, rows, cols, out_dtype, packed.device)
+    out = output_for(out, rows, cols, out_dtype, device)
     if rows == 0 or cols == 0:
         return out
     launch(packed, scale, out, pick_config(rows, cols // 2))
@@ -248,9 +244,8 @@ def launch(packed: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, config:
     if p.stride(1) != 1:
         p = p.contiguous()
     s = _scale_bits(scale).contiguous()
-    grid = (triton.cdiv(rows, block_m) * triton.cdiv(pcols, block_k),)
-    guard = torch.cuda.device(packed.device) if packed.device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    grid = (_cdiv(rows, block_m) * _cdiv(pcols, block_k),)
+    with _device_guard(packed.device):
         _mxfp4_dequant_kernel[grid](
             p, s, out, rows, pcols, p.stride(0), s.stride(0), out.stride(0),
             BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,

@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from .mxfp4_dequant import E2M1_VALUES, GROUP, check_args, nan_scale
+from .mxfp4_dequant import E2M1_VALUES, GROUP, check_args, refuse_nan_scale
 
 BLOCK = 128
 E4M3_SHIFT = 6  # 6 * 2^6 = 384 <= 448
@@ -33,9 +33,7 @@ def repack_mxfp4_to_fp8(
     rows, cols = check_args(packed, scale, torch.float32)
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be float8_e8m0fnu or float32, got {scale_dtype}")
-    where = nan_scale(scale)
-    if where is not None:
-        raise ValueError(f"scale[{where[0]}, {where[1]}] is the E8M0 NaN code 255; the scale is damaged")
+    refuse_nan_scale(scale)
     dev = packed.device
     b = packed.view(torch.uint8).to(torch.int64)
     codes = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(rows, cols)
