@@ -271,6 +271,38 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
 
 
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def assert_within_ulp(got: torch.Tensor, want: torch.Tensor, label: str, limit: int = 0) -> None:
+    """`got` equals `want` bit for bit (limit 0), or within `limit` units in the last place; the message names
+    how many values differ and the worst one."""
+    assert got.shape == want.shape and got.dtype == want.dtype, (
+        f"{label}: got {tuple(got.shape)} {got.dtype}, expected {tuple(want.shape)} {want.dtype}"
+    )
+    it = _INT_OF_SIZE[got.element_size()]
+    diff = (got.contiguous().view(it).to(torch.int64) - want.contiguous().view(it).to(torch.int64)).abs()
+    worst = int(diff.max()) if diff.numel() else 0
+    if worst > limit:
+        i = int(diff.flatten().argmax())
+        raise AssertionError(
+            f"{label}: {int((diff > limit).sum())}/{diff.numel()} values off by more than {limit} ulp "
+            f"(worst {worst} ulp at flat index {i}: got {got.flatten()[i].item()!r}, "
+            f"expected {want.flatten()[i].item()!r})"
+        )
+
+
+def assert_value_errors(cases) -> None:
+    """Each (call, needle) of `cases` raises ValueError with `needle` in its message."""
+    for k, (call, needle) in enumerate(cases):
+        try:
+            call()
+        except ValueError as e:
+            assert needle in str(e), f"case {k}: ValueError {str(e)!r} does not mention {needle!r}"
+        else:
+            raise AssertionError(f"case {k}: no ValueError (expected one mentioning {needle!r})")
+
+
 def assert_bit_exact(out: dict, src: dict, dtype=torch.bfloat16, names=None) -> int:
     """Every FP8 tensor of `src` dequantized bit-exactly in `out`, every other tensor copied; the count converted."""
     converted = 0
@@ -316,6 +348,18 @@ _interp_children: dict[str, tuple[subprocess.Popen, Path]] = {}
 
 def collect_checks(namespace: dict) -> list[str]:
     return [name for name in namespace if name.startswith("check_")]
+
+
+def interpreted_test(checks: list[str]):
+    """A kernel test module's `test_interpreted`: one test per check, each asserting on its result."""
+
+    @pytest.mark.interp
+    @pytest.mark.slow  # the checks run in one child under the interpreter
+    @pytest.mark.parametrize("check", checks)
+    def test_interpreted(check: str, interp_results: dict[str, str]) -> None:
+        assert interp_results.get(check) == "ok", f"{check}: {interp_results.get(check, 'not run')}"
+
+    return test_interpreted
 
 
 def run_checks(namespace: dict, result_path: str) -> None:

@@ -1,6 +1,6 @@
 """MXFP4 dequant: the exact CPU path and the Triton kernel against the plain-torch reference.
 
-The Triton checks run once in a child process under Triton's interpreter (see tests/triton_interp.py) and
+The Triton checks run once in a child process under Triton's interpreter (see tests/conftest.py) and
 compare float32 output bit for bit; bfloat16/float16 within one ulp (the interpreter's narrowing is not
 round-to-nearest-even). On a CUDA GPU (`pytest -m gpu`), `test_gpu_*` compare every output dtype bit for bit.
 """
@@ -12,31 +12,17 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import collect_checks, run_checks
+from tests.conftest import assert_within_ulp, collect_checks, interpreted_test, run_checks
 
 # Packed shapes [rows, bytes]: 1 x 1, partial scale groups (7 and 257 bytes), V4-like expert rows.
 SHAPES = [(1, 1), (3, 7), (129, 257), (64, 16), (5, 1000), (256, 3584 // 8)]
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_INT = {2: torch.int16, 4: torch.int32}
 
 
 def _random(rows: int, pcols: int, gen, lo: int = 100, hi: int = 140):
     packed = torch.randint(-128, 128, (rows, pcols), dtype=torch.int8, generator=gen)
     scale = torch.randint(lo, hi, (rows, -(-2 * pcols // 32)), dtype=torch.uint8, generator=gen)
     return packed, scale.view(torch.float8_e8m0fnu)
-
-
-def _diff_ulp(out: torch.Tensor, ref: torch.Tensor, label: str, limit: int = 0) -> None:
-    assert out.shape == ref.shape and out.dtype == ref.dtype, f"{label}: {out.shape} {out.dtype} vs {ref.shape}"
-    it = _INT[out.dtype.itemsize]
-    diff = (out.view(it).to(torch.int64) - ref.view(it).to(torch.int64)).abs()
-    worst = int(diff.max()) if diff.numel() else 0
-    if worst > limit:
-        i = int(diff.flatten().argmax())
-        raise AssertionError(
-            f"{label}: {int((diff > limit).sum())}/{diff.numel()} values off by more than {limit} ulp "
-            f"(at flat index {i}: got {out.flatten()[i].item()!r}, expected {ref.flatten()[i].item()!r})"
-        )
 
 
 # ---------------------------------------------------------------- reference and CPU path (plain pytest)
@@ -57,7 +43,7 @@ def test_cpu_path_matches_reference(shape, out_dtype) -> None:
 
     gen = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
     packed, scale = _random(*shape, gen)
-    _diff_ulp(cpu_dequant_mxfp4(packed, scale, out_dtype), reference_dequant_mxfp4(packed, scale, out_dtype),
+    assert_within_ulp(cpu_dequant_mxfp4(packed, scale, out_dtype), reference_dequant_mxfp4(packed, scale, out_dtype),
               f"cpu {shape} -> {out_dtype}")
 
 
@@ -69,7 +55,7 @@ def test_cpu_path_every_code_and_scale(out_dtype) -> None:
     packed = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(255, 1)  # [255, 256]
     scale = torch.arange(255, dtype=torch.int32).to(torch.uint8)[:, None].repeat(1, 16)
     ref = reference_dequant_mxfp4(packed, scale, out_dtype)
-    _diff_ulp(cpu_dequant_mxfp4(packed, scale, out_dtype), ref, f"exhaustive -> {out_dtype}")
+    assert_within_ulp(cpu_dequant_mxfp4(packed, scale, out_dtype), ref, f"exhaustive -> {out_dtype}")
     if out_dtype == torch.float32:
         exact = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
         assert torch.equal(ref[127, 0:16:2][:8], exact), "scale 127 (1.0) must give the E2M1 magnitudes"
@@ -84,7 +70,7 @@ def test_cpu_path_writes_into_out_and_chunks(monkeypatch) -> None:
     out = torch.full((37, 46), float("nan"), dtype=torch.bfloat16)
     got = m.cpu_dequant_mxfp4(packed, scale, torch.bfloat16, out=out)
     assert got.data_ptr() == out.data_ptr()
-    _diff_ulp(out, m.reference_dequant_mxfp4(packed, scale, torch.bfloat16), "chunked")
+    assert_within_ulp(out, m.reference_dequant_mxfp4(packed, scale, torch.bfloat16), "chunked")
 
 
 @pytest.mark.parametrize("fn", ["reference_dequant_mxfp4", "cpu_dequant_mxfp4"])
@@ -124,7 +110,7 @@ def test_gpu_kernel_bit_exact(shape, out_dtype) -> None:
     gen = torch.Generator().manual_seed(11)
     packed, scale = _random(*shape, gen, lo=0, hi=255)
     got = dequant_mxfp4(packed.cuda(), scale.cuda(), out_dtype).cpu()
-    _diff_ulp(got, reference_dequant_mxfp4(packed, scale, out_dtype), f"gpu {shape} -> {out_dtype}")
+    assert_within_ulp(got, reference_dequant_mxfp4(packed, scale, out_dtype), f"gpu {shape} -> {out_dtype}")
 
 
 @pytest.mark.gpu
@@ -135,7 +121,7 @@ def test_gpu_kernel_every_code_and_scale(out_dtype) -> None:
     packed = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(255, 1)
     scale = torch.arange(255, dtype=torch.int32).to(torch.uint8)[:, None].repeat(1, 16)
     got = dequant_mxfp4(packed.cuda(), scale.cuda(), out_dtype).cpu()
-    _diff_ulp(got, reference_dequant_mxfp4(packed, scale, out_dtype), f"gpu exhaustive -> {out_dtype}")
+    assert_within_ulp(got, reference_dequant_mxfp4(packed, scale, out_dtype), f"gpu exhaustive -> {out_dtype}")
 
 
 # ---------------------------------------------------------------- Triton interpreter (child process only)
@@ -145,7 +131,7 @@ def check_shapes_float32() -> None:
     gen = torch.Generator().manual_seed(3)
     for shape in SHAPES:
         packed, scale = _random(*shape, gen, lo=0, hi=255)
-        _diff_ulp(dequant_mxfp4(packed, scale, torch.float32),
+        assert_within_ulp(dequant_mxfp4(packed, scale, torch.float32),
                   reference_dequant_mxfp4(packed, scale, torch.float32), f"interp {shape} -> float32")
 
 
@@ -154,7 +140,7 @@ def check_every_code_and_scale() -> None:
 
     packed = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(255, 1)
     scale = torch.arange(255, dtype=torch.int32).to(torch.uint8)[:, None].repeat(1, 16)
-    _diff_ulp(dequant_mxfp4(packed, scale, torch.float32),
+    assert_within_ulp(dequant_mxfp4(packed, scale, torch.float32),
               reference_dequant_mxfp4(packed, scale, torch.float32), "interp exhaustive -> float32")
 
 
@@ -168,19 +154,13 @@ def check_16bit_outputs_and_out_argument() -> None:
         view = wide[:, 50:564]
         got = dequant_mxfp4(packed, scale, out_dtype, out=view)
         assert got.data_ptr() == view.data_ptr(), "dequant_mxfp4 did not return out"
-        _diff_ulp(view, reference_dequant_mxfp4(packed, scale, out_dtype), f"interp -> {out_dtype}", limit=1)
+        assert_within_ulp(view, reference_dequant_mxfp4(packed, scale, out_dtype), f"interp -> {out_dtype}", limit=1)
         rest = torch.cat([wide[:, :50], wide[:, 564:]], dim=1)
         assert bool(rest.isnan().all()), f"{int((~rest.isnan()).sum())} values outside out were written"
 
 
 CHECKS = collect_checks(globals())
-
-
-@pytest.mark.interp
-@pytest.mark.slow  # the checks run in one child under the interpreter
-@pytest.mark.parametrize("check", CHECKS)
-def test_interpreted(check: str, interp_results: dict[str, str]) -> None:
-    assert interp_results.get(check) == "ok", f"{check}: {interp_results.get(check, 'not run')}"
+test_interpreted = interpreted_test(CHECKS)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,13 @@ from __future__ import annotations
 import math
 import sys
 
-import pytest
-
-from tests.conftest import collect_checks, run_checks
+from tests.conftest import (
+    assert_value_errors,
+    assert_within_ulp,
+    collect_checks,
+    interpreted_test,
+    run_checks,
+)
 
 SHAPES = [(1, 1), (129, 257), (128, 128), (300, 1000), (576, 300)]
 
@@ -43,23 +47,6 @@ def _weights(rows: int, cols: int, dtype, gen):
         w[:128, 128:256] = 0.0
     w[0, : min(cols, 7)] = torch.tensor([0.0, -0.0, 1e-30, -3e-8, 2.0**-20, 448.0, -1.0])[: min(cols, 7)]
     return w.to(dtype)
-
-
-def _same_bits(got, want, label: str) -> None:
-    import torch
-
-    assert got.shape == want.shape and got.dtype == want.dtype, (
-        f"{label}: got {tuple(got.shape)} {got.dtype}, expected {tuple(want.shape)} {want.dtype}"
-    )
-    a = got.contiguous().view(torch.uint8).reshape(-1)
-    b = want.contiguous().view(torch.uint8).reshape(-1)
-    bad = (a != b).nonzero().flatten()
-    if bad.numel():
-        i = int(bad[0])
-        raise AssertionError(
-            f"{label}: {bad.numel()} of {b.numel()} bytes differ; first at byte {i}: got {int(a[i]):#04x}, "
-            f"expected {int(b[i]):#04x}"
-        )
 
 
 def check_encoder_exhaustive() -> None:
@@ -112,8 +99,8 @@ def _check_shapes(encode_bits: bool | None) -> None:
                 q_ref, s_ref = reference_quant(w, fmt, sdt)
                 q, s = quant(w, fmt, sdt, encode_bits=encode_bits)
                 label = f"[{rows},{cols}] {src_dtype} {fmt} {sdt} encode_bits={encode_bits}"
-                _same_bits(s, s_ref, label + " scale")
-                _same_bits(q, q_ref, label + " q")
+                assert_within_ulp(s, s_ref, label + " scale")
+                assert_within_ulp(q, q_ref, label + " q")
 
 
 def check_shapes() -> None:
@@ -135,8 +122,8 @@ def check_576x7168() -> None:
     for fmt, sdt in (("ue8m0", torch.float8_e8m0fnu),):
         q_ref, s_ref = reference_quant(w, fmt, sdt)
         q, s = quant(w, fmt, sdt)
-        _same_bits(s, s_ref, f"[576,7168] {fmt} scale")
-        _same_bits(q, q_ref, f"[576,7168] {fmt} q")
+        assert_within_ulp(s, s_ref, f"[576,7168] {fmt} scale")
+        assert_within_ulp(q, q_ref, f"[576,7168] {fmt} q")
 
 
 def check_native_cast_scales() -> None:
@@ -151,7 +138,7 @@ def check_native_cast_scales() -> None:
         for fmt, sdt in _configs():
             _, s_ref = reference_quant(w, fmt, sdt)
             q, s = quant(w, fmt, sdt, encode_bits=False)
-            _same_bits(s, s_ref, f"[{rows},{cols}] {fmt} {sdt} native-cast scale")
+            assert_within_ulp(s, s_ref, f"[{rows},{cols}] {fmt} {sdt} native-cast scale")
             assert q.dtype == torch.float8_e4m3fn and tuple(q.shape) == (rows, cols)
 
 
@@ -170,8 +157,8 @@ def check_special_blocks() -> None:
     for fmt, sdt in _configs():
         q, s = quant(w, fmt, sdt)
         q_ref, s_ref = reference_quant(w, fmt, sdt)
-        _same_bits(s, s_ref, f"special {fmt} {sdt} scale")
-        _same_bits(q[:128], q_ref[:128], f"special {fmt} {sdt} q (finite blocks)")
+        assert_within_ulp(s, s_ref, f"special {fmt} {sdt} scale")
+        assert_within_ulp(q[:128], q_ref[:128], f"special {fmt} {sdt} q (finite blocks)")
         s32 = s.float()
         assert s32[0, 0].item() == 1.0 and s32[0, 2].item() == 1.0, f"{sdt}: zero blocks scale {s32[0].tolist()}"
         assert bool((q[:128, :128].view(torch.uint8) == 0).all()), "zero block: q is not all +0"
@@ -193,8 +180,8 @@ def check_out_arguments_and_validation() -> None:
     q, s = quant(w, out=q_out, scale_out=s_out)
     assert q.data_ptr() == q_out.data_ptr() and s.data_ptr() == s_out.data_ptr(), "out tensors not used"
     q_ref, s_ref = reference_quant(w)
-    _same_bits(q, q_ref, "out= q")
-    _same_bits(s, s_ref, "out= scale")
+    assert_within_ulp(q, q_ref, "out= q")
+    assert_within_ulp(s, s_ref, "out= scale")
     cases = [
         (lambda: quant(w.to(torch.float8_e4m3fn)), "bfloat16"),
         (lambda: quant(w[0]), "(300,)"),
@@ -204,25 +191,13 @@ def check_out_arguments_and_validation() -> None:
         (lambda: quant(w, out=torch.empty((200, 301), dtype=torch.uint8)), "(200, 301)"),
         (lambda: quant(w, scale_out=torch.empty((2, 2))), "(2, 2)"),
     ]
-    for k, (call, needle) in enumerate(cases):
-        try:
-            call()
-        except ValueError as e:
-            assert needle in str(e), f"case {k}: ValueError {str(e)!r} does not mention {needle!r}"
-        else:
-            raise AssertionError(f"case {k}: no ValueError (expected one mentioning {needle!r})")
+    assert_value_errors(cases)
     q, s = quant(torch.zeros((0, 7), dtype=torch.bfloat16))
     assert tuple(q.shape) == (0, 7) and tuple(s.shape) == (0, 1), f"empty: {tuple(q.shape)} {tuple(s.shape)}"
 
 
 CHECKS = collect_checks(globals())
-
-
-@pytest.mark.interp
-@pytest.mark.slow  # the checks run in one child under the interpreter
-@pytest.mark.parametrize("check", CHECKS)
-def test_interpreted(check: str, interp_results: dict[str, str]) -> None:
-    assert interp_results.get(check) == "ok", f"{check}: {interp_results.get(check, 'not run')}"
+test_interpreted = interpreted_test(CHECKS)
 
 
 def test_reference_by_hand() -> None:

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import sys
 
-import pytest
-
-from tests.conftest import collect_checks, run_checks
+from tests.conftest import (
+    assert_value_errors,
+    assert_within_ulp,
+    collect_checks,
+    interpreted_test,
+    run_checks,
+)
 
 SHAPES = [(1, 1), (129, 257), (128, 128), (300, 1000), (576, 300)]
 
@@ -45,23 +49,7 @@ def _random_scale(rows: int, cols: int, dtype, gen):
 
 def _compare(out, ref, label: str) -> None:
     """float32: bit-exact. 16-bit: within one ulp (the interpreter's rounding is not RNE)."""
-    import torch
-
-    assert out.shape == ref.shape and out.dtype == ref.dtype, (
-        f"{label}: {out.shape} {out.dtype} vs {ref.shape}"
-    )
-    int_ty = torch.int32 if out.dtype == torch.float32 else torch.int16
-    a, b = out.view(int_ty).to(torch.int64), ref.view(int_ty).to(torch.int64)
-    diff = (a - b).abs()
-    worst = int(diff.max()) if diff.numel() else 0
-    limit = 0 if out.dtype == torch.float32 else 1
-    if worst > limit:
-        i = int(diff.flatten().argmax())
-        raise AssertionError(
-            f"{label}: {int((diff > limit).sum())}/{diff.numel()} elements off by more than {limit} ulp "
-            f"(worst {worst} ulp at flat index {i}: got {out.flatten()[i].item()!r}, "
-            f"expected {ref.flatten()[i].item()!r})"
-        )
+    assert_within_ulp(out, ref, label, limit=0 if out.element_size() == 4 else 1)
 
 
 def check_decoder_exhaustive() -> None:
@@ -273,6 +261,8 @@ def check_validation_errors() -> None:
     from dsv3conv.kernels.fp8_block_dequant import dequant, dequant_segments, resolve_decode_bits
 
     w = torch.zeros((576, 300), dtype=torch.uint8)
+    src, dst, scales = torch.zeros(100, dtype=torch.uint8), torch.zeros(400, dtype=torch.uint8), torch.ones(4)
+    bf16 = torch.bfloat16
     cases = [
         (lambda: dequant(w, torch.ones((4, 3))), "(4, 3)"),
         (lambda: dequant(w.float(), torch.ones((5, 3))), "float32"),
@@ -280,54 +270,13 @@ def check_validation_errors() -> None:
         (lambda: dequant(w, torch.ones((5, 3)), torch.int8), "out_dtype"),
         (lambda: dequant(w, torch.ones((5, 3)), out=torch.empty((576, 301))), "(576, 301)"),
         (lambda: dequant(w, torch.ones((5, 3), dtype=torch.float64)), "float64"),
-        (
-            lambda: dequant_segments(
-                torch.zeros(100, dtype=torch.uint8),
-                torch.zeros(400, dtype=torch.uint8),
-                torch.ones(4),
-                [(0, 0, 0, 10, 10), (1, 200, 1, 10, 10)],
-                torch.bfloat16,
-            ),
-            "segment 1",
-        ),
-        (
-            lambda: dequant_segments(
-                torch.zeros(100, dtype=torch.uint8),
-                torch.zeros(400, dtype=torch.uint8),
-                torch.ones(4),
-                [(0, 3, 0, 10, 10)],
-                torch.bfloat16,
-            ),
-            "multiple of 2",
-        ),
-        (
-            lambda: dequant_segments(
-                torch.zeros(100, dtype=torch.uint8),
-                torch.zeros(400, dtype=torch.uint8),
-                torch.ones(4),
-                [(0, 0, 4, 10, 10)],
-                torch.bfloat16,
-            ),
-            "scales",
-        ),
-        (
-            lambda: dequant_segments(
-                torch.zeros(100, dtype=torch.uint8),
-                torch.zeros(400, dtype=torch.float32),
-                torch.ones(4),
-                [(0, 0, 0, 10, 10)],
-                torch.bfloat16,
-            ),
-            "dst",
-        ),
+        (lambda: dequant(w, torch.ones((5, 3), device="meta")), "weight on cpu, scale_inv on meta"),
+        (lambda: dequant_segments(src, dst, scales, [(0, 0, 0, 10, 10), (1, 200, 1, 10, 10)], bf16), "segment 1"),
+        (lambda: dequant_segments(src, dst, scales, [(0, 3, 0, 10, 10)], bf16), "multiple of 2"),
+        (lambda: dequant_segments(src, dst, scales, [(0, 0, 4, 10, 10)], bf16), "scales"),
+        (lambda: dequant_segments(src, dst.float(), scales, [(0, 0, 0, 10, 10)], bf16), "dst"),
     ]
-    for k, (call, needle) in enumerate(cases):
-        try:
-            call()
-        except ValueError as e:
-            assert needle in str(e), f"case {k}: ValueError {str(e)!r} does not mention {needle!r}"
-        else:
-            raise AssertionError(f"case {k}: no ValueError (expected one mentioning {needle!r})")
+    assert_value_errors(cases)
     assert resolve_decode_bits(torch.device("cpu"), None) is False, "auto decode on CPU should load natively"
     assert resolve_decode_bits(torch.device("cpu"), True) is True
 
@@ -346,13 +295,7 @@ def check_empty() -> None:
 
 
 CHECKS = collect_checks(globals())
-
-
-@pytest.mark.interp
-@pytest.mark.slow  # the checks run in one child under the interpreter
-@pytest.mark.parametrize("check", CHECKS)
-def test_interpreted(check: str, interp_results: dict[str, str]) -> None:
-    assert interp_results.get(check) == "ok", f"{check}: {interp_results.get(check, 'not run')}"
+test_interpreted = interpreted_test(CHECKS)
 
 
 def test_reference_partial_blocks() -> None:
