@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _bench import median_seconds, write_json
 
 from dsv3conv import backend as cpu_backend
 from dsv3conv.backend import CpuBackend, Item, OutputArena, convert
@@ -31,16 +30,6 @@ from dsv3conv.kernels.fp8_block_quant import reference_quant
 from dsv3conv.ops import DequantBlockFp8, QuantBlockFp8
 
 SHAPES = [(3584, 18432), (2048, 7168), (7168, 2048), (576, 7168), (24576, 1536), (32768, 512)]
-
-
-def median_seconds(fn, repeat: int) -> float:
-    fn()  # warm up: pages of the buffers, the threads of the pool
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def cases(rows: int, cols: int, scale_fmt: str):
@@ -130,10 +119,8 @@ def main() -> None:
         print(f"{op} {k}: {most} threads vs 1: {overall[f'{op} {k} {most}'] / overall[f'{op} {k} {counts[0]}']:.2f}x")
     for b in backends.values():
         b.close()
-    if args.json:
-        args.json.write_text(json.dumps({"torch": torch.__version__, "cores": cores, "threads": counts,
-                                         "numba_load_s": load_s, "task": args.task, "shapes": results,
-                                         "all_shapes": overall}, indent=2) + "\n")
+    write_json(args.json, {"torch": torch.__version__, "cores": cores, "threads": counts, "numba_load_s": load_s,
+                           "task": args.task, "shapes": results, "all_shapes": overall})
 
 
 if __name__ == "__main__":

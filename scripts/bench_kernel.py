@@ -13,7 +13,6 @@ the device's copy bandwidth (a large device-to-device copy, bytes read + written
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -22,6 +21,7 @@ import time
 import torch
 import triton
 import triton.language as tl
+from _bench import write_json
 from triton.testing import do_bench
 
 import dsv3conv.kernels.fp8_block_dequant as fbd
@@ -288,9 +288,7 @@ def main() -> int:
 
     if args.pdl_sweep:
         sweep = run_pdl_sweep(device, gen, copy_bw)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"device": name, "copy_tbps": copy_bw, "pdl_sweep": sweep}, f, indent=1)
+        write_json(args.json, {"device": name, "copy_tbps": copy_bw, "pdl_sweep": sweep})
         return 0
 
     results = []
@@ -365,9 +363,7 @@ def main() -> int:
     print(
         "\nhost us per call (launcher): " + ", ".join(f"{r['case']} {r['ours_host_us']:.0f}" for r in results)
     )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "copy_tbps": copy_bw, "results": results, "sweep": sweep}, f, indent=1)
+    write_json(args.json, {"device": name, "copy_tbps": copy_bw, "results": results, "sweep": sweep})
     return 0 if all(r["exact"] for r in results) else 1
 
 

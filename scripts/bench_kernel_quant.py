@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import statistics
 import sys
 
 import torch
+from _bench import finish, median_seconds
 
 from dsv3conv.kernels.fp8_block_quant import quant, reference_quant
 
@@ -21,20 +20,6 @@ SHAPES = [
     (7168, 18432), (18432, 7168), (2048, 7168), (7168, 2048), (576, 7168),
     (24576, 1536), (32768, 512), (7168, 16384), (1536, 7168),
 ]  # fmt: skip
-
-
-def median_seconds(fn, repeat: int) -> float:
-    fn()  # warm-up (compilation, autotuning)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -54,17 +39,14 @@ def main() -> int:
         w = torch.randn((rows, cols), device=device, generator=gen).to(torch.bfloat16)
         q = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=device)
         s = torch.empty((-(-rows // 128), -(-cols // 128)), dtype=torch.float32, device=device)
-        t_kernel = median_seconds(functools.partial(quant, w, out=q, scale_out=s), args.repeat)
-        t_ref = median_seconds(functools.partial(reference_quant, w), args.repeat)
+        t_kernel = median_seconds(functools.partial(quant, w, out=q, scale_out=s), args.repeat, gpu=True)
+        t_ref = median_seconds(functools.partial(reference_quant, w), args.repeat, gpu=True)
         gb = rows * cols * 3 / 1e9
         results.append({"shape": [rows, cols], "kernel_s": t_kernel, "reference_s": t_ref, "gb": gb})
         print(f"| [{rows}, {cols}] | {gb / t_kernel:.0f} | {gb / t_ref:.0f} | {t_ref / t_kernel:.1f}x |", flush=True)
         del w, q, s
         torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(device), "results": results}, f, indent=1)
-    return 0
+    return finish({"device": torch.cuda.get_device_name(device), "results": results}, args.json)
 
 
 if __name__ == "__main__":

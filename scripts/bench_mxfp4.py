@@ -13,11 +13,10 @@ back, CUDA events) against one copy of its bytes. Without CUDA it says so and ru
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 
 import torch
+from _bench import median_seconds, write_json
 
 from dsv3conv.kernels import mxfp4_dequant as mx
 
@@ -134,12 +133,7 @@ def cpu(results: dict, rows: int) -> None:
     torch.set_num_threads(torch.get_num_threads())
     p, s = _inputs(rows, 4096, "cpu")
     out = torch.empty((rows, 4096), dtype=torch.bfloat16)
-    mx.cpu_dequant_mxfp4(p, s, out=out)
-    t = time.perf_counter()
-    reps = 3
-    for _ in range(reps):
-        mx.cpu_dequant_mxfp4(p, s, out=out)
-    dt = (time.perf_counter() - t) / reps
+    dt = median_seconds(lambda: mx.cpu_dequant_mxfp4(p, s, out=out), 3)
     rate = rows * 4096 / dt / 1e9
     results["cpu_g_elements_s"] = rate
     results["cpu_threads"] = torch.get_num_threads()
@@ -158,9 +152,7 @@ def main() -> int:
     else:
         print("no CUDA GPU: GPU checks and timings skipped")
     cpu(results, args.cpu_rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return 0 if results.get("all_exact", True) else 1
 
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _bench import write_json  # noqa: E402
 from bench_convert import cat_seconds, dd_seconds, timed  # noqa: E402  (one harness for the benchmarks)
 
 
@@ -78,8 +79,7 @@ def main() -> None:
     base = results["runs"][devices[0]]["s"]
     for device in devices[1:]:
         print(f"--device {device} vs {devices[0]}: {base / results['runs'][device]['s']:.2f}x")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
     if any(r["identical_to_first"] is False for r in results["runs"].values()):
         raise SystemExit("FAIL: outputs differ between devices")
 

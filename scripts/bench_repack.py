@@ -11,11 +11,11 @@ Without CUDA it says so and runs the CPU part only.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import torch
+from _bench import finish
 
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.kernels.mxfp4_dequant import reference_dequant_mxfp4
@@ -82,10 +82,7 @@ def main() -> int:
         ok &= exact
         results.append(row)
         print(line)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return 0 if ok else 1
+    return finish(results, args.json, ok)
 
 
 if __name__ == "__main__":

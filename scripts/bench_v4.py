@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
+
+from _bench import finish
 
 from dsv3conv.api import dequantize, verify_checkpoint
 from dsv3conv.synthetic_v4 import make_v4, v4_flash_config
@@ -70,10 +71,7 @@ def main() -> int:
             same = _same_files(outs[0], other)
             print(f"{what}: {other.name} {'the same bytes as' if same else 'DIFFERS from'} {outs[0].name}")
             ok &= same
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return 0 if ok else 1
+    return finish(results, args.json, ok)
 
 
 if __name__ == "__main__":
