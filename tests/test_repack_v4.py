@@ -134,6 +134,37 @@ def test_nothing_to_repack_refused(tmp_path) -> None:
     assert_one_line_error(proc, 2, "holds no packed FP4 (MXFP4) experts to repack")
 
 
+@pytest.mark.parametrize(("scale_dtype", "torch_dtype"), [("F8_E8M0", torch.float8_e8m0fnu), ("F32", torch.float32)])
+def test_device_path_same_bytes_as_the_cpu_backend(scale_dtype, torch_dtype) -> None:
+    """The GPU backend's repack (`repack_on_device`: the plain-torch kernel, run here on the CPU) and the CPU
+    backend's table path write the same e4m3 codes and block scales, for both scale dtypes, over pieces
+    of whole 128-row blocks with a partial last block and partial last column block."""
+    from dsv3conv.backend import CpuBackend, Item, OutputArena, convert, repack_on_device
+    from dsv3conv.ops import RepackMxfp4Fp8
+
+    gen = torch.Generator().manual_seed(3)
+    rows, cols = 300, 320
+    packed = torch.randint(-128, 128, (rows, cols // 2), dtype=torch.int8, generator=gen)
+    scale = torch.randint(116, 130, (rows, cols // 32), dtype=torch.uint8, generator=gen).view(torch.float8_e8m0fnu)
+    op = RepackMxfp4Fp8(scale_dtype, "x.scale")
+    items, off = [], 0
+    for r0, r1 in ((0, 256), (256, rows)):
+        n = (r1 - r0) * cols // 2
+        items.append(Item(op, off, n, r1 - r0, cols, "I8", "F8_E4M3", scale[r0:r1].to(torch.float32), "x.weight"))
+        off += n
+    buf = packed.view(torch.uint8).reshape(-1).clone()
+    backend = CpuBackend(2)
+    try:
+        cpu = [bytes(b) for b in convert(backend, buf, items)]
+    finally:
+        backend.close()
+    device = [bytes(b) for it in items for b in repack_on_device(buf, it, OutputArena(0), torch.device("cpu"))]
+    assert cpu == device
+    q, s, lossy = repack_mxfp4_to_fp8(packed, scale, torch_dtype)
+    assert lossy == 0 and b"".join(device[0::2]) == q.view(torch.uint8).numpy().tobytes()
+    assert b"".join(device[1::2]) == s.view(torch.uint8).numpy().tobytes()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
 def test_repack_cuda_same_bytes_as_cpu(flash, tmp_path, scale_dtype) -> None:
