@@ -82,6 +82,12 @@ def _from_process_start(summary: dict | None, called: float) -> None:
         if summary and key in summary:
             summary[key] = round(summary[key] + called - _STARTED, 3)
 
+
+def _progress(quiet: bool, json_out: bool) -> bool:
+    """Progress on stderr unless --quiet, or --json while stderr is no terminal (a log gets the JSON alone)."""
+    return not (quiet or json_out and not err.is_terminal)
+
+
 # Options shared by several subcommands, declared once.
 # readable=False: the reader's own one-line error names an unreadable directory (Typer's check prints a panel).
 CkptArg = Annotated[Path, typer.Argument(metavar="CKPT", help="Checkpoint directory (index + shards, or model.safetensors).",
@@ -225,7 +231,7 @@ def dequant(
         result = dequantize(
             src, dst, mtp=mtp, device=device, dtype=dtype, resume=resume, overwrite=overwrite,
             max_shard_size=max_shard_size, dry_run=dry_run, buffer_size=buffer_size, part=part,
-            progress=not (quiet or json_out and not err.is_terminal), allow_noop=allow_noop,
+            progress=_progress(quiet, json_out), allow_noop=allow_noop,
             space_check=not no_space_check, follow_links=follow_links, experts=experts,
             allow_nonfinite=allow_nonfinite, scale_dtype=scale_dtype,
         )
@@ -272,7 +278,7 @@ def quant(
     with _errors(writes=True):
         result = quantize(
             src, dst, scale_fmt=scale_fmt, scale_dtype=scale_dtype, skip=skip or [], mtp=mtp, device=device,
-            resume=resume, overwrite=overwrite, dry_run=dry_run, progress=not (quiet or json_out and not err.is_terminal),
+            resume=resume, overwrite=overwrite, dry_run=dry_run, progress=_progress(quiet, json_out),
             part=part, space_check=not no_space_check, follow_links=follow_links,
         )
     _from_process_start(result, called)
@@ -316,7 +322,7 @@ def split_mtp(
     with _errors(writes=True):
         result = run_split(
             src, main_out=main_out, mtp_out=mtp_out, mtp_layout=mtp_layout, resume=resume, overwrite=overwrite,
-            dry_run=dry_run, progress=not (quiet or json_out and not err.is_terminal), part=part,
+            dry_run=dry_run, progress=_progress(quiet, json_out), part=part,
             space_check=not no_space_check, follow_links=follow_links,
         )
     _from_process_start(result["main"], called)
@@ -382,7 +388,7 @@ def verify(
     with _errors():
         report = verify_checkpoint(
             ckpt, against=against, sample=sample, full=full, device=device,
-            progress=not (quiet or json_out and not err.is_terminal), part=part,
+            progress=_progress(quiet, json_out), part=part,
         )
     title = f"verify {ckpt}" + (f" against {against}" if against else "") + (f" part {report['part']}" if part else "")
     print_verify(report, title, json_out)
