@@ -271,6 +271,13 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
 
 
+def random_e4m3(rows: int, cols: int, gen: torch.Generator, device=None) -> torch.Tensor:
+    """Uniformly random raw e4m3 bytes [rows, cols], the NaN codes 0x7F / 0xFF moved to their neighbours."""
+    w = torch.randint(0, 256, (rows, cols), dtype=torch.uint8, device=device, generator=gen)
+    w[(w & 0x7F) == 0x7F] -= 1
+    return w
+
+
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 

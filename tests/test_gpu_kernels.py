@@ -16,6 +16,7 @@ import torch
 
 from dsv3conv.kernels.fp8_block_dequant import dequant, dequant_segments, reference_dequant
 from dsv3conv.kernels.fp8_block_quant import quant, reference_quant, resolve_encode_bits
+from tests.conftest import random_e4m3 as random_e4m3_bytes
 
 pytestmark = pytest.mark.gpu
 
@@ -43,9 +44,7 @@ def short(dtype: torch.dtype) -> str:
 def random_e4m3(rows: int, cols: int, device, gen, kind: str = "bytes") -> torch.Tensor:
     """Random e4m3 as raw bytes: uniform bytes with NaN codes replaced, or a clamped randn cast."""
     if kind == "bytes":
-        w = torch.randint(0, 256, (rows, cols), dtype=torch.uint8, device=device, generator=gen)
-        w[(w & 0x7F) == 0x7F] -= 1
-        return w
+        return random_e4m3_bytes(rows, cols, gen, device)
     x = torch.randn((rows, cols), device=device, generator=gen) * 64
     return x.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
 

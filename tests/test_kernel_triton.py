@@ -19,6 +19,7 @@ from tests.conftest import (
     assert_within_ulp,
     collect_checks,
     interpreted_test,
+    random_e4m3,
     run_checks,
 )
 
@@ -26,15 +27,6 @@ SHAPES = [(1, 1), (129, 257), (128, 128), (300, 1000), (576, 300)]
 
 
 # ---------------------------------------------------------------- checks (run in the child process only)
-
-
-def _random_e4m3(rows: int, cols: int, gen):
-    """Random raw e4m3 bytes without the NaN codes 0x7F / 0xFF."""
-    import torch
-
-    w = torch.randint(0, 256, (rows, cols), dtype=torch.uint8, generator=gen)
-    w[(w & 0x7F) == 0x7F] -= 1
-    return w
 
 
 def _random_scale(rows: int, cols: int, dtype, gen):
@@ -88,7 +80,7 @@ def check_e8m0_scales_exhaustive() -> None:
 
     gen = torch.Generator().manual_seed(1)
     cols = 255 * 128 + 1
-    w = _random_e4m3(1, cols, gen)
+    w = random_e4m3(1, cols, gen)
     scale = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e8m0fnu).reshape(1, 256)
     ref = reference_dequant(w, scale, torch.float32)
     for decode_bits in (True, False):
@@ -137,7 +129,7 @@ def _check_shapes(decode_bits: bool) -> None:
     gen = torch.Generator().manual_seed(2 + int(decode_bits))
     scale_dtypes = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu)
     for rows, cols in SHAPES:
-        w = _random_e4m3(rows, cols, gen)
+        w = random_e4m3(rows, cols, gen)
         # uint8 and float8 weights are both accepted; alternate them.
         w_in = w if (rows + cols) % 2 else w.view(torch.float8_e4m3fn)
         for scale_dtype in scale_dtypes:
@@ -173,7 +165,7 @@ def check_out_argument_strided() -> None:
     from dsv3conv.kernels.fp8_block_dequant import dequant, reference_dequant
 
     gen = torch.Generator().manual_seed(4)
-    w = _random_e4m3(200, 300, gen)
+    w = random_e4m3(200, 300, gen)
     scale = _random_scale(200, 300, torch.float32, gen)
     wide = torch.full((200, 416), float("nan"), dtype=torch.float32)
     view = wide[:, 16:316]
@@ -200,7 +192,7 @@ def _check_segments(out_dtype, decode_bits: bool) -> None:
         # Odd gaps put some segments off 16-byte alignment: both the aligned and the generic launch run.
         src_off += 3 if k % 3 == 1 else 0
         dst_off += esize * (5 if k % 3 == 2 else 0)
-        w = _random_e4m3(rows, cols, gen)
+        w = random_e4m3(rows, cols, gen)
         s = _random_scale(rows, cols, torch.float32, gen)
         segments.append((src_off, dst_off, scale_off, rows, cols))
         weights.append(w)
