@@ -1,13 +1,16 @@
 """Where a run computes: `--device` names, CPU threads and I/O threads, checked without importing torch.
 
 A mistyped device or thread count is refused at once; whether a CUDA device exists is asked of torch later,
-by `dsv3conv.backend.check_device`, once every other check has passed.
+by `dsv3conv.gpu.check_device`, once every other check has passed, and only where a GPU may exist
+(`cuda_possible`): the CPU path never imports torch.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import sys
 
 from dsv3conv.errors import UsageError
 
@@ -15,6 +18,8 @@ DEVICE_CHOICES = "auto, cpu, cuda, cuda:N, cuda:all or a list (cuda:0,cuda:1)"
 _ONE_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 THREADS_ENV = "DSV3CONV_CPU_THREADS"
 READERS_ENV, WRITERS_ENV = "DSV3CONV_READERS", "DSV3CONV_WRITERS"  # measurement knobs (docs/environment.md)
+KERNEL_ENV = "DSV3CONV_CPU_KERNEL"
+CPU_KERNELS = ("auto", "numba", "numpy", "torch")  # `kernels.fp8_block_host.KERNELS`
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -25,9 +30,33 @@ def parse_devices(spec: str) -> list[str]:
     raise UsageError(f"{{device}} {spec!r}: choose {DEVICE_CHOICES}", "device")
 
 
+def cuda_possible() -> bool:
+    """Whether `auto` could find a GPU, told without torch: the GPU path needs triton, and on Linux an NVIDIA
+    driver (or WSL's GPU device) and CUDA_VISIBLE_DEVICES not hiding every GPU. False: `auto` is the CPU."""
+    try:
+        if importlib.util.find_spec("triton") is None:
+            return False
+    except (ImportError, ValueError):  # a broken install: no GPU path
+        return False
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    if sys.platform.startswith("linux"):
+        return any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg"))
+    return True
+
+
 def cpu_threads() -> int:
-    """Threads of the CPU backend: `DSV3CONV_CPU_THREADS`, else every core this process may run on."""
-    return _env_count(THREADS_ENV) or _cores()
+    """Threads of the CPU backend: `DSV3CONV_CPU_THREADS`, else half the cores this process may run on (at
+    least one): the reader and writer threads need the other half (docs/performance.md has the numbers)."""
+    return _env_count(THREADS_ENV) or max(1, _cores() // 2)
+
+
+def cpu_kernel() -> str:
+    """The CPU backend's dequant and quant kernel: `DSV3CONV_CPU_KERNEL` (auto, numba, numpy, torch), else auto."""
+    kernel = os.environ.get(KERNEL_ENV, "").strip() or "auto"
+    if kernel not in CPU_KERNELS:
+        raise UsageError(f"{KERNEL_ENV}={kernel!r}: choose one of {', '.join(CPU_KERNELS)}")
+    return kernel
 
 
 def io_threads() -> tuple[int, int]:

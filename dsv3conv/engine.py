@@ -10,8 +10,8 @@ speed only with many writes at once, and a file system takes one write into a fi
 A backend may convert asynchronously (a GPU): it returns at once with a fence, the calling thread goes on
 to the next batch, and the writer waits on the fence before writing. A batch's read buffer is reused once
 its conversion is done (or, when the batch holds copied bytes, once they are written); its output arena
-once it is written. Buffers and arenas are made on first need, at most a fixed count of each, pinned when
-the backend asks: memory is bounded by `chunk_bytes` x the counts, never by shard size. What to run and
+once it is written. Buffers and arenas are plain memory (numpy, no torch) made on first need by the
+backend's `host_buffer` (pinned for a GPU), at most a fixed count of each: memory is bounded by `chunk_bytes` x the counts, never by shard size. What to run and
 when (destination, devices, index and config) is the runner's job.
 """
 
@@ -26,15 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-import torch
+import numpy as np
 
 from dsv3conv import profiling
 from dsv3conv.backend import Backend, Fence, Item, OutputArena, convert_async, host_buffer
 from dsv3conv.checkpoint import ShardReader, read_tensor
 from dsv3conv.devices import io_threads
-from dsv3conv.dtypes import TORCH_DTYPES
+from dsv3conv.dtypes import TORCH_NAMES
 from dsv3conv.errors import Dsv3Error
 from dsv3conv.finite import check_piece
+from dsv3conv.kernels.fp8_numpy import to_float32
 from dsv3conv.plan import FilePlan, Plan, TensorPlan
 from dsv3conv.writer import AtomicFile, copy_file_fast, fs_type
 
@@ -134,10 +135,10 @@ class _Run:
         # A block of rows is never split: a very wide tensor may need more than `chunk_bytes`.
         buf_bytes = max([chunk_bytes] + [s.span_len for s in self.specs])
         out_bytes = max([0] + [s.out_bytes for s in self.specs])
-        pinned = backend is not None and backend.pin_memory
+        make = backend.host_buffer if backend is not None else host_buffer
         count, arenas = pool_counts(self.n_readers + depth, self.n_writers + depth, buf_bytes, out_bytes)
-        self.pool = _Pool(lambda: _buffer(buf_bytes, count, pinned), count)  # read buffers
-        self.arenas = _Pool(lambda: OutputArena(out_bytes, pinned), arenas)  # converted bytes
+        self.pool = _Pool(lambda: _buffer(buf_bytes, count, make), count)  # read buffers
+        self.arenas = _Pool(lambda: OutputArena(out_bytes, make), arenas)  # converted bytes
         self.ready: queue.Queue = queue.Queue()  # (batch, its buffer, its items: None when skipped), read
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
@@ -350,10 +351,10 @@ class FileSink:
         return done
 
 
-def _buffer(nbytes: int, count: int, pin_memory: bool = False) -> torch.Tensor:
+def _buffer(nbytes: int, count: int, make: Callable[[int], np.ndarray] = host_buffer) -> np.ndarray:
     """One buffer of the pool; a failed allocation is the user's buffer size, said in one line."""
     try:
-        return host_buffer(nbytes, pin_memory)
+        return make(nbytes)
     except (RuntimeError, MemoryError):
         raise Dsv3Error(f"cannot allocate {count} buffers of {nbytes:,} bytes (--buffer-size, or the widest tensor's "
                         "128-row block); give a smaller --buffer-size or free memory") from None
@@ -369,10 +370,10 @@ class _ScaleCache:
     def __init__(self, root: Path, keep: int = 64):
         self.root = root
         self.keep = keep
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
 
-    def get(self, info) -> torch.Tensor:
+    def get(self, info) -> np.ndarray:
         with self._lock:
             hit = self._cache.get(info.name)
         if hit is not None:
@@ -384,13 +385,12 @@ class _ScaleCache:
             self._cache[info.name] = scale
         return scale
 
-    def _read(self, info) -> torch.Tensor:
-        buf = read_tensor(self.root, info)
-        raw = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
-        scale = raw.view(TORCH_DTYPES[info.dtype]).view(info.shape).to(torch.float32)
-        bad = ~(torch.isfinite(scale) & (scale > 0))
+    def _read(self, info) -> np.ndarray:
+        raw = np.frombuffer(read_tensor(self.root, info), dtype=np.uint8)
+        scale = to_float32(raw, TORCH_NAMES[info.dtype]).reshape(info.shape)
+        bad = ~(np.isfinite(scale) & (scale > 0))
         if bad.any():
-            value = scale[bad][0].item()
+            value = float(scale[bad][0])
             raise Dsv3Error(
                 f"tensor `{info.name}` in {info.file}: {int(bad.sum())} scale values are not finite and positive "
                 f"(first: {value}); the checkpoint is damaged, download that shard again"
@@ -470,7 +470,7 @@ def _read_batch(spec: BatchSpec, buf, handles: ShardReader, scales: _ScaleCache)
     """Read the batch's source span into `buf`; describe each piece for the backend."""
     if not spec.pieces:
         return []
-    handles.read_span(spec.src_file, spec.span_start, memoryview(buf.numpy())[: spec.span_len])
+    handles.read_span(spec.src_file, spec.span_start, memoryview(buf)[: spec.span_len])
     items = []
     for t, start, n in spec.pieces:
         src_off = t.source.offset + start - spec.span_start
@@ -478,7 +478,7 @@ def _read_batch(spec: BatchSpec, buf, handles: ShardReader, scales: _ScaleCache)
             items.append(Item(t.op, src_off, n, name=t.name))
             continue
         r0, rows = t.op.rows(t, start, n)
-        scale = scales.get(t.sources[1])[t.op.scale_rows(r0, rows)].clone() if len(t.sources) > 1 else None
-        nonfinite = check_piece(t, buf[src_off : src_off + n], r0, scale, TORCH_DTYPES[t.dtype])
+        scale = scales.get(t.sources[1])[t.op.scale_rows(r0, rows)].copy() if len(t.sources) > 1 else None
+        nonfinite = check_piece(t, buf[src_off : src_off + n], r0, scale, TORCH_NAMES[t.dtype])
         items.append(Item(t.op, src_off, n, rows, t.shape[1], t.source.dtype, t.dtype, scale, t.name, nonfinite))
     return items

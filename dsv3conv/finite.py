@@ -6,7 +6,7 @@ finite and positive, so an output value can only be
   (`kernels/e4m3_nan_scan.py`);
 - Inf where the product rounds beyond the output dtype: the largest code magnitude (448 for e4m3, 6 for e2m1)
   times each block's scale, rounded by the rule, bounds every value of the block; only a block whose bound
-  is not finite is converted by the reference to find out.
+  is not finite is converted (exactly, by `kernels/fp8_numpy.py`) to find out.
 By default the first such value stops the run, naming the tensor and the element. With `allow_nonfinite`
 (on the operation) the values are written, every NaN in one encoding whatever the backend (CPU arithmetic
 keeps a NaN code's payload, a GPU returns its own canonical NaN): the output dtype's default quiet NaN with
@@ -15,29 +15,25 @@ the sign of the code, `NAN_BITS`. Inf is Inf on every backend already.
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from dsv3conv.errors import Dsv3Error
+from dsv3conv.kernels import fp8_numpy, mxfp4_cpu
 from dsv3conv.kernels.e4m3_nan_scan import has_nan_code
-from dsv3conv.kernels.fp8_block_dequant import reference_dequant
-from dsv3conv.kernels.mxfp4_dequant import reference_dequant_mxfp4
+from dsv3conv.kernels.fp8_numpy import FINITE_MAX, NAN_BITS, OUT_BITS
 from dsv3conv.ops import DequantBlockFp8, DequantMxfp4
 
 E4M3_LARGEST = 448.0
 E2M1_LARGEST = 6.0
-# (positive, negative) NaN of each output dtype, as the signed integer of its bits
-NAN_BITS = {
-    torch.bfloat16: (torch.int16, 0x7FC0, 0xFFC0 - (1 << 16)),
-    torch.float16: (torch.int16, 0x7E00, 0xFE00 - (1 << 16)),
-    torch.float32: (torch.int32, 0x7FC00000, 0xFFC00000 - (1 << 32)),
-}
+__all__ = ["NAN_BITS", "canonical_nan", "canonical_nan_after", "check_piece"]
 
 
-def check_piece(t, data: torch.Tensor, r0: int, scale: torch.Tensor, out_dtype: torch.dtype) -> bool:
-    """Whether the piece of tensor plan `t` (its source bytes `data`, rows from `r0`, float32 `scale` rows)
-    converts to NaN or Inf anywhere; refused (Dsv3Error) unless its operation allows them."""
+def check_piece(t, data: np.ndarray, r0: int, scale: np.ndarray, out_dtype: str) -> bool:
+    """Whether the piece of tensor plan `t` (its source bytes `data`, uint8, rows from `r0`, float32 `scale`
+    rows) converts to NaN or Inf anywhere in `out_dtype` (a torch dtype name); refused (Dsv3Error) unless its
+    operation allows them."""
     op = t.op
-    if not isinstance(op, (DequantBlockFp8, DequantMxfp4)) or data.numel() == 0:
+    if not isinstance(op, (DequantBlockFp8, DequantMxfp4)) or data.size == 0:
         return False
     cols = t.shape[1]
     found = _nan_code(data, cols) if isinstance(op, DequantBlockFp8) else None
@@ -50,21 +46,21 @@ def check_piece(t, data: torch.Tensor, r0: int, scale: torch.Tensor, out_dtype: 
     (row, col), what = found
     raise Dsv3Error(
         f"tensor `{t.name}` in {t.source.file}: element [{r0 + row}, {col}] would be {what} in the "
-        f"{_name(out_dtype)} output; fix the checkpoint, or pass {{allow_nonfinite}} to write NaN/Inf as they come",
+        f"{out_dtype} output; fix the checkpoint, or pass {{allow_nonfinite}} to write NaN/Inf as they come",
         "allow_nonfinite")
 
 
-def canonical_nan(data: torch.Tensor, out: memoryview, out_dtype: torch.dtype) -> None:
+def canonical_nan(data: np.ndarray, out: memoryview, out_dtype: str) -> None:
     """Give every NaN of a dequantized e4m3 piece (`data` its codes, `out` its output bytes) the bits of
     `NAN_BITS`: the code's sign, the output dtype's default quiet NaN."""
-    int_dtype, positive, negative = NAN_BITS[out_dtype]
-    bits = torch.frombuffer(out, dtype=int_dtype) if len(out) else torch.empty(0, dtype=int_dtype)
-    codes = data.view(torch.uint8).reshape(-1)
+    bits = np.frombuffer(out, dtype=OUT_BITS[out_dtype])
+    positive, negative = NAN_BITS[out_dtype]
+    codes = np.asarray(data).reshape(-1).view(np.uint8)
     bits[codes == 0x7F] = positive
     bits[codes == 0xFF] = negative
 
 
-def canonical_nan_after(fence, pieces: list[tuple[torch.Tensor, memoryview, torch.dtype]]):
+def canonical_nan_after(fence, pieces: list[tuple[np.ndarray, memoryview, str]]):
     """`canonical_nan` on each (codes, output, dtype) piece once its bytes are there: at once when `fence` is
     None, else when the fence is waited on (a backend still converting); returns the fence to wait on."""
     if fence is None:
@@ -86,37 +82,43 @@ class _ThenCanonical:
             canonical_nan(*piece)
 
 
-def _nan_code(data: torch.Tensor, cols: int) -> tuple[tuple[int, int], str] | None:
-    u8 = data.view(torch.uint8)
+def _nan_code(data: np.ndarray, cols: int) -> tuple[tuple[int, int], str] | None:
+    u8 = data.reshape(-1)
     if not has_nan_code(u8):
         return None
-    first = int(((u8 & 0x7F) == 0x7F).nonzero()[0, 0])
-    code = int(u8[first])
-    return divmod(first, cols), f"NaN (e4m3 NaN code 0x{code:02X})"
+    first = int(np.flatnonzero((u8 & 0x7F) == 0x7F)[0])
+    return divmod(first, cols), f"NaN (e4m3 NaN code 0x{int(u8[first]):02X})"
 
 
-def _overflow(op, data: torch.Tensor, cols: int, scale: torch.Tensor,
-              out_dtype: torch.dtype) -> tuple[tuple[int, int], str] | None:
+def _overflow(op, data: np.ndarray, cols: int, scale: np.ndarray,
+              out_dtype: str) -> tuple[tuple[int, int], str] | None:
     """The first element whose product rounds to Inf, if any: the blocks whose bound is Inf, converted."""
     largest = E4M3_LARGEST if isinstance(op, DequantBlockFp8) else E2M1_LARGEST
-    bound = (largest * scale.to(torch.float32)).to(out_dtype)
-    suspect = (~torch.isfinite(bound)).any(dim=1).nonzero().flatten().tolist()
+    with np.errstate(over="ignore"):  # Inf is what is looked for
+        bound = _rounded(np.float32(largest) * scale.astype(np.float32), out_dtype)
+    suspect = np.flatnonzero(np.isinf(bound).reshape(bound.shape[0], -1).any(axis=1)).tolist()
     for b in suspect:  # rows of blocks (e4m3: 128 rows; e2m1: one row) whose bound overflows
-        rows = slice(b * op.block, (b + 1) * op.block)
+        r0 = b * op.block
         if isinstance(op, DequantBlockFp8):
-            w = data.view(torch.uint8).view(-1, cols)[rows]
-            values = reference_dequant(w, scale[b : b + 1], out_dtype)
+            w = data.reshape(-1, cols)[r0 : r0 + op.block]
+            bits = np.empty(w.shape, OUT_BITS[out_dtype])
+            fp8_numpy.dequant_rows(w, scale[b : b + 1], bits, out_dtype, 0, w.shape[0])
         else:
-            packed = data.view(torch.uint8).view(-1, cols // 2)[rows]
-            values = reference_dequant_mxfp4(packed, scale[rows].to(torch.float8_e8m0fnu), out_dtype)
-        inf = torch.isinf(values).nonzero()
-        if inf.numel():
+            packed = data.reshape(-1, cols // 2)[r0 : r0 + op.block]
+            bits = np.empty((packed.shape[0], cols), OUT_BITS[out_dtype])
+            e8m0 = (scale[r0 : r0 + op.block].view(np.uint32) >> 23).astype(np.uint8)  # powers of two, > 2^-127
+            mxfp4_cpu.dequant_rows(packed, e8m0, bits, out_dtype, 0, packed.shape[0])
+        values = fp8_numpy.to_float32(bits.view(np.uint8), out_dtype).reshape(bits.shape)
+        inf = np.argwhere(np.isinf(values))
+        if inf.size:
             row, col = (int(v) for v in inf[0])
-            value = float(values[row, col])
-            return (b * op.block + row, col), (f"{value} (w * scale beyond the largest {_name(out_dtype)}, "
-                                               f"{torch.finfo(out_dtype).max:.4g})")
+            return (r0 + row, col), (f"{float(values[row, col])} (w * scale beyond the largest {out_dtype}, "
+                                     f"{FINITE_MAX[out_dtype]:.4g})")
     return None
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _rounded(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 `x` (no NaN) rounded to `dtype` and back: Inf where it overflows."""
+    bits = np.empty(x.shape, OUT_BITS[dtype])
+    fp8_numpy.round_into(np.ascontiguousarray(x), bits, dtype)
+    return fp8_numpy.to_float32(bits.view(np.uint8), dtype).reshape(x.shape)

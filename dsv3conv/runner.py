@@ -29,7 +29,7 @@ from dsv3conv.dest import (
     release_dest,
     remove_partials,
 )
-from dsv3conv.devices import cpu_threads, io_threads, parse_devices
+from dsv3conv.devices import cpu_kernel, cpu_threads, io_threads, parse_devices
 from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
 from dsv3conv.ops import Copy
 from dsv3conv.plan import BUFFER_RANGE, MIN_BUFFER_BYTES, Plan, assign_parts, parse_part, parse_size
@@ -97,6 +97,8 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
                          "device", "part", "overwrite")
     threads = cpu_threads() if any(n in ("auto", "cpu") for n in names) else None
     io_threads()  # a bad DSV3CONV_READERS or DSV3CONV_WRITERS is refused here, before any work
+    if threads:
+        cpu_kernel()  # a mistyped DSV3CONV_CPU_KERNEL refused now, not once the backend starts
     # The refusals a run would give, before any work (the run creates DST later)
     prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=plan.source, create=False)
     if (resume or part is not None) and plan.dest.is_dir():
@@ -115,13 +117,12 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
         summary["config"] = plan.config
         return summary
     profiling.mark("planned_s", first=True)
+    from dsv3conv.compute import resolve_devices
     from dsv3conv.engine import DEFAULT_CHUNK_BYTES
-    from dsv3conv.gpu import check_device, device_list  # torch: only for a real run
 
+    # a missing GPU refused before any work starts (torch imported only where a GPU may be used)
+    devices = resolve_devices(device) if plan.converted else []
     profiling.mark("torch_s")
-
-    devices = device_list(device) if plan.converted else []
-    devices = [check_device(d) for d in devices]  # refuse a missing GPU before any work starts
     on_gpu = any(d.startswith("cuda") for d in devices)
     # A GPU converts asynchronously: smaller steps keep the pinned memory small and the writes many.
     chunk = chunk or (DEFAULT_CHUNK_BYTES // 2 if on_gpu else DEFAULT_CHUNK_BYTES)
@@ -298,20 +299,9 @@ def _execute_in_processes(plan: Plan, devices: list[str], *, resume: bool, progr
 
 def _backend(devices: list[str], threads: int | None):
     """The backend of `devices` (checked): None for none, one device's, or several spread."""
-    from dsv3conv.gpu import Spread, make_backend
+    from dsv3conv.compute import make_backends
 
-    if len(devices) <= 1:
-        return make_backend(devices[0], threads) if devices else None
-    threads_each = max(1, cpu_threads() // max(1, devices.count("cpu")))  # CPU backends share the cores
-    backends = []
-    try:
-        for d in devices:
-            backends.append(make_backend(d, threads_each))
-    except BaseException:
-        for b in backends:
-            b.close()
-        raise
-    return Spread(backends)
+    return make_backends(devices, threads)
 
 
 def _merged(parts: list[Stats], seconds: float) -> Stats:
@@ -328,7 +318,7 @@ def _merged(parts: list[Stats], seconds: float) -> Stats:
 
 def _device_worker(plan, device, part, resume, chunk_bytes, events, threads, report) -> None:
     """One worker process of `execute_on_devices`: its part on its device; progress, result or error to the parent."""
-    from dsv3conv.gpu import make_backend
+    from dsv3conv.compute import make_backend
 
     i = part[0] - 1
 
@@ -364,9 +354,9 @@ def _device_worker(plan, device, part, resume, chunk_bytes, events, threads, rep
 
 def _gpu_peak(devices: list[str]) -> int:
     """The largest GPU memory peak of `devices` (0 without a GPU)."""
-    import torch
+    from dsv3conv.compute import gpu_peak
 
-    return max([torch.cuda.max_memory_allocated(torch.device(d)) for d in devices if d.startswith("cuda")] + [0])
+    return gpu_peak(devices)
 
 
 def _worker_error(device: str, i: int, n: int, payload) -> BaseException:

@@ -3,10 +3,10 @@
 A byte b is a NaN code exactly when its low seven bits are all ones, i.e. when (b & 0x7F) + 1 has bit 7 set;
 that sum never carries into the next byte, so eight bytes are tested at once as one 64-bit word, and a whole
 range by OR-ing the words together (a loop the compiler vectorizes). Compiled with numba (GIL released,
-machine code cached on disk as `fp8_block_numba` does) once numba is loaded, as the CPU path's kernels load
-it; elsewhere (the GPU path, whose host has cores to spare and should not wait for numba's import)
-`reference_has_nan_code`, two torch byte maxima (0xFF is the largest byte as uint8, 0x7F the largest as int8),
-which is also what tests hold the compiled scan to. Nothing runs on import.
+machine code cached on disk as `fp8_block_numba` does) once numba is loaded, as the CPU path's kernels for
+large tensors load it; elsewhere (small checkpoints, the GPU path) `reference_has_nan_code`, two numpy byte
+maxima (0xFF is the largest byte as uint8, 0x7F the largest as int8), which is also what tests hold the
+compiled scan to. Nothing runs on import.
 """
 
 from __future__ import annotations
@@ -15,26 +15,20 @@ import functools
 import sys
 
 import numpy as np
-import torch
+
+from .fp8_numpy import has_nan_code as reference_has_nan_code
 
 LOW7 = 0x7F7F7F7F7F7F7F7F
 ONES = 0x0101010101010101
 HIGH = 0x8080808080808080
 
 
-def reference_has_nan_code(u8: torch.Tensor) -> bool:
-    """Plain torch: any byte of `u8` (uint8, any shape) is 0x7F or 0xFF."""
-    if u8.numel() == 0:
-        return False
-    return int(u8.max()) == 0xFF or int(u8.view(torch.int8).max()) == 0x7F
-
-
-def has_nan_code(u8: torch.Tensor) -> bool:
-    """Any byte of the contiguous uint8 tensor `u8` is 0x7F or 0xFF: compiled once numba is loaded."""
+def has_nan_code(u8: np.ndarray) -> bool:
+    """Any byte of the contiguous uint8 array `u8` is 0x7F or 0xFF: compiled once numba is loaded."""
     scan = _compiled() if "numba" in sys.modules else None
-    if scan is None or u8.numel() < 64:
+    if scan is None or u8.size < 64:
         return reference_has_nan_code(u8)
-    flat = u8.reshape(-1).numpy()
+    flat = u8.reshape(-1)
     head = -flat.ctypes.data % 8  # bytes before the first 8-byte aligned word
     body = (flat.size - head) // 8 * 8
     edges = np.concatenate((flat[:head], flat[head + body :]))
@@ -46,7 +40,7 @@ def _compiled():
     """The numba scan, or None where numba is missing or does not compile here."""
     try:
         from numba import njit
-    except Exception:  # not installed, or broken against this numpy: the torch scan stands in
+    except Exception:  # not installed, or broken against this numpy: numpy's scan stands in
         return None
     low7, ones, high = np.uint64(LOW7), np.uint64(ONES), np.uint64(HIGH)
 

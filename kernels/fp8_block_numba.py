@@ -4,9 +4,8 @@ Dequant, one pass per element: out[i, j] = round_to_nearest_even(float32(w[i, j]
 j // 128])). The e4m3 byte is decoded exactly with integer operations, multiplied by its block's float32
 scale (an IEEE float32 multiply: no fastmath), and the product rounded to bfloat16 or float16 with integer
 operations on its bits (round to nearest even, overflow to inf, float16 subnormals) or stored as is for
-float32. A row holding a NaN code, or a block whose scale is not finite, is left to the caller: torch writes
-NaN bits that depend on its vector code (bfloat16 NaN is 0xFFFF on x86), so the caller converts that row with
-torch's ops and resumes after it.
+float32. A row holding a NaN code, or a block whose scale is not finite, is left to the caller, which
+converts that row with numpy (`fp8_numpy`: NaN as the output dtype's canonical NaN) and resumes after it.
 
 Quant, per 128-row block, as `reference_quant`: block maxima of |x| (NaN as inf) as integers, `block_scales`
 (the division by 448, the floor, ue8m0's power of two, the scale dtype's rounding) per block, then every
@@ -17,7 +16,7 @@ The kernels release the GIL: callers run many row ranges at once from a pool of 
 on first use and caches the machine code on disk (`cache=True`): one compile per install and CPU, a load of
 the cache afterwards; `warm()` (or `python -m dsv3conv.kernels.fp8_block_numba`) does that ahead of a run.
 Division by zero follows IEEE (error_model="numpy"), which lets the loops vectorize. Without numba
-`HAS_NUMBA` is False and callers use the torch kernels of `fp8_block_cpu`. Importing this module imports
+`HAS_NUMBA` is False and callers use the numpy kernels (`fp8_numpy`) or torch's (`fp8_block_cpu`). Importing this module imports
 numba (about half a second); nothing else runs on import.
 """
 
@@ -26,9 +25,6 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-import torch
-
-from .fp8_block_quant import scale_floor
 
 try:
     from numba import njit
@@ -38,9 +34,8 @@ except Exception:  # not installed, or broken against this numpy: the torch kern
     HAS_NUMBA = False
 
 BLOCK = 128
-# Output kinds of the kernel: the output is passed as unsigned integers of its width.
-KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-_OUT_BITS = {torch.bfloat16: torch.uint16, torch.float16: torch.uint16, torch.float32: torch.uint32}
+# Output kinds of the kernel (torch dtype names): the output is passed as unsigned integers of its width.
+KINDS = {"bfloat16": 0, "float16": 1, "float32": 2}
 
 if HAS_NUMBA:
     U32 = np.uint32
@@ -192,39 +187,40 @@ if HAS_NUMBA:
                     qr[c] = _e4m3_bits(np.float32(U32(bits[c]).view(np.float32) / srow[c]).view(np.uint32))
 
 
-def dequant_task(w: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor) -> Callable[[int, int], int]:
-    """A function converting rows [start, stop) of the block dequant of `w` (uint8) into `out` (arguments
-    checked by the caller: contiguous, matching shapes, out bfloat16/float16/float32). It returns `stop`, or
-    the first row left for the caller (a NaN code, or a scale not finite); the rows before it are written."""
-    args = (w.numpy(), scale_inv.to(torch.float32).contiguous().numpy(), out.view(_OUT_BITS[out.dtype]).numpy())
-    kind = KINDS[out.dtype]
-    return lambda start, stop: _dequant_rows(*args, start, stop, kind)
+def dequant_task(w: np.ndarray, scale: np.ndarray, out: np.ndarray, dtype: str) -> Callable[[int, int], int]:
+    """A function converting rows [start, stop) of the block dequant of `w` (uint8 [M, N]) under float32 `scale`
+    into `out` (the bits of `dtype` [M, N], uint16 or uint32; arguments checked by the caller: contiguous,
+    matching shapes). It returns `stop`, or the first row left for the caller (a NaN code, or a scale not
+    finite); the rows before it are written."""
+    kind = KINDS[dtype]
+    return lambda start, stop: _dequant_rows(w, scale, out, start, stop, kind)
 
 
-_SOURCE_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-_SCALE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e8m0fnu: 3}
+_SOURCE_KINDS = {"bfloat16": 0, "float16": 1, "float32": 2}
+_SCALE_KINDS = {"float32": 0, "bfloat16": 1, "float16": 2, "float8_e8m0fnu": 3}
 
 
-def quant_task(x: torch.Tensor, q: torch.Tensor, scale_out: torch.Tensor, scale_fmt: str,
-               scale_dtype: torch.dtype) -> Callable[[int, int], None]:
+def quant_task(x: np.ndarray, src_dtype: str, q: np.ndarray, scale_out: np.ndarray, scale_fmt: str,
+               scale_dtype: str) -> Callable[[int, int], None]:
     """A function quantizing rows [start, stop) (start a multiple of 128, stop too unless it is the last row) of
-    `x` into `q` and the scales of their row blocks into `scale_out`, as `reference_quant` does (arguments
-    checked by the caller: contiguous, matching shapes and dtypes)."""
-    args = (x.view(torch.uint16).numpy(), _SOURCE_KINDS[x.dtype], q.view(torch.uint8).numpy(),
-            scale_out.view(torch.uint8).numpy(), _SCALE_KINDS[scale_dtype], scale_fmt == "ue8m0",
-            scale_floor(scale_dtype))
+    `x` (the raw bytes [M, N x width] of `src_dtype`) into `q` (uint8 [M, N]) and the scales of their row blocks
+    into `scale_out` (uint8 [ceil(M/128), ceil(N/128) x the scale's width]), as `reference_quant` does
+    (arguments checked by the caller: contiguous, matching shapes)."""
+    args = (x.view(np.uint16), _SOURCE_KINDS[src_dtype], q, scale_out, _SCALE_KINDS[scale_dtype],
+            scale_fmt == "ue8m0", 2.0**-14 if scale_dtype == "float16" else 2.0**-126)
     return lambda start, stop: _quant_rows(*args, start, stop)
 
 
 def warm(what: tuple = ()) -> None:
-    """Compile (or load from the disk cache) the kernel `what` names, ("dequant", out dtype) or ("quant",), or
-    all of them, so that no run compiles."""
-    w = torch.zeros((1, 1), dtype=torch.uint8)
+    """Compile (or load from the disk cache) the kernel `what` names, ("dequant", out dtype name) or
+    ("quant",), or all of them, so that no run compiles."""
+    w = np.zeros((1, 1), dtype=np.uint8)
     for dtype in KINDS:
         if what in ((), ("dequant", dtype)):
-            dequant_task(w, torch.ones((1, 1)), torch.empty((1, 1), dtype=dtype))(0, 1)
+            dequant_task(w, np.ones((1, 1), np.float32), np.empty((1, 1), np.uint32 if dtype == "float32" else np.uint16),
+                         dtype)(0, 1)
     if what in ((), ("quant",)):
-        quant_task(torch.zeros((1, 1)), w, torch.empty((1, 1)), "float", torch.float32)(0, 1)
+        quant_task(np.zeros((1, 4), np.uint8), "float32", w, np.empty((1, 4), np.uint8), "float", "float32")(0, 1)
 
 
 if __name__ == "__main__":  # `python -m dsv3conv.kernels.fp8_block_numba`: compile into the cache once

@@ -7,7 +7,8 @@ Measured, each in its own process:
   cat        a sequential read of the input
   writers    N parallel writes (dd) of an output-sized total, N = cores capped at 8
   eager      the naive converter: load_file a whole shard, repeat_interleave the scales, multiply, save_file
-  dsv3conv   `DSV3CONV_CPU_THREADS=T dsv3conv dequant --device cpu` for T = 1, 2, 4, ... up to the cores
+  dsv3conv   `DSV3CONV_CPU_THREADS=T dsv3conv dequant --device cpu` for T = 1, 2, 4, ... up to the cores, then
+             with the default thread count; the profile of its start-up (DSV3CONV_PROFILE) for the most threads
   small      dsv3conv at the most threads on a second checkpoint a quarter the size: the two sizes give the
              steady rate and the fixed start-up cost
   start-up   before all that, the numba kernel's first use (a compile where none is cached yet) and its load
@@ -58,21 +59,27 @@ def build(root: Path, experts: int) -> Path:
 
 def dsv3conv(src: Path, dst: Path, threads: int) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
-    env = dict(os.environ, DSV3CONV_CPU_THREADS=str(threads))
+    env = dict(os.environ, DSV3CONV_PROFILE="1")
+    env.pop("DSV3CONV_CPU_THREADS", None)
+    if threads:  # 0: the default thread count
+        env["DSV3CONV_CPU_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "dsv3conv", "dequant", str(src), str(dst), "--device", "cpu", "--json", "--quiet"]
     r = timed(cmd, env=env)
     summary = json.loads(r["stdout"])
+    profile = next((json.loads(line.split(":", 1)[1]) for line in r["stderr"] if line.startswith("dsv3conv profile:")),
+                   {})
     return {"threads": threads, "s": r["s"], "rss": r["rss"], "seconds": summary.get("seconds"),
-            "startup_seconds": summary.get("startup_seconds")}
+            "startup_seconds": summary.get("startup_seconds"),
+            "profile": {k: v for k, v in profile.items() if k.endswith("_s")}}
 
 
 KERNEL_LOAD = """import json, time
 t = time.perf_counter()
-import torch
-from dsv3conv.kernels.fp8_block_cpu import numba_kernel
+from dsv3conv.kernels.fp8_block_host import numba_kernel
+loaded = numba_kernel(("dequant", "bfloat16")) is not None
 t1 = time.perf_counter()
-loaded = numba_kernel(("dequant", torch.bfloat16)) is not None
-print(json.dumps({"imports_s": t1 - t, "numba_s": time.perf_counter() - t1, "loaded": loaded}))"""
+import torch  # not on the CPU path: what it would cost
+print(json.dumps({"numba_s": t1 - t, "torch_import_s": time.perf_counter() - t1, "loaded": loaded}))"""
 
 
 def kernel_load() -> dict:
@@ -80,7 +87,7 @@ def kernel_load() -> dict:
     the cache (numba's import included), as a `dequant --device cpu` run loads it."""
     runs = [json.loads(subprocess.run([sys.executable, "-c", KERNEL_LOAD], check=True, capture_output=True,
                                       text=True).stdout) for _ in range(2)]
-    return {"first_s": runs[0]["numba_s"], "cached_s": runs[1]["numba_s"], "torch_import_s": runs[1]["imports_s"],
+    return {"first_s": runs[0]["numba_s"], "cached_s": runs[1]["numba_s"], "torch_import_s": runs[1]["torch_import_s"],
             "loaded": runs[1]["loaded"]}
 
 
@@ -166,8 +173,9 @@ def table(r: dict) -> str:
              f"| cat of the input | {r['cat_s']:.1f} | {gb / r['cat_s']:.3g} | - | - |",
              f"| {r['writers']} parallel output-sized writes | {r['write_s']:.1f} | {gb / r['write_s']:.3g} | - | - |",
              f"| eager whole-shard converter | {eager:.1f} | {gb / eager:.3g} | {r['eager']['rss'] / 1e9:.2f} GB | 1.00x |"]
-    for d in r["dsv3conv"]:
-        threads = f"{d['threads']} thread" + ("s" if d["threads"] > 1 else "")
+    for d in r["dsv3conv"] + [r["default"]]:
+        threads = (f"{d['threads']} thread" + ("s" if d["threads"] > 1 else "") if d["threads"] else
+                   f"default threads ({r['default_threads']})")
         lines.append(f"| dsv3conv, {threads} | {d['s']:.1f} | {gb / d['s']:.3g} | {d['rss'] / 1e9:.2f} GB "
                      f"| {eager / d['s']:.2f}x |")
     most = r["dsv3conv"][-1]
@@ -177,8 +185,11 @@ def table(r: dict) -> str:
                   f"(from {r['small']['fp8_bytes'] / 1e9:.2f} GB in {r['small']['s']:.1f} s and {gb:.2f} GB in "
                   f"{most['s']:.1f} s; the run's own startup_seconds: {most.get('startup_seconds')}); "
                   f"output bit-identical to the eager converter's: {r['bit_exact_vs_eager']}.", "",
+              f"Start-up of the {most['threads']}-thread run (DSV3CONV_PROFILE, seconds from the start): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in most["profile"].items()) + ".", "",
               f"Start-up: numba kernel first use {r['kernel']['first_s']:.2f} s, loaded from its cache "
-              f"{r['kernel']['cached_s']:.2f} s (loaded: {r['kernel']['loaded']}; torch's import {r['kernel']['torch_import_s']:.2f} s); "
+              f"{r['kernel']['cached_s']:.2f} s (loaded: {r['kernel']['loaded']}; torch's import, which the CPU path "
+              f"no longer pays, {r['kernel']['torch_import_s']:.2f} s); "
               f"`dsv3conv --help` {r['startup']['help_s']:.2f} s, a refusal (non-empty DST) {r['startup']['refusal_s']:.2f} s, "
               f"the tiny example end to end {r['startup']['tiny_s']:.2f} s (medians of 3)."]
     return "\n".join(lines) + "\n"
@@ -222,6 +233,9 @@ def main() -> None:
         if threads == counts[-1]:
             r["bit_exact_vs_eager"] = same_tensors(eager_out, out)
             shutil.rmtree(eager_out)
+    r["default"] = dsv3conv(large, out, 0)
+    r["default_threads"] = max(1, cores // 2)
+    print(f"dsv3conv default threads {r['default']['s']:.1f} s", file=sys.stderr, flush=True)
     r["small"].update(dsv3conv(small, out, counts[-1]))
     shutil.rmtree(out)
     most, one = r["dsv3conv"][-1], r["dsv3conv"][0]

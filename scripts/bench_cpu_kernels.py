@@ -1,13 +1,13 @@
-"""CPU kernels in memory: `CpuBackend` dequant and quant (numba kernels and torch kernels) at 1, 2, 4, ...
+"""CPU kernels in memory: `CpuBackend` dequant and quant (numba, numpy and torch kernels) at 1, 2, 4, ...
 threads beside the plain-torch references, on DeepSeek-V3 shapes, with a bit-for-bit check; no files, no I/O.
 
-    python scripts/bench_cpu_kernels.py [--repeat 3] [--threads 1,2,16] [--kernels numba,torch]
+    python scripts/bench_cpu_kernels.py [--repeat 3] [--threads 1,2,16] [--kernels numba,numpy,torch]
         [--scale-fmt float|ue8m0] [--task ELEMS] [--step ELEMS] [--small] [--json FILE]
 
 Prints G elements/s (median of repeats) per shape, and over all shapes (their elements over their summed
 times); the pipeline hands the backend one 64 MB piece at a time, as here. Thread counts default to 1, 2,
 4, 8, 16 capped at the cores, plus the core count. --task (elements per task handed to a thread) and --step
-(elements per step of the torch kernel's ops) override the defaults. --small: shapes a quarter the size.
+(elements per step of the numpy and torch kernels' ops) override the defaults. --small: shapes a quarter the size.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from _bench import median_seconds, write_json
 
 from dsv3conv import backend as cpu_backend
 from dsv3conv.backend import CpuBackend, Item, OutputArena, convert
-from dsv3conv.kernels import fp8_block_cpu
+from dsv3conv.kernels import fp8_block_cpu, fp8_block_host, fp8_numpy
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.kernels.fp8_block_quant import reference_quant
 from dsv3conv.ops import DequantBlockFp8, QuantBlockFp8
@@ -61,34 +61,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", help="thread counts, e.g. 1,2 (default 1, 2, 4, 8, 16 up to the cores, and the cores)")
-    ap.add_argument("--kernels", default="numba,torch", help="kernels to compare (numba, torch)")
+    ap.add_argument("--kernels", default="numba,numpy,torch", help="kernels to compare (numba, numpy, torch)")
     ap.add_argument("--scale-fmt", default="float", choices=("float", "ue8m0"))
     ap.add_argument("--step", type=int, default=fp8_block_cpu.STEP_ELEMS)
     ap.add_argument("--task", type=int, default=cpu_backend.TASK_ELEMS)
     ap.add_argument("--small", action="store_true", help="shapes a quarter the size (a quick run)")
     ap.add_argument("--json", type=Path, help="write the rates here too")
     args = ap.parse_args()
-    fp8_block_cpu.STEP_ELEMS, cpu_backend.TASK_ELEMS = args.step, args.task
+    fp8_block_cpu.STEP_ELEMS = fp8_numpy.STEP_ELEMS = args.step
+    cpu_backend.TASK_ELEMS = args.task
     cores = len(os.sched_getaffinity(0))
     counts = thread_counts(cores, args.threads)
     kernels = args.kernels.split(",")
     t = time.perf_counter()
-    compiled = fp8_block_cpu.numba_kernel()
+    compiled = fp8_block_host.numba_kernel()
     try:
         if compiled is not None:
             compiled.warm()  # every kernel: loaded from numba's cache (compiled there first if need be)
     except Exception as exc:
-        fp8_block_cpu.NUMBA_FAILURES["warm"] = f"{type(exc).__name__}: {exc}"
+        fp8_block_host.NUMBA_FAILURES["warm"] = f"{type(exc).__name__}: {exc}"
         compiled = None
     load_s = time.perf_counter() - t
     if "numba" in kernels and compiled is None:
-        print(f"the numba kernels are left out: {fp8_block_cpu.NUMBA_FAILURES}", file=sys.stderr)
+        print(f"the numba kernels are left out: {fp8_block_host.NUMBA_FAILURES}", file=sys.stderr)
         kernels.remove("numba")
     backends = {(k, n): CpuBackend(threads=n, kernel=k) for k in kernels for n in counts}
     runs = [(op, k) for op in ("dequant", "quant") for k in kernels]
     heads = " | ".join(f"{op} {k} {n} thr" for op, k in runs for n in counts)
     print(f"torch {torch.__version__}, numba {getattr(sys.modules.get('numba'), '__version__', None)}, {cores} cores, "
-          f"scale_fmt {args.scale_fmt}, task {args.task}, torch step "
+          f"scale_fmt {args.scale_fmt}, task {args.task}, numpy/torch step "
           f"{args.step}; numba kernel loaded in {load_s:.2f} s; G elements/s")
     print(f"| shape | {heads} | dequant reference | quant reference | bit-exact |")
     print("|---|" + "---:|" * (len(runs) * len(counts) + 2) + "---|")

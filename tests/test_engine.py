@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from dsv3conv import engine
-from dsv3conv.backend import CpuBackend, OutputArena
+from dsv3conv.backend import CpuBackend, OutputArena, Spread, host_buffer
 from dsv3conv.checkpoint import Checkpoint
 from dsv3conv.dequant import plan_dequant
 from dsv3conv.devices import io_threads
 from dsv3conv.errors import Dsv3Error, UsageError
-from dsv3conv.gpu import Spread
 from dsv3conv.runner import execute
 from dsv3conv.synthetic import make_tiny
 
@@ -34,7 +33,7 @@ class _Later:
 class LateBackend:
     """Dequant into the engine's arena, but only when the batch's fence is waited for."""
 
-    pin_memory = False
+    host_buffer = staticmethod(host_buffer)
 
     def __init__(self, name: str = "late", fail_on: str | None = None):
         self.name, self.fail_on = name, fail_on
@@ -45,18 +44,18 @@ class LateBackend:
 
     def dequant_block_fp8(self, buf, items, out: OutputArena):
         dsts = [out.take(it.rows * it.cols * 2, 2) for it in items]
-        snapshot = buf.clone()  # what the batch's bytes were when enqueued
+        snapshot = buf.copy()  # what the batch's bytes were when enqueued
 
         def convert() -> None:
-            assert np.array_equal(buf.numpy(), snapshot.numpy()), "the read buffer was reused before its fence"
+            assert np.array_equal(buf, snapshot), "the read buffer was reused before its fence"
             done = self.cpu.dequant_block_fp8(buf, items, OutputArena(0))
             for dst, (view,) in zip(dsts, done):
-                dst.numpy()[:] = np.frombuffer(view, dtype=np.uint8)
+                dst[:] = np.frombuffer(view, dtype=np.uint8)
 
         self.jobs.append(convert)
         if self.fail_on is not None and any(it.name == self.fail_on for it in items):
             self.fail = f"tensor `{self.fail_on}`: refused by the check after the conversion"
-        return [[memoryview(dst.numpy())] for dst in dsts]
+        return [[memoryview(dst)] for dst in dsts]
 
     def quant_block_fp8(self, buf, items, out):
         raise AssertionError("not used here")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dsv3conv.api import dequantize, quantize
-from dsv3conv.backend import Item, OutputArena, convert_async, host_buffer
-from dsv3conv.gpu import CudaBackend, Spread
+from dsv3conv.backend import Item, OutputArena, Spread, convert_async
+from dsv3conv.gpu import CudaBackend
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.ops import DequantBlockFp8
 from dsv3conv.synthetic import make_tiny, quantize_blocks
@@ -18,6 +18,17 @@ pytestmark = pytest.mark.gpu
 
 def _devices() -> list[str]:
     return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+def test_the_engine_memory_of_a_gpu_is_pinned():
+    """The engine holds numpy views; the pages under them (any slice of them) are the GPU's pinned memory, so
+    copies from and to them run asynchronously."""
+    backend = CudaBackend(torch.device("cuda"))
+    buf = backend.host_buffer(1000)
+    assert buf.size >= 1000 and torch.from_numpy(buf).is_pinned() and torch.from_numpy(buf[7:100]).is_pinned()
+    arena = OutputArena(4096, backend.host_buffer)
+    assert torch.from_numpy(arena.take(100, 2)).is_pinned()
+    backend.close()
 
 
 def test_batches_enqueued_together_and_waited_in_reverse_are_exact():
@@ -35,9 +46,9 @@ def test_batches_enqueued_together_and_waited_in_reverse_are_exact():
             items.append(Item(DequantBlockFp8("F32"), off, rows * cols, rows, cols, "F8_E4M3", "BF16", s))
             pieces.append((q, s))
             off += rows * cols
-        buf = host_buffer(off, pin_memory=True)
-        buf[:off] = torch.cat([q.view(torch.uint8).reshape(-1) for q, _ in pieces])
-        arena = OutputArena(2 * off, pin_memory=True)
+        buf = backend.host_buffer(off)  # pinned, seen as numpy
+        buf[:off] = torch.cat([q.view(torch.uint8).reshape(-1) for q, _ in pieces]).numpy()
+        arena = OutputArena(2 * off, backend.host_buffer)
         outs, fence = convert_async(backend, buf, items, arena)
         assert fence is not None
         pending.append((pieces, outs, fence))

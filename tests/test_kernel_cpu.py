@@ -1,11 +1,12 @@
-"""The CPU kernels (`dsv3conv.kernels.fp8_block_cpu`) against the torch references, bit for bit, and the
-thread pool of `CpuBackend` around them. Dequant is tested with both kernels (numba and torch)."""
+"""The CPU kernels (`dsv3conv.kernels.fp8_block_host`: numba, numpy, torch) against the torch references, bit
+for bit, and the thread pool of `CpuBackend` around them."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,9 +14,9 @@ import dsv3conv.kernels
 from dsv3conv import backend as cpu_backend
 from dsv3conv.backend import CpuBackend, Item, OutputArena, convert, cpu_threads
 from dsv3conv.errors import UsageError
-from dsv3conv.kernels import fp8_block_cpu
-from dsv3conv.kernels.fp8_block_cpu import dequant_rows, quant_rows, row_ranges
+from dsv3conv.kernels import fp8_block_host
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
+from dsv3conv.kernels.fp8_block_host import row_ranges
 from dsv3conv.kernels.fp8_block_quant import reference_quant
 from dsv3conv.ops import DequantBlockFp8, QuantBlockFp8
 from tests.conftest import ENV, TIMEOUT
@@ -30,14 +31,34 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def mismatches(got: torch.Tensor, want: torch.Tensor) -> str:
+    """Bits that differ, NaN aside (NaN where the reference has NaN: its bits are `test_nan_codes_...`'s)."""
     bad = bits(got) != bits(want)
+    if got.is_floating_point():
+        bad &= ~(got.isnan() & want.isnan())
     if not bool(bad.any()):
         return ""
     i = tuple(int(v) for v in bad.nonzero()[0])
     return f"{int(bad.sum())} of {bad.numel()} differ; first at {i}: got {got[i].item()!r}, want {want[i].item()!r}"
 
 
-KERNELS = ("numba", "torch")
+KERNELS = ("numba", "numpy", "torch")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dequant_rows(w, s, out, start=0, stop=None, kernel="auto"):
+    """`fp8_block_host.dequant_task` on torch tensors (views, no copies)."""
+    fp8_block_host.dequant_task(w.view(torch.uint8).numpy(), s.to(torch.float32).contiguous().numpy(),
+                                bits(out).numpy().view({2: np.uint16, 4: np.uint32}[out.element_size()]),
+                                _name(out.dtype), kernel)(start, w.shape[0] if stop is None else stop)
+
+
+def quant_rows(x, q, s, fmt="float", scale_dtype=torch.float32, start=0, stop=None, kernel="auto"):
+    """`fp8_block_host.quant_task` on torch tensors (views, no copies)."""
+    fp8_block_host.quant_task(x.view(torch.uint8).numpy(), _name(x.dtype), q.numpy(), s.view(torch.uint8).numpy(),
+                              fmt, _name(scale_dtype), kernel)(start, x.shape[0] if stop is None else stop)
 
 
 def dequant_in_ranges(w, s, out_dtype, cuts, kernel):
@@ -89,6 +110,19 @@ def test_dequant_rows_every_code(scale, kernel):
         assert not problem, f"{kernel}: scale {scale} -> {out_dtype}: {problem}"
 
 
+@pytest.mark.parametrize("kernel", ("numba", "numpy"))
+def test_nan_codes_come_out_as_the_canonical_nan(kernel):
+    """e4m3 NaN codes: the output dtype's default quiet NaN with the code's sign, whatever the row's other codes."""
+    w = torch.tensor([[0x7F, 0x01, 0xFF, 0x80]], dtype=torch.uint8)
+    for out_dtype, (pos, neg) in (((torch.bfloat16, (0x7FC0, 0xFFC0))), (torch.float16, (0x7E00, 0xFE00)),
+                                  (torch.float32, (0x7FC00000, 0xFFC00000))):
+        out = torch.zeros((1, 4), dtype=out_dtype)
+        dequant_rows(w, torch.ones((1, 1)), out, kernel=kernel)
+        mask = (1 << (8 * out.element_size())) - 1
+        got = [v & mask for v in bits(out).view(-1).tolist()]
+        assert got[0] == pos and got[2] == neg and not bool(out[0, 1::2].isnan().any()), (out_dtype, got)
+
+
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES)
 def test_numba_kernel_rounds_every_product_like_torch(out_dtype):
     """Random e4m3 codes that are numbers times 120 bfloat16 scales spread over float32's exponents, from below
@@ -103,18 +137,18 @@ def test_numba_kernel_rounds_every_product_like_torch(out_dtype):
 
 
 def test_auto_takes_numba_for_large_tensors_only(monkeypatch):
-    """"auto": the torch kernels below `AUTO_NUMBA_ELEMS` elements (numba not even imported), numba from there."""
+    """"auto": the numpy kernels below `AUTO_NUMBA_ELEMS` elements (numba not even imported), numba from there."""
     asked = []
-    real = fp8_block_cpu.numba_kernel
-    monkeypatch.setattr(fp8_block_cpu, "numba_kernel", lambda what=(): asked.append(what) or real(what))
-    monkeypatch.setattr(fp8_block_cpu, "AUTO_NUMBA_ELEMS", 256 * 4)
+    real = fp8_block_host.numba_kernel
+    monkeypatch.setattr(fp8_block_host, "numba_kernel", lambda what=(): asked.append(what) or real(what))
+    monkeypatch.setattr(fp8_block_host, "AUTO_NUMBA_ELEMS", 256 * 4)
     w = torch.arange(256, dtype=torch.uint8).repeat(4, 1)
-    for rows, want in ((3, []), (4, [("dequant", torch.bfloat16)])):
+    for rows, want in ((3, []), (4, [("dequant", "bfloat16")])):
         got = dequant_in_ranges(w[:rows], torch.full((1, 2), 0.5), torch.bfloat16, [0, rows], "auto")
         assert asked == want and not mismatches(got, reference_dequant(w[:rows], torch.full((1, 2), 0.5)))
     x = got.to(torch.float32)[:, :120].contiguous()
     quant_rows(x, torch.empty(x.shape, dtype=torch.uint8), torch.empty((1, 1)))
-    assert asked == want  # 480 elements: torch's
+    assert asked == want  # 480 elements: numpy's
 
 
 def test_a_small_checkpoint_converts_without_numba(tiny_src, tmp_path):
@@ -125,32 +159,34 @@ def test_a_small_checkpoint_converts_without_numba(tiny_src, tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc
 
 
-def test_a_checkpoint_through_the_numba_kernels_equals_the_torch_kernels(tiny_src, tmp_path, monkeypatch):
-    """dequant, then quant of its output, end to end: every tensor through numba gives the same files."""
+def test_a_checkpoint_through_each_kernel_gives_the_same_files(tiny_src, tmp_path, monkeypatch):
+    """dequant, then quant of its output, end to end: every tensor through numba, numpy or torch (the kernel
+    `DSV3CONV_CPU_KERNEL` names) gives the same files."""
     from dsv3conv.commands import dequantize, quantize
 
     def files(root):
         return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
 
     runs = {}
-    for kernel, threshold in (("torch", 1 << 62), ("numba", 1)):
-        monkeypatch.setattr(fp8_block_cpu, "AUTO_NUMBA_ELEMS", threshold)
+    for kernel in KERNELS:
+        monkeypatch.setenv("DSV3CONV_CPU_KERNEL", kernel)
         dequantize(tiny_src, tmp_path / kernel / "bf16", device="cpu")
         quantize(tmp_path / kernel / "bf16", tmp_path / kernel / "fp8", device="cpu")
         runs[kernel] = (files(tmp_path / kernel / "bf16"), files(tmp_path / kernel / "fp8"))
-    assert runs["numba"] == runs["torch"]
+    assert runs["numba"] == runs["numpy"] == runs["torch"]
 
 
-def test_without_numba_the_torch_kernel_stands_in(monkeypatch):
-    """numba missing (or failing to import): "auto" takes the torch kernels, exactly; "numba" is refused."""
+def test_without_numba_the_numpy_kernel_stands_in(monkeypatch):
+    """numba missing (or failing to import): "auto" takes the numpy kernels, exactly; "numba" is refused."""
     monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
     monkeypatch.delitem(sys.modules, "dsv3conv.kernels.fp8_block_numba", raising=False)
     monkeypatch.delattr(dsv3conv.kernels, "fp8_block_numba", raising=False)
-    monkeypatch.setattr(fp8_block_cpu, "NUMBA_FAILURES", {})
-    fp8_block_cpu.numba_kernel.cache_clear()
+    monkeypatch.setattr(fp8_block_host, "NUMBA_FAILURES", {})
+    monkeypatch.setattr(fp8_block_host, "AUTO_NUMBA_ELEMS", 1)
+    fp8_block_host.numba_kernel.cache_clear()
     try:
-        assert fp8_block_cpu.numba_kernel() is None
-        assert fp8_block_cpu.NUMBA_FAILURES == {(): "numba is not installed (or does not import)"}
+        assert fp8_block_host.numba_kernel() is None
+        assert fp8_block_host.NUMBA_FAILURES == {(): "numba is not installed (or does not import)"}
         w = torch.arange(256, dtype=torch.uint8).repeat(3, 1)
         s = torch.full((1, 2), 3.1e-3)
         got = dequant_in_ranges(w, s, torch.bfloat16, [0, 3], "auto")
@@ -164,12 +200,12 @@ def test_without_numba_the_torch_kernel_stands_in(monkeypatch):
         with pytest.raises(ValueError, match="numba is not installed"):
             quant_rows(x, q, sq, kernel="numba")
     finally:
-        fp8_block_cpu.numba_kernel.cache_clear()  # the next caller imports the real module again
+        fp8_block_host.numba_kernel.cache_clear()  # the next caller imports the real module again
 
 
 def test_dequant_rows_refuses_mismatched_arguments():
     w = torch.zeros((130, 10), dtype=torch.uint8)
-    with pytest.raises(ValueError, match="expected \\(2, 1\\)"):
+    with pytest.raises(ValueError, match="expected float32 \\(2, 1\\)"):
         dequant_rows(w, torch.ones((1, 1)), torch.empty((130, 10), dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="out is"):
         dequant_rows(w, torch.ones((2, 1)), torch.empty((130, 10), dtype=torch.int16))
@@ -256,7 +292,8 @@ def test_backend_threads_write_each_piece_into_out_or_a_new_buffer(kernel, monke
     finally:
         backend.close()
     q_ref, s_ref = reference_quant(x)
-    assert bytes(deq) == bytes(bits(reference_dequant(w, s)).view(torch.uint8).numpy())
+    got = torch.frombuffer(bytearray(deq), dtype=torch.bfloat16).view(700, 300)
+    assert not mismatches(got, reference_dequant(w, s)), mismatches(got, reference_dequant(w, s))
     assert bytes(q) == bytes(q_ref.view(torch.uint8).numpy()) and bytes(sc) == bytes(s_ref.view(torch.uint8).numpy())
 
 
@@ -267,4 +304,6 @@ def test_cpu_threads_from_the_environment(monkeypatch):
     with pytest.raises(UsageError, match="DSV3CONV_CPU_THREADS='0'"):
         cpu_threads()
     monkeypatch.delenv("DSV3CONV_CPU_THREADS")
-    assert cpu_threads() >= 1
+    for cores, want in ((1, 1), (2, 1), (3, 1), (16, 8)):  # by default half the cores this process may use
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert cpu_threads() == want, cores

@@ -77,13 +77,13 @@ def test_a_run_logs_progress_lines_while_it_runs(tmp_path, monkeypatch, clock):
     class HeldBackend(backend_mod.CpuBackend):
         calls = 0
 
-        def run(self, *args, **kwargs):
+        def _run_all(self, jobs):
             HeldBackend.calls += 1
             if HeldBackend.calls == 3:  # the run is under way; go on once the test has read a progress line
                 go.wait()
-            return super().run(*args, **kwargs)
+            return super()._run_all(jobs)
 
-    monkeypatch.setattr("dsv3conv.gpu.make_backend", lambda *args: HeldBackend())  # the runner imports it per run
+    monkeypatch.setattr("dsv3conv.compute.make_backend", lambda *args: HeldBackend())  # the runner imports it per run
     read_fd, write_fd = os.pipe()
     log = os.fdopen(write_fd, "w", buffering=1)
     monkeypatch.setattr("sys.stderr", log)

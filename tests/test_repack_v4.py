@@ -139,7 +139,8 @@ def test_device_path_same_bytes_as_the_cpu_backend(scale_dtype, torch_dtype) -> 
     """The GPU backend's repack (`repack_on_device`: the plain-torch kernel, run here on the CPU) and the CPU
     backend's table path write the same e4m3 codes and block scales, for both scale dtypes, over pieces
     of whole 128-row blocks with a partial last block and partial last column block."""
-    from dsv3conv.backend import CpuBackend, Item, OutputArena, convert, repack_on_device
+    from dsv3conv.backend import CpuBackend, Item, OutputArena, convert
+    from dsv3conv.gpu import repack_on_device
     from dsv3conv.ops import RepackMxfp4Fp8
 
     gen = torch.Generator().manual_seed(3)
@@ -158,7 +159,7 @@ def test_device_path_same_bytes_as_the_cpu_backend(scale_dtype, torch_dtype) -> 
         cpu = [bytes(b) for b in convert(backend, buf, items)]
     finally:
         backend.close()
-    device = [bytes(b) for it in items for b in repack_on_device(buf, it, OutputArena(0), torch.device("cpu"))]
+    device = [bytes(b) for it in items for b in repack_on_device(buf.numpy(), it, OutputArena(0), torch.device("cpu"))]
     assert cpu == device
     q, s, lossy = repack_mxfp4_to_fp8(packed, scale, torch_dtype)
     assert lossy == 0 and b"".join(device[0::2]) == q.view(torch.uint8).numpy().tobytes()

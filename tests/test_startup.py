@@ -26,8 +26,9 @@ WRAPPER = (
 )
 
 
-def run_watched(*args, env: dict | None = None) -> tuple[Run, bool]:
-    proc = subprocess.run([sys.executable, "-c", WRAPPER, *map(str, args)], capture_output=True, text=True,
+def run_watched(*args, env: dict | None = None, first: str = "") -> tuple[Run, bool]:
+    """The CLI with `args` in a process of its own (`first`: code run before it); whether it imported torch."""
+    proc = subprocess.run([sys.executable, "-c", first + WRAPPER, *map(str, args)], capture_output=True, text=True,
                           env=ENV if env is None else env, timeout=TIMEOUT, check=False)
     lines = proc.stdout.splitlines()
     assert lines and lines[-1].startswith(MARK), f"no report at exit\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
@@ -92,9 +93,50 @@ def test_dry_run_needs_no_torch(tiny_src, tmp_path):
 
 def test_seconds_is_the_wall_time_with_startup_inside(tiny_src, tmp_path):
     proc, torch_imported = run_watched("dequant", tiny_src, tmp_path / "out", "--device", "cpu", "--json")
-    assert proc.returncode == 0 and torch_imported, proc
+    assert proc.returncode == 0 and not torch_imported, proc
     summary = json.loads(proc.stdout)
     assert 0 < summary["startup_seconds"] < summary["seconds"], summary
+
+
+NO_NUMBA = "import sys\nsys.modules['numba'] = None  # numba missing: `import numba` fails\n"
+
+
+@pytest.mark.parametrize("how", ["numba installed", "numba missing", "kernel numba"])
+def test_every_command_on_the_cpu_runs_without_torch(how, tiny_src, tmp_path):
+    """dequant, quant, split-mtp and verify --against on the CPU never import torch, with numba or without;
+    their outputs are the references' (verify holds each to its source bit for bit)."""
+    first = NO_NUMBA if how == "numba missing" else ""
+    env = dict(ENV, DSV3CONV_CPU_KERNEL="numba") if how == "kernel numba" else ENV
+    bf16, fp8, main = tmp_path / "bf16", tmp_path / "fp8", tmp_path / "main"
+    for args in (("dequant", tiny_src, bf16, "--device", "cpu"), ("quant", bf16, fp8, "--device", "auto"),
+                 ("split-mtp", tiny_src, "--main-out", main),
+                 ("verify", bf16, "--against", tiny_src, "--device", "cpu", "--json"),
+                 ("verify", fp8, "--against", bf16, "--device", "cpu", "--json")):
+        proc, torch_imported = run_watched(*args, env=env, first=first)
+        assert proc.returncode == 0, (args, proc)
+        assert not torch_imported, f"{how}: {args[0]} imported torch"
+        if args[0] == "verify":
+            assert json.loads(proc.stdout)["ok"], proc.stdout
+    assert (main / "config.json").exists() and (fp8 / "config.json").exists()
+
+
+def test_the_torch_kernel_still_converts_when_asked(tiny_src, tmp_path):
+    """DSV3CONV_CPU_KERNEL=torch: the torch kernels, with numba missing; the same bytes as the default."""
+    env = dict(ENV, DSV3CONV_CPU_KERNEL="torch")
+    proc, torch_imported = run_watched("dequant", tiny_src, tmp_path / "torch", "--device", "cpu", env=env,
+                                       first=NO_NUMBA)
+    assert proc.returncode == 0 and torch_imported, proc
+    proc, _ = run_watched("dequant", tiny_src, tmp_path / "auto", "--device", "cpu")
+    assert proc.returncode == 0, proc
+    for shard in sorted((tmp_path / "auto").glob("*.safetensors")):
+        assert shard.read_bytes() == (tmp_path / "torch" / shard.name).read_bytes(), shard.name
+
+
+def test_a_mistyped_kernel_is_refused_before_work(tiny_src, tmp_path):
+    proc, torch_imported = run_watched("dequant", tiny_src, tmp_path / "out", "--device", "cpu",
+                                       env=dict(ENV, DSV3CONV_CPU_KERNEL="fast"))
+    assert_one_line_error(proc, 2, "DSV3CONV_CPU_KERNEL='fast'")
+    assert not torch_imported and not (tmp_path / "out").exists()
 
 
 def test_parse_devices():

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from dsv3conv.checkpoint import Checkpoint, ShardReader, TensorInfo
 from dsv3conv.engine import BatchSpec, run_batches
@@ -41,7 +41,7 @@ def scan(ckpt: Checkpoint, src_root: Path | None, tasks: list[Task], device: str
     backend = None
     compared = [t for t in tasks if t.planned is not None]
     if any(t.planned.converts for t in compared):
-        from dsv3conv.gpu import make_backend  # imports the kernels: only when needed
+        from dsv3conv.compute import make_backend  # imports the kernels: only when needed
 
         backend = make_backend(device)
     results = {t.info.name: TensorResult() for t in tasks}
@@ -115,14 +115,14 @@ class _Comparer:
     def put(self, spec: BatchSpec, outs: list[memoryview]) -> None:
         local = self.local
         if not hasattr(local, "reader"):
-            local.reader, local.buf = ShardReader(self.ckpt.root), torch.empty(0, dtype=torch.uint8)
+            local.reader, local.buf = ShardReader(self.ckpt.root), np.empty(0, dtype=np.uint8)
             with self.lock:
                 self.readers.append(local.reader)
         placed = [out for pt, start, n in spec.pieces for out in pt.op.outputs(pt, start, n)]
         for piece, (name, offset, _) in zip(outs, placed):
             task = self.task_of[name]
-            if local.buf.numel() < len(piece):  # CKPT's bytes are read into one buffer per thread, reused
-                local.buf = torch.empty(len(piece), dtype=torch.uint8)
+            if local.buf.size < len(piece):  # CKPT's bytes are read into one buffer per thread, reused
+                local.buf = np.empty(len(piece), dtype=np.uint8)
             try:
                 self._compare(local.reader, local.buf[: len(piece)], task, name, offset, _bytes(piece))
             except (Dsv3Error, OSError) as exc:
@@ -140,12 +140,12 @@ class _Comparer:
         for reader in self.readers:
             reader.close()
 
-    def _compare(self, reader: ShardReader, got: torch.Tensor, task: Task, name: str, start: int,
-                 want: torch.Tensor) -> None:
+    def _compare(self, reader: ShardReader, got: np.ndarray, task: Task, name: str, start: int,
+                 want: np.ndarray) -> None:
         """Hold CKPT's bytes of output tensor `name` from byte `start` (read into `got`) to `want`."""
         info, got_info = task.info, self.ckpt.tensors[name]
         if len(got):
-            reader.read_into(got_info, start, memoryview(got.numpy()))
+            reader.read_into(got_info, start, memoryview(got))
         copy = isinstance(task.planned.op, Copy)
         found = TensorResult()
         if name == info.name:
@@ -173,5 +173,5 @@ def _merge(res: TensorResult, found: TensorResult, differ: int, largest: float, 
         res.max_diff = max(res.max_diff, largest)
 
 
-def _bytes(data) -> torch.Tensor:
-    return torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+def _bytes(data) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from dsv3conv.checkpoint import TensorInfo
-from dsv3conv.dtypes import TORCH_DTYPES
+from dsv3conv.dtypes import TORCH_NAMES
+from dsv3conv.kernels.fp8_numpy import to_float32
 from dsv3conv.safetensors_format import DTYPE_SIZES
 
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_INT_OF_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 # Bits that are all ones exactly when an IEEE value is Inf or NaN.
 _EXPONENT_MASKS = {"BF16": 0x7F80, "F16": 0x7C00, "F32": 0x7F800000, "F64": 0x7FF0000000000000}
 
@@ -31,8 +32,8 @@ class TensorResult:
     error: str = ""
 
 
-def bad_mask(raw: torch.Tensor, dtype: str, scale: bool) -> torch.Tensor | None:
-    """Which elements of `raw` (bytes of `dtype`) are NaN or Inf (for scales also <= 0); None: not checked."""
+def bad_mask(raw: np.ndarray, dtype: str, scale: bool) -> np.ndarray | None:
+    """Which elements of `raw` (uint8 bytes of `dtype`) are NaN or Inf (for scales also <= 0); None: not checked."""
     if dtype in _EXPONENT_MASKS:
         bits = raw.view(_INT_OF_SIZE[DTYPE_SIZES[dtype]])
         m = _EXPONENT_MASKS[dtype]
@@ -49,55 +50,60 @@ def bad_mask(raw: torch.Tensor, dtype: str, scale: bool) -> torch.Tensor | None:
     return bad | ((raw & 0x7F) == 0) | (raw >= 0x80) if scale else bad
 
 
-def _maybe_bad(raw: torch.Tensor, dtype: str) -> bool:
-    """A fast test that is never wrong when it says False: a NaN or Inf makes the sum NaN or Inf."""
+def _maybe_bad(raw: np.ndarray, dtype: str) -> bool:
+    """A fast test that is never wrong when it says False: a NaN or Inf makes the sum NaN or Inf (float32 and
+    float64), or has every exponent bit set (the 16-bit floats)."""
+    if dtype in ("F32", "F64"):
+        with np.errstate(all="ignore"):
+            return not bool(np.isfinite(raw.view(np.float32 if dtype == "F32" else np.float64).sum()))
     if dtype in _EXPONENT_MASKS:
-        return not bool(torch.isfinite(raw.view(TORCH_DTYPES[dtype]).sum()))
+        m = _EXPONENT_MASKS[dtype]
+        return int((raw.view(np.uint16) & np.uint16(m)).max()) == m
     if dtype == "F8_E4M3":
         return int((raw | 0x80).max()) == 0xFF
     return True
 
 
-def check_values(raw: torch.Tensor, info: TensorInfo, e0: int, res: TensorResult, scale: bool) -> None:
+def check_values(raw: np.ndarray, info: TensorInfo, e0: int, res: TensorResult, scale: bool) -> None:
     """Count the bad values of `raw`, the elements of `info` from element `e0` on (`scale`: must be > 0)."""
-    if raw.numel() == 0 or (not scale and not _maybe_bad(raw, info.dtype)):
+    if raw.size == 0 or (not scale and not _maybe_bad(raw, info.dtype)):
         return
     bad = bad_mask(raw, info.dtype, scale)
     count = int(bad.sum()) if bad is not None else 0
     if not count:
         return
     if res.bad_first < 0:
-        res.bad_first = e0 + int(bad.nonzero()[0, 0])
-        values = raw.view(TORCH_DTYPES[info.dtype])[bad].to(torch.float32)
-        kinds = ("NaN", values.isnan()), ("Inf", values.isinf())
+        res.bad_first = e0 + int(np.flatnonzero(bad)[0])
+        values = _as_float64(raw, info.dtype)[bad]
+        kinds = ("NaN", np.isnan(values)), ("Inf", np.isinf(values))
         res.bad_kind = next((k for k, hit in kinds if bool(hit.any())), "<= 0")
     res.bad_values += count
 
 
-def count_differ(want: torch.Tensor, got: torch.Tensor, dtype: str | None) -> tuple[int, int, float]:
+def count_differ(want: np.ndarray, got: np.ndarray, dtype: str | None) -> tuple[int, int, float]:
     """(elements that differ, index of the first, largest difference) of two byte buffers holding `dtype`
     (None: compared byte by byte, no difference measured)."""
     if _same(want, got):
         return 0, -1, 0.0
     size = DTYPE_SIZES[dtype] if dtype is not None else 1
-    w_bits, g_bits = want.view(_INT_OF_SIZE[size]), got.view(_INT_OF_SIZE[size])
-    differ = w_bits != g_bits
-    first = int(differ.nonzero()[0, 0])
-    if dtype not in TORCH_DTYPES:
+    differ = want.view(_INT_OF_SIZE[size]) != got.view(_INT_OF_SIZE[size])
+    first = int(np.flatnonzero(differ)[0])
+    if dtype not in TORCH_NAMES:
         return int(differ.sum()), first, 0.0
-    a = want.view(TORCH_DTYPES[dtype])[differ].to(torch.float64)
-    b = got.view(TORCH_DTYPES[dtype])[differ].to(torch.float64)
-    diff = torch.nan_to_num((a - b).abs(), nan=math.inf)  # a NaN on either side counts as infinitely far
+    a, b = _as_float64(want, dtype)[differ], _as_float64(got, dtype)[differ]
+    with np.errstate(all="ignore"):
+        diff = np.nan_to_num(np.abs(a - b), nan=math.inf)  # a NaN on either side counts as infinitely far
     return int(differ.sum()), first, float(diff.max())
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Byte equality, 8 bytes at a time where the buffers allow."""
-    if a.numel() != b.numel():
+def _as_float64(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """The values of `raw` (bytes of the float dtype `dtype`) as float64."""
+    return raw.view(np.float64) if dtype == "F64" else to_float32(raw, TORCH_NAMES[dtype]).astype(np.float64)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Byte equality, 8 bytes at a time."""
+    if a.size != b.size:
         return False
-    n8 = a.numel() // 8 * 8
-    try:
-        head = torch.equal(a[:n8].view(torch.int64), b[:n8].view(torch.int64))
-    except RuntimeError:  # not 8-byte aligned
-        return torch.equal(a, b)
-    return head and torch.equal(a[n8:], b[n8:])
+    n8 = a.size // 8 * 8
+    return bool(np.array_equal(a[:n8].view(np.int64), b[:n8].view(np.int64))) and bool(np.array_equal(a[n8:], b[n8:]))
