@@ -16,6 +16,7 @@ Nothing here reads tensor data: an E8M0 scale byte 255 (NaN) is refused by the c
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -231,14 +232,22 @@ def check_config(formats: Formats, config: Mapping, presence: bool = True) -> li
 
 
 def _check_expert_dtype(formats: Formats, config: Mapping) -> list[str]:
-    fp4 = str(config.get("expert_dtype") or (config.get("quantization_config") or {}).get("expert_dtype") or "") == "fp4"
+    """The headers decide each expert's format; a missing `expert_dtype` (as in published copies of the V4
+    configs) is no contradiction, only an explicit value the routed experts disagree with."""
+    declared = config.get("expert_dtype")
+    if declared is None:
+        declared = (config.get("quantization_config") or {}).get("expert_dtype")
+    if declared is None:
+        return []
     mx = formats.of_kind("mxfp4")
-    if mx and not fp4:
-        return [f"tensor `{mx[0].name}` is packed FP4 but config.json has no `expert_dtype: fp4`; fix config.json"]
-    if fp4:
+    if mx and declared != "fp4":
+        return [f"tensor `{mx[0].name}` is packed FP4 but config.json says `expert_dtype: {json.dumps(declared)}`; "
+                "set it to \"fp4\" or remove it from config.json"]
+    if declared == "fp4":
         for f in formats.tensors.values():
             if f.kind in ("fp8_block", "copy") and ROUTED_EXPERT_RE.search(f.name) and f.name.endswith(".weight"):
-                return [f"config.json says expert_dtype fp4 but routed expert `{f.name}` is not packed FP4"]
+                return [f"config.json says expert_dtype fp4 but routed expert `{f.name}` is not packed FP4; "
+                        "remove `expert_dtype` from config.json"]
     return []
 
 

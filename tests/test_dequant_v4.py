@@ -114,16 +114,6 @@ def test_one_byte_tensor_without_scale_refused(tmp_path) -> None:
     assert_refused(proc, "`layers.0.ffn.experts.2.w3.weight` is I8 without `layers.0.ffn.experts.2.w3.scale`")
 
 
-def test_expert_dtype_mismatch_refused(tmp_path) -> None:
-    make_v4(tmp_path / "src", "flash")
-    cfg_path = tmp_path / "src" / "config.json"
-    config = json.loads(cfg_path.read_text())
-    del config["expert_dtype"]
-    cfg_path.write_text(json.dumps(config))
-    proc = cli("dequant", tmp_path / "src", tmp_path / "out", "--device", "cpu")
-    assert_refused(proc, "is packed FP4 but config.json has no `expert_dtype: fp4`")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["flash", "0731"])
 def test_v4_dequant_cuda_bit_exact(tmp_path, kind) -> None:
