@@ -46,7 +46,7 @@ def _invocations(block: str) -> list[list[str]]:
 
 def _doc_invocations(doc: Path) -> list[list[str]]:
     """The commands of the code blocks, and of the inline spans that are commands (not quoted messages)."""
-    spans = [s for s in _spans(doc) if s.startswith("dsv3conv ") or re.search(r"scripts/[\w-]+\.py", s)]
+    spans = [s for s in _spans(doc) if s.startswith("dsv3conv ") or re.search(r"scripts/[\w-]+\.(py|sh)", s)]
     return [words for text in _code_blocks(doc) + spans for words in _invocations(text)]
 
 
@@ -93,23 +93,34 @@ def test_every_command_line_in_the_docs_names_real_commands_and_options(doc):
 
 @pytest.mark.parametrize("doc", DOCS, ids=[p.name for p in DOCS])
 def test_every_script_line_in_the_docs_names_a_real_script_and_options(doc):
-    """`python scripts/NAME.py --opt ...`: the script exists and declares each option; every path of the
-    repository the text names exists; an option alone in backticks is one of dsv3conv's or a script's."""
+    """`python scripts/NAME.py --opt ...`: the script exists and declares each option; `scripts/gpu_run.sh
+    STEP ...`: each step exists."""
     scripts = _script_options()
+    steps = set(re.findall(r"^\s*([a-z][\w-]*)\)", (REPO / "scripts" / "gpu_run.sh").read_text(), re.M))
     for words in _doc_invocations(doc):
+        line = f"{doc.name}: `{shlex.join(words)}`"
         named = [i for i, w in enumerate(words) if re.fullmatch(r"(\./)?scripts/[\w-]+\.py", w)]
-        if not named:
-            continue
-        script = words[named[0]].removeprefix("./")
-        assert script in scripts, f"{doc.name}: `{shlex.join(words)}`: no {script}"
-        for word in words[named[0] + 1:]:
-            opt = word.split("=")[0]
-            if _is_option(opt) and opt != "--help":
-                assert opt in scripts[script], f"{doc.name}: `{shlex.join(words)}`: {script} has no option {opt}"
+        if named:
+            script = words[named[0]].removeprefix("./")
+            assert script in scripts, f"{line}: no {script}"
+            for word in words[named[0] + 1:]:
+                opt = word.split("=")[0]
+                if _is_option(opt) and opt != "--help":
+                    assert opt in scripts[script], f"{line}: {script} has no option {opt}"
+        if "scripts/gpu_run.sh" in words:
+            for step in words[words.index("scripts/gpu_run.sh") + 1:]:
+                if re.fullmatch(r"[a-z][\w-]*", step):  # not a placeholder (STEP)
+                    assert step in steps, f"{line}: scripts/gpu_run.sh has no step {step}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[p.name for p in DOCS])
+def test_every_path_and_lone_option_in_the_docs_is_real(doc):
+    """Every path of the repository the text names exists; an option alone in backticks is dsv3conv's or a
+    script's."""
     text = doc.read_text(encoding="utf-8")
     for path in re.findall(r"(?<![\w/.-])((?:scripts|tests|docs|dsv3conv|kernels)/[\w./-]*\w)", text):
         assert (REPO / path).exists(), f"{doc.name}: names {path}, which does not exist"
-    known = set().union(*_options().values(), *scripts.values()) | {"--help"}
+    known = set().union(*_options().values(), *_script_options().values()) | {"--help"}
     for span in _spans(doc):
         if re.fullmatch(r"--[a-z][\w-]*", span):
             assert span in known, f"{doc.name}: `{span}` is no option of dsv3conv or of a script"
