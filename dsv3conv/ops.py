@@ -72,6 +72,13 @@ class _BlockRows:
         size, itemsize = DTYPE_SIZES[t.dtype], t.source.itemsize
         return (t.name, start // itemsize * size, n // itemsize * size)
 
+    def _scales(self, t: TensorPlan, start: int, n: int) -> Output:
+        """The piece's rows of block scales in the tensor `scale_name` (pieces hold whole blocks, but at the
+        tensor's end), for operations that write one."""
+        r0, rows = self.rows(t, start, n)
+        row_bytes = -(-t.shape[1] // self.block) * DTYPE_SIZES[self.scale_dtype]
+        return (self.scale_name, r0 // self.block * row_bytes, -(-rows // self.block) * row_bytes)
+
 
 @dataclass(frozen=True)
 class DequantBlockFp8(_BlockRows):
@@ -102,11 +109,8 @@ class QuantBlockFp8(_BlockRows):
     block: int = BLOCK
 
     def outputs(self, t: TensorPlan, start: int, n: int) -> list[Output]:
-        """The piece's e4m3 rows, then its rows of scales (pieces hold whole blocks, but at the tensor's end)."""
-        r0, rows = self.rows(t, start, n)
-        scale_row_bytes = -(-t.source.shape[1] // self.block) * DTYPE_SIZES[self.scale_dtype]
-        return [self._elements(t, start, n),
-                (self.scale_name, r0 // self.block * scale_row_bytes, -(-rows // self.block) * scale_row_bytes)]
+        """The piece's e4m3 rows, then its rows of scales."""
+        return [self._elements(t, start, n), self._scales(t, start, n)]
 
 
 @dataclass(frozen=True)
@@ -151,11 +155,8 @@ class RepackMxfp4Fp8(_BlockRows):
     block: int = BLOCK
 
     def outputs(self, t: TensorPlan, start: int, n: int) -> list[Output]:
-        """The piece's e4m3 rows (two per packed byte), then its rows of block scales."""
-        r0, rows = self.rows(t, start, n)
-        scale_row_bytes = -(-t.shape[1] // self.block) * DTYPE_SIZES[self.scale_dtype]
-        return [(t.name, 2 * start, 2 * n),
-                (self.scale_name, r0 // self.block * scale_row_bytes, -(-rows // self.block) * scale_row_bytes)]
+        """The piece's e4m3 rows (two values per packed byte), then its rows of block scales."""
+        return [(t.name, 2 * start, 2 * n), self._scales(t, start, n)]
 
     def scale_rows(self, r0: int, rows: int) -> slice:
         return slice(r0, r0 + rows)
