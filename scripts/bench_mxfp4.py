@@ -28,7 +28,7 @@ SWEEP = [(64, 128, 8), (32, 128, 4), (128, 64, 8), (64, 256, 8), (16, 128, 4), (
 def _inputs(rows: int, cols: int, device: str, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     packed = torch.randint(-128, 128, (rows, cols // 2), dtype=torch.int8, generator=gen)
-    scale = torch.randint(110, 130, (rows, cols // 32), dtype=torch.uint8, generator=gen)
+    scale = torch.randint(110, 130, (rows, -(-cols // 32)), dtype=torch.uint8, generator=gen)
     return packed.to(device), scale.to(device)
 
 
