@@ -7,6 +7,9 @@ sink compares the pieces with a checkpoint's bytes instead (`run_batches`). Batc
 flight at once, taking turns (`interleaved`), and several writes: fast storage (tmpfs, NVMe) reaches its
 speed only with many writes at once, and a file system takes one write into a file at a time.
 
+The backend may still be starting (a `Future`: torch and CUDA initialising): meanwhile readers take the batches
+that convert nothing first, writers write them, and batches that convert wait until it is there.
+
 A backend may convert asynchronously (a GPU): it returns at once with a fence, the calling thread goes on
 to the next batch, and the writer waits on the fence before writing. A batch's read buffer is reused once
 its conversion is done (or, when the batch holds copied bytes, once they are written); its output arena
@@ -21,8 +24,9 @@ import os
 import queue
 import threading
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -42,6 +46,7 @@ from dsv3conv.writer import AtomicFile, copy_file_fast, fs_type
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 MAX_GAP_BYTES = 1 << 20  # small tensors between two read pieces are read along rather than seeked over
 POOL_BUDGET_BYTES = 5 << 28  # 1.25 GiB of buffers and arenas: beyond that, more in flight only adds memory
+LOOKAHEAD = 256  # batches searched for one that converts nothing while the backend starts
 
 
 def pool_counts(buffers: int, arenas: int, buf_bytes: int, out_bytes: int,
@@ -55,7 +60,7 @@ def pool_counts(buffers: int, arenas: int, buf_bytes: int, out_bytes: int,
     return buffers, arenas
 
 
-def run_files(plan: Plan, backend: Backend | None, todo: list[tuple[int, FilePlan]], progress=None,
+def run_files(plan: Plan, backend: Backend | Future | None, todo: list[tuple[int, FilePlan]], progress=None,
               chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = 3,
               cancel: threading.Event | None = None) -> tuple[int, int]:
     """Write the files `todo` ((index in `plan.files`, file) pairs) of the plan; return (files, bytes) written.
@@ -65,7 +70,8 @@ def run_files(plan: Plan, backend: Backend | None, todo: list[tuple[int, FilePla
     threads keep a fast disk (or tmpfs) busy, and each file is renamed into place by whichever writer completes
     its last batch. `depth`: buffers and arenas beyond one per reader and writer (batches converting).
     `progress(nbytes, file_index, file_name)` is called as bytes are written; `cancel`, set by another
-    thread, stops the run as Ctrl-C would. `backend` may be None when nothing converts.
+    thread, stops the run as Ctrl-C would. `backend` may be None when nothing converts, or a `Future` of the
+    backend while it starts (its error, if it fails, is the run's once a batch needs it).
     """
     with profiling.run_profile() as prof:  # DSV3CONV_PROFILE=1: seconds per stage, one line on stderr
         sink = FileSink(plan, progress, prof)
@@ -73,7 +79,7 @@ def run_files(plan: Plan, backend: Backend | None, todo: list[tuple[int, FilePla
     return sink.files_written, sink.bytes_written
 
 
-def run_batches(plan: Plan, backend: Backend | None, todo: list[tuple[int, FilePlan]], sink: Sink,
+def run_batches(plan: Plan, backend: Backend | Future | None, todo: list[tuple[int, FilePlan]], sink: Sink,
                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, depth: int = 3, cancel: threading.Event | None = None) -> None:
     """`run_files` with `sink` in place of the file writer: the same reads, conversions and bounded memory."""
     with profiling.run_profile() as prof:
@@ -101,8 +107,8 @@ class _Pool:
     """At most `count` buffers, each made by `make` on first need; the most recently returned is handed out
     first, so a run that needs few in flight touches few."""
 
-    def __init__(self, make: Callable[[], object], count: int):
-        self._make, self._left = make, count
+    def __init__(self, make: Callable[[], object], count: int, keep: Callable[[object], bool] | None = None):
+        self._make, self._left, self._keep = make, count, keep  # keep(item) False: dropped when returned
         self._free: list = []
         self._cond = threading.Condition()
 
@@ -119,32 +125,55 @@ class _Pool:
 
     def put(self, item) -> None:
         with self._cond:
-            self._free.append(item)
+            if self._keep is None or self._keep(item):
+                self._free.append(item)
+            else:  # made anew by the next `get`
+                self._left += 1
             self._cond.notify()
 
 
 class _Run:
     """One engine run: its batches, buffer pools and threads; the batches go to `sink`."""
 
-    def __init__(self, plan: Plan, backend: Backend | None, todo, sink: Sink, chunk_bytes: int, depth: int,
+    def __init__(self, plan: Plan, backend: Backend | Future | None, todo, sink: Sink, chunk_bytes: int, depth: int,
                  cancel: threading.Event | None, prof: profiling.Profile | None = None):
-        self.plan, self.backend, self.sink, self.cancel, self.prof = plan, backend, sink, cancel, prof
+        self.plan, self.sink, self.cancel, self.prof = plan, sink, cancel, prof
+        self.starting = backend if isinstance(backend, Future) else None  # None once the backend is there
+        self.backend = None if self.starting else backend
         self.n_readers, self.n_writers = io_threads()
         self.specs = interleaved([_batch_specs(k, f, chunk_bytes) for k, f in todo], self.n_writers)
         sink.start(self.specs)
         # A block of rows is never split: a very wide tensor may need more than `chunk_bytes`.
         buf_bytes = max([chunk_bytes] + [s.span_len for s in self.specs])
         out_bytes = max([0] + [s.out_bytes for s in self.specs])
-        make = backend.host_buffer if backend is not None else host_buffer
         count, arenas = pool_counts(self.n_readers + depth, self.n_writers + depth, buf_bytes, out_bytes)
-        self.pool = _Pool(lambda: _buffer(buf_bytes, count, make), count)  # read buffers
-        self.arenas = _Pool(lambda: OutputArena(out_bytes, make), arenas)  # converted bytes
+        # Buffers made while the backend starts are plain memory: dropped as they come back once it is there,
+        # if it makes its own (pinned for a GPU)
+        self.interim: set[int] = set()
+        self.pool = _Pool(lambda: _buffer(buf_bytes, count, self._make), count, self._keep)  # read buffers
+        self.arenas = _Pool(lambda: OutputArena(out_bytes, self._make), arenas)  # converted bytes
         self.ready: queue.Queue = queue.Queue()  # (batch, its buffer, its items: None when skipped), read
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
-        self.next_spec = iter(self.specs)
-        self.spec_lock = threading.Lock()
+        self.schedule = _Schedule(self.specs, lambda: self.starting is not None and not self.starting.done(),
+                                  LOOKAHEAD)
         self.scales = _ScaleCache(plan.source)
+
+    def _make(self, nbytes: int):
+        """Memory of the backend's kind (`host_buffer`), plain memory while it starts or without one."""
+        if self.backend is not None:
+            return self.backend.host_buffer(nbytes)
+        buf = host_buffer(nbytes)
+        if self.starting is not None:
+            self.interim.add(id(buf))
+        return buf
+
+    def _keep(self, buf) -> bool:
+        """False for a buffer made while the backend started, once it is there and makes its own memory."""
+        if id(buf) in self.interim and self.backend is not None and self.backend.host_buffer is not host_buffer:
+            self.interim.discard(id(buf))
+            return False
+        return True
 
     def run(self) -> None:
         readers = [threading.Thread(target=self._reader, name=f"dsv3conv-reader-{i}", daemon=True)
@@ -152,25 +181,27 @@ class _Run:
         for t in readers:
             t.start()
         writers = ThreadPoolExecutor(max_workers=self.n_writers, thread_name_prefix="dsv3conv-writer")
+        if self.starting is not None:  # wakes this thread when the backend is there (or failed)
+            self.starting.add_done_callback(lambda _: self.ready.put(_STARTED))
+        waiting: deque = deque()  # batches read while the backend starts, that need it
         try:
-            for _ in range(len(self.specs)):
+            done = 0
+            while done < len(self.specs):
                 with profiling.stage(self.prof, "wait_read"):
-                    spec, buf, items = self._get(self.ready)
-                if items is None:  # its read failed and the sink took note
+                    got = self._get(self.ready)
+                if got is _STARTED:
+                    self.backend, self.starting = self.starting.result(), None  # raises the start's error
+                    if self.prof is not None:
+                        self.prof.mark_once("backend_s")
+                    while waiting:
+                        self._convert(writers, *waiting.popleft())
+                        done += 1
                     continue
-                arena, fence, outs = None, None, []
-                if spec.converts:
-                    with profiling.stage(self.prof, "wait_arena"):
-                        arena = self.arenas.get(self._check)
-                if items:
-                    with profiling.stage(self.prof, "convert", spec.out_bytes):
-                        try:
-                            outs, fence = convert_async(self.backend, buf, items, arena)
-                        except (Dsv3Error, OSError) as exc:
-                            if not self.sink.skip(spec, exc):
-                                raise
-                            outs, fence = None, self.backend and self.backend.fence()  # what was enqueued
-                writers.submit(self._write, spec, buf, arena, outs, fence)
+                if got[2] and got[0].converts and self.starting is not None:
+                    waiting.append(got)
+                    continue
+                self._convert(writers, *got)
+                done += 1
             with profiling.stage(self.prof, "wait_write"):
                 writers.shutdown(wait=True)
         except _Stopped:
@@ -186,6 +217,24 @@ class _Run:
             self.sink.close()
         if self.errors:
             raise self.errors[0]
+
+    def _convert(self, writers: ThreadPoolExecutor, spec: BatchSpec, buf, items: list[Item] | None) -> None:
+        """Convert the batch (asynchronously where the backend can) and hand it to a writer."""
+        if items is None:  # its read failed and the sink took note
+            return
+        arena, fence, outs = None, None, []
+        if spec.converts:
+            with profiling.stage(self.prof, "wait_arena"):
+                arena = self.arenas.get(self._check)
+        if items:
+            with profiling.stage(self.prof, "convert", spec.out_bytes):
+                try:
+                    outs, fence = convert_async(self.backend, buf, items, arena)
+                except (Dsv3Error, OSError) as exc:
+                    if not self.sink.skip(spec, exc):
+                        raise
+                    outs, fence = None, self.backend and self.backend.fence()  # what was enqueued
+        writers.submit(self._write, spec, buf, arena, outs, fence)
 
     def _fail(self, exc: BaseException) -> None:
         self.errors.append(exc)
@@ -211,8 +260,7 @@ class _Run:
         handles = ShardReader(self.plan.source)  # a bounded number of open files, however many shards
         try:
             while not self.stop.is_set():
-                with self.spec_lock:
-                    spec = next(self.next_spec, None)
+                spec = self.schedule.next()
                 if spec is None:
                     return
                 with profiling.stage(self.prof, "wait_buffer"):
@@ -362,6 +410,27 @@ def _buffer(nbytes: int, count: int, make: Callable[[int], np.ndarray] = host_bu
 
 class _Stopped(Exception):
     """Another stage failed; this one stops quietly."""
+
+
+_STARTED = object()  # put in the read queue when the backend's start ends
+
+
+class _Schedule:
+    """The batches for the readers, in run order; while `starting()`, a batch that converts nothing (within
+    the next LOOKAHEAD) goes first, so reads and writes go on while the backend starts."""
+
+    def __init__(self, specs: list[BatchSpec], starting: Callable[[], bool], lookahead: int):
+        self.pending, self.starting, self.lookahead = deque(specs), starting, lookahead
+        self.lock = threading.Lock()
+
+    def next(self) -> BatchSpec | None:
+        with self.lock:
+            if self.starting():
+                for i, spec in enumerate(islice(self.pending, self.lookahead)):
+                    if not spec.converts:
+                        del self.pending[i]
+                        return spec
+            return self.pending.popleft() if self.pending else None
 
 
 class _ScaleCache:

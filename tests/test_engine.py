@@ -4,6 +4,10 @@ its batch was converted, shows as different bytes. Pools stay within their count
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -282,3 +286,86 @@ def test_pools_stay_within_the_memory_budget():
     buffers, arenas = engine.pool_counts(7, 11, 64 * mib, 128 * mib)  # a 16-core CPU's default
     assert (buffers, arenas) == (7, 6) and 7 * 64 * mib + 6 * 128 * mib <= engine.POOL_BUDGET_BYTES
     assert engine.pool_counts(7, 11, 1 << 30, 2 << 30) == (2, 2)  # --buffer-size 1GiB: what it asks for
+
+
+def test_while_the_backend_starts_batches_that_convert_nothing_are_read_first():
+    """Readers take the next batch that converts nothing (within the lookahead) while the backend starts, the
+    batches in run order otherwise and once it is there."""
+    specs = [SimpleNamespace(n=n, converts=c) for n, c in enumerate([True, True, False, True, False, False, True])]
+    starting = [True]
+    schedule = engine._Schedule(specs, lambda: starting[0], 3)
+    # 2 is among the next 3; then none of 0, 1, 3 converts nothing: 0; then 4 is among 1, 3, 4
+    assert [schedule.next().n for _ in range(3)] == [2, 0, 4]
+    starting[0] = False
+    assert [schedule.next().n for _ in range(4)] == [1, 3, 5, 6] and schedule.next() is None
+
+
+class _Recording(engine.FileSink):
+    """Records whether each batch written converted; `on_put(converts_so_far)` after each."""
+
+    def __init__(self, plan, on_put):
+        super().__init__(plan)
+        self.order: list[bool] = []
+        self.lock = threading.Lock()
+        self.on_put = on_put
+
+    def put(self, spec, outs):
+        super().put(spec, outs)
+        with self.lock:
+            self.order.append(spec.converts)
+            self.on_put(self.order)
+
+
+def _plan_and_copies(src, dst):
+    plan = plan_dequant(Checkpoint.open(src), dst)
+    todo = list(enumerate(plan.files))
+    copies = sum(not s.converts for k, f in todo for s in engine._batch_specs(k, f, 8192))
+    assert 0 < copies < engine.LOOKAHEAD
+    dst.mkdir()
+    return plan, todo, copies
+
+
+def test_copies_are_written_while_the_backend_starts_then_the_rest(tmp_path, src_ref):
+    """The backend (a Future) is there only once every batch that converts nothing is written: none that
+    converts is written before, and the output is the CPU's bytes."""
+    src, ref = src_ref
+    plan, todo, copies = _plan_and_copies(src, tmp_path / "out")
+    backend, starting = LateBackend(), Future()
+
+    def on_put(order):
+        if order.count(False) == copies and not starting.done():
+            starting.set_result(backend)
+
+    sink = _Recording(plan, on_put)
+    try:
+        engine.run_batches(plan, starting, todo, sink, chunk_bytes=8192)
+    finally:
+        backend.close()
+    assert sink.order[:copies] == [False] * copies and all(sink.order[copies:]), sink.order
+    assert sink.files_written == len(plan.files)
+    for f in plan.files:
+        assert (tmp_path / "out" / f.name).read_bytes() == (ref / f.name).read_bytes(), f.name
+
+
+def test_a_backend_that_fails_to_start_fails_the_run(tmp_path, src_ref, monkeypatch):
+    """The start's error (no GPU after all) is the run's, once the copies written so far are in; a shard with
+    a converted tensor never gets its final name, and no partial file stays."""
+    src, _ = src_ref
+    plan, _, _ = _plan_and_copies(src, tmp_path / "out")
+    tmp_path.joinpath("out").rmdir()
+    starting = Future()
+    put = engine.FileSink.put
+
+    def put_then_fail(self, spec, outs):  # the first batch written, the start fails
+        put(self, spec, outs)
+        if not starting.done():
+            starting.set_exception(UsageError("{device} cuda: no CUDA GPU is visible to torch", "device"))
+
+    monkeypatch.setattr(engine.FileSink, "put", put_then_fail)
+    with pytest.raises(UsageError, match="no CUDA GPU"):
+        execute(plan, starting, chunk_bytes=8192)
+    out = tmp_path / "out"
+    for f in plan.files:
+        if any(t.converts for t in f.tensors):
+            assert not (out / f.name).exists(), f.name
+    assert not (out / "config.json").exists() and not list(out.glob(".*partial"))
