@@ -25,8 +25,6 @@ import queue
 import threading
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -34,19 +32,18 @@ import numpy as np
 
 from dsv3conv import profiling
 from dsv3conv.backend import Backend, Fence, Item, OutputArena, convert_async, host_buffer
+from dsv3conv.batches import LOOKAHEAD, BatchSpec, Schedule, batch_specs, interleaved
 from dsv3conv.checkpoint import ShardReader, read_tensor
 from dsv3conv.devices import io_threads
 from dsv3conv.dtypes import TORCH_NAMES
 from dsv3conv.errors import Dsv3Error
 from dsv3conv.finite import check_piece
 from dsv3conv.kernels.fp8_numpy import to_float32
-from dsv3conv.plan import FilePlan, Plan, TensorPlan
+from dsv3conv.plan import FilePlan, Plan
 from dsv3conv.writer import AtomicFile, copy_file_fast, fs_type
 
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
-MAX_GAP_BYTES = 1 << 20  # small tensors between two read pieces are read along rather than seeked over
 POOL_BUDGET_BYTES = 5 << 28  # 1.25 GiB of buffers and arenas: beyond that, more in flight only adds memory
-LOOKAHEAD = 256  # batches searched for one that converts nothing while the backend starts
 
 
 def pool_counts(buffers: int, arenas: int, buf_bytes: int, out_bytes: int,
@@ -141,7 +138,7 @@ class _Run:
         self.starting = backend if isinstance(backend, Future) else None  # None once the backend is there
         self.backend = None if self.starting else backend
         self.n_readers, self.n_writers = io_threads()
-        self.specs = interleaved([_batch_specs(k, f, chunk_bytes) for k, f in todo], self.n_writers)
+        self.specs = interleaved([batch_specs(k, f, chunk_bytes) for k, f in todo], self.n_writers)
         sink.start(self.specs)
         # A block of rows is never split: a very wide tensor may need more than `chunk_bytes`.
         buf_bytes = max([chunk_bytes] + [s.span_len for s in self.specs])
@@ -155,7 +152,7 @@ class _Run:
         self.ready: queue.Queue = queue.Queue()  # (batch, its buffer, its items: None when skipped), read
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
-        self.schedule = _Schedule(self.specs, lambda: self.starting is not None and not self.starting.done(),
+        self.schedule = Schedule(self.specs, lambda: self.starting is not None and not self.starting.done(),
                                   LOOKAHEAD)
         self.scales = _ScaleCache(plan.source)
 
@@ -415,24 +412,6 @@ class _Stopped(Exception):
 _STARTED = object()  # put in the read queue when the backend's start ends
 
 
-class _Schedule:
-    """The batches for the readers, in run order; while `starting()`, a batch that converts nothing (within
-    the next LOOKAHEAD) goes first, so reads and writes go on while the backend starts."""
-
-    def __init__(self, specs: list[BatchSpec], starting: Callable[[], bool], lookahead: int):
-        self.pending, self.starting, self.lookahead = deque(specs), starting, lookahead
-        self.lock = threading.Lock()
-
-    def next(self) -> BatchSpec | None:
-        with self.lock:
-            if self.starting():
-                for i, spec in enumerate(islice(self.pending, self.lookahead)):
-                    if not spec.converts:
-                        del self.pending[i]
-                        return spec
-            return self.pending.popleft() if self.pending else None
-
-
 class _ScaleCache:
     """Scales are small and may sit in another shard: read each once, as float32 (the last few kept)."""
 
@@ -465,74 +444,6 @@ class _ScaleCache:
                 f"(first: {value}); the checkpoint is damaged, download that shard again"
             )
         return scale
-
-
-@dataclass
-class BatchSpec:
-    """One read -> convert -> write step, decided before any data moves."""
-
-    k: int  # index of the output file in the plan
-    file: FilePlan
-    src_file: str | None
-    span_start: int  # absolute offset of the read in the source file
-    span_len: int
-    pieces: list[tuple[TensorPlan, int, int]]  # (tensor, start byte in the tensor's source, source bytes)
-    out_offsets: list[int]  # absolute offset in the output file of each piece the backend returns, in order
-    out_bytes: int
-    converts: bool = False  # a piece goes through the backend (the batch needs an arena)
-    copies: bool = False  # a piece is copied: its output is a view of the read buffer
-
-
-def _batch_specs(k: int, f: FilePlan, chunk_bytes: int) -> list[BatchSpec]:
-    """Group the file's tensor pieces into batches of contiguous source bytes (interleaved small scales read along)."""
-    if f.copy_of is not None:
-        return [BatchSpec(k, f, None, 0, 0, [], [], f.size)]
-    specs: list[BatchSpec] = []
-    where, at = {}, len(f.header)  # each tensor's data offset in the output file
-    for t in f.tensors:
-        where[t.name] = at
-        at += t.nbytes
-    cur: BatchSpec | None = None
-    for t in f.tensors:
-        for start, n in t.op.pieces(t, chunk_bytes):
-            a = t.source.offset + start
-            fits = cur is not None and (
-                cur.src_file == t.source.file
-                and cur.span_start + cur.span_len <= a <= cur.span_start + cur.span_len + MAX_GAP_BYTES
-                and a + n - cur.span_start <= chunk_bytes
-            )
-            if not fits:
-                cur = BatchSpec(k, f, t.source.file, a, 0, [], [], 0)
-                specs.append(cur)
-            cur.pieces.append((t, start, n))
-            cur.converts |= t.converts
-            cur.copies |= not t.converts
-            cur.span_len = a + n - cur.span_start
-            for name, offset, out_n in t.op.outputs(t, start, n):
-                cur.out_offsets.append(where[name] + offset)
-                cur.out_bytes += out_n
-    if not specs:  # a file of empty tensors still gets its header
-        specs.append(BatchSpec(k, f, None, 0, 0, [], [], 0))
-    return specs
-
-
-def interleaved(per_file: list[list], window: int) -> list:
-    """The batches of `window` files at a time, taking turns, in file order otherwise.
-
-    A file system lets one write into a file at a time (tmpfs, ext4 and XFS lock the file for each buffered
-    write), so writers run in parallel only on different files; a file ends before the files beyond the
-    window start, so few partial files exist at any moment."""
-    waiting = deque(batches for batches in per_file if batches)
-    active: list[list] = []  # [a file's batches, the index of its next one]
-    order = []
-    while waiting or active:
-        while len(active) < window and waiting:
-            active.append([waiting.popleft(), 0])
-        for turn in active:
-            order.append(turn[0][turn[1]])
-            turn[1] += 1
-        active = [turn for turn in active if turn[1] < len(turn[0])]
-    return order
 
 
 def _read_batch(spec: BatchSpec, buf, handles: ShardReader, scales: _ScaleCache) -> list[Item]:

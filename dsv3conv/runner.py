@@ -14,6 +14,7 @@ import queue
 import signal
 import threading
 import time
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
 from dsv3conv import profiling
@@ -29,7 +30,7 @@ from dsv3conv.dest import (
     release_dest,
     remove_partials,
 )
-from dsv3conv.devices import cpu_kernel, cpu_threads, io_threads, parse_devices
+from dsv3conv.devices import cpu_kernel, cpu_threads, cuda_possible, io_threads, parse_devices
 from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
 from dsv3conv.ops import Copy
 from dsv3conv.plan import BUFFER_RANGE, MIN_BUFFER_BYTES, Plan, assign_parts, parse_part, parse_size
@@ -117,13 +118,17 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
         summary["config"] = plan.config
         return summary
     profiling.mark("planned_s", first=True)
-    from dsv3conv.compute import resolve_devices
+    from dsv3conv.compute import on_cpu, resolve_devices
     from dsv3conv.engine import DEFAULT_CHUNK_BYTES
 
-    # a missing GPU refused before any work starts (torch imported only where a GPU may be used)
-    devices = resolve_devices(device) if plan.converted else []
-    profiling.mark("torch_s")
-    on_gpu = any(d.startswith("cuda") for d in devices)
+    starting = None
+    if len(names) == 1 and names != ["cuda:all"] and not on_cpu(names[0]) and cuda_possible():
+        starting = _start_backend(names[0], threads)  # one GPU: torch and CUDA start while the copies go on
+        devices = names
+    else:  # a missing GPU refused before any work starts (torch imported only where a GPU may be used)
+        devices = resolve_devices(device) if plan.converted else []
+        profiling.mark("torch_s")
+    on_gpu = starting is not None or any(d.startswith("cuda") for d in devices)
     # A GPU converts asynchronously: smaller steps keep the pinned memory small and the writes many.
     chunk = chunk or (DEFAULT_CHUNK_BYTES // 2 if on_gpu else DEFAULT_CHUNK_BYTES)
     with ByteProgress(sum(f.size for f in mine), plan.dest.name, enabled=progress) as bar:
@@ -134,15 +139,13 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
             startup = time.perf_counter() - started
             stats, gpu_peak = execute_on_devices(plan, devices, resume=resume, progress=report, chunk_bytes=chunk)
         else:
-            backend = _backend(devices, threads)  # None: nothing to convert
-            profiling.mark("backend_s")
+            if starting is None:
+                starting = _backend(devices, threads)  # None: nothing to convert
+                profiling.mark("backend_s")
             startup = time.perf_counter() - started
-            try:
-                stats = execute(plan, backend, resume=resume, overwrite=overwrite, progress=report,
-                                chunk_bytes=chunk, part=part)
-            finally:
-                if backend is not None:
-                    backend.close()
+            stats, devices = _execute_one(plan, starting, devices, resume=resume, overwrite=overwrite,
+                                          progress=report, chunk_bytes=chunk, part=part)
+            on_gpu = any(d.startswith("cuda") for d in devices)
             gpu_peak = _gpu_peak(devices)
     summary.update(
         device=",".join(devices) if devices else "none", shards_skipped=stats.files_skipped,
@@ -153,6 +156,39 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
     if on_gpu:
         summary["gpu_peak_bytes"] = gpu_peak
     return summary
+
+
+def _start_backend(device: str, threads: int | None) -> Future:
+    """The backend of `device` made in a thread (torch imported, the device checked): a Future of it."""
+    starting: Future = Future()
+    starting.set_running_or_notify_cancel()
+
+    def start() -> None:
+        try:
+            from dsv3conv.compute import make_backends, resolve_devices
+
+            starting.set_result(make_backends(resolve_devices(device), threads))
+        except BaseException as exc:  # the run's error, once it needs the backend
+            starting.set_exception(exc)
+
+    threading.Thread(target=start, name="dsv3conv-backend-start", daemon=True).start()
+    return starting
+
+
+def _execute_one(plan: Plan, backend, devices: list[str], **options) -> tuple[Stats, list[str]]:
+    """`execute` on one backend (or none), given or starting (a Future); the stats and the devices used. A
+    start that failed fails the run, even one that needed no conversion (as a missing GPU does)."""
+    try:
+        stats = execute(plan, backend, **options)
+        if isinstance(backend, Future):
+            devices = [backend.result().name]
+    finally:
+        if isinstance(backend, Future):
+            wait([backend])  # a start cannot be stopped midway: let it end, close what it made
+            backend = None if backend.exception() else backend.result()
+        if backend is not None:
+            backend.close()
+    return stats, devices
 
 
 def execute(

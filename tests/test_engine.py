@@ -5,13 +5,14 @@ its batch was converted, shows as different bytes. Pools stay within their count
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from concurrent.futures import Future
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from dsv3conv import engine
+from dsv3conv import batches, engine
 from dsv3conv.backend import CpuBackend, OutputArena, Spread, host_buffer
 from dsv3conv.checkpoint import Checkpoint
 from dsv3conv.dequant import plan_dequant
@@ -151,7 +152,7 @@ def test_buffers_and_arenas_stay_within_their_counts(tmp_path, src_ref, monkeypa
     backend = CpuBackend(1)
     try:
         plan = plan_dequant(Checkpoint.open(src), tmp_path / "out")
-        specs = [s for k, f in enumerate(plan.files) for s in engine._batch_specs(k, f, 8192)]
+        specs = [s for k, f in enumerate(plan.files) for s in batches.batch_specs(k, f, 8192)]
         execute(plan, backend, chunk_bytes=8192, depth=1)
     finally:
         backend.close()
@@ -196,13 +197,13 @@ def test_batches_of_a_few_files_take_turns():
     """Writes into one file wait on each other: the batches of `window` files alternate, each file's in order,
     and no more than `window` files are begun and unfinished at any moment."""
     per_file = [[(k, i) for i in range(n)] for k, n in enumerate([3, 1, 0, 2, 4])]
-    order = engine.interleaved(per_file, 2)
+    order = batches.interleaved(per_file, 2)
     assert order == [(0, 0), (1, 0), (0, 1), (3, 0), (0, 2), (3, 1), (4, 0), (4, 1), (4, 2), (4, 3)]
     for window in (1, 2, 3, 8):
-        order = engine.interleaved(per_file, window)
+        order = batches.interleaved(per_file, window)
         assert sorted(order) == sorted(b for f in per_file for b in f)
-        for k, batches in enumerate(per_file):
-            assert [b for b in order if b[0] == k] == batches
+        for k, file_batches in enumerate(per_file):
+            assert [b for b in order if b[0] == k] == file_batches
         for n in range(len(order) + 1):
             begun = {k for k, _ in order[:n]}
             open_files = [k for k in begun if sum(b[0] == k for b in order[:n]) < len(per_file[k])]
@@ -293,7 +294,7 @@ def test_while_the_backend_starts_batches_that_convert_nothing_are_read_first():
     batches in run order otherwise and once it is there."""
     specs = [SimpleNamespace(n=n, converts=c) for n, c in enumerate([True, True, False, True, False, False, True])]
     starting = [True]
-    schedule = engine._Schedule(specs, lambda: starting[0], 3)
+    schedule = batches.Schedule(specs, lambda: starting[0], 3)
     # 2 is among the next 3; then none of 0, 1, 3 converts nothing: 0; then 4 is among 1, 3, 4
     assert [schedule.next().n for _ in range(3)] == [2, 0, 4]
     starting[0] = False
@@ -319,18 +320,40 @@ class _Recording(engine.FileSink):
 def _plan_and_copies(src, dst):
     plan = plan_dequant(Checkpoint.open(src), dst)
     todo = list(enumerate(plan.files))
-    copies = sum(not s.converts for k, f in todo for s in engine._batch_specs(k, f, 8192))
-    assert 0 < copies < engine.LOOKAHEAD
+    copies = sum(not s.converts for k, f in todo for s in batches.batch_specs(k, f, 8192))
+    assert 0 < copies < batches.LOOKAHEAD
     dst.mkdir()
     return plan, todo, copies
 
 
-def test_copies_are_written_while_the_backend_starts_then_the_rest(tmp_path, src_ref):
+class _OwnMemory(LateBackend):
+    """Makes its own memory (as a GPU backend pins it): counts the conversions of each read buffer it did not
+    make, told by the buffer's address at the time."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: dict[int, np.ndarray] = {}
+        self.others: Counter = Counter()
+
+    def host_buffer(self, nbytes: int) -> np.ndarray:
+        buf = np.empty(nbytes, dtype=np.uint8)
+        self.made[buf.ctypes.data] = buf
+        return buf
+
+    def dequant_block_fp8(self, buf, items, out):
+        if buf.ctypes.data not in self.made:
+            self.others[buf.ctypes.data] += 1
+        return super().dequant_block_fp8(buf, items, out)
+
+
+@pytest.mark.parametrize("own_memory", [False, True])
+def test_copies_are_written_while_the_backend_starts_then_the_rest(tmp_path, src_ref, own_memory):
     """The backend (a Future) is there only once every batch that converts nothing is written: none that
-    converts is written before, and the output is the CPU's bytes."""
+    converts is written before, and the output is the CPU's bytes. A read buffer made meanwhile (plain
+    memory) converts at most once, then the pool makes the backend's own in its place."""
     src, ref = src_ref
     plan, todo, copies = _plan_and_copies(src, tmp_path / "out")
-    backend, starting = LateBackend(), Future()
+    backend, starting = (_OwnMemory() if own_memory else LateBackend()), Future()
 
     def on_put(order):
         if order.count(False) == copies and not starting.done():
@@ -343,6 +366,8 @@ def test_copies_are_written_while_the_backend_starts_then_the_rest(tmp_path, src
         backend.close()
     assert sink.order[:copies] == [False] * copies and all(sink.order[copies:]), sink.order
     assert sink.files_written == len(plan.files)
+    if own_memory:
+        assert backend.made and backend.others and max(backend.others.values()) == 1, backend.others
     for f in plan.files:
         assert (tmp_path / "out" / f.name).read_bytes() == (ref / f.name).read_bytes(), f.name
 
@@ -369,3 +394,41 @@ def test_a_backend_that_fails_to_start_fails_the_run(tmp_path, src_ref, monkeypa
         if any(t.converts for t in f.tensors):
             assert not (out / f.name).exists(), f.name
     assert not (out / "config.json").exists() and not list(out.glob(".*partial"))
+
+
+@pytest.mark.parametrize("start_fails", [False, True])
+def test_one_gpu_starts_in_a_thread_while_the_run_goes_on(tmp_path, src_ref, monkeypatch, start_fails):
+    """Where a GPU may exist, a run on one device hands the engine the backend's start (a Future made in its
+    own thread) and reports the device it got; a start that fails is the run's error. Here the start makes
+    a stand-in backend."""
+    from dsv3conv import compute, runner
+
+    src, ref = src_ref
+    made_in, given = [], []
+
+    def resolve(device):
+        made_in.append(threading.current_thread().name)
+        if start_fails:
+            raise UsageError("{device} cuda: no CUDA GPU is visible to torch", "device")
+        return ["late"]
+
+    init = engine._Run.__init__
+
+    def spy(self, plan, backend, *args, **kwargs):
+        given.append(type(backend))
+        init(self, plan, backend, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "cuda_possible", lambda: True)
+    monkeypatch.setattr(compute, "resolve_devices", resolve)
+    monkeypatch.setattr(compute, "make_backends", lambda devices, threads: LateBackend(devices[0]))
+    monkeypatch.setattr(engine._Run, "__init__", spy)
+    plan = plan_dequant(Checkpoint.open(src), tmp_path / "out")
+    if start_fails:
+        with pytest.raises(UsageError, match="no CUDA GPU"):
+            runner.run_plan(plan, device="cuda")
+        assert not (tmp_path / "out" / "config.json").exists()
+    else:
+        summary = runner.run_plan(plan, device="cuda")
+        assert summary["device"] == "late" and "gpu_peak_bytes" not in summary
+        _same_files(tmp_path / "out", ref)
+    assert made_in == ["dsv3conv-backend-start"] and given == [Future]

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dsv3conv.batches import BatchSpec
 from dsv3conv.checkpoint import Checkpoint, ShardReader, TensorInfo
-from dsv3conv.engine import BatchSpec, run_batches
+from dsv3conv.engine import run_batches
 from dsv3conv.errors import Dsv3Error
 from dsv3conv.ops import EMITS_SCALE, Copy, QuantScale
 from dsv3conv.plan import FilePlan, Plan, TensorPlan
