@@ -12,10 +12,10 @@ compiled scan to. Nothing runs on import.
 from __future__ import annotations
 
 import functools
-import sys
 
 import numpy as np
 
+from .fp8_block_host import numba_loaded
 from .fp8_numpy import has_nan_code as reference_has_nan_code
 
 LOW7 = 0x7F7F7F7F7F7F7F7F
@@ -25,7 +25,7 @@ HIGH = 0x8080808080808080
 
 def has_nan_code(u8: np.ndarray) -> bool:
     """Any byte of the contiguous uint8 array `u8` is 0x7F or 0xFF: compiled once numba is loaded."""
-    scan = _compiled() if "numba" in sys.modules else None
+    scan = _compiled() if numba_loaded() else None
     if scan is None or u8.size < 64:
         return reference_has_nan_code(u8)
     flat = u8.reshape(-1)

@@ -1,7 +1,9 @@
 """FP8 (e4m3) 128x128 block dequant and quant on the CPU, on numpy arrays: which kernel runs a tensor.
 
 - "numba" (`fp8_block_numba`): compiled, one pass per element, the GIL released; "auto" takes it for tensors of
-  a million elements or more where numba imports and its kernel loads from its cache (`numba_kernel`).
+  a million elements or more where numba imports and its kernel loads from its cache (`numba_kernel`). The
+  first such tensor starts that load in a background thread (about a second: numba's import and LLVM's start)
+  and goes to numpy meanwhile, as does every tensor until the load is done: the first bytes are not held up.
 - "numpy" (`fp8_numpy`): exact, nothing to compile or load: "auto" takes it for smaller tensors, so a small
   checkpoint converts without numba's start-up, and for every tensor where numba is missing.
 - "torch" (`fp8_block_cpu`): torch's vectorized ops, imported only when asked for.
@@ -15,6 +17,7 @@ torch, no numba on import.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Callable
 
 import numpy as np
@@ -39,6 +42,16 @@ def row_ranges(rows: int, cols: int, target_elems: int = 1 << 20, align: int = 1
     return [(r0, min(r0 + per, rows)) for r0 in range(0, rows, per)] or [(0, 0)]
 
 
+_loads: dict[tuple, threading.Thread] = {}  # numba kernels loading (or loaded) in the background
+_loads_lock = threading.Lock()
+_numba_loaded = threading.Event()  # numba imported and a kernel of it ready
+
+
+def numba_loaded() -> bool:
+    """numba is imported and works (a kernel of it was loaded): compiled helpers may be used at no cost."""
+    return _numba_loaded.is_set()
+
+
 @functools.cache
 def numba_kernel(what: tuple = ()):
     """The compiled kernels (`fp8_block_numba`), the one `what` names ready (("dequant", out dtype name) or
@@ -50,11 +63,30 @@ def numba_kernel(what: tuple = ()):
         if fp8_block_numba.HAS_NUMBA:
             if what:
                 fp8_block_numba.warm(what)
+            _numba_loaded.set()
             return fp8_block_numba
         NUMBA_FAILURES[what] = "numba is not installed (or does not import)"
     except Exception as exc:  # an LLVM or numba failure on this machine: numpy stands in
         NUMBA_FAILURES[what] = f"{type(exc).__name__}: {exc}"
     return None
+
+
+def load_in_background(what: tuple):
+    """numba's kernel `what` if it is loaded; else None, its load started in a background thread (once)."""
+    with _loads_lock:
+        loading = _loads.get(what)
+        if loading is None:
+            loading = _loads[what] = threading.Thread(target=numba_kernel, args=(what,), name="dsv3conv-numba-load")
+            loading.start()
+    return None if loading.is_alive() else numba_kernel(what)
+
+
+def wait_for_loads() -> None:
+    """Wait for the kernels loading in the background (tests, benchmarks)."""
+    with _loads_lock:
+        loads = list(_loads.values())
+    for loading in loads:
+        loading.join()
 
 
 def choose(kernel: str, what: tuple, elems: int):
@@ -63,9 +95,12 @@ def choose(kernel: str, what: tuple, elems: int):
         raise ValueError(f"kernel {kernel!r}: choose one of {KERNELS}")
     if kernel in ("numpy", "torch"):
         return kernel
-    compiled = numba_kernel(what) if kernel == "numba" or elems >= AUTO_NUMBA_ELEMS else None
-    if kernel == "numba" and compiled is None:
-        raise ValueError("kernel 'numba': numba is not installed or its kernel does not build here")
+    if kernel == "numba":
+        compiled = numba_kernel(what)
+        if compiled is None:
+            raise ValueError("kernel 'numba': numba is not installed or its kernel does not build here")
+        return compiled
+    compiled = load_in_background(what) if elems >= AUTO_NUMBA_ELEMS else None
     return "numpy" if compiled is None else compiled
 
 

@@ -190,9 +190,11 @@ def test_nan_bits_are_set_once_an_asynchronous_backend_is_done():
 
 def test_the_compiled_nan_scan_equals_the_reference():
     """Every alignment and length around the 8-byte words, each NaN code at each place; random ranges."""
-    pytest.importorskip("numba")  # loaded: `has_nan_code` takes the compiled scan
+    pytest.importorskip("numba")
     from dsv3conv.kernels.e4m3_nan_scan import _compiled, has_nan_code, reference_has_nan_code
+    from dsv3conv.kernels.fp8_block_host import numba_kernel, numba_loaded
 
+    assert numba_kernel() is not None and numba_loaded()  # loaded: `has_nan_code` takes the compiled scan
     assert _compiled() is not None, "numba is installed but the scan did not compile"
     base = np.full((160,), 0x7E, dtype=np.uint8)
     for start in range(8):
