@@ -72,7 +72,7 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
     names, a DST that is not absent or empty (unless `resume`/`overwrite`), and, unless `space_check` is
     False, a DST without room for the bytes this run writes.
     `started`: `time.perf_counter()` when the command began (default: now); `seconds` in the summary is the
-    wall time from then to the end, `startup_seconds` the part of it before the first conversion step.
+    wall time from then to the end, `startup_seconds` the part of it before the engine starts.
     """
     started = time.perf_counter() if started is None else started
     part = parse_part(part)

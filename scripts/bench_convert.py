@@ -27,9 +27,10 @@ method until one makes the read 1.5x slower; every time is printed, and the meth
 From the two sizes, each method's steady-state rate (extra FP8 input bytes / extra seconds) and fixed cost
 (the seconds left at zero bytes). Peak RSS is the largest single process of a run; GPU peak the largest
 device memory a run allocated; first byte the seconds from a dsv3conv process's start to its first write
-(from its profile line, with the start-up steps before it); engine s the engine's own wall time (its profile,
-after start-up) and bound / engine that time's rate as a share of the overlap bound's. Results go to OUT/bench_convert.json, the
-table to stdout and OUT/bench_convert.md.
+(from its profile line, with the start-up steps before it); engine s the engine's wall time once its
+backend was there (its profile: on one GPU the backend starts beside the engine, which copies and reads
+meanwhile), and bound / engine that time's rate as a share of the overlap bound's. Results go to
+OUT/bench_convert.json, the table to stdout and OUT/bench_convert.md.
 
     python scripts/bench_convert.py --device cuda --layers 1 2 --dir /dev/shm/bench --out /tmp/out
     python scripts/bench_convert.py --device cpu --layers 1 2 --experts 2 --vocab 1024 --dir /tmp/b --out /tmp/o
@@ -311,7 +312,7 @@ def table(report: dict) -> str:
         first = first_byte(last)
         first = f"{first:.2f}" if first is not None else "-"
         e2e = f"{last['s'] / bound:.2f}" if not method.startswith("dry run") else "-"
-        walls = [p["wall_s"] for p in last.get("profile") or []]
+        walls = [engine_seconds(p) for p in last.get("profile") or []]
         engine = f"{max(walls):.2f} | {bound / max(walls):.2f}" if walls else "- | -"
         lines.append(f"| {method} | {' | '.join(cells)} | {rate} | {fixed} | {rss} | {gpu} | {first} | {e2e} "
                      f"| {engine} |")
@@ -327,6 +328,15 @@ def table(report: dict) -> str:
                 stages = ", ".join(f"{k} {v['s']:.2f} s" for k, v in p["stages"].items())
                 lines.append(f"  {method} profile: wall {p['wall_s']:.2f} s; since the process start: {marks}; {stages}")
     return "\n".join(lines)
+
+
+def engine_seconds(p: dict) -> float:
+    """The engine's wall time once its backend was there (on one GPU the backend starts beside the engine:
+    the seconds before that are start-up, copies and reads ahead)."""
+    start, ready = p.get("start_s"), p.get("backend_s")
+    if start is None or ready is None or ready <= start:
+        return p["wall_s"]
+    return max(start + p["wall_s"] - ready, 1e-9)
 
 
 def first_byte(result: dict) -> float | None:
