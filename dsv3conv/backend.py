@@ -4,7 +4,8 @@
 operation at once; `convert` hands each piece of a batch to the method of its operation. The engine's
 memory is plain numpy (`host_buffer`), which every backend views without a copy; a backend that needs other
 memory (a GPU: pinned pages) makes it through its own `host_buffer`.
-- `CpuBackend`: numpy and numba on a pool of threads (`dsv3conv.kernels.fp8_block_host`, `mxfp4_cpu`), no torch.
+- `CpuBackend`: numpy and numba on a pool of threads (`dsv3conv.kernels.fp8_block_host`, `mxfp4_cpu`), no torch
+  (unless asked for, or where numba is missing: its kernels for large tensors).
 - `dsv3conv.gpu.CudaBackend`: the Triton kernels, asynchronous (a batch is done when its `fence()` says so).
 - `Spread`: several backends as one, taking turns per batch (`--device cuda:all` or a list).
 Both compute round_to_nearest_even(float32(w) * float32(scale)) and are tested bit for bit against
@@ -224,21 +225,12 @@ class CpuBackend:
     def __init__(self, threads: int | None = None, kernel: str | None = None) -> None:
         self.threads = threads or cpu_threads()
         self.kernel = kernel or cpu_kernel()  # numba and each of its kernels load with the first piece needing them
-        init, self._torch_threads = None, None
-        if self.kernel == "torch":  # one intra-op thread per pool thread: the pool spreads the work
-            import torch
-
-            init, self._torch_threads = (lambda: torch.set_num_threads(1)), torch.get_num_threads()
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dsv3conv-cpu", initializer=init)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dsv3conv-cpu")
 
     host_buffer = staticmethod(host_buffer)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._torch_threads is not None:
-            import torch
-
-            torch.set_num_threads(self._torch_threads)
 
     def fence(self) -> None:
         """Nothing to wait for: the methods return finished bytes."""

@@ -45,10 +45,21 @@ def _scratch_tensors(elems: int) -> tuple[torch.Tensor, torch.Tensor]:
     return have[0][:elems], have[1][:elems]
 
 
+def _one_thread(fn: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    """`fn` with torch's intra-op threads at one in the calling thread: the caller's pool spreads the work."""
+    def rows(start: int, stop: int) -> None:
+        if not getattr(_scratch, "one_thread", False):
+            torch.set_num_threads(1)
+            _scratch.one_thread = True
+        fn(start, stop)
+
+    return rows
+
+
 def torch_dequant_task(w: np.ndarray, scale: np.ndarray, out: np.ndarray, dtype: str) -> Callable[[int, int], None]:
     """`fp8_block_host.dequant_task`'s arguments (checked) as torch tensors, for the torch kernel."""
     out_t = torch.from_numpy(out).view(getattr(torch, dtype))
-    return functools.partial(_dequant_rows_torch, torch.from_numpy(w), torch.from_numpy(scale), out_t)
+    return _one_thread(functools.partial(_dequant_rows_torch, torch.from_numpy(w), torch.from_numpy(scale), out_t))
 
 
 def torch_quant_task(x: np.ndarray, src_dtype: str, q: np.ndarray, scale_out: np.ndarray, scale_fmt: str,
@@ -57,7 +68,7 @@ def torch_quant_task(x: np.ndarray, src_dtype: str, q: np.ndarray, scale_out: np
     rows, cols = q.shape
     x_t = torch.from_numpy(x).view(getattr(torch, src_dtype)).view(rows, cols)
     s_t = torch.from_numpy(scale_out).view(getattr(torch, scale_dtype))
-    return functools.partial(_quant_rows_torch, x_t, torch.from_numpy(q), s_t, scale_fmt, s_t.dtype)
+    return _one_thread(functools.partial(_quant_rows_torch, x_t, torch.from_numpy(q), s_t, scale_fmt, s_t.dtype))
 
 
 def _dequant_rows_torch(u8: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor, start: int,

@@ -5,8 +5,10 @@
   first such tensor starts that load in a background thread (about a second: numba's import and LLVM's start)
   and goes to numpy meanwhile, as does every tensor until the load is done: the first bytes are not held up.
 - "numpy" (`fp8_numpy`): exact, nothing to compile or load: "auto" takes it for smaller tensors, so a small
-  checkpoint converts without numba's start-up, and for every tensor where numba is missing.
-- "torch" (`fp8_block_cpu`): torch's vectorized ops, imported only when asked for.
+  checkpoint converts without numba's start-up.
+- "torch" (`fp8_block_cpu`): torch's vectorized ops, imported only when asked for, or by "auto" for the large
+  tensors where numba is missing or fails to load (faster there than numpy's many passes; numpy where torch
+  is missing too).
 All give `reference_dequant` / `reference_quant` bit for bit, NaN bits aside: numba and numpy write a NaN as
 the output dtype's default quiet NaN with the sign of its e4m3 code (`fp8_numpy.NAN_BITS`), torch its own
 (the engine makes every NaN canonical where NaN is allowed at all, `dsv3conv.finite`). Callers run
@@ -17,6 +19,7 @@ torch, no numba on import.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import threading
 from typing import Callable
 
@@ -100,8 +103,17 @@ def choose(kernel: str, what: tuple, elems: int):
         if compiled is None:
             raise ValueError("kernel 'numba': numba is not installed or its kernel does not build here")
         return compiled
-    compiled = load_in_background(what) if elems >= AUTO_NUMBA_ELEMS else None
-    return "numpy" if compiled is None else compiled
+    if elems < AUTO_NUMBA_ELEMS:
+        return "numpy"
+    compiled = load_in_background(what)
+    if compiled is not None:
+        return compiled
+    return "torch" if what in NUMBA_FAILURES and _has_torch() else "numpy"
+
+
+@functools.cache
+def _has_torch() -> bool:
+    return importlib.util.find_spec("torch") is not None
 
 
 def _check_dequant(w: np.ndarray, scale: np.ndarray, out: np.ndarray, dtype: str) -> None:

@@ -186,21 +186,27 @@ def test_a_checkpoint_through_each_kernel_gives_the_same_files(tiny_src, tmp_pat
     assert runs["numba"] == runs["numpy"] == runs["torch"]
 
 
-def test_without_numba_the_numpy_kernel_stands_in(monkeypatch):
-    """numba missing (or failing to import): "auto" takes the numpy kernels, exactly; "numba" is refused."""
+def test_without_numba_the_torch_kernel_stands_in_for_large_tensors(monkeypatch):
+    """numba missing (or failing to import): "auto" tries its load (numpy converts meanwhile), then takes the
+    torch kernels for large tensors, exactly; "numba" is refused."""
     monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
     monkeypatch.delitem(sys.modules, "dsv3conv.kernels.fp8_block_numba", raising=False)
     monkeypatch.delattr(dsv3conv.kernels, "fp8_block_numba", raising=False)
     monkeypatch.setattr(fp8_block_host, "NUMBA_FAILURES", {})
-    monkeypatch.setattr(fp8_block_host, "AUTO_NUMBA_ELEMS", 1)
+    monkeypatch.setattr(fp8_block_host, "AUTO_NUMBA_ELEMS", 256)
+    monkeypatch.setattr(fp8_block_host, "_loads", {})
     fp8_block_host.numba_kernel.cache_clear()
     try:
         assert fp8_block_host.numba_kernel() is None
         assert fp8_block_host.NUMBA_FAILURES == {(): "numba is not installed (or does not import)"}
         w = torch.arange(256, dtype=torch.uint8).repeat(3, 1)
         s = torch.full((1, 2), 3.1e-3)
-        got = dequant_in_ranges(w, s, torch.bfloat16, [0, 3], "auto")
-        assert not mismatches(got, reference_dequant(w, s)), mismatches(got, reference_dequant(w, s))
+        for _ in range(2):  # numpy or torch while the load is tried, torch once it has failed
+            got = dequant_in_ranges(w, s, torch.bfloat16, [0, 3], "auto")
+            assert not mismatches(got, reference_dequant(w, s)), mismatches(got, reference_dequant(w, s))
+            fp8_block_host.wait_for_loads()
+        assert fp8_block_host.choose("auto", ("dequant", "bfloat16"), 1 << 20) == "torch"
+        assert fp8_block_host.choose("auto", ("dequant", "bfloat16"), 255) == "numpy"
         with pytest.raises(ValueError, match="numba is not installed"):
             dequant_rows(w, s, torch.empty(w.shape, dtype=torch.bfloat16), kernel="numba")
         x = got[:, :120].contiguous()  # no NaN codes
@@ -317,3 +323,36 @@ def test_cpu_threads_from_the_environment(monkeypatch):
     for cores, want in ((1, 1), (2, 1), (3, 1), (16, 8)):  # by default half the cores this process may use
         monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
         assert cpu_threads() == want, cores
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (3, 64), (130, 100), (257, 512)])
+def test_numpy_mxfp4_kernels_equal_the_references(shape):
+    """MXFP4 dequant (every output dtype) and the repack to FP8 (E8M0 and F32 block scales, in 128-row ranges)
+    against the torch references, bit for bit; a lossy repack counts the blocks the reference counts."""
+    from dsv3conv.kernels import mxfp4_cpu
+    from dsv3conv.kernels.mxfp4_dequant import reference_dequant_mxfp4
+    from dsv3conv.kernels.mxfp4_to_fp8 import repack_mxfp4_to_fp8
+
+    rows, cols = shape
+    gen = torch.Generator().manual_seed(rows * cols)
+    packed = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=gen)
+    groups = -(-cols // 32)
+    for low in (0, 100, 240):  # exponents spanning float32's range, and far apart (lossy repacks)
+        scale = torch.randint(low, min(low + 15, 255), (rows, groups), dtype=torch.uint8, generator=gen)
+        if low == 0 and rows > 1:
+            scale[0, 0] = 150  # 150 binades above its neighbours: lossy blocks
+        for out_dtype in OUT_DTYPES:
+            out = torch.full(shape, 7, dtype=out_dtype)
+            mxfp4_cpu.dequant_rows(packed.numpy(), scale.numpy(), bits(out).numpy().view(
+                {2: np.uint16, 4: np.uint32}[out.element_size()]), _name(out_dtype), 0, rows)
+            ref = reference_dequant_mxfp4(packed, scale, out_dtype)
+            assert not mismatches(out, ref), f"{shape} {low} {out_dtype}: {mismatches(out, ref)}"
+        for scale_dtype in (torch.float8_e8m0fnu, torch.float32):
+            q = np.zeros(shape, np.uint8)
+            s = torch.zeros((-(-rows // 128), -(-cols // 128)), dtype=scale_dtype)
+            lossy = sum(mxfp4_cpu.repack_rows(packed.numpy(), scale.numpy(), q, s.view(torch.uint8).numpy(),
+                                              _name(scale_dtype), r0, min(rows, r0 + 128)) for r0 in range(0, rows, 128))
+            q_ref, s_ref, lossy_ref = repack_mxfp4_to_fp8(packed, scale, scale_dtype)
+            assert lossy == lossy_ref and bits(s).equal(bits(s_ref)), (shape, low, scale_dtype, lossy, lossy_ref)
+            if not lossy:
+                assert np.array_equal(q, q_ref.view(torch.uint8).numpy()), (shape, low, scale_dtype)
