@@ -8,7 +8,8 @@ flight at once, taking turns (`interleaved`), and several writes: fast storage (
 speed only with many writes at once, and a file system takes one write into a file at a time.
 
 The backend may still be starting (a `Future`: torch and CUDA initialising): meanwhile readers take the batches
-that convert nothing first, writers write them, and batches that convert wait until it is there.
+that convert nothing first, writers write them, and batches that convert wait until it is there, or convert
+on the Future's `stand_in` backend (the CPU) if it has one.
 
 A backend may convert asynchronously (a GPU): it returns at once with a fence, the calling thread goes on
 to the next batch, and the writer waits on the fence before writing. A batch's read buffer is reused once
@@ -68,7 +69,8 @@ def run_files(plan: Plan, backend: Backend | Future | None, todo: list[tuple[int
     its last batch. `depth`: buffers and arenas beyond one per reader and writer (batches converting).
     `progress(nbytes, file_index, file_name)` is called as bytes are written; `cancel`, set by another
     thread, stops the run as Ctrl-C would. `backend` may be None when nothing converts, or a `Future` of the
-    backend while it starts (its error, if it fails, is the run's once a batch needs it).
+    backend while it starts (its error, if it fails, is the run's once a batch needs it; its `stand_in`, if
+    set, converts meanwhile).
     """
     with profiling.run_profile() as prof:  # DSV3CONV_PROFILE=1: seconds per stage, one line on stderr
         sink = FileSink(plan, progress, prof)
@@ -137,6 +139,7 @@ class _Run:
         self.plan, self.sink, self.cancel, self.prof = plan, sink, cancel, prof
         self.starting = backend if isinstance(backend, Future) else None  # None once the backend is there
         self.backend = None if self.starting else backend
+        self.stand_in = getattr(self.starting, "stand_in", None)  # converts while the backend starts, if given
         self.n_readers, self.n_writers = io_threads()
         self.specs = interleaved([batch_specs(k, f, chunk_bytes) for k, f in todo], self.n_writers)
         sink.start(self.specs)
@@ -144,11 +147,11 @@ class _Run:
         buf_bytes = max([chunk_bytes] + [s.span_len for s in self.specs])
         out_bytes = max([0] + [s.out_bytes for s in self.specs])
         count, arenas = pool_counts(self.n_readers + depth, self.n_writers + depth, buf_bytes, out_bytes)
-        # Buffers made while the backend starts are plain memory: dropped as they come back once it is there,
-        # if it makes its own (pinned for a GPU)
+        # Buffers and arenas made while the backend starts are plain memory: dropped as they come back once it
+        # is there, if it makes its own (pinned for a GPU)
         self.interim: set[int] = set()
         self.pool = _Pool(lambda: _buffer(buf_bytes, count, self._make), count, self._keep)  # read buffers
-        self.arenas = _Pool(lambda: OutputArena(out_bytes, self._make), arenas)  # converted bytes
+        self.arenas = _Pool(lambda: self._interim(OutputArena(out_bytes, self._make)), arenas, self._keep)
         self.ready: queue.Queue = queue.Queue()  # (batch, its buffer, its items: None when skipped), read
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
@@ -160,10 +163,13 @@ class _Run:
         """Memory of the backend's kind (`host_buffer`), plain memory while it starts or without one."""
         if self.backend is not None:
             return self.backend.host_buffer(nbytes)
-        buf = host_buffer(nbytes)
-        if self.starting is not None:
-            self.interim.add(id(buf))
-        return buf
+        return self._interim(host_buffer(nbytes))
+
+    def _interim(self, item):
+        """`item` (a buffer or an arena), noted as made while the backend starts."""
+        if self.backend is None and self.starting is not None:
+            self.interim.add(id(item))
+        return item
 
     def _keep(self, buf) -> bool:
         """False for a buffer made while the backend started, once it is there and makes its own memory."""
@@ -195,7 +201,11 @@ class _Run:
                         done += 1
                     continue
                 if got[2] and got[0].converts and self.starting is not None:
-                    waiting.append(got)
+                    if self.stand_in is None:
+                        waiting.append(got)
+                        continue
+                    self._convert(writers, *got, backend=self.stand_in)
+                    done += 1
                     continue
                 self._convert(writers, *got)
                 done += 1
@@ -215,8 +225,10 @@ class _Run:
         if self.errors:
             raise self.errors[0]
 
-    def _convert(self, writers: ThreadPoolExecutor, spec: BatchSpec, buf, items: list[Item] | None) -> None:
-        """Convert the batch (asynchronously where the backend can) and hand it to a writer."""
+    def _convert(self, writers: ThreadPoolExecutor, spec: BatchSpec, buf, items: list[Item] | None,
+                 backend: Backend | None = None) -> None:
+        """Convert the batch on `backend` (default: the run's; asynchronously where it can), hand it to a writer."""
+        backend = backend or self.backend
         if items is None:  # its read failed and the sink took note
             return
         arena, fence, outs = None, None, []
@@ -226,11 +238,11 @@ class _Run:
         if items:
             with profiling.stage(self.prof, "convert", spec.out_bytes):
                 try:
-                    outs, fence = convert_async(self.backend, buf, items, arena)
+                    outs, fence = convert_async(backend, buf, items, arena)
                 except (Dsv3Error, OSError) as exc:
                     if not self.sink.skip(spec, exc):
                         raise
-                    outs, fence = None, self.backend and self.backend.fence()  # what was enqueued
+                    outs, fence = None, backend and backend.fence()  # what was enqueued
         writers.submit(self._write, spec, buf, arena, outs, fence)
 
     def _fail(self, exc: BaseException) -> None:

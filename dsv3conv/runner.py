@@ -38,6 +38,8 @@ from dsv3conv.preflight import check_space, space_free, space_needed
 from dsv3conv.progress import ByteProgress
 from dsv3conv.writer import copy_file_fast, write_bytes_atomic
 
+STAND_IN_ENV = "DSV3CONV_STAND_IN"  # a measurement knob (docs/environment.md)
+
 
 @dataclass
 class Stats:
@@ -159,9 +161,14 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
 
 
 def _start_backend(device: str, threads: int | None) -> Future:
-    """The backend of `device` made in a thread (torch imported, the device checked): a Future of it."""
+    """The backend of `device` made in a thread (torch imported, the device checked): a Future of it; with
+    DSV3CONV_STAND_IN=1 the CPU converts meanwhile (its `stand_in`)."""
     starting: Future = Future()
     starting.set_running_or_notify_cancel()
+    if os.environ.get(STAND_IN_ENV, "") == "1":
+        from dsv3conv.backend import CpuBackend
+
+        starting.stand_in = CpuBackend(threads)
 
     def start() -> None:
         try:
@@ -184,6 +191,8 @@ def _execute_one(plan: Plan, backend, devices: list[str], **options) -> tuple[St
             devices = [backend.result().name]
     finally:
         if isinstance(backend, Future):
+            if getattr(backend, "stand_in", None) is not None:
+                backend.stand_in.close()
             wait([backend])  # a start cannot be stopped midway: let it end, close what it made
             backend = None if backend.exception() else backend.result()
         if backend is not None:

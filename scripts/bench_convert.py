@@ -12,7 +12,8 @@ same files:
   dsv3conv       `dsv3conv dequant --device D` for each `--device` (run with DSV3CONV_PROFILE=1: seconds per
                  stage); `parts:cuda:0,cuda:1` runs one `--part k/N` process per listed device at once,
                  `processes:cuda:all` runs the device workers as spawned processes, `mapped:cuda` writes
-                 through mappings (DSV3CONV_MAP_WRITES=1); `--io R:W` (repeatable) runs it once per setting
+                 through mappings (DSV3CONV_MAP_WRITES=1), `standin:cuda` converts on the CPU while the GPU
+                 starts (DSV3CONV_STAND_IN=1); `--io R:W` (repeatable) runs it once per setting
                  with R reader and W writer threads (DSV3CONV_READERS, DSV3CONV_WRITERS). dsv3conv fsyncs each
                  output file before renaming it into place: its time includes writing the bytes to the disk,
                  as dd's does.
@@ -86,7 +87,7 @@ RSS_WRAPPER = (
     "sys.stderr.write(f'@@maxrss {ru.ru_maxrss}\\n'); sys.exit(os.waitstatus_to_exitcode(st))"
 )
 PROFILE_PREFIX = "dsv3conv profile: "
-PREFIXES = ("parts:", "processes:", "mapped:")  # how a --device entry is run, before the device
+PREFIXES = ("parts:", "processes:", "mapped:", "standin:")  # how a --device entry is run, before the device
 
 
 def timed(cmd: list[str], env=None) -> dict:
@@ -197,6 +198,8 @@ def dsv3conv_run(src: Path, dst: Path, device: str, work: Path, io: tuple[int, i
             env["DSV3CONV_WORKERS"] = "processes"
         if device.startswith("mapped:"):
             env["DSV3CONV_MAP_WRITES"] = "1"
+        if device.startswith("standin:"):
+            env["DSV3CONV_STAND_IN"] = "1"
         r = timed(cmd + ["--device", device.split(":", 1)[1] if device.startswith(PREFIXES) else device], env=env)
         gpu_peak = json.loads(r["stdout"]).get("gpu_peak_bytes")
     shutil.rmtree(dst, ignore_errors=True)

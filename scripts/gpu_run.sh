@@ -12,7 +12,8 @@
 #                says which, with the re-read times that show it), one GPU, no eager converter
 #     sweep      bench_convert.py from /dev/shm, 2 MoE layers (EXPERTS=128, SHARD_GB=1): dsv3conv --device cuda at
 #                every SWEEP_READERS ("2 4") x SWEEP_WRITERS ("4 8 12 16") reader and writer thread counts on the
-#                same files: engine seconds and its rate against the overlap bound, per setting
+#                same files: engine seconds and its rate against the overlap bound, per setting; then on the
+#                same files, the default run against DSV3CONV_STAND_IN=1 (the CPU converts while the GPU starts)
 #     scale      bench_convert.py from /dev/shm on every GPU: threads, processes, --part jobs, two on one GPU
 #     engine     the asynchronous GPU engine in one go: its GPU tests, bench_convert.py from /dev/shm (one GPU,
 #                one GPU writing through mappings, every GPU in one process, one --part job per GPU;
@@ -64,7 +65,10 @@ for step in "${@:-tests kernel convert}"; do for step in $step; do
       io=(); for r in ${SWEEP_READERS:-2 4}; do for w in ${SWEEP_WRITERS:-4 8 12 16}; do io+=(--io "$r:$w"); done; done
       run bench_sweep.txt python3 scripts/bench_convert.py --device cuda "${io[@]}" --skip-eager --skip-single-dd \
         --experts "${EXPERTS:-128}" --shard-gb "${SHARD_GB:-1}" --layers 2 --dir /dev/shm/dsv3conv-sweep \
-        --out "$OUT/convert-sweep"
+        --out "$OUT/convert-sweep" --keep
+      run bench_standin.txt python3 scripts/bench_convert.py --device cuda --device standin:cuda --skip-eager \
+        --skip-single-dd --experts "${EXPERTS:-128}" --shard-gb "${SHARD_GB:-1}" --layers 2 \
+        --dir /dev/shm/dsv3conv-sweep --out "$OUT/convert-standin"
       rm -rf /dev/shm/dsv3conv-sweep ;;
     scale)
       n=$(nvidia-smi -L | wc -l); all=$(seq -s, -f "cuda:%g" 0 $((n - 1)))

@@ -396,14 +396,16 @@ def test_a_backend_that_fails_to_start_fails_the_run(tmp_path, src_ref, monkeypa
     assert not (out / "config.json").exists() and not list(out.glob(".*partial"))
 
 
-@pytest.mark.parametrize("start_fails", [False, True])
-def test_one_gpu_starts_in_a_thread_while_the_run_goes_on(tmp_path, src_ref, monkeypatch, start_fails):
+@pytest.mark.parametrize("start_fails, stand_in", [(False, False), (True, False), (False, True)])
+def test_one_gpu_starts_in_a_thread_while_the_run_goes_on(tmp_path, src_ref, monkeypatch, start_fails, stand_in):
     """Where a GPU may exist, a run on one device hands the engine the backend's start (a Future made in its
-    own thread) and reports the device it got; a start that fails is the run's error. Here the start makes
-    a stand-in backend."""
+    own thread) and reports the device it got; a start that fails is the run's error; DSV3CONV_STAND_IN=1
+    puts a CPU backend on the Future. Here the start makes a test backend."""
     from dsv3conv import compute, runner
 
     src, ref = src_ref
+    if stand_in:
+        monkeypatch.setenv("DSV3CONV_STAND_IN", "1")
     made_in, given = [], []
 
     def resolve(device):
@@ -415,7 +417,7 @@ def test_one_gpu_starts_in_a_thread_while_the_run_goes_on(tmp_path, src_ref, mon
     init = engine._Run.__init__
 
     def spy(self, plan, backend, *args, **kwargs):
-        given.append(type(backend))
+        given.append((type(backend), type(getattr(backend, "stand_in", None))))
         init(self, plan, backend, *args, **kwargs)
 
     monkeypatch.setattr(runner, "cuda_possible", lambda: True)
@@ -431,4 +433,39 @@ def test_one_gpu_starts_in_a_thread_while_the_run_goes_on(tmp_path, src_ref, mon
         summary = runner.run_plan(plan, device="cuda")
         assert summary["device"] == "late" and "gpu_peak_bytes" not in summary
         _same_files(tmp_path / "out", ref)
-    assert made_in == ["dsv3conv-backend-start"] and given == [Future]
+    assert made_in == ["dsv3conv-backend-start"]
+    assert given == [(Future, CpuBackend if stand_in else type(None))]
+
+
+class _CountingCpu(CpuBackend):
+    """The CPU backend as a stand-in: counts its conversions; `after_first()` once the first is done."""
+
+    def __init__(self, after_first):
+        super().__init__(1)
+        self.after_first, self.converted = after_first, 0
+
+    def dequant_block_fp8(self, buf, items, out):
+        outs = super().dequant_block_fp8(buf, items, out)
+        self.converted += 1
+        if self.converted == 1:
+            self.after_first()
+        return outs
+
+
+def test_a_stand_in_converts_while_the_backend_starts(tmp_path, src_ref):
+    """With a stand-in on the Future (the CPU while a GPU starts), batches convert on it until the backend is
+    there, then on the backend: the same bytes; read buffers made meanwhile convert on the backend at most
+    once before the backend's own memory takes their place."""
+    src, ref = src_ref
+    plan, todo, _ = _plan_and_copies(src, tmp_path / "out")
+    backend, starting = _OwnMemory(), Future()
+    starting.stand_in = _CountingCpu(lambda: starting.set_result(backend))
+    try:
+        engine.run_batches(plan, starting, todo, engine.FileSink(plan), chunk_bytes=8192)
+    finally:
+        backend.close()
+        starting.stand_in.close()
+    assert starting.stand_in.converted >= 1 and backend.batches >= 1
+    assert not backend.others or max(backend.others.values()) == 1, backend.others
+    for f in plan.files:
+        assert (tmp_path / "out" / f.name).read_bytes() == (ref / f.name).read_bytes(), f.name
