@@ -115,6 +115,17 @@ class _TerminalView:
 
 
 # ----------------------------------------------------------------------------------------------- log
+def _say(text: str) -> bool:
+    """Write `text` to stderr; False once stderr is gone (a pipe whose reader quit): progress is not worth a
+    failed conversion, and an exception inside tqdm's display would leave its lock held by a dead writer."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        return True
+    except (OSError, ValueError):  # BrokenPipeError, a closed file
+        return False
+
+
 class _Lines(tqdm):
     """tqdm writing one full line per refresh (a log keeps every line) instead of redrawing one with '\\r'."""
 
@@ -123,8 +134,8 @@ class _Lines(tqdm):
     def display(self, msg=None, pos=None) -> bool:
         if msg is not None:  # tqdm clearing its line: nothing to clear in a log
             return False
-        self.fp.write(f"{self}\n")
-        self.fp.flush()
+        if not _say(f"{self}\n"):
+            self.disable = True  # no more lines, and none of tqdm's own writes at close
         return True
 
 
@@ -138,12 +149,11 @@ class _LogView:
         self.done = 0
         self._start = time.monotonic()
         self._bar: _Lines | None = None
-        sys.stderr.write(f"{label}: starting, {_decimal(total)}B to do\n")
-        sys.stderr.flush()
+        _say(f"{label}: starting, {_decimal(total)}B to do\n")
 
     def advance(self, nbytes: int, detail: str) -> None:
         if self._bar is None:
-            sys.stderr.write(f"{self.label}: started after {time.monotonic() - self._start:.1f} s\n")
+            _say(f"{self.label}: started after {time.monotonic() - self._start:.1f} s\n")
             # delay > 0: no line before there is a speed to show
             self._bar = _Lines(
                 total=self.total, initial=self.done, desc=_describe(self.label, detail), bar_format=self.FORMAT,
@@ -167,8 +177,7 @@ class _LogView:
                 self._bar.refresh()
             self._bar.close()
         elif self.done:
-            sys.stderr.write(f"{self.label}: {_decimal(self.done)}B already done, nothing else to do\n")
-        sys.stderr.flush()
+            _say(f"{self.label}: {_decimal(self.done)}B already done, nothing else to do\n")
 
 
 def _describe(label: str, detail: str) -> str:

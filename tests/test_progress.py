@@ -6,13 +6,15 @@ import itertools
 import os
 import re
 import select
+import subprocess
+import sys
 import threading
 
 import pytest
 
 from dsv3conv.progress import ByteProgress
 from dsv3conv.synthetic import make_tiny
-from tests.conftest import cli
+from tests.conftest import ENV, TIMEOUT, cli
 
 
 @pytest.fixture
@@ -47,6 +49,40 @@ def test_log_of_a_run_with_nothing_left_to_do(capsys, clock):
         bar.skip(5_000, "shard 1/1 a")
     assert capsys.readouterr().err.splitlines() == ["job: starting, 5.00kB to do",
                                                     "job: 5.00kB already done, nothing else to do"]
+
+
+_READER_GONE = """
+import sys, threading
+from dsv3conv.progress import ByteProgress
+
+class Closing:  # stderr taking the first two lines (starting, started); then its reader is gone
+    lines = 0
+    def write(self, text):
+        self.lines += 1
+        if self.lines > 2:
+            raise BrokenPipeError(32, "Broken pipe")
+    def flush(self):
+        pass
+
+sys.stderr = Closing()
+with ByteProgress(2_000, "job") as bar:
+    worker = threading.Thread(target=bar.advance, args=(1_000, "shard 1/1 a"))  # as the engine's writers do
+    worker.start()
+    worker.join()
+print("closed")
+"""
+
+
+def test_a_log_whose_reader_has_gone_stops_the_lines_not_the_run():
+    """stderr a pipe whose reader quit (`... 2>&1 | head`): a writer thread's progress line fails, and the run
+    still closes its progress (no lock left held by the thread whose line failed) and goes on."""
+    env = dict(ENV, DSV3CONV_PROGRESS_SECONDS="0")
+    try:
+        proc = subprocess.run([sys.executable, "-c", _READER_GONE], capture_output=True, text=True, env=env,
+                              timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the progress never closed: a lock is held by the thread whose line failed")
+    assert proc.returncode == 0 and proc.stdout == "closed\n", (proc.returncode, proc.stdout, proc.stderr)
 
 
 def test_disabled_progress_prints_nothing(capsys):
