@@ -42,6 +42,17 @@ class ConfigEdit:
             old = self.config.pop(key)
             self.changes.append(f"removed {key} (was {old!r}; {why})")
 
+    def set_expert_dtype(self, value: str) -> None:
+        """DeepSeek-V4's `expert_dtype` where the config keeps it (top level, or inside `quantization_config`),
+        top level where it has none: V4 loaders (vLLM's) read a missing field as packed FP4."""
+        qc = self.config.get("quantization_config")
+        inside = isinstance(qc, dict) and "expert_dtype" in qc
+        if inside and qc["expert_dtype"] != value:
+            self.changes.append(f"quantization_config.expert_dtype: {qc['expert_dtype']!r} -> {value!r}")
+            qc["expert_dtype"] = value
+        if "expert_dtype" in self.config or not inside:
+            self.set("expert_dtype", value)
+
     def set_quantization(self, qc: dict, description: str) -> None:
         old = self.config.get("quantization_config")
         if old != qc:
@@ -64,10 +75,11 @@ class ConfigEdit:
 
 def dequant_config(config: Mapping, dtype: str, drop_mtp: bool) -> ConfigEdit:
     """What `dequant` writes: no quantization_config, no `expert_dtype` (DeepSeek-V4: loaders would build
-    packed-FP4 experts), the output dtype, no MTP layers (nor a DSpark drafter's fields) if they were dropped."""
+    packed-FP4 or block-FP8 experts), the output dtype, no MTP layers (nor a DSpark drafter's fields) if they
+    were dropped."""
     edit = ConfigEdit(config)
     edit.drop_quantization()
-    edit.drop("expert_dtype", "the experts are no longer packed FP4")
+    edit.drop("expert_dtype", f"the routed experts are {dtype} now")
     edit.set_dtype(dtype)
     if drop_mtp:
         edit.drop_mtp()
@@ -76,9 +88,9 @@ def dequant_config(config: Mapping, dtype: str, drop_mtp: bool) -> ConfigEdit:
 
 def repack_config(config: Mapping, drop_mtp: bool) -> ConfigEdit:
     """What `dequant --experts fp8` writes: the source's config (still block FP8, `quantization_config`
-    kept) without `expert_dtype`, as DeepSeek-V4 releases with FP8 experts have it; MTP as `dequant_config`."""
+    kept) with `expert_dtype: "fp8"` (a missing one would be read as packed FP4); MTP as `dequant_config`."""
     edit = ConfigEdit(config)
-    edit.drop("expert_dtype", "the routed experts are 128x128 block FP8 now")
+    edit.set_expert_dtype("fp8")
     if drop_mtp:
         edit.drop_mtp()
     return edit

@@ -233,7 +233,9 @@ def check_config(formats: Formats, config: Mapping, presence: bool = True) -> li
 
 def _check_expert_dtype(formats: Formats, config: Mapping) -> list[str]:
     """The headers decide each expert's format; a missing `expert_dtype` (as in published copies of the V4
-    configs) is no contradiction, only an explicit value the routed experts disagree with."""
+    configs) is no contradiction, only an explicit value the routed experts disagree with: `"fp4"` beside a
+    routed expert that is not packed FP4, anything else beside one that is, `"fp8"` where no routed expert is
+    block FP8 (routed experts kept BF16 beside block-FP8 ones, as `quant --skip` leaves them, are accepted)."""
     declared = config.get("expert_dtype")
     if declared is None:
         declared = (config.get("quantization_config") or {}).get("expert_dtype")
@@ -243,11 +245,15 @@ def _check_expert_dtype(formats: Formats, config: Mapping) -> list[str]:
     if mx and declared != "fp4":
         return [f"tensor `{mx[0].name}` is packed FP4 but config.json says `expert_dtype: {json.dumps(declared)}`; "
                 "set it to \"fp4\" or remove it from config.json"]
-    if declared == "fp4":
-        for f in formats.tensors.values():
-            if f.kind in ("fp8_block", "copy") and ROUTED_EXPERT_RE.search(f.name) and f.name.endswith(".weight"):
-                return [f"config.json says expert_dtype fp4 but routed expert `{f.name}` is not packed FP4; "
-                        "remove `expert_dtype` from config.json"]
+    routed = [f for f in formats.tensors.values() if f.kind in ("fp8_block", "copy") and f.name.endswith(".weight")
+              and ROUTED_EXPERT_RE.search(f.name)]
+    if declared == "fp4" and routed:
+        f = routed[0]
+        fix = 'set it to "fp8"' if f.kind == "fp8_block" else "remove `expert_dtype` from config.json"
+        return [f"config.json says expert_dtype fp4 but routed expert `{f.name}` is not packed FP4; {fix}"]
+    if declared == "fp8" and routed and not any(f.kind == "fp8_block" for f in routed):
+        return [f"config.json says expert_dtype fp8 but routed expert `{routed[0].name}` is {routed[0].dtype}, "
+                "not block FP8; remove `expert_dtype` from config.json"]
     return []
 
 

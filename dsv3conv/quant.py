@@ -10,7 +10,8 @@ weight `W` is written as e4m3 with its scale `W_scale_inv` beside it in the same
 DeepSeek-V4 names (`layers.N.*`, `mtp.K.*`): the weights V4-Flash-Base stores as FP8 (attention `wq_a`,
 `wq_b`, `wkv`, `wo_a`, `wo_b`, the indexer's `wq_b`, shared and routed experts `w1`/`w2`/`w3`, the MTP
 module's `e_proj`/`h_proj`, the drafter's `main_proj`), each with its scale `<module>.scale`; routed
-experts become block FP8, not packed FP4. MTP drop removes `mtp.*` (and `dspark_*` from config.json).
+experts become block FP8, not packed FP4, and config.json says so (`expert_dtype: "fp8"`). MTP drop removes
+`mtp.*` (and `dspark_*` from config.json).
 
 A quantized weight is a `TensorPlan` of operation `QuantBlockFp8` that also writes its scale tensor (a
 `QuantScale`) from the same source rows, so the engine streams it like a dequant, in whole-block row chunks.
@@ -28,7 +29,7 @@ from dsv3conv.checks import mtp_rule
 from dsv3conv.config_edits import ConfigEdit
 from dsv3conv.dtypes import DTYPE_SIZES, FLOAT_DTYPES, SCALE_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
-from dsv3conv.layout import BLOCK, is_scale, mtp_layer_ids, scale_name, scale_shape
+from dsv3conv.layout import BLOCK, V4_ROUTED_EXPERT_RE, is_scale, mtp_layer_ids, scale_name, scale_shape
 from dsv3conv.ops import QuantBlockFp8, QuantScale
 from dsv3conv.plan import Plan, TensorPlan, check_layers, copied, file_plan, index_json, more
 
@@ -117,6 +118,8 @@ def plan_quant(
     edit.set_quantization(qc, f"fp8 e4m3, {BLOCK}x{BLOCK} blocks" + (", scale_fmt ue8m0" if scale_fmt == "ue8m0" else "")
                           + (f", {len(skipped)} modules_to_not_convert" if skipped else ""))
     edit.set_dtype("bfloat16")
+    if any(V4_ROUTED_EXPERT_RE.match(n) for n in targets):
+        edit.set_expert_dtype("fp8")
     if dropped:
         edit.drop_mtp()
     return Plan(ckpt.root, dest, files, index_json(ckpt, files), edit.config, edit.changes, list(extra_files), dropped)

@@ -56,6 +56,7 @@ def test_missing_expert_dtype_headers_decide(flash, tmp_path, missing) -> None:
     assert verify_checkpoint(tmp_path / "out", against=src, full=True)["ok"]
 
     dequantize(src, tmp_path / "repacked", device="cpu", experts="fp8")
+    assert json.loads((tmp_path / "repacked" / "config.json").read_text())["expert_dtype"] == "fp8"
     assert verify_checkpoint(tmp_path / "repacked", against=src, full=True)["ok"]
     split_mtp(src, main_out=tmp_path / "main")
     assert verify_checkpoint(tmp_path / "main", against=src, full=True)["ok"]
@@ -64,7 +65,7 @@ def test_missing_expert_dtype_headers_decide(flash, tmp_path, missing) -> None:
 @pytest.mark.parametrize(("kind", "declared", "needle"), [
     ("flash", "fp8", f'`{EXPERT}` is packed FP4 but config.json says `expert_dtype: "fp8"`; set it to "fp4" or remove it'),
     ("flash", "bf16", f'`{EXPERT}` is packed FP4 but config.json says `expert_dtype: "bf16"`'),
-    ("flash-base", "fp4", f"expert_dtype fp4 but routed expert `{EXPERT}` is not packed FP4; remove `expert_dtype`"),
+    ("flash-base", "fp4", f'expert_dtype fp4 but routed expert `{EXPERT}` is not packed FP4; set it to "fp8"'),
 ])
 def test_explicit_contradiction_refused(tmp_path, kind, declared, needle) -> None:
     """Exit 1 (docs/errors.md) from dequant with one line naming the tensor and the fix; inspect lists it and
@@ -77,3 +78,33 @@ def test_explicit_contradiction_refused(tmp_path, kind, declared, needle) -> Non
     proc = cli("inspect", src, "--json", check=1)
     assert any(needle in p for p in json.loads(proc.stdout)["problems"])
     assert needle in failed(verify_checkpoint(src))["quantization_config"]
+
+
+def test_fp8_with_block_fp8_experts_accepted(tmp_path) -> None:
+    """`expert_dtype: "fp8"` beside block-FP8 routed experts (what --experts fp8 and quant write) is what the
+    headers say: inspect reports nothing, verify passes, dequant removes it."""
+    src = tmp_path / "src"
+    make_v4(src, "flash-base")
+    _set_expert_dtype(src, "fp8")
+    assert json.loads(cli("inspect", src, "--json", check=0).stdout)["problems"] == []
+    assert verify_checkpoint(src, full=True)["ok"]
+    summary = dequantize(src, tmp_path / "out", device="cpu")
+    assert "expert_dtype" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert any(c.startswith("removed expert_dtype (was 'fp8'") for c in summary["config_changes"]), summary
+    assert verify_checkpoint(tmp_path / "out", against=src, full=True)["ok"]
+
+
+def test_repack_keeps_the_field_where_the_source_has_it(flash, tmp_path) -> None:
+    """A source keeping `expert_dtype` inside `quantization_config`: --experts fp8 sets it there, adds none
+    at the top level, and the output verifies against its source."""
+    root, _ = flash
+    src = Path(shutil.copytree(root, tmp_path / "src"))
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"]["expert_dtype"] = config.pop("expert_dtype")
+    (src / "config.json").write_text(json.dumps(config))
+    summary = dequantize(src, tmp_path / "out", device="cpu", experts="fp8", mtp="drop")
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "expert_dtype" not in out and out["quantization_config"]["expert_dtype"] == "fp8"
+    assert "quantization_config.expert_dtype: 'fp4' -> 'fp8'" in summary["config_changes"]
+    assert json.loads(cli("inspect", tmp_path / "out", "--json", check=0).stdout)["problems"] == []
+    assert verify_checkpoint(tmp_path / "out", against=src, full=True)["ok"]

@@ -65,7 +65,9 @@ def test_repack_exact_and_the_rest_copied(tmp_path, kind, scale_dtype) -> None:
     assert repacked == summary["tensors_converted"] > 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     source_config = json.loads((tmp_path / "src" / "config.json").read_text())
-    assert config == {k: v for k, v in source_config.items() if k != "expert_dtype"}
+    assert source_config["expert_dtype"] == "fp4" and config == dict(source_config, expert_dtype="fp8")
+    assert "expert_dtype: 'fp4' -> 'fp8'" in summary["config_changes"]
+    assert json.loads(cli("inspect", tmp_path / "out", "--json", check=0).stdout)["problems"] == []
 
 
 @pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)
@@ -74,9 +76,11 @@ def test_round_trip_through_dequant(flash, tmp_path, scale_dtype) -> None:
     root, _ = flash
     dequantize(root, tmp_path / "fp8", device="cpu", experts="fp8", scale_dtype=scale_dtype)
     dequantize(root, tmp_path / "a", device="cpu")
-    dequantize(tmp_path / "fp8", tmp_path / "b", device="cpu")
+    summary = dequantize(tmp_path / "fp8", tmp_path / "b", device="cpu")
     assert_same_tensors(tmp_path / "a", tmp_path / "b")
-    assert json.loads((tmp_path / "a" / "config.json").read_text()) == json.loads((tmp_path / "b" / "config.json").read_text())
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert "expert_dtype" not in config and config == json.loads((tmp_path / "a" / "config.json").read_text())
+    assert any(c.startswith("removed expert_dtype (was 'fp8'") for c in summary["config_changes"]), summary
 
 
 @pytest.mark.parametrize("scale_dtype", SCALE_DTYPES)

@@ -77,15 +77,19 @@ def test_changed_value_found(sources, tmp_path, kind, tensor, element) -> None:
     assert report["mismatches"] == [tensor]
 
 
-def test_expert_dtype_left_in_config_found(sources, tmp_path) -> None:
+@pytest.mark.parametrize(("value", "needle"), [
+    ("fp4", "config.json says expert_dtype fp4 but routed expert"),
+    ("fp8", "config.json says expert_dtype fp8 but routed expert `layers.0.ffn.experts.0.w1.weight` is BF16"),
+])
+def test_expert_dtype_left_in_config_found(sources, tmp_path, value, needle) -> None:
     dequantize(sources["flash"], tmp_path / "out", device="cpu")
     config_path = tmp_path / "out" / "config.json"
     config = json.loads(config_path.read_text())
-    config["expert_dtype"] = "fp4"
+    config["expert_dtype"] = value
     config_path.write_text(json.dumps(config))
     bad = failed(verify_checkpoint(tmp_path / "out", against=sources["flash"]))
-    assert "`expert_dtype`: expected absent, found \"fp4\"" in bad["config_vs_source"]
-    assert "config.json says expert_dtype fp4 but routed expert" in bad["quantization_config"]
+    assert f"`expert_dtype`: expected absent, found \"{value}\"" in bad["config_vs_source"]
+    assert needle in bad["quantization_config"]
 
 
 def test_e8m0_nan_scale_found(sources, tmp_path) -> None:
