@@ -103,3 +103,8 @@ class Schedule:
                         del self.pending[i]
                         return spec
             return self.pending.popleft() if self.pending else None
+
+    def left(self) -> int:
+        """Batches not yet taken."""
+        with self.lock:
+            return len(self.pending)

@@ -266,31 +266,42 @@ class _Run:
                 pass
 
     def _reader(self) -> None:
+        """Read batches into pooled buffers until none is left. A reader takes its next batch only once it holds
+        a buffer: a batch taken never waits for memory, so while the backend starts, a batch that converts nothing
+        is read as soon as it is taken, however many converting batches hold buffers meanwhile."""
         handles = ShardReader(self.plan.source)  # a bounded number of open files, however many shards
+        buf = None  # the buffer held for the next batch
         try:
-            while not self.stop.is_set():
+            while not self.stop.is_set() and self.schedule.left():
+                if buf is None:
+                    with profiling.stage(self.prof, "wait_buffer"):
+                        buf = self.pool.get(self._check)
                 spec = self.schedule.next()
                 if spec is None:
                     return
-                with profiling.stage(self.prof, "wait_buffer"):
-                    buf = self.pool.get(self._check) if spec.span_len or spec.pieces else None
+                # A batch with nothing to read (a whole file copied) leaves the buffer to the next
+                mine = None
+                if spec.span_len or spec.pieces:
+                    mine, buf = buf, None
                 with profiling.stage(self.prof, "read", spec.span_len):
                     try:
-                        items = _read_batch(spec, buf, handles, self.scales)
+                        items = _read_batch(spec, mine, handles, self.scales)
                     except (Dsv3Error, OSError) as exc:
                         if not self.sink.skip(spec, exc):
                             raise
-                        if buf is not None:
-                            self.pool.put(buf)
-                        buf = items = None
+                        if mine is not None:
+                            self.pool.put(mine)
+                        mine = items = None
                 if self.prof is not None:
                     self.prof.mark_once("first_read_s")
-                self.ready.put((spec, buf, items))
+                self.ready.put((spec, mine, items))
         except _Stopped:
             pass
         except BaseException as exc:  # handed to the main thread
             self._fail(exc)
         finally:
+            if buf is not None:
+                self.pool.put(buf)
             handles.close()
 
     def _write(self, spec: BatchSpec, buf, arena: OutputArena | None, outs: list[memoryview] | None,

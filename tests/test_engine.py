@@ -372,6 +372,74 @@ def test_copies_are_written_while_the_backend_starts_then_the_rest(tmp_path, src
         assert (tmp_path / "out" / f.name).read_bytes() == (ref / f.name).read_bytes(), f.name
 
 
+def test_a_copy_taken_while_converting_batches_fill_the_pool_is_still_read(tmp_path, src_ref, monkeypatch):
+    """While the backend starts, two readers and a pool of two buffers: one reader takes the first batch that
+    converts nothing and is held there (before it reads) until the other has taken every other batch, written
+    the copies and waits for a buffer with converting batches holding the rest. The held batch must still be
+    read and written, so the start (completed here once every copy is written) comes and the run ends."""
+    src, ref = src_ref
+    plan, todo, copies = _plan_and_copies(src, tmp_path / "out")
+    backend, starting = LateBackend(), Future()
+    monkeypatch.setattr(engine, "io_threads", lambda: (2, 1))
+    starved, lock, held = threading.Event(), threading.Lock(), []
+
+    def on_put(order):
+        if order.count(False) == copies and not starting.done():
+            starting.set_result(backend)
+
+    sink = _Recording(plan, on_put)
+    take, get = batches.Schedule.next, engine._Pool.get
+
+    def take_holding_the_first_copy(schedule):
+        spec = take(schedule)
+        with lock:
+            first = spec is not None and not spec.converts and not held
+            if first:
+                held.append(spec)
+        if first:
+            starved.wait()
+        return spec
+
+    def get_watched(pool, check):
+        def waiting():  # called while no buffer is free and none may be made
+            with sink.lock:
+                others_written = sink.order.count(False) == copies - 1
+            if others_written and threading.current_thread().name.startswith("dsv3conv-reader"):
+                starved.set()
+            check()
+
+        return get(pool, waiting)
+
+    monkeypatch.setattr(batches.Schedule, "next", take_holding_the_first_copy)
+    monkeypatch.setattr(engine._Pool, "get", get_watched)
+    cancel, failed = threading.Event(), []
+
+    def run():
+        try:
+            engine.run_batches(plan, starting, todo, sink, chunk_bytes=8192, depth=0, cancel=cancel)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            failed.append(exc)
+
+    engine_thread = threading.Thread(target=run, daemon=True)
+    engine_thread.start()
+    # A watchdog, not synchronisation: the run ends in seconds, or never (the deadlock); the limit only turns
+    # a hang into a failure, then releases the held reader and cancels the run so that nothing is left running
+    engine_thread.join(timeout=300)
+    hung = engine_thread.is_alive()
+    if hung:
+        starved.set()
+        cancel.set()
+        engine_thread.join()
+    backend.close()
+    assert not hung, f"the run hung: the held batch never got a buffer ({sink.order.count(False)} of {copies} copies)"
+    assert not failed, failed
+    assert held and held[0].span_len > 0 and starved.is_set()
+    assert sink.order[:copies] == [False] * copies and all(sink.order[copies:]), sink.order
+    assert sink.files_written == len(plan.files)
+    for f in plan.files:
+        assert (tmp_path / "out" / f.name).read_bytes() == (ref / f.name).read_bytes(), f.name
+
+
 def test_a_backend_that_fails_to_start_fails_the_run(tmp_path, src_ref, monkeypatch):
     """The start's error (no GPU after all) is the run's, once the copies written so far are in; a shard with
     a converted tensor never gets its final name, and no partial file stays."""
