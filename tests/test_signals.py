@@ -20,6 +20,9 @@ from tests.conftest import ENV, TIMEOUT
 _MAIN = r"""
 import os, signal, sys
 from contextlib import contextmanager
+# as from a terminal, where Ctrl-C is heard: a background job of a shell without job control (CI's, nohup's)
+# inherits SIGINT ignored, and the CLI leaves an ignored signal ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from dsv3conv import backend, cli, runner
 
 plan = dict(p.split(":") for p in sys.argv[1].split(",") if p)
