@@ -155,7 +155,7 @@ class _Run:
         self.ready: queue.Queue = queue.Queue()  # (batch, its buffer, its items: None when skipped), read
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
-        self.schedule = Schedule(self.specs, lambda: self.starting is not None and not self.starting.done(),
+        self.schedule = Schedule(self.specs, lambda: (s := self.starting) is not None and not s.done(),
                                   LOOKAHEAD)
         self.scales = _ScaleCache(plan.source)
 

@@ -79,7 +79,9 @@ def load_in_background(what: tuple):
     with _loads_lock:
         loading = _loads.get(what)
         if loading is None:
-            loading = _loads[what] = threading.Thread(target=numba_kernel, args=(what,), name="dsv3conv-numba-load")
+            # a daemon: a run that ends first does not wait for the load (numba writes its cache by renaming)
+            loading = _loads[what] = threading.Thread(target=numba_kernel, args=(what,), name="dsv3conv-numba-load",
+                                                      daemon=True)
             loading.start()
     return None if loading.is_alive() else numba_kernel(what)
 
