@@ -27,13 +27,13 @@ from .launch import (  # Triton is optional: the reference works without it
     tl,
     triton,
 )
+from .mxfp4_cpu import E2M1_VALUES  # the one table of E2M1 values (numpy only)
 
 if HAS_TRITON:
     from .fp8_block_dequant import _e8m0_bits_to_f32
 
 GROUP = 32  # values per scale
 E8M0_NAN = 255
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 _PACKED_DTYPES = (torch.int8, torch.uint8)
 # Packed bytes per CPU chunk: bounds the int32 index temporary (4 bytes per packed byte).
 _CPU_CHUNK_BYTES = 1 << 22

@@ -1,7 +1,7 @@
 """MXFP4 -> 128x128 block FP8 repack (`dequant --experts fp8`): exactness and speed on DeepSeek-V4 expert shapes.
 
-For each shape: the repack on the CPU (`repack_rows` in 128-row ranges, the table path the CPU backend's
-pool runs, here in one thread) and, with CUDA, the same plain-torch kernel on the GPU; checks GPU == CPU bit for bit, no
+For each shape: the repack on the CPU (`mxfp4_cpu.repack_rows` in 128-row ranges, the table path the CPU
+backend's pool runs, here in one thread) and, with CUDA, the same plain-torch kernel on the GPU; checks GPU == CPU bit for bit, no
 lossy block, and dequant(repacked) == dequant(source) (bf16); prints ms and G elements/s.
 Without CUDA it says so and runs the CPU part only.
 
@@ -18,8 +18,9 @@ import torch
 from _bench import finish
 
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
+from dsv3conv.kernels.mxfp4_cpu import repack_rows
 from dsv3conv.kernels.mxfp4_dequant import reference_dequant_mxfp4
-from dsv3conv.kernels.mxfp4_to_fp8 import repack_mxfp4_to_fp8, repack_rows
+from dsv3conv.kernels.mxfp4_to_fp8 import repack_mxfp4_to_fp8
 
 # Unpacked [out, in] of routed experts: V4-Flash w1/w3, w2; V4-Pro w1/w3, w2.
 SHAPES = [(2048, 4096), (4096, 2048), (3072, 7168), (7168, 3072)]
@@ -36,9 +37,10 @@ def _cpu(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch
     rows, cols = packed.shape[0], 2 * packed.shape[1]
     q = torch.empty((rows, cols), dtype=torch.uint8)
     s = torch.empty((-(-rows // 128), -(-cols // 128)), dtype=torch.float8_e8m0fnu)
-    repack_rows(packed, scale, q, s, 0, min(128, rows))  # warm-up (builds the lookup table)
+    args = (packed.numpy(), scale.numpy(), q.numpy(), s.view(torch.uint8).numpy(), "float8_e8m0fnu")
+    repack_rows(*args, 0, min(128, rows))  # warm-up (builds the lookup table)
     t = time.perf_counter()
-    lossy = sum(repack_rows(packed, scale, q, s, r0, min(r0 + 128, rows)) for r0 in range(0, rows, 128))
+    lossy = sum(repack_rows(*args, r0, min(r0 + 128, rows)) for r0 in range(0, rows, 128))
     return q, s, lossy, time.perf_counter() - t
 
 
