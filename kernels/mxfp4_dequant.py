@@ -1,5 +1,5 @@
-"""MXFP4 dequantization (packed E2M1 pairs, one E8M0 scale per 32 values): torch reference, exact CPU path,
-Triton kernel and launcher.
+"""MXFP4 dequantization (packed E2M1 pairs, one E8M0 scale per 32 values): torch reference, Triton kernel and
+launcher (the CPU backend's exact kernel is `mxfp4_cpu.dequant_rows`, numpy).
 
 Layout (DeepSeek-V4 routed experts): `packed` [rows, cols / 2] of int8/uint8 bytes, two E2M1 codes per byte,
 the low nibble the even column, the high nibble the odd one; `scale` [rows, ceil(cols / 32)] of
@@ -12,8 +12,6 @@ E2M1 code c: sign c >> 3, exponent (c >> 1) & 3 (bias 1), mantissa c & 1; magnit
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -35,8 +33,6 @@ if HAS_TRITON:
 GROUP = 32  # values per scale
 E8M0_NAN = 255
 _PACKED_DTYPES = (torch.int8, torch.uint8)
-# Packed bytes per CPU chunk: bounds the int32 index temporary (4 bytes per packed byte).
-_CPU_CHUNK_BYTES = 1 << 22
 
 
 def unpacked_shape(packed: torch.Tensor) -> tuple[int, int]:
@@ -98,67 +94,6 @@ def reference_dequant_mxfp4(
     s = _scale_bits(scale).view(torch.float8_e8m0fnu).to(torch.float32)
     s = s.repeat_interleave(GROUP, dim=1)[:, :cols]
     return (values * s).to(out_dtype)
-
-
-# ----------------------------------------------------------------------------------------- CPU path
-_PAIR_INT = {2: torch.int32, 4: torch.int64}  # output itemsize -> integer type of two values
-
-
-@functools.cache
-def _pair_table(out_dtype: torch.dtype) -> torch.Tensor:
-    """[256 * 256] integers, each the two out_dtype values that byte `i & 255` decodes to under scale `i >> 8`.
-
-    Built with the reference's arithmetic, so a lookup is the reference's result bit for bit (entries of scale
-    255 hold NaN and are never read: NaN scales are refused first).
-    """
-    byte = torch.arange(256, dtype=torch.int64)
-    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32)
-    pairs = torch.stack((lut[byte & 0xF], lut[byte >> 4]), dim=-1)  # [256, 2]
-    s = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e8m0fnu).to(torch.float32)
-    table = (s[:, None, None] * pairs[None, :, :]).to(out_dtype).contiguous()
-    return table.view(_PAIR_INT[out_dtype.itemsize]).reshape(256 * 256)
-
-
-def cpu_dequant_mxfp4(
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    out_dtype: torch.dtype = torch.bfloat16,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Exact MXFP4 dequant on the CPU: one table lookup per byte gives both of its output values.
-
-    The table holds every (scale, byte) -> value pair computed as the reference does, so the result is the
-    reference's bit for bit; per row chunk the work is one index pass and one gather (index_select).
-    `out`: an optional contiguous [rows, cols] tensor of out_dtype, written in place.
-    """
-    rows, cols = check_args(packed, scale, out_dtype)
-    refuse_nan_scale(scale)
-    if out is None:
-        out = torch.empty((rows, cols), dtype=out_dtype)
-    elif tuple(out.shape) != (rows, cols) or out.dtype != out_dtype or not out.is_contiguous():
-        raise ValueError(f"out is {tuple(out.shape)} {out.dtype}; expected a contiguous {(rows, cols)} {out_dtype}")
-    if rows == 0 or cols == 0:
-        return out
-    table = _pair_table(out_dtype)
-    pairs = out.view(table.dtype)  # [rows, cols / 2]: one integer per packed byte
-    b, s = packed.view(torch.uint8), _scale_bits(scale).to(torch.int32) << 8
-    pcols = cols // 2
-    full = pcols // (GROUP // 2)  # groups whose 16 bytes are all present
-    step = max(1, _CPU_CHUNK_BYTES // pcols)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        if full:
-            idx = b[r0:r1, : full * 16].reshape(r1 - r0, full, 16).to(torch.int32)
-            idx += s[r0:r1, :full, None]
-            dst = pairs[r0:r1, : full * 16]
-            if full * 16 == pcols:  # contiguous: gather straight into the output
-                torch.index_select(table, 0, idx.reshape(-1), out=dst.view(-1))
-            else:
-                dst.copy_(table.index_select(0, idx.reshape(-1)).view(dst.shape))
-        if full * 16 < pcols:  # a partial last group: its bytes share the last scale
-            idx = b[r0:r1, full * 16 :].to(torch.int32) + s[r0:r1, full : full + 1]
-            pairs[r0:r1, full * 16 :] = table[idx]
-    return out
 
 
 # ------------------------------------------------------------------------------------- Triton kernel
@@ -227,7 +162,7 @@ def dequant_mxfp4(
     The kernel turns scale byte 255 into NaN without a check (a check would wait on the GPU): callers
     refuse such scales first (`nan_scale`). out: optional [rows, cols] of out_dtype, rows contiguous.
     """
-    device = launch_device("MXFP4 dequant", "cpu_dequant_mxfp4", packed=packed, scale=scale)
+    device = launch_device("MXFP4 dequant", "reference_dequant_mxfp4", packed=packed, scale=scale)
     rows, cols = check_args(packed, scale, out_dtype)
     out = output_for(out, rows, cols, out_dtype, device)
     if rows == 0 or cols == 0:

@@ -11,8 +11,6 @@ lossless; zeros keep their sign.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .mxfp4_dequant import E2M1_VALUES, GROUP, check_args, refuse_nan_scale
@@ -71,46 +69,3 @@ def _lossy_blocks(bad_groups: torch.Tensor, blocks: tuple[int, int]) -> int:
 
 def _block_scales(s: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     return torch.ldexp(torch.ones((), device=s.device), (s - 127).to(torch.float32)).to(scale_dtype)
-
-
-def repack_rows(packed: torch.Tensor, scale: torch.Tensor, q_out: torch.Tensor, s_out: torch.Tensor,
-                start: int, stop: int) -> int:
-    """Rows [start, stop) of `repack_mxfp4_to_fp8(packed, scale, s_out.dtype)`, written into the same rows of
-    `q_out` (uint8 or e4m3 [rows, cols]) and their 128-row blocks of `s_out`; returns the lossy blocks.
-
-    The CPU path: one table lookup per packed byte (`_pair_codes`), equal to the reference bit for bit where
-    the rows are exact; rows with a lossy block (or a NaN scale) go through the reference itself.
-    `start` must be a multiple of 128: the block exponents of whole blocks equal those of the whole tensor."""
-    if start % BLOCK:
-        raise ValueError(f"start {start} is not a multiple of {BLOCK}")
-    p, sc = packed[start:stop].view(torch.uint8), scale[start:stop]
-    check_args(p, sc, torch.float32)
-    k = sc.view(torch.uint8).to(torch.int32)
-    rows, pcols = p.shape
-    groups = k.shape[1]
-    s, d = _exponents(k, rows, 2 * pcols)
-    nonzero = torch.nn.functional.pad((p & 0x77) != 0, (0, groups * (GROUP // 2) - pcols))
-    bad = (d < MIN_OFFSET) & nonzero.view(rows, groups, GROUP // 2).any(2)
-    if bool(bad.any()) or bool((k == 255).any()):
-        q, blocks, lossy = repack_mxfp4_to_fp8(p, sc, s_out.dtype)  # refuses a NaN scale
-    else:
-        row = (d.clamp(min=MIN_OFFSET - 1) - (MIN_OFFSET - 1)) * 256  # [rows, groups]: the table's row
-        idx = row.repeat_interleave(GROUP // 2, dim=1)[:, :pcols] + p
-        q = _pair_codes().index_select(0, idx.reshape(-1)).view(torch.uint8).view(rows, 2 * pcols)
-        blocks, lossy = _block_scales(s, s_out.dtype), 0
-    q_out[start:stop].copy_(q.view(torch.uint8).view(q_out.dtype))
-    s_out[start // BLOCK : start // BLOCK + blocks.shape[0]].copy_(blocks)
-    return lossy
-
-
-@functools.cache
-def _pair_codes() -> torch.Tensor:
-    """[16 * 256] int16: the two e4m3 codes (low byte: the even column) packed byte b becomes at group offset d,
-    entry (d + 9) * 256 + b, for d = -9 .. 6; row -9 stands for every lower offset and is read only for bytes
-    of groups without a non-zero value (zeros keep their sign). Built with the reference's arithmetic."""
-    d = torch.arange(MIN_OFFSET - 1, E4M3_SHIFT + 1, dtype=torch.float32)
-    byte = torch.arange(256, dtype=torch.int64)
-    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32)
-    pairs = torch.stack((lut[byte & 0xF], lut[byte >> 4]), dim=-1)  # [256, 2]
-    codes = (pairs[None] * torch.exp2(d)[:, None, None]).to(torch.float8_e4m3fn).view(torch.uint8)
-    return codes.contiguous().view(torch.int16).reshape(-1)

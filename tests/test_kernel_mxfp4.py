@@ -1,4 +1,5 @@
-"""MXFP4 dequant: the exact CPU path and the Triton kernel against the plain-torch reference.
+"""MXFP4 dequant: the CPU backend's numpy kernel (`mxfp4_cpu`) and the Triton kernel against the plain-torch
+reference.
 
 The Triton checks run once in a child process under Triton's interpreter (see tests/conftest.py) and
 compare float32 output bit for bit; bfloat16/float16 within one ulp (the interpreter's narrowing is not
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +19,8 @@ from tests.conftest import assert_within_ulp, collect_checks, interpreted_test, 
 # Packed shapes [rows, bytes]: 1 x 1, partial scale groups (7 and 257 bytes), V4-like expert rows.
 SHAPES = [(1, 1), (3, 7), (129, 257), (64, 16), (5, 1000), (256, 3584 // 8)]
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_INT = {2: torch.int16, 4: torch.int32}
+_UINT = {2: np.uint16, 4: np.uint32}
 
 
 def _random(rows: int, pcols: int, gen, lo: int = 100, hi: int = 140):
@@ -25,7 +29,7 @@ def _random(rows: int, pcols: int, gen, lo: int = 100, hi: int = 140):
     return packed, scale.view(torch.float8_e8m0fnu)
 
 
-# ---------------------------------------------------------------- reference and CPU path (plain pytest)
+# ---------------------------------------------------------------- reference and CPU kernel (plain pytest)
 def test_reference_known_values() -> None:
     from dsv3conv.kernels.mxfp4_dequant import reference_dequant_mxfp4
 
@@ -36,51 +40,70 @@ def test_reference_known_values() -> None:
     assert out[0, 3].item() == 0.0 and torch.signbit(out[0, 3]), "code 8 must decode to -0.0"
 
 
+def cpu_dequant(packed: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, out: torch.Tensor | None = None,
+                ranges: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """`mxfp4_cpu.dequant_rows` (the CPU backend's kernel) on torch tensors, row ranges as the pool cuts them
+    (default: the whole tensor in one), writing into `out` (a new tensor by default)."""
+    from dsv3conv.kernels import mxfp4_cpu
+
+    rows, cols = packed.shape[0], 2 * packed.shape[1]
+    out = torch.empty((rows, cols), dtype=out_dtype) if out is None else out
+    bits = out.view(_INT[out.element_size()]).numpy().view(_UINT[out.element_size()])
+    for start, stop in ranges or [(0, rows)]:
+        mxfp4_cpu.dequant_rows(packed.view(torch.uint8).numpy(), scale.view(torch.uint8).numpy(), bits,
+                               str(out_dtype).removeprefix("torch."), start, stop)
+    return out
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES)
-def test_cpu_path_matches_reference(shape, out_dtype) -> None:
-    from dsv3conv.kernels.mxfp4_dequant import cpu_dequant_mxfp4, reference_dequant_mxfp4
+def test_cpu_kernel_matches_reference(shape, out_dtype) -> None:
+    from dsv3conv.kernels.mxfp4_dequant import reference_dequant_mxfp4
 
     gen = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
     packed, scale = _random(*shape, gen)
-    assert_within_ulp(cpu_dequant_mxfp4(packed, scale, out_dtype), reference_dequant_mxfp4(packed, scale, out_dtype),
-              f"cpu {shape} -> {out_dtype}")
+    assert_within_ulp(cpu_dequant(packed, scale, out_dtype), reference_dequant_mxfp4(packed, scale, out_dtype),
+                      f"cpu {shape} -> {out_dtype}")
 
 
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES)
-def test_cpu_path_every_code_and_scale(out_dtype) -> None:
+def test_cpu_kernel_every_code_and_scale(out_dtype) -> None:
     """All 256 bytes under all 255 usable scales (incl. 0 -> 2^-127, float16 overflow and underflow)."""
-    from dsv3conv.kernels.mxfp4_dequant import cpu_dequant_mxfp4, reference_dequant_mxfp4
+    from dsv3conv.kernels.mxfp4_dequant import reference_dequant_mxfp4
 
     packed = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(255, 1)  # [255, 256]
     scale = torch.arange(255, dtype=torch.int32).to(torch.uint8)[:, None].repeat(1, 16)
     ref = reference_dequant_mxfp4(packed, scale, out_dtype)
-    assert_within_ulp(cpu_dequant_mxfp4(packed, scale, out_dtype), ref, f"exhaustive -> {out_dtype}")
+    assert_within_ulp(cpu_dequant(packed, scale, out_dtype), ref, f"exhaustive -> {out_dtype}")
     if out_dtype == torch.float32:
         exact = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
         assert torch.equal(ref[127, 0:16:2][:8], exact), "scale 127 (1.0) must give the E2M1 magnitudes"
 
 
-def test_cpu_path_writes_into_out_and_chunks(monkeypatch) -> None:
-    from dsv3conv.kernels import mxfp4_dequant as m
+def test_cpu_kernel_row_ranges_and_chunks(monkeypatch) -> None:
+    """Row ranges (the pool's tasks), each cut into several chunks, write their rows of `out` and nothing else."""
+    from dsv3conv.kernels import mxfp4_cpu
+    from dsv3conv.kernels.mxfp4_dequant import reference_dequant_mxfp4
 
-    monkeypatch.setattr(m, "_CPU_CHUNK_BYTES", 40)  # several row chunks
+    monkeypatch.setattr(mxfp4_cpu, "_CHUNK_BYTES", 40)  # several row chunks per range
     gen = torch.Generator().manual_seed(7)
     packed, scale = _random(37, 23, gen)
     out = torch.full((37, 46), float("nan"), dtype=torch.bfloat16)
-    got = m.cpu_dequant_mxfp4(packed, scale, torch.bfloat16, out=out)
-    assert got.data_ptr() == out.data_ptr()
-    assert_within_ulp(out, m.reference_dequant_mxfp4(packed, scale, torch.bfloat16), "chunked")
+    cpu_dequant(packed, scale, torch.bfloat16, out, ranges=[(0, 5), (5, 30)])
+    assert bool(out[30:].isnan().all()), "rows outside the ranges were written"
+    cpu_dequant(packed, scale, torch.bfloat16, out, ranges=[(30, 37)])
+    assert_within_ulp(out, reference_dequant_mxfp4(packed, scale, torch.bfloat16), "chunked")
 
 
-@pytest.mark.parametrize("fn", ["reference_dequant_mxfp4", "cpu_dequant_mxfp4"])
+@pytest.mark.parametrize("fn", ["reference", "cpu"])
 def test_nan_scale_refused(fn) -> None:
     from dsv3conv.kernels import mxfp4_dequant as m
 
     scale = torch.full((2, 1), 127, dtype=torch.uint8)
     scale[1, 0] = 255
+    dequant = m.reference_dequant_mxfp4 if fn == "reference" else cpu_dequant
     with pytest.raises(ValueError, match=r"scale\[1, 0\] is the E8M0 NaN code 255"):
-        getattr(m, fn)(torch.zeros((2, 16), dtype=torch.int8), scale)
+        dequant(torch.zeros((2, 8), dtype=torch.int8), scale, torch.bfloat16)
     assert m.nan_scale(scale) == (1, 0) and m.nan_scale(scale[:1]) is None
 
 
@@ -94,10 +117,11 @@ def test_nan_scale_refused(fn) -> None:
     ],
 )
 def test_bad_arguments(packed, scale, needle) -> None:
-    from dsv3conv.kernels.mxfp4_dequant import cpu_dequant_mxfp4
+    """The checks the reference, the repack and the Triton launcher share (`check_args`)."""
+    from dsv3conv.kernels.mxfp4_dequant import reference_dequant_mxfp4
 
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
-        cpu_dequant_mxfp4(packed, scale)
+        reference_dequant_mxfp4(packed, scale)
 
 
 # ---------------------------------------------------------------- GPU: bit for bit (skipped without CUDA)

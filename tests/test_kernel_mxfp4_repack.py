@@ -1,13 +1,15 @@
-"""MXFP4 -> block FP8 repack: dequant(source) == dequant(repacked) bit for bit where lossless; losses counted."""
+"""MXFP4 -> block FP8 repack: dequant(source) == dequant(repacked) bit for bit where lossless; losses counted.
+The reference (`repack_mxfp4_to_fp8`, torch: the GPU path's) and the CPU backend's numpy kernel (`mxfp4_cpu`)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from dsv3conv.kernels import mxfp4_cpu
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.kernels.mxfp4_dequant import reference_dequant_mxfp4
-from dsv3conv.kernels.mxfp4_to_fp8 import repack_mxfp4_to_fp8, repack_rows
+from dsv3conv.kernels.mxfp4_to_fp8 import repack_mxfp4_to_fp8
 
 _INT = {2: torch.int16, 4: torch.int32}
 
@@ -59,43 +61,76 @@ def test_nan_scale_refused() -> None:
         repack_mxfp4_to_fp8(torch.zeros((1, 16), dtype=torch.int8), scale)
 
 
-@pytest.mark.parametrize("shape", [(300, 500), (129, 8), (1, 16), (128, 64)])
+def cpu_repack(packed: torch.Tensor, scale: torch.Tensor, scale_dtype: torch.dtype, ranges=None):
+    """`mxfp4_cpu.repack_rows` (the CPU backend's kernel) over 128-row ranges as the pool cuts them: (e4m3 codes
+    as uint8 [rows, cols], block scales of `scale_dtype`, lossy blocks)."""
+    rows, cols = packed.shape[0], 2 * packed.shape[1]
+    q = torch.full((rows, cols), 0x7F, dtype=torch.uint8)  # e4m3 NaN where nothing is written
+    s = torch.full((-(-rows // 128), -(-cols // 128)), 255, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    s = s.to(scale_dtype) if scale_dtype != torch.float8_e8m0fnu else s
+    ranges = ranges or [(r0, min(r0 + 128, rows)) for r0 in range(0, rows, 128)]
+    lossy = sum(mxfp4_cpu.repack_rows(packed.view(torch.uint8).numpy(), scale.view(torch.uint8).numpy(), q.numpy(),
+                                      s.view(torch.uint8).numpy(), str(scale_dtype).removeprefix("torch."), r0, r1)
+                for r0, r1 in ranges)
+    return q, s, lossy
+
+
+def _lossy_blocks(packed: torch.Tensor, scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """[ceil(rows/128), ceil(cols/128)] bool: the blocks whose repack loses values (each judged by the reference
+    on that block alone: a block's exponent depends on its own groups only)."""
+    rows, cols = packed.shape[0], 2 * packed.shape[1]
+    lossy = torch.zeros((-(-rows // 128), -(-cols // 128)), dtype=torch.bool)
+    for i in range(lossy.shape[0]):
+        for j in range(lossy.shape[1]):
+            block = packed[i * 128 : (i + 1) * 128, j * 64 : (j + 1) * 64], scale[i * 128 : (i + 1) * 128, j * 4 : (j + 1) * 4]
+            lossy[i, j] = repack_mxfp4_to_fp8(*block, scale_dtype)[2] > 0
+    return lossy
+
+
+@pytest.mark.parametrize("shape", [(300, 500), (129, 8), (1, 16), (128, 64), (1, 1), (129, 257)])
 @pytest.mark.parametrize("scale_dtype", [torch.float8_e8m0fnu, torch.float32])
-def test_row_ranges_equal_the_whole_tensor(shape, scale_dtype) -> None:
-    """repack_rows over 128-row ranges (the CPU pool's tasks) writes what one whole-tensor repack makes."""
+def test_cpu_kernel_equals_the_reference(shape, scale_dtype) -> None:
+    """repack_rows over 128-row ranges (the CPU pool's tasks): the reference's block scales and lossy count, and
+    its e4m3 codes in every block that keeps its values (the codes of a lossy block are unspecified)."""
     rows, pcols = shape
     gen = torch.Generator().manual_seed(rows * 7 + pcols)
     packed = torch.randint(0, 256, (rows, pcols), dtype=torch.uint8, generator=gen)
-    scale = torch.randint(100, 140, (rows, -(-2 * pcols // 32)), dtype=torch.uint8, generator=gen)  # some lossy
-    q, s, lossy = repack_mxfp4_to_fp8(packed, scale, scale_dtype)
-    q_out = torch.empty((rows, 2 * pcols), dtype=torch.uint8)
-    s_out = torch.empty(s.shape, dtype=scale_dtype)
-    got = sum(repack_rows(packed, scale, q_out, s_out, r0, min(r0 + 128, rows)) for r0 in range(0, rows, 128))
-    assert got == lossy
-    assert torch.equal(q_out, q.view(torch.uint8)) and torch.equal(s_out.view(torch.uint8), s.view(torch.uint8))
+    scale = torch.randint(110, 125, (rows, -(-2 * pcols // 32)), dtype=torch.uint8, generator=gen)  # 14 apart
+    many = rows > 128 or pcols > 64
+    if many:
+        scale[0, 0] = 140  # block (0, 0) loses values, the others keep them
+    q_ref, s_ref, lossy_ref = repack_mxfp4_to_fp8(packed, scale, scale_dtype)
+    q, s, lossy = cpu_repack(packed, scale, scale_dtype)
+    assert lossy == lossy_ref and torch.equal(s.view(torch.uint8), s_ref.view(torch.uint8)), (lossy, lossy_ref)
+    exact = ~_lossy_blocks(packed, scale, scale_dtype)
+    assert int((~exact).sum()) == lossy_ref == many and bool(exact.any()), (lossy_ref, exact)
+    keep = exact.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, : 2 * pcols]
+    bad = (q != q_ref.view(torch.uint8)) & keep
+    assert not bool(bad.any()), f"{shape}: {int(bad.sum())} codes differ in exact blocks, first at {bad.nonzero()[0].tolist()}"
 
 
-def test_row_range_must_start_on_a_block() -> None:
+def test_cpu_kernel_row_range_must_start_on_a_block() -> None:
     with pytest.raises(ValueError, match="multiple of 128"):
-        repack_rows(torch.zeros((256, 8), dtype=torch.uint8), torch.zeros((256, 1), dtype=torch.uint8),
-                    torch.empty((256, 16), dtype=torch.uint8), torch.empty((2, 1), dtype=torch.float32), 64, 256)
+        cpu_repack(torch.zeros((256, 8), dtype=torch.uint8), torch.zeros((256, 1), dtype=torch.uint8), torch.float32,
+                   ranges=[(64, 256)])
 
 
-def test_table_path_every_byte_and_offset(monkeypatch) -> None:
-    """The CPU table path alone (the reference is not called) on every packed byte at every exact offset
-    d = -8 .. 6, both scale dtypes: the reference's bytes."""
-    import dsv3conv.kernels.mxfp4_to_fp8 as m
+def test_cpu_kernel_nan_scale_refused() -> None:
+    scale = torch.full((130, 1), 127, dtype=torch.uint8)
+    scale[129, 0] = 255
+    with pytest.raises(ValueError, match=r"scale\[1, 0\] is the E8M0 NaN code 255"):  # row 1 of the range
+        cpu_repack(torch.zeros((130, 8), dtype=torch.uint8), scale, torch.float8_e8m0fnu)
 
+
+def test_cpu_kernel_every_byte_and_offset() -> None:
+    """Every packed byte at every exact offset d = -8 .. 6 (E8M0 exponents 116 .. 130 in every block), both scale
+    dtypes: the reference's bytes."""
     rows, pcols = 256, 128  # 8 groups per row, 2 x 2 blocks
     packed = ((torch.arange(rows)[:, None] * pcols + torch.arange(pcols)[None, :]) % 256).to(torch.uint8)
     k = 116 + (torch.arange(rows)[:, None] + torch.arange(8)[None, :]) % 15  # 116 .. 130 in every block
     scale = k.to(torch.uint8)
     for scale_dtype in (torch.float8_e8m0fnu, torch.float32):
-        q, s, lossy = repack_mxfp4_to_fp8(packed, scale, scale_dtype)
-        assert lossy == 0
-        q_out = torch.empty((rows, 2 * pcols), dtype=torch.uint8)
-        s_out = torch.empty(s.shape, dtype=scale_dtype)
-        with monkeypatch.context() as patch:
-            patch.setattr(m, "repack_mxfp4_to_fp8", None)  # the table path must not need it
-            assert m.repack_rows(packed, scale, q_out, s_out, 0, 128) + m.repack_rows(packed, scale, q_out, s_out, 128, 256) == 0
-        assert torch.equal(q_out, q.view(torch.uint8)) and torch.equal(s_out.view(torch.uint8), s.view(torch.uint8))
+        q_ref, s_ref, lossy_ref = repack_mxfp4_to_fp8(packed, scale, scale_dtype)
+        q, s, lossy = cpu_repack(packed, scale, scale_dtype)
+        assert lossy == lossy_ref == 0
+        assert torch.equal(q, q_ref.view(torch.uint8)) and torch.equal(s.view(torch.uint8), s_ref.view(torch.uint8))
