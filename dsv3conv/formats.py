@@ -22,7 +22,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Protocol
 
-BLOCK = 128
+from dsv3conv.config import BLOCK
+
 MX_GROUP = 32
 FP8 = "F8_E4M3"
 E8M0 = "F8_E8M0"

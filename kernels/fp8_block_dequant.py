@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .fp8_numpy import BLOCK as BLOCK_SIZE
 from .launch import (  # noqa: F401  (re-exported: benchmarks and tests reach them through this module)
     HAS_TRITON,
     SCALE_KIND,
@@ -35,8 +36,6 @@ from .launch import (  # noqa: F401  (re-exported: benchmarks and tests reach th
     tl,
     triton,
 )
-
-BLOCK_SIZE = 128
 
 # Element-count limit of one tile's int32 in-tile offsets (BLOCK_M * row stride).
 _INT32_MAX = 2**31 - 1

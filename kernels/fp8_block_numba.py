@@ -26,6 +26,8 @@ from typing import Callable
 
 import numpy as np
 
+from .fp8_numpy import BLOCK
+
 try:
     from numba import njit
 
@@ -33,7 +35,6 @@ try:
 except Exception:  # not installed, or broken against this numpy: the torch kernel stands in
     HAS_NUMBA = False
 
-BLOCK = 128
 # Output kinds of the kernel (torch dtype names): the output is passed as unsigned integers of its width.
 KINDS = {"bfloat16": 0, "float16": 1, "float32": 2}
 

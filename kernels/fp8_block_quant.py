@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from .fp8_numpy import BLOCK as BLOCK_SIZE
+from .fp8_numpy import E4M3_MAX
 from .launch import (  # Triton is optional: the reference works without it
     E8M0,
     HAS_TRITON,
@@ -41,8 +43,6 @@ from .launch import (  # Triton is optional: the reference works without it
     triton,
 )
 
-BLOCK_SIZE = 128
-E4M3_MAX = 448.0
 SCALE_FMTS = ("float", "ue8m0")
 SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _F16_TINY = 2.0**-14

@@ -21,8 +21,9 @@ import threading
 
 import numpy as np
 
-BLOCK = 128
+BLOCK = 128  # rows and columns of a scale block (the one definition the kernels import)
 E4M3_MAX = 448.0
+E8M0_NAN = 255  # the E8M0 byte that is NaN (every other byte b is 2^(b - 127))
 U32 = np.uint32
 STEP_ELEMS = 1 << 18  # elements per step: the step's temporaries stay in a core's cache
 # (positive, negative) default quiet NaN of each output dtype, as bits
@@ -68,7 +69,7 @@ def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float8_e8m0fnu":  # 2^(b - 127); 0: 2^-127 (a float32 subnormal); 255: NaN
         b = raw.astype(U32)
         bits = np.where(b == 0, U32(0x00400000), b << U32(23))
-        return np.where(b == 255, U32(0x7FC00000), bits).view(np.float32)
+        return np.where(b == E8M0_NAN, U32(0x7FC00000), bits).view(np.float32)
     raise ValueError(f"no float32 view of dtype {dtype!r}")
 
 

@@ -16,11 +16,9 @@ import functools
 
 import numpy as np
 
-from .fp8_numpy import OUT_BITS, e4m3_codes, round_into, to_float32
+from .fp8_numpy import BLOCK, E8M0_NAN, OUT_BITS, e4m3_codes, round_into, to_float32
 
-GROUP = 32  # values per scale
-BLOCK = 128
-E8M0_NAN = 255
+GROUP = 32  # values per E8M0 scale (the one definition the MXFP4 kernels import)
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 E4M3_SHIFT = 6  # 6 * 2^6 = 384 <= 448
 MIN_OFFSET = -8  # e2m1 * 2^-8 still on e4m3's grid (steps of 2^-9)
@@ -47,10 +45,15 @@ def pair_table(dtype: str) -> np.ndarray:
     return bits.reshape(-1).view(_PAIR[bits.itemsize])
 
 
+def nan_scale_error(row: int, group: int) -> ValueError:
+    """The refusal of a NaN E8M0 scale (byte 255) at [row, group], in words every MXFP4 kernel shares."""
+    return ValueError(f"scale[{row}, {group}] is the E8M0 NaN code {E8M0_NAN}; the scale is damaged")
+
+
 def _refuse_nan(scale: np.ndarray) -> None:
     bad = np.argwhere(scale == E8M0_NAN)
     if bad.size:
-        raise ValueError(f"scale[{bad[0, 0]}, {bad[0, 1]}] is the E8M0 NaN code 255; the scale is damaged")
+        raise nan_scale_error(int(bad[0, 0]), int(bad[0, 1]))
 
 
 def dequant_rows(packed: np.ndarray, scale: np.ndarray, out: np.ndarray, dtype: str, start: int, stop: int) -> None:

@@ -25,13 +25,11 @@ from .launch import (  # Triton is optional: the reference works without it
     tl,
     triton,
 )
-from .mxfp4_cpu import E2M1_VALUES  # the one table of E2M1 values (numpy only)
+from .mxfp4_cpu import E2M1_VALUES, E8M0_NAN, GROUP, nan_scale_error  # numpy only
 
 if HAS_TRITON:
     from .fp8_block_dequant import _e8m0_bits_to_f32
 
-GROUP = 32  # values per scale
-E8M0_NAN = 255
 _PACKED_DTYPES = (torch.int8, torch.uint8)
 
 
@@ -79,7 +77,7 @@ def nan_scale(scale: torch.Tensor) -> tuple[int, int] | None:
 def refuse_nan_scale(scale: torch.Tensor) -> None:
     where = nan_scale(scale)
     if where is not None:
-        raise ValueError(f"scale[{where[0]}, {where[1]}] is the E8M0 NaN code 255; the scale is damaged")
+        raise nan_scale_error(*where)
 
 
 def reference_dequant_mxfp4(

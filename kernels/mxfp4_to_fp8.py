@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .mxfp4_dequant import E2M1_VALUES, GROUP, check_args, refuse_nan_scale
+from .mxfp4_cpu import BLOCK, E2M1_VALUES, E4M3_SHIFT, GROUP, MIN_OFFSET
+from .mxfp4_dequant import check_args, refuse_nan_scale
 
-BLOCK = 128
-E4M3_SHIFT = 6  # 6 * 2^6 = 384 <= 448
-MIN_OFFSET = -8  # e2m1 * 2^-8 still on e4m3's grid (steps of 2^-9)
 SCALE_DTYPES = (torch.float8_e8m0fnu, torch.float32)
 
 
