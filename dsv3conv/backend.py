@@ -65,6 +65,11 @@ class OutputArena:
         self._buf: np.ndarray | None = None
         self._pos = 0
 
+    @property
+    def memory(self) -> np.ndarray | None:
+        """The arena's memory (None until first used)."""
+        return self._buf
+
     def take(self, nbytes: int, align: int = 1) -> np.ndarray:
         """`nbytes` of the arena (uint8), starting at a multiple of `align` (the element size)."""
         if self._buf is None and nbytes <= self.capacity:

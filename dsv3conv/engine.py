@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import weakref
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -107,19 +108,24 @@ class _Pool:
     first, so a run that needs few in flight touches few."""
 
     def __init__(self, make: Callable[[], object], count: int, keep: Callable[[object], bool] | None = None):
-        self._make, self._left, self._keep = make, count, keep  # keep(item) False: dropped when returned
+        self._make, self._left, self._keep = make, count, keep  # keep(item) False: dropped, made anew
         self._free: list = []
         self._cond = threading.Condition()
 
     def get(self, check: Callable[[], None]):
         """A free buffer; `check()` is called while waiting (it raises to stop the wait)."""
         with self._cond:
-            while not self._free and not self._left:
+            while True:
+                while self._free:
+                    item = self._free.pop()
+                    if self._keep is None or self._keep(item):
+                        return item
+                    self._left += 1  # given way: made anew below
+                if self._left:
+                    self._left -= 1
+                    break
                 check()
                 self._cond.wait(0.05)
-            if self._free:
-                return self._free.pop()
-            self._left -= 1
         return self._make()
 
     def put(self, item) -> None:
@@ -147,11 +153,11 @@ class _Run:
         buf_bytes = max([chunk_bytes] + [s.span_len for s in self.specs])
         out_bytes = max([0] + [s.out_bytes for s in self.specs])
         count, arenas = pool_counts(self.n_readers + depth, self.n_writers + depth, buf_bytes, out_bytes)
-        # Buffers and arenas made while the backend starts are plain memory: dropped as they come back once it
-        # is there, if it makes its own (pinned for a GPU)
-        self.interim: set[int] = set()
-        self.pool = _Pool(lambda: _buffer(buf_bytes, count, self._make), count, self._keep)  # read buffers
-        self.arenas = _Pool(lambda: self._interim(OutputArena(out_bytes, self._make)), arenas, self._keep)
+        # Memory made while the backend starts is plain: once it is there, if it makes its own (pinned for a
+        # GPU), each such read buffer or arena gives way to the backend's the next time it passes its pool
+        self.interim: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> such memory, while alive
+        self.pool = _Pool(lambda: _buffer(buf_bytes, count, self._make), count, self._current)  # read buffers
+        self.arenas = _Pool(lambda: OutputArena(out_bytes, self._make), arenas, lambda a: self._current(a.memory))
         self.ready: queue.Queue = queue.Queue()  # (batch, its buffer, its items: None when skipped), read
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
@@ -160,23 +166,25 @@ class _Run:
         self.scales = _ScaleCache(plan.source)
 
     def _make(self, nbytes: int):
-        """Memory of the backend's kind (`host_buffer`), plain memory while it starts or without one."""
-        if self.backend is not None:
-            return self.backend.host_buffer(nbytes)
-        return self._interim(host_buffer(nbytes))
+        """Memory of the backend's kind (`host_buffer`); plain memory, noted as made meanwhile, while it starts.
+        One look at `self.backend` decides both: it may arrive at any moment."""
+        backend = self.backend
+        if backend is not None:
+            return backend.host_buffer(nbytes)
+        buf = host_buffer(nbytes)
+        self.interim[id(buf)] = buf
+        return buf
 
-    def _interim(self, item):
-        """`item` (a buffer or an arena), noted as made while the backend starts."""
-        if self.backend is None and self.starting is not None:
-            self.interim.add(id(item))
-        return item
-
-    def _keep(self, buf) -> bool:
-        """False for a buffer made while the backend started, once it is there and makes its own memory."""
-        if id(buf) in self.interim and self.backend is not None and self.backend.host_buffer is not host_buffer:
-            self.interim.discard(id(buf))
-            return False
-        return True
+    def _current(self, buf) -> bool:
+        """False for memory made while the backend started, once it is there and makes its own memory: the
+        pool drops it (it gives way). Decided once per buffer, then forgotten."""
+        if buf is None or self.interim.get(id(buf)) is not buf:
+            return True
+        backend = self.backend
+        if backend is None:
+            return True
+        self.interim.pop(id(buf), None)
+        return backend.host_buffer is host_buffer
 
     def run(self) -> None:
         readers = [threading.Thread(target=self._reader, name=f"dsv3conv-reader-{i}", daemon=True)

@@ -31,8 +31,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from dsv3conv.backend import CpuBackend
 from dsv3conv.checkpoint import Checkpoint
+from dsv3conv.dequant import plan_dequant
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
+from dsv3conv.runner import execute
 from dsv3conv.synthetic import make_tiny
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,6 +56,19 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 # -------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def src_ref(tmp_path_factory):
+    """A checkpoint of several shards and its CPU conversion (the engine's tests)."""
+    root = tmp_path_factory.mktemp("engine")
+    make_tiny(root / "src", num_hidden_layers=5, n_shards=6)
+    backend = CpuBackend(1)
+    try:
+        execute(plan_dequant(Checkpoint.open(root / "src"), root / "ref"), backend)
+    finally:
+        backend.close()
+    return root / "src", root / "ref"
+
+
 @pytest.fixture(scope="session")
 def tiny_src(tmp_path_factory) -> Path:
     """A tiny FP8 checkpoint (F32 scales, MTP at layer 3, a scale in another shard). Read-only for tests."""

@@ -19,7 +19,6 @@ from dsv3conv.dequant import plan_dequant
 from dsv3conv.devices import io_threads
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.runner import execute
-from dsv3conv.synthetic import make_tiny
 
 
 class _Later:
@@ -76,19 +75,6 @@ class LateBackend:
 
     def close(self) -> None:
         self.cpu.close()
-
-
-@pytest.fixture(scope="module")
-def src_ref(tmp_path_factory):
-    """A checkpoint of several shards and its CPU conversion."""
-    root = tmp_path_factory.mktemp("engine")
-    make_tiny(root / "src", num_hidden_layers=5, n_shards=6)
-    backend = CpuBackend(1)
-    try:
-        execute(plan_dequant(Checkpoint.open(root / "src"), root / "ref"), backend)
-    finally:
-        backend.close()
-    return root / "src", root / "ref"
 
 
 def _same_files(out, ref) -> None:
