@@ -6,8 +6,11 @@ torch is imported only where a GPU may be used (`dsv3conv.gpu`): `cpu`, and `aut
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from dsv3conv.backend import CpuBackend, Spread
 from dsv3conv.devices import cpu_threads, cuda_possible, parse_devices
+from dsv3conv.errors import Dsv3Error, UsageError
 
 
 def on_cpu(name: str) -> bool:
@@ -20,18 +23,34 @@ def resolve_devices(device: str) -> list[str]:
     names = parse_devices(device)
     if all(on_cpu(n) for n in names):
         return ["cpu"] * len(names)
-    from dsv3conv.gpu import check_device, device_list  # torch: only where a GPU may be used
+    with gpu_start(device):
+        from dsv3conv.gpu import check_device, device_list  # torch: only where a GPU may be used
 
-    return [check_device(d) for d in device_list(device)]
+        return [check_device(d) for d in device_list(device)]
 
 
 def make_backend(device: str, threads: int | None = None):
     """The backend of one device (`auto`: a GPU when present); `threads`: the CPU backend's."""
     if on_cpu(device):
         return CpuBackend(threads)
-    from dsv3conv.gpu import make_backend as gpu_backend
+    with gpu_start(device):
+        from dsv3conv.gpu import make_backend as gpu_backend
 
-    return gpu_backend(device, threads)
+        return gpu_backend(device, threads)
+
+
+@contextmanager
+def gpu_start(device: str):
+    """torch, Triton or CUDA failing to start for `device` (an import, the driver, the device itself) said in
+    one line, exit 2 as for a GPU that is not there: the device cannot be used here. With --debug, the cause."""
+    try:
+        yield
+    except Dsv3Error:
+        raise
+    except Exception as exc:
+        cause = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"{{device}} {device}: CUDA cannot start here ({type(exc).__name__}: {cause}); "
+                         "fix the GPU setup or use {device} cpu", "device") from exc
 
 
 def make_backends(devices: list[str], threads: int | None):

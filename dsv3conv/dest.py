@@ -106,12 +106,16 @@ def prepare_dest(dest: Path, *, resume: bool, overwrite: bool, source: Path | No
         check_dest(source, dest)
     if not os.access(dest, os.W_OK | os.X_OK):
         raise Dsv3Error(f"{dest}: output directory is not writable; fix its permissions or choose another path")
-    ours = (FINALIZE_LOCK_NAME, PLAN_NAME)
-    entries = [p for p in dest.iterdir() if not p.name.startswith(LOCK_NAME) and p.name not in ours]
-    if entries and not (resume or overwrite):
+    if held_files(dest) and not (resume or overwrite):
         raise UsageError(
             f"{dest}: output directory is not empty; pass --resume to finish an earlier run or --overwrite to replace it"
         )
+
+
+def held_files(dest: Path) -> list[Path]:
+    """What DST holds besides this tool's lock and plan record: output (partial files included) or other files."""
+    ours = (FINALIZE_LOCK_NAME, PLAN_NAME)
+    return [p for p in dest.iterdir() if not p.name.startswith(LOCK_NAME) and p.name not in ours]
 
 
 class DestLock:

@@ -1,7 +1,8 @@
 """Where a run computes: `--device` names, CPU threads and I/O threads, checked without importing torch.
 
-A mistyped device or thread count is refused at once; whether a CUDA device exists is asked of torch later,
-by `dsv3conv.gpu.check_device`, once every other check has passed, and only where a GPU may exist
+A mistyped device or thread count is refused at once, and so is a GPU index beyond the GPUs the driver lists
+(`check_gpu_index`); whether a CUDA device exists and starts is asked of torch later, by
+`dsv3conv.gpu.check_device`, once every other check has passed, and only where a GPU may exist
 (`cuda_possible`): the CPU path never imports torch.
 """
 
@@ -11,6 +12,7 @@ import importlib.util
 import os
 import re
 import sys
+from pathlib import Path
 
 from dsv3conv.errors import UsageError
 
@@ -20,6 +22,7 @@ THREADS_ENV = "DSV3CONV_CPU_THREADS"
 READERS_ENV, WRITERS_ENV = "DSV3CONV_READERS", "DSV3CONV_WRITERS"  # measurement knobs (docs/environment.md)
 KERNEL_ENV = "DSV3CONV_CPU_KERNEL"
 CPU_KERNELS = ("auto", "numba", "numpy", "torch")  # `kernels.fp8_block_host.KERNELS`
+NVIDIA_PROC = Path("/proc/driver/nvidia")  # Linux's NVIDIA driver: `gpus/<PCI address>/` for each GPU
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -43,6 +46,51 @@ def cuda_possible() -> bool:
     if sys.platform.startswith("linux"):
         return any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg"))
     return True
+
+
+def visible_gpus() -> int | None:
+    """At most how many CUDA devices this process can see, told without torch or CUDA; None where that
+    cannot be told cheaply and surely (then torch is asked, as the backend starts).
+
+    Read from the NVIDIA driver's /proc entries (one directory per GPU) and CUDA_VISIBLE_DEVICES (CUDA sees
+    no more devices than it lists, up to the first invalid index): a directory listing, no library loaded.
+    Not NVML through ctypes: it counts the same physical GPUs, for a library load and an init more; not the
+    driver's cuInit and cuDeviceGetCount: that start is the slow part the backend's thread runs beside the
+    copies. None without those entries (WSL, other systems) and where MIG instances exist (one GPU may then
+    be several CUDA devices, or none)."""
+    try:
+        gpus = len(os.listdir(NVIDIA_PROC / "gpus"))
+        if any((NVIDIA_PROC / "capabilities").glob("gpu*/mig/gi*")):
+            return None
+    except OSError:
+        return None
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return gpus
+    count = 0
+    for entry in (e.strip() for e in listed.split(",")):
+        if entry.lstrip("-").isdigit() and not 0 <= int(entry) < gpus:
+            break  # an invalid index: CUDA reads no further
+        count += bool(entry)
+    return min(count, gpus)
+
+
+def check_gpu_index(names: list[str]) -> None:
+    """Refuse a `cuda` or `cuda:N` beyond the GPUs `visible_gpus` counts, before any work and without torch."""
+    wanted = [n for n in names if n == "cuda" or (n.startswith("cuda:") and n[5:].isdigit())]
+    count = visible_gpus() if wanted else None
+    for name in wanted if count is not None else ():
+        if int(name[5:] or 0) >= count:
+            raise gpu_missing(name, count)
+
+
+def gpu_missing(device: str, count: int) -> UsageError:
+    """The refusal of `device` where `count` CUDA devices are visible (none: use the CPU)."""
+    if not count:
+        return UsageError(f"{{device}} {device}: no CUDA GPU is visible; use {{device}} cpu", "device")
+    visible = "1 CUDA device is visible (cuda:0)" if count == 1 else \
+        f"{count} CUDA devices are visible (cuda:0 to cuda:{count - 1})"
+    return UsageError(f"{{device}} {device}: only {visible}", "device")
 
 
 def cpu_threads() -> int:

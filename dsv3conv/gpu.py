@@ -26,7 +26,7 @@ from dsv3conv.backend import (
     e8m0_bits,
     quant_outputs,
 )
-from dsv3conv.devices import parse_devices
+from dsv3conv.devices import gpu_missing, parse_devices
 from dsv3conv.dtypes import TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.kernels.fp8_block_dequant import HAS_TRITON
@@ -210,7 +210,7 @@ def device_list(device: str) -> list[str]:
     names = parse_devices(device)
     if names == ["cuda:all"]:
         if not torch.cuda.is_available():
-            raise UsageError("{device} cuda:all: no CUDA GPU is visible to torch; use {device} cpu", "device")
+            raise gpu_missing("cuda:all", 0)
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     return names
 
@@ -223,7 +223,7 @@ def check_device(device: str) -> str:
         return device
     if device == "cuda" or device.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise UsageError(f"{{device}} {device}: no CUDA GPU is visible to torch; use {{device}} cpu", "device")
+            raise gpu_missing(device, 0)
         if not HAS_TRITON:
             raise UsageError(f"{{device}} {device}: the GPU path needs triton, which is not installed; "
                              "pip install 'dsv3conv[gpu]', or use {device} cpu", "device")
@@ -232,7 +232,7 @@ def check_device(device: str) -> str:
         except RuntimeError as exc:
             raise UsageError(f"{{device}} {device!r}: choose auto, cpu, cuda, cuda:N, cuda:all or a list", "device") from exc
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"{{device}} {device}: only {torch.cuda.device_count()} CUDA devices are visible", "device")
+            raise gpu_missing(device, torch.cuda.device_count())
         return device
     raise UsageError(f"{{device}} {device!r}: choose auto, cpu, cuda, cuda:N, cuda:all or a list (cuda:0,cuda:1)",
                      "device")

@@ -25,12 +25,20 @@ from dsv3conv.dest import (
     DestLock,
     check_claim,
     claim_dest,
+    held_files,
     is_complete,
     prepare_dest,
     release_dest,
     remove_partials,
 )
-from dsv3conv.devices import cpu_kernel, cpu_threads, cuda_possible, io_threads, parse_devices
+from dsv3conv.devices import (
+    check_gpu_index,
+    cpu_kernel,
+    cpu_threads,
+    cuda_possible,
+    io_threads,
+    parse_devices,
+)
 from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
 from dsv3conv.ops import Copy
 from dsv3conv.plan import BUFFER_RANGE, MIN_BUFFER_BYTES, Plan, assign_parts, parse_part, parse_size
@@ -71,8 +79,9 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
     """Run (or, `dry_run`, describe) a plan; return the summary `--json` prints.
 
     Refused before any work and before torch is imported, and the same in a dry run: bad options or device
-    names, a DST that is not absent or empty (unless `resume`/`overwrite`), and, unless `space_check` is
-    False, a DST without room for the bytes this run writes.
+    names (a GPU index beyond those the driver lists included: `devices.check_gpu_index`), a DST that is not
+    absent or empty (unless `resume`/`overwrite`), and, unless `space_check` is False, a DST without room for
+    the bytes this run writes.
     `started`: `time.perf_counter()` when the command began (default: now); `seconds` in the summary is the
     wall time from then to the end, `startup_seconds` the part of it before the engine starts.
     """
@@ -98,6 +107,7 @@ def run_plan(plan: Plan, *, device: str = "auto", resume: bool = False, overwrit
         raise UsageError(f"{{device}} {device}: several devices run as parts of one job; "
                          "not with {part} (one device per job) or {overwrite} (empty DST first)",
                          "device", "part", "overwrite")
+    check_gpu_index(names)  # a GPU the driver does not list: torch is asked only once the run has begun
     threads = cpu_threads() if any(n in ("auto", "cpu") for n in names) else None
     io_threads()  # a bad DSV3CONV_READERS or DSV3CONV_WRITERS is refused here, before any work
     if threads:
@@ -184,11 +194,18 @@ def _start_backend(device: str, threads: int | None) -> Future:
 
 def _execute_one(plan: Plan, backend, devices: list[str], **options) -> tuple[Stats, list[str]]:
     """`execute` on one backend (or none), given or starting (a Future); the stats and the devices used. A
-    start that failed fails the run, even one that needed no conversion (as a missing GPU does)."""
+    start that failed fails the run, even one that needed no conversion (as a missing GPU does), its error
+    saying what DST keeps."""
     try:
         stats = execute(plan, backend, **options)
         if isinstance(backend, Future):
             devices = [backend.result().name]
+    except Dsv3Error as exc:
+        started = isinstance(backend, Future) and backend.done() and backend.exception() is exc
+        said = _kept(exc, plan) if started else exc  # the start's error: with what DST keeps
+        if said is exc:
+            raise
+        raise said from exc
     finally:
         if isinstance(backend, Future):
             if getattr(backend, "stand_in", None) is not None:
@@ -198,6 +215,19 @@ def _execute_one(plan: Plan, backend, devices: list[str], **options) -> tuple[St
         if backend is not None:
             backend.close()
     return stats, devices
+
+
+def _kept(exc: Dsv3Error, plan: Plan) -> Dsv3Error:
+    """The backend's failed start, said with what DST holds: the files written while it started are complete
+    (the run removed its partial ones), and a rerun with --resume keeps them."""
+    kept = len(held_files(plan.dest)) if plan.dest.is_dir() else 0
+    if not kept:
+        return exc
+    files = "1 file" if kept == 1 else f"{kept} files"
+    err = type(exc)(f"{exc.message}; {plan.dest} keeps the {files} written so far: rerun with {{resume}} to finish it",
+                    *exc.params, "resume")
+    err.exit_code = exc.exit_code
+    return err
 
 
 def execute(

@@ -455,7 +455,7 @@ def test_one_gpu_starts_in_a_thread_while_the_run_goes_on(tmp_path, src_ref, mon
     """Where a GPU may exist, a run on one device hands the engine the backend's start (a Future made in its
     own thread) and reports the device it got; a start that fails is the run's error; DSV3CONV_STAND_IN=1
     puts a CPU backend on the Future. Here the start makes a test backend."""
-    from dsv3conv import compute, runner
+    from dsv3conv import compute, devices, runner
 
     src, ref = src_ref
     if stand_in:
@@ -475,6 +475,7 @@ def test_one_gpu_starts_in_a_thread_while_the_run_goes_on(tmp_path, src_ref, mon
         init(self, plan, backend, *args, **kwargs)
 
     monkeypatch.setattr(runner, "cuda_possible", lambda: True)
+    monkeypatch.setattr(devices, "NVIDIA_PROC", tmp_path / "no-driver-entries")  # the GPU count left to the start
     monkeypatch.setattr(compute, "resolve_devices", resolve)
     monkeypatch.setattr(compute, "make_backends", lambda devices, threads: LateBackend(devices[0]))
     monkeypatch.setattr(engine._Run, "__init__", spy)
