@@ -97,6 +97,7 @@ def prepare_dest(dest: Path, *, resume: bool, overwrite: bool, source: Path | No
     if dest.exists() and not dest.is_dir():
         raise UsageError(f"{dest}: exists and is not a directory; choose another output path")
     if not create and not dest.exists():
+        _require_creatable(dest)
         return
     try:
         dest.mkdir(parents=True, exist_ok=True)
@@ -116,6 +117,22 @@ def held_files(dest: Path) -> list[Path]:
     """What DST holds besides this tool's lock and plan record: output (partial files included) or other files."""
     ours = (FINALIZE_LOCK_NAME, PLAN_NAME)
     return [p for p in dest.iterdir() if not p.name.startswith(LOCK_NAME) and p.name not in ours]
+
+
+def _require_creatable(dest: Path) -> None:
+    """A DST not made yet: the run would create it under its nearest existing ancestor, which must be a
+    directory this process can write (refused now, as the run would refuse it later)."""
+    parent = dest.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        reason = f"{parent} is not a directory"
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        read_only = os.statvfs(parent).f_flag & os.ST_RDONLY
+        reason = f"{parent} is on a read-only file system" if read_only else f"{parent} is not writable"
+    else:
+        return
+    raise Dsv3Error(f"{dest}: cannot create the output directory ({reason}); choose a writable path")
 
 
 class DestLock:

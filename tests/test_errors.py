@@ -461,6 +461,19 @@ def test_dst_not_empty_or_not_a_directory(tiny_src, tmp_path):
     assert "output" in line
 
 
+def test_dst_that_cannot_be_created_is_refused_before_any_work(tiny_src, tmp_path):
+    """A DST under a file (or a read-only directory) is refused as the run would refuse it: by --dry-run too,
+    and by split-mtp before its first output is written."""
+    (tmp_path / "afile").write_text("x")
+    blocked = tmp_path / "afile" / "sub" / "out"
+    assert_one_line_error(cli("dequant", tiny_src, blocked, "--dry-run"), 1, str(blocked),
+                          "cannot create the output directory", "afile is not a directory")
+    main = tmp_path / "main"
+    assert_one_line_error(cli("split-mtp", tiny_src, "--main-out", main, "--mtp-out", blocked, "--quiet"), 1,
+                          "cannot create the output directory")
+    assert not main.exists()
+
+
 def test_dst_on_read_only_filesystem(tiny_src, tmp_path):
     dst = tmp_path / "ro"
     dst.mkdir()
