@@ -16,6 +16,7 @@ from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.layout import mtp_layer_ids
 from dsv3conv.ops import QuantScale
 from dsv3conv.plan import parse_part, parse_size
+from dsv3conv.preflight import check_space_together, space_needed
 from dsv3conv.quant import plan_quant
 from dsv3conv.runner import buffer_bytes, run_plan
 from dsv3conv.split_mtp import check_layout, plan_split_main, plan_split_mtp
@@ -120,6 +121,9 @@ def split_mtp(
     for plan in plans.values():  # refuse a non-empty second output before writing the first (a dry run too)
         prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=ckpt.root,
                      create=False)
+    if space_check and part is None:  # each output's own check comes in run_plan; here both on one filesystem
+        check_space_together([(p.dest, space_needed(p, p.files, resume=resume, overwrite=overwrite))
+                              for p in plans.values()])
 
     n_main = int(ckpt.config["num_hidden_layers"])
     mtp_ids = sorted(mtp_layer_ids(ckpt.config))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dsv3conv.errors import Dsv3Error, UsageError
-from dsv3conv.writer import PARTIAL_SUFFIX, partial_path
+from dsv3conv.writer import PARTIAL_SUFFIX, nearest_existing, partial_path
 
 LOCK_NAME = ".dsv3conv.lock"
 FINALIZE_LOCK_NAME = ".dsv3conv.finalize.lock"
@@ -122,9 +122,7 @@ def held_files(dest: Path) -> list[Path]:
 def _require_creatable(dest: Path) -> None:
     """A DST not made yet: the run would create it under its nearest existing ancestor, which must be a
     directory this process can write (refused now, as the run would refuse it later)."""
-    parent = dest.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = nearest_existing(dest.absolute().parent)
     if not parent.is_dir():
         reason = f"{parent} is not a directory"
     elif not os.access(parent, os.W_OK | os.X_OK):

@@ -24,6 +24,14 @@ MAP_MIN_BYTES = 1 << 20  # smaller writes go through write(): a mapping costs mo
 NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM, errno.ETXTBSY)
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (where a run would create it)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def partial_path(final: Path) -> Path:
     """`.NAME.dsv3conv-partial`; for a name too long to take the suffix (a file name has at most 255 bytes)
     `.HASH.dsv3conv-partial`, derived from the name: a later run finds and removes it all the same."""

@@ -131,6 +131,27 @@ def test_free_space_is_checked_before_writing(tiny_src, tmp_path, monkeypatch):
     assert dequantize(tiny_src, tmp_path / "out", dry_run=True, resume=True)["bytes_needed"] < plan["bytes_out"]
 
 
+def test_split_mtp_checks_the_space_of_both_outputs_together(tiny_src, tmp_path, monkeypatch):
+    """Each output fits alone, not both on one filesystem: refused before the first is written, dry run too."""
+    import shutil
+
+    from dsv3conv.api import split_mtp
+    from dsv3conv.errors import Dsv3Error
+
+    main, mtp = tmp_path / "main", tmp_path / "mtp"
+    plan = split_mtp(tiny_src, main_out=main, mtp_out=mtp, dry_run=True)
+    needed = plan["main"]["bytes_needed"] + plan["mtp"]["bytes_needed"]
+    real = shutil.disk_usage
+    monkeypatch.setattr("dsv3conv.preflight.shutil.disk_usage", lambda p: real(p)._replace(free=needed - 1))
+    for dry_run in (True, False):
+        with pytest.raises(Dsv3Error, match=f"need .*{needed:,} bytes.* together"):
+            split_mtp(tiny_src, main_out=main, mtp_out=mtp, dry_run=dry_run)
+        assert not main.exists() and not mtp.exists()
+    split_mtp(tiny_src, main_out=main, dry_run=True)  # one output alone fits
+    result = split_mtp(tiny_src, main_out=main, mtp_out=mtp, space_check=False)
+    assert result["main"]["finalized"] and result["mtp"]["finalized"]
+
+
 def test_dequant_of_a_checkpoint_without_fp8_refuses_unless_asked_to_copy(tmp_path):
     cli("example", "bf16", tmp_path / "bf16", check=0)
     proc = cli("dequant", tmp_path / "bf16", tmp_path / "out", check=1)
