@@ -424,8 +424,9 @@ def verify_combine(
 # -------------------------------------------------------------------------------------------- example
 @app.command(short_help="Write an example checkpoint (tiny FP8 or BF16, real shapes, a replica) to try commands on.")
 def example(
-    kind: Annotated[str, typer.Argument(metavar="KIND", help="fp8, bf16, real-shapes, replica, v4-replica, or a "
-                                        "sibling release: r1, v3-0324, v3.1, v3.1-e8m0, v3.2, kimi-k2, mtp78, qwen3.",
+    kind: Annotated[str, typer.Argument(metavar="KIND", help="fp8, bf16, real-shapes, replica, v4-replica, "
+                                        "v4-flash, v4-flash-base, v4-0731, compressed-tensors, or a sibling "
+                                        "release: r1, v3-0324, v3.1, v3.1-e8m0, v3.2, kimi-k2, mtp78, qwen3.",
                                         show_default=False)],
     dst: Annotated[Path, typer.Argument(metavar="DIR", help="Where to write it (absent or empty).",
                                         show_default=False)],
@@ -436,7 +437,9 @@ def example(
     bf16: that checkpoint dequantized (the input `quant` takes). real-shapes: DeepSeek-V3's true tensor shapes,
     2 layers of 8 experts (about 1.6 GB). replica: every header of the full DeepSeek-V3 release in 163 sparse
     shards (688 GB apparent size, no data: for inspect and --dry-run). v4-replica: the same of DeepSeek-V4-Flash
-    (46 shards, 160 GB apparent). r1 ... qwen3: tiny FP8 checkpoints laid out as those releases.
+    (46 shards, 160 GB apparent). v4-flash, v4-flash-base, v4-0731: tiny DeepSeek-V4 checkpoints (packed-FP4
+    experts, block-FP8 experts, a DSpark drafter). compressed-tensors: a tiny llm-compressor FP8_BLOCK one.
+    r1 ... qwen3: tiny FP8 checkpoints laid out as those releases.
 
     Example: dsv3conv example fp8 tiny-fp8 && dsv3conv inspect tiny-fp8
     """

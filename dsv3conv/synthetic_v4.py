@@ -206,8 +206,14 @@ def make_v4_replica(root: str | os.PathLike) -> Path:
     return root
 
 
-V4_EXAMPLES = {"v4-replica": "a header-exact replica of the DeepSeek-V4-Flash release: 46 sparse shards (160 GB "
-                             "apparent, no data; for --dry-run and inspect)"}
+V4_EXAMPLES = {
+    "v4-replica": "a header-exact replica of the DeepSeek-V4-Flash release: 46 sparse shards (160 GB apparent, no "
+                  "data; for --dry-run and inspect)",
+    "v4-flash": "a tiny DeepSeek-V4-Flash: FP8 with E8M0 scales, packed-FP4 (MXFP4) routed experts, MTP at mtp.0",
+    "v4-flash-base": "a tiny DeepSeek-V4-Flash-Base: block-FP8 routed experts",
+    "v4-0731": "a tiny DeepSeek-V4-0731: MXFP4 experts and a DSpark drafter under mtp.*",
+    "compressed-tensors": "a tiny llm-compressor FP8_BLOCK checkpoint (DeepSeek-V3 layout, .weight_scale, an ignore list)",
+}
 ALL_EXAMPLES = {**EXAMPLES, **V4_EXAMPLES}
 
 
@@ -215,4 +221,10 @@ def make_any_example(kind: str, root: str | os.PathLike) -> Path:
     """Write the example checkpoint `kind` (a key of `ALL_EXAMPLES`) into `root`."""
     if kind == "v4-replica":
         return make_v4_replica(root)
+    if kind.startswith("v4-"):
+        make_v4(root, kind.removeprefix("v4-"))
+        return Path(root)
+    if kind == "compressed-tensors":
+        make_compressed_tensors(root)
+        return Path(root)
     return make_example(kind, root)

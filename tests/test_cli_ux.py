@@ -80,6 +80,19 @@ def test_example_checkpoints_from_the_cli(tmp_path):
     assert "choose one of fp8, bf16" in proc.stderr and not (tmp_path / "x").exists(), proc.stderr
 
 
+@pytest.mark.parametrize("kind,fmt", [("v4-flash", "mxfp4"), ("v4-flash-base", "fp8_block (scale,"),
+                                      ("v4-0731", "mxfp4"), ("compressed-tensors", "fp8_block (weight_scale,")])
+def test_v4_and_compressed_tensors_examples_from_the_cli(tmp_path, kind, fmt):
+    """The tiny DeepSeek-V4 and compressed-tensors checkpoints the docs suggest trying, from `example`."""
+    import json
+
+    cli("example", kind, tmp_path / kind, check=0)
+    report = json.loads(cli("inspect", tmp_path / kind, "--json", check=0).stdout)
+    assert report["problems"] == [] and any(g.startswith(fmt) for g in report["formats"]), report["formats"]
+    if kind == "v4-0731":
+        assert report["layout"]["mtp_kind"] == "dspark", report["layout"]
+
+
 def test_without_triton_the_cpu_path_runs_and_the_gpu_path_says_what_to_install(tiny_src, tmp_path):
     """triton is the optional `gpu` extra: a CPU-only install converts; asking for CUDA names the extra."""
     import subprocess
