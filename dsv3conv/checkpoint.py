@@ -87,6 +87,7 @@ class Checkpoint:
         self.shards: dict[str, ShardInfo] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self.problems: list[Problem] = []
+        self.unread: dict[str, str] = {}  # tensor -> file, for the index's tensors in shards that could not be read
 
     # ----------------------------------------------------------------------------------------- opening
     @classmethod
@@ -180,7 +181,8 @@ class Checkpoint:
         weight_map = self.index["weight_map"]
         for tensor, file in weight_map.items():
             if file not in self.shards:
-                continue  # the missing or damaged file is already reported
+                self.unread[tensor] = file  # the missing or damaged file is already reported
+                continue
             if tensor not in self.tensors:
                 self._problem("index-phantom", tensor,
                               f"tensor `{tensor}` is listed in the index under {file} but absent from every shard")

@@ -45,7 +45,7 @@ def formats_of(ckpt: Checkpoint) -> Formats:
     """`formats.classify` of an opened checkpoint's tensors, once per checkpoint (verify asks several times)."""
     formats = _FORMATS.get(ckpt)
     if formats is None:
-        formats = _FORMATS[ckpt] = classify(ckpt.tensors)
+        formats = _FORMATS[ckpt] = classify(ckpt.tensors, unread=ckpt.unread)
     return formats
 
 
@@ -148,6 +148,11 @@ def total_size_problems(ckpt: Checkpoint) -> list[Problem]:
     """The index's metadata.total_size is the sum of the tensors' bytes."""
     if ckpt.index is None:
         return []
+    if ckpt.unread:
+        files = sorted(set(ckpt.unread.values()))
+        return [Problem("total-size", INDEX_NAME, f"{INDEX_NAME} metadata.total_size not checked: {files[0]}"
+                        + (f" and {len(files) - 1} more shards" if len(files) > 1 else "") + " could not be read",
+                        "see the files and headers checks")]
     total, actual = (ckpt.index.get("metadata") or {}).get("total_size"), ckpt.tensor_bytes()
     if total is None:
         return [Problem("total-size", INDEX_NAME, f"{INDEX_NAME} has no metadata.total_size; the tensors hold "

@@ -20,7 +20,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Mapping, NamedTuple, Protocol
+from typing import Collection, Mapping, NamedTuple, Protocol
 
 from dsv3conv.config import BLOCK
 
@@ -87,6 +87,14 @@ def scale_names(weight: str) -> dict[str, str]:
     return {"scale_inv": weight + "_scale_inv", "scale": base + ".scale", "weight_scale": base + ".weight_scale"}
 
 
+def _weight_of(scale: str) -> str:
+    """The weight a scale tensor belongs to, by name (the inverse of `scale_names`)."""
+    for suffix, weight in (("_scale_inv", ""), (".weight_scale", ".weight"), (".scale", ".weight")):
+        if scale.endswith(suffix):
+            return scale[: -len(suffix)] + weight
+    return scale
+
+
 def block_scale_shape(shape: tuple[int, ...], block: int = BLOCK) -> tuple[int, int]:
     rows, cols = shape
     return (-(-rows // block), -(-cols // block))
@@ -97,8 +105,11 @@ def mx_scale_shape(packed_shape: tuple[int, ...]) -> tuple[int, int]:
     return (rows, -(-2 * pcols // MX_GROUP))
 
 
-def classify(tensors: Mapping[str, _Info], config: Mapping | None = None) -> Formats:
+def classify(tensors: Mapping[str, _Info], config: Mapping | None = None, unread: Collection[str] = ()) -> Formats:
     """Classify every tensor from its header entry; check the config against what the headers say.
+
+    `unread`: the tensors the index places in shards that could not be read (reported as such): a weight whose
+    scale, or a scale whose weight, is among them is not reported as missing it.
 
     Problems come in this order: missing scales, bad FP8 scales, orphan scales, one-byte weights that are
     not packed FP4, then the config's disagreements.
@@ -108,10 +119,13 @@ def classify(tensors: Mapping[str, _Info], config: Mapping | None = None) -> For
     bad_packed: list[str] = []
     claimed: dict[str, str] = {}  # scale -> weight
     missing = out.unscaled
+    unread = set(unread)
     for name, info in tensors.items():
         if info.dtype == FP8:
             fmt = _classify_fp8(name, info, tensors, bad_fp8, missing)
         elif info.dtype in PACKED_DTYPES and name.endswith(".weight"):
+            if scale_names(name)["scale"] in unread:
+                continue
             fmt = _classify_packed(name, info, tensors, bad_packed)
         else:
             continue
@@ -127,9 +141,12 @@ def classify(tensors: Mapping[str, _Info], config: Mapping | None = None) -> For
             if _looks_like_scale(name, info.dtype, tensors):
                 out.orphan_scales.append(name)
             out.tensors[name] = TensorFormat(name, "copy", info.dtype)
+    out.unscaled[:] = [name for name in missing if unread.isdisjoint(scale_names(name).values())]
+    out.orphan_scales[:] = [name for name in out.orphan_scales if _weight_of(name) not in unread]
     naming = _expected_naming(out, tensors, config)
     out.problems += [f"tensor `{name}` is F8_E4M3 but `{scale_names(name).get(naming, name + '_scale_inv')}` is "
-                     "missing from the index and from every shard; restore the missing shard or scale" for name in missing]
+                     "missing from the index and from every shard; restore the missing shard or scale"
+                     for name in out.unscaled]
     out.problems += bad_fp8
     out.problems += [f"tensor `{name}` is a scale without its F8_E4M3 weight (nor a packed FP4 one); "
                      "the checkpoint is incomplete" for name in out.orphan_scales]

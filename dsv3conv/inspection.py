@@ -15,7 +15,7 @@ def inspect_checkpoint(ckpt: Checkpoint) -> dict:
     """A JSON-ready report: config facts, layers, MTP, quantization, shards, dtypes, parameters, problems."""
     config = ckpt.config or {}
     problems = [p.text for p in ckpt.problems]
-    formats = classify(ckpt.tensors, config or None)  # with the config cross-check
+    formats = classify(ckpt.tensors, config or None, ckpt.unread)  # with the config cross-check
     problems += formats.problems
     layers = sorted({i for i in map(layer_id, ckpt.tensors) if i is not None})
     declared_mtp = mtp_layer_ids(config)

@@ -123,6 +123,24 @@ def _truncate(name: str, keep) -> callable:
     return damage
 
 
+@pytest.mark.parametrize("shard", range(1, 5))
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_an_unreadable_shard_is_the_one_problem_reported(src, shard, damage):
+    """The tensors of a shard that cannot be read are not reported again as scales without weights, weights
+    without scales or a wrong total_size (whose fix, "restore the index", would be wrong)."""
+    name = f"model-0000{shard}-of-000004.safetensors"
+    if damage == "missing":
+        (src / name).unlink()
+    else:
+        _truncate(name, lambda raw: len(raw) - 100)(src)
+    problems = json.loads(cli("inspect", src, "--json", check=1).stdout)["problems"]
+    assert len(problems) == 1 and name in problems[0], problems
+    checks = {c["name"]: c for c in json.loads(cli("verify", src, "--json", "-q", check=1).stdout)["checks"]}
+    failed = {n for n, c in checks.items() if not c["ok"]}
+    assert failed == {"files" if damage == "missing" else "headers", "total_size"}, checks
+    assert "not checked" in checks["total_size"]["detail"] and name in checks["total_size"]["detail"], checks
+
+
 def _length_field(value: int):
     def damage(root: Path) -> None:
         path = root / SHARD2
