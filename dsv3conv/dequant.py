@@ -8,7 +8,8 @@ scales is a `Copy`. The config cross-checks; a mismatch is refused naming the te
 `experts="fp8"` (`--experts fp8`): only the packed-FP4 experts convert, each to 128x128 block FP8 with a
 `.scale` (`RepackMxfp4Fp8`, exact or refused) of power-of-two values, stored F8_E8M0 as the release's other
 FP8 weights are (its quantization_config says `scale_fmt: ue8m0`) or, with `scale_dtype="float32"`, F32 (the
-same values); every other tensor, scales included, is copied byte for byte.
+same values); every other tensor, scales included, is copied byte for byte, the scales once found finite and
+positive (`Copy(scale=True)`, the rule for a scale that converts).
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def plan_dequant(
                 entries += _repacked(ckpt, f, FLOAT_DTYPES[scale_dtype])
             elif f.kind in ("fp8_block", "mxfp4") and not repack:
                 entries.append(_dequantized(ckpt, f, FLOAT_DTYPES[out_dtype], allow_nonfinite))
-            else:
-                entries.append(copied(info))
+            else:  # a scale copied with its weight: read and checked on the way
+                entries.append(copied(info, scale=f.kind == "scale"))
         groups.append((shard.name, entries))
     files = shard_files(groups, max_shard_size)
     drop = mtp == "drop"

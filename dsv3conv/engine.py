@@ -39,8 +39,7 @@ from dsv3conv.checkpoint import ShardReader, read_tensor
 from dsv3conv.devices import io_threads
 from dsv3conv.dtypes import TORCH_NAMES
 from dsv3conv.errors import Dsv3Error
-from dsv3conv.finite import check_piece
-from dsv3conv.kernels.fp8_numpy import to_float32
+from dsv3conv.finite import check_copy, check_piece, scale_values
 from dsv3conv.plan import FilePlan, Plan
 from dsv3conv.writer import AtomicFile, copy_file_fast, fs_type
 
@@ -465,16 +464,7 @@ class _ScaleCache:
         return scale
 
     def _read(self, info) -> np.ndarray:
-        raw = np.frombuffer(read_tensor(self.root, info), dtype=np.uint8)
-        scale = to_float32(raw, TORCH_NAMES[info.dtype]).reshape(info.shape)
-        bad = ~(np.isfinite(scale) & (scale > 0))
-        if bad.any():
-            value = float(scale[bad][0])
-            raise Dsv3Error(
-                f"tensor `{info.name}` in {info.file}: {int(bad.sum())} scale values are not finite and positive "
-                f"(first: {value}); the checkpoint is damaged, download that shard again"
-            )
-        return scale
+        return scale_values(info, np.frombuffer(read_tensor(self.root, info), dtype=np.uint8))
 
 
 def _read_batch(spec: BatchSpec, buf, handles: ShardReader, scales: _ScaleCache) -> list[Item]:
@@ -486,6 +476,7 @@ def _read_batch(spec: BatchSpec, buf, handles: ShardReader, scales: _ScaleCache)
     for t, start, n in spec.pieces:
         src_off = t.source.offset + start - spec.span_start
         if not t.converts:
+            check_copy(t, buf[src_off : src_off + n])  # a copied scale: its values read and checked
             items.append(Item(t.op, src_off, n, name=t.name))
             continue
         r0, rows = t.op.rows(t, start, n)

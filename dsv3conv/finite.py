@@ -1,7 +1,8 @@
 """NaN and Inf in what dequant writes: found from each piece's input before it converts, on every backend.
 
-The rule is round_to_nearest_even(float32(w) * float32(scale)). The engine refuses a scale that is not
-finite and positive, so an output value can only be
+The rule is round_to_nearest_even(float32(w) * float32(scale)). A scale that is not finite and positive (an
+E8M0 byte 255, a NaN, Inf, zero or negative F32/BF16 value) is refused (`scale_values`), whether its weight
+converts or both are copied (`check_copy`), so an output value can only be
 - NaN where the e4m3 code is NaN (0x7F or 0xFF; e2m1 has no NaN): one pass over the piece's bytes finds them
   (`kernels/e4m3_nan_scan.py`);
 - Inf where the product rounds beyond the output dtype: the largest code magnitude (448 for e4m3, 6 for e2m1)
@@ -17,15 +18,37 @@ from __future__ import annotations
 
 import numpy as np
 
+from dsv3conv.dtypes import TORCH_NAMES
 from dsv3conv.errors import Dsv3Error
 from dsv3conv.kernels import fp8_numpy, mxfp4_cpu
 from dsv3conv.kernels.e4m3_nan_scan import has_nan_code
 from dsv3conv.kernels.fp8_numpy import FINITE_MAX, NAN_BITS, OUT_BITS
-from dsv3conv.ops import DequantBlockFp8, DequantMxfp4
+from dsv3conv.ops import Copy, DequantBlockFp8, DequantMxfp4
 
 E4M3_LARGEST = 448.0
 E2M1_LARGEST = 6.0
-__all__ = ["NAN_BITS", "canonical_nan", "canonical_nan_after", "check_piece"]
+__all__ = ["NAN_BITS", "canonical_nan", "canonical_nan_after", "check_copy", "check_piece", "scale_values"]
+
+
+def scale_values(info, raw: np.ndarray) -> np.ndarray:
+    """The scale tensor `info` (its bytes `raw`, uint8) as float32 in its shape; refused (Dsv3Error, naming the
+    tensor and its shard) unless every value is finite and positive."""
+    scale = fp8_numpy.to_float32(raw, TORCH_NAMES[info.dtype]).reshape(info.shape)
+    bad = ~(np.isfinite(scale) & (scale > 0))
+    if bad.any():
+        value = float(scale[bad][0])
+        raise Dsv3Error(
+            f"tensor `{info.name}` in {info.file}: {int(bad.sum())} scale values are not finite and positive "
+            f"(first: {value}); the checkpoint is damaged, download that shard again"
+        )
+    return scale
+
+
+def check_copy(t, data: np.ndarray) -> None:
+    """A copied tensor of plan `t` (its source bytes `data`, uint8): a scale (`Copy(scale=True)`, one piece) is
+    held to `scale_values`, so a damaged scale is never copied on; anything else passes as it is."""
+    if isinstance(t.op, Copy) and t.op.scale:
+        scale_values(t.source, data)
 
 
 def check_piece(t, data: np.ndarray, r0: int, scale: np.ndarray, out_dtype: str) -> bool:

@@ -35,12 +35,17 @@ class TensorPlan(Protocol):
 
 @dataclass(frozen=True)
 class Copy:
-    """The source bytes, unchanged."""
+    """The source bytes, unchanged. `scale`: a block scale copied beside its copied weight, its values read
+    on the way and refused unless finite and positive, as a scale that converts is (`finite.check_copy`);
+    small, so read as one piece of whole values."""
 
+    scale: bool = False
     converts = False
 
     def pieces(self, t: TensorPlan, chunk_bytes: int) -> Iterator[tuple[int, int]]:
         n = t.source.nbytes
+        if self.scale:
+            chunk_bytes = max(n, 1)
         yield from ((start, min(chunk_bytes, n - start)) for start in range(0, n, chunk_bytes))
         if n == 0:
             yield 0, 0

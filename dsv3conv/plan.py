@@ -57,9 +57,9 @@ class TensorPlan:
         return self.op.converts
 
 
-def copied(info: TensorInfo, name: str | None = None) -> TensorPlan:
-    """A source tensor written byte for byte, optionally under a new name."""
-    return TensorPlan(name or info.name, info.dtype, info.shape, Copy(), (info,))
+def copied(info: TensorInfo, name: str | None = None, scale: bool = False) -> TensorPlan:
+    """A source tensor written byte for byte, optionally under a new name; a `scale` is checked on the way."""
+    return TensorPlan(name or info.name, info.dtype, info.shape, Copy(scale), (info,))
 
 
 @dataclass(frozen=True)

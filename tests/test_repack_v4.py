@@ -109,6 +109,23 @@ def test_lossy_block_refused_naming_the_tensor(flash, tmp_path) -> None:
     assert not [n for n in left if n.endswith(".json")], left  # finished shards only: index and config come last
 
 
+DENSE_SCALE = "layers.0.attn.wq_a.scale"  # F8_E8M0 scale of a dense FP8 weight: copied by --experts fp8
+
+
+@pytest.mark.parametrize("element", [0, -1], ids=["first", "last"])
+def test_copied_nan_scale_refused_naming_the_tensor(flash, tmp_path, element) -> None:
+    """E8M0 byte 255 (NaN) in a scale that --experts fp8 copies with its weight: refused as a scale that
+    converts is, naming the tensor and its shard (exit 1); its shard never appears under its final name."""
+    root, tensors = flash
+    src = Path(shutil.copytree(root, tmp_path / "src"))
+    write_at(src, DENSE_SCALE, element % tensors[DENSE_SCALE].numel(), bytes([255]))
+    shard = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"][DENSE_SCALE]
+    proc = cli("dequant", src, tmp_path / "out", "--experts", "fp8", "--device", "cpu", "--quiet",
+               "--buffer-size", "1MiB")
+    assert_one_line_error(proc, 1, f"tensor `{DENSE_SCALE}` in {shard}", "not finite and positive (first: nan)")
+    assert not (tmp_path / "out" / shard).exists()
+
+
 def test_changed_f32_scale_is_found(flash, tmp_path) -> None:
     """An F32 block scale of a repacked expert doubled (still a power of two): verify names the tensor."""
     root, _ = flash
