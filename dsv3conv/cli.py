@@ -114,7 +114,7 @@ DeviceOpt = Annotated[str, typer.Option(
 
 def _version(value: bool) -> None:
     if value:
-        print(f"dsv3conv {__version__}")
+        out.print(f"dsv3conv {__version__}", markup=False)
         raise typer.Exit()
 
 
@@ -483,6 +483,8 @@ def _on_signal(signum, frame) -> None:
 
 
 def main() -> None:
+    from dsv3conv.cli_output import flush_output
+
     # Writing past a file-size limit must be an error we can report, not a silent kill.
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -495,10 +497,9 @@ def main() -> None:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
             err.print(str(exc.code), markup=False)
+        flush_output()  # a reader gone from stdout or stderr (`| head`) leaves the exit code as it is
         if "torch" in sys.modules:
             # Everything is written, closed and reported. The interpreter's teardown of torch costs about half
             # a second of CPU (seconds on a busy host) and frees nothing the OS will not: skip it.
-            sys.stdout.flush()
-            sys.stderr.flush()
             os._exit(code)
         raise

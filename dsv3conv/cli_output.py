@@ -26,6 +26,12 @@ class _Console(Console):
     def print(self, *objects, **kwargs) -> None:
         super().print(*(printable(o) if isinstance(o, str) else o for o in objects), **kwargs)
 
+    def on_broken_pipe(self) -> None:
+        """The stream's reader went away (`| head`): the rest goes nowhere and the run ends with its own exit
+        code (rich would exit 1, failing a finished conversion under `set -o pipefail`)."""
+        self.quiet = True
+        reader_gone(self.file)
+
 
 out = _Console(highlight=False, soft_wrap=True, width=WIDTH)
 err = _Console(stderr=True, highlight=False, soft_wrap=True, width=WIDTH)
@@ -36,8 +42,33 @@ def plain(text: object) -> Text:
     return Text(printable(str(text)))
 
 
+def reader_gone(stream) -> None:
+    """Point `stream` at /dev/null once its reader has gone, so that later writes and the interpreter's final
+    flush succeed quietly (the recipe of Python's `signal` documentation, note on SIGPIPE)."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # not a file (a test's capture): nothing will flush it at exit
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def flush_output() -> None:
+    """Flush stdout and stderr before exit; a stream whose reader has gone is discarded, not an error."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            reader_gone(stream)
+
+
 def print_json(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    try:
+        sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        reader_gone(sys.stdout)
 
 
 def fmt_bytes(n: int | None) -> str:
