@@ -17,7 +17,7 @@ import typer
 from rich.text import Text
 
 from dsv3conv import __version__
-from dsv3conv.cli_output import err, fmt_bytes, out, print_inspect, print_json, print_result, print_verify
+from dsv3conv.cli_output import Command, err, out, print_inspect, print_result, print_split, print_verify
 from dsv3conv.errors import Dsv3Error
 
 
@@ -159,7 +159,7 @@ def _option(param: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------- inspect
-@app.command(short_help="What a checkpoint holds (headers only): layers, MTP, quantization, parameters.")
+@app.command(cls=Command, short_help="What a checkpoint holds (headers only): layers, MTP, quantization, parameters.")
 def inspect(ckpt: CkptArg, json_out: JsonOpt = False) -> None:
     """What a checkpoint holds: config, layers, MTP, quantization, tensors, parameter counts (headers only).
 
@@ -170,10 +170,7 @@ def inspect(ckpt: CkptArg, json_out: JsonOpt = False) -> None:
 
     with _errors():
         report = inspect_checkpoint(Checkpoint.open(ckpt))
-    if json_out:
-        print_json(report)
-    else:
-        print_inspect(report)
+    print_inspect(report, json_out)
     if report["problems"]:
         n = len(report["problems"])
         err.print(f"dsv3conv: error: {ckpt}: {n} problem{'s' if n > 1 else ''} found (listed on stdout)", markup=False)
@@ -181,7 +178,7 @@ def inspect(ckpt: CkptArg, json_out: JsonOpt = False) -> None:
 
 
 # -------------------------------------------------------------------------------------------- dequant
-@app.command(short_help="FP8 -> BF16 (or FP16/FP32), bit-exact; config.json and index rewritten.")
+@app.command(cls=Command, short_help="FP8 -> BF16 (or FP16/FP32), bit-exact; config.json and index rewritten.")
 def dequant(
     src: Annotated[Path, typer.Argument(metavar="SRC", help="FP8 checkpoint directory.", show_default=False,
                                         readable=False)],
@@ -240,7 +237,7 @@ def dequant(
 
 
 # ---------------------------------------------------------------------------------------------- quant
-@app.command(short_help="BF16 -> 128x128 block FP8 (e4m3) with scales and quantization_config.")
+@app.command(cls=Command, short_help="BF16 -> 128x128 block FP8 (e4m3) with scales and quantization_config.")
 def quant(
     src: Annotated[Path, typer.Argument(metavar="SRC", help="BF16 (or F16/F32) checkpoint directory.",
                                         show_default=False, readable=False)],
@@ -289,7 +286,7 @@ def quant(
 
 
 # ------------------------------------------------------------------------------------------ split-mtp
-@app.command("split-mtp", short_help="Drop the MTP layers, or extract them as a draft checkpoint.")
+@app.command("split-mtp", cls=Command, short_help="Drop the MTP layers, or extract them as a draft checkpoint.")
 def split_mtp(
     src: CkptArg,
     main_out: Annotated[
@@ -327,31 +324,11 @@ def split_mtp(
         )
     _from_process_start(result["main"], called)
     _from_process_start(result["mtp"], called)
-    if json_out:
-        print_json(result)
-        return
-    for key, what in (("main", "main model"), ("mtp", f"MTP draft ({mtp_layout} layout)")):
-        r = result[key]
-        if r is None:
-            continue
-        if dry_run:
-            out.print(Text(what, style="bold"))
-            print_result(r, False, True)
-            continue
-        if "part" in r:  # this part's own shards and tensors, not the whole plan's
-            shards, tensors = f"part {r['part']}: {len(r['part_shards'])} of {r['shards']}", r["part_tensors_copied"]
-        else:
-            shards, tensors = str(r["shards"]), r["tensors_copied"]
-        out.print(
-            f"wrote {what} {r['output']}: {shards} shards ({r['shards_copied_whole']} copied whole, "
-            f"{r['shards_skipped']} already complete), {tensors} tensors, "
-            f"{r['tensors_dropped']} left out, {fmt_bytes(r['bytes_written'])} in {r['seconds']:.1f} s",
-            markup=False,
-        )
+    print_split(result, mtp_layout, json_out, dry_run)
 
 
 # --------------------------------------------------------------------------------------------- verify
-@app.command(short_help="Check a checkpoint is whole; with --against, bit-identical to its source.")
+@app.command(cls=Command, short_help="Check a checkpoint is whole; with --against, bit-identical to its source.")
 def verify(
     ckpt: CkptArg,
     against: Annotated[
@@ -399,7 +376,7 @@ def verify(
         raise typer.Exit(1)
 
 
-@app.command("verify-combine", short_help="Merge the --json reports of `verify --part K/N` into one verdict.")
+@app.command("verify-combine", cls=Command, short_help="Merge the --json reports of `verify --part K/N` into one verdict.")
 def verify_combine(
     reports: Annotated[list[Path], typer.Argument(metavar="REPORT", help="The JSON reports of `verify --part K/N --json`, one per part.",
                                                   show_default=False)],
@@ -422,7 +399,7 @@ def verify_combine(
 
 
 # -------------------------------------------------------------------------------------------- example
-@app.command(short_help="Write an example checkpoint (tiny FP8 or BF16, real shapes, a replica) to try commands on.")
+@app.command(cls=Command, short_help="Write an example checkpoint (tiny FP8 or BF16, real shapes, a replica) to try commands on.")
 def example(
     kind: Annotated[str, typer.Argument(metavar="KIND", help="fp8, bf16, real-shapes, replica, v4-replica, "
                                         "v4-flash, v4-flash-base, v4-0731, compressed-tensors, or a sibling "

@@ -5,13 +5,20 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
+import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from dsv3conv.errors import printable
+
+try:
+    from typer._click.core import augment_usage_errors  # Typer >= 0.26 vendors Click
+except ImportError:
+    from click.core import augment_usage_errors
 
 # Off a terminal (a CI log, a file, a pipe) rich would wrap tables at 80 columns: give them room, unless
 # COLUMNS says otherwise.
@@ -35,6 +42,32 @@ class _Console(Console):
 
 out = _Console(highlight=False, soft_wrap=True, width=WIDTH)
 err = _Console(stderr=True, highlight=False, soft_wrap=True, width=WIDTH)
+
+
+class Command(typer.core.TyperCommand):
+    """A subcommand. A usage error its option parser finds (`dequant --mtp` given no value) names the
+    subcommand's help, like the others: Click's `augment_usage_errors` gives the error the command's context.
+    A repeated path argument reads `REPORT... <path>` in the help, as a single one reads `SRC <path>`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if getattr(param, "type_descriptor", None) is not None and param.type_descriptor.annotation == list[Path]:
+                param.__class__ = _PathsArgument
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        with augment_usage_errors(ctx):
+            return super().parse_args(ctx, args)
+
+
+class _PathsArgument(typer.core.TyperArgument):
+    """One or more paths, shown as `NAME... <path>` where Typer writes `NAME <list[Path]>`."""
+
+    def _rich_display_name(self) -> str:
+        return f"{self.display_name_raw}..."
+
+    def display_type(self, ctx) -> str:
+        return f"<{self.type_descriptor.path_type}>"
 
 
 def plain(text: object) -> Text:
@@ -81,7 +114,11 @@ def fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
-def print_inspect(r: dict) -> None:
+def print_inspect(r: dict, json_out: bool = False) -> None:
+    """inspect's report: JSON, or a table of what the checkpoint holds, its parameters and its problems."""
+    if json_out:
+        print_json(r)
+        return
     t = Table(title=Text(printable(r["path"]), style="bold"), show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
@@ -171,6 +208,31 @@ def print_result(result: dict, json_out: bool, dry_run: bool) -> None:
         f"on {result['device']}",
         markup=False,
     )
+
+
+def print_split(result: dict, mtp_layout: str, json_out: bool, dry_run: bool) -> None:
+    """split-mtp's summary: one line (or plan) for each output written, the main model and the MTP draft."""
+    if json_out:
+        print_json(result)
+        return
+    for key, what in (("main", "main model"), ("mtp", f"MTP draft ({mtp_layout} layout)")):
+        r = result[key]
+        if r is None:
+            continue
+        if dry_run:
+            out.print(Text(what, style="bold"))
+            print_result(r, False, True)
+            continue
+        if "part" in r:  # this part's own shards and tensors, not the whole plan's
+            shards, tensors = f"part {r['part']}: {len(r['part_shards'])} of {r['shards']}", r["part_tensors_copied"]
+        else:
+            shards, tensors = str(r["shards"]), r["tensors_copied"]
+        out.print(
+            f"wrote {what} {r['output']}: {shards} shards ({r['shards_copied_whole']} copied whole, "
+            f"{r['shards_skipped']} already complete), {tensors} tensors, "
+            f"{r['tensors_dropped']} left out, {fmt_bytes(r['bytes_written'])} in {r['seconds']:.1f} s",
+            markup=False,
+        )
 
 
 def print_verify(report: dict, title: str, json_out: bool) -> None:

@@ -19,25 +19,29 @@ def test_top_level_help_lists_every_command_and_the_exit_codes():
     ("quant", ["--scale-fmt float|ue8m0", "--mtp keep|drop"]),
     ("split-mtp", ["--mtp-layout sglang|full", "--main-out DIR"]),
     ("verify", ["--against SRC", "--full  "]),
+    ("verify-combine", ["REPORT... <path>  The JSON reports"]),
 ])
 def test_help_lists_choices_and_flags_take_no_value(command, needles):
     text = cli(command, "--help", check=0).stdout
-    assert "<bool>" not in text and "╭" not in text, text
+    assert "<bool>" not in text and "╭" not in text and "list[" not in text, text
     for needle in needles:
         assert needle in text, (needle, text)
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["dequant", "somewhere"], "Missing argument 'DST'"),
-    (["inspect", "--bogus", "x"], "No such option: --bogus"),
-    (["nope"], "No such command 'nope'"),
-    (["dequant", "a", "b", "--mtp"], "requires an argument"),
+@pytest.mark.parametrize("args, needle, command", [
+    (["dequant", "somewhere"], "Missing argument 'DST'", "dsv3conv dequant"),
+    (["inspect", "--bogus", "x"], "No such option: --bogus", "dsv3conv inspect"),
+    (["nope"], "No such command 'nope'", "dsv3conv"),
+    (["dequant", "a", "b", "--mtp"], "requires an argument", "dsv3conv dequant"),
+    (["dequant", "--mtp"], "requires an argument", "dsv3conv dequant"),
+    (["verify", "x", "--sample"], "requires an argument", "dsv3conv verify"),
 ])
-def test_usage_errors_are_one_line_with_exit_2(args, needle):
+def test_usage_errors_are_one_line_with_exit_2(args, needle, command):
+    """One line that names the help of the command the mistake was made in."""
     proc = cli(*args, check=2)
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("dsv3conv: error: ") and needle in lines[0], proc.stderr
-    assert "--help" in lines[0] and proc.stdout == ""
+    assert lines[0].endswith(f"(see `{command} --help`)") and proc.stdout == "", proc.stderr
 
 
 @pytest.mark.parametrize("command", ["inspect", "verify"])
