@@ -19,6 +19,7 @@ from rich.text import Text
 from dsv3conv import __version__
 from dsv3conv.cli_output import Command, err, out, print_inspect, print_result, print_split, print_verify
 from dsv3conv.errors import Dsv3Error
+from dsv3conv.profiling import process_age
 
 
 class _Group(typer.core.TyperGroup):
@@ -60,19 +61,7 @@ app = typer.Typer(
     rich_markup_mode=None,  # plain help: flags without value placeholders, readable in logs and pipes
 )
 _state = {"debug": False, "running": False}  # running: a command has begun (signals then clean up)
-
-
-def _process_age() -> float:
-    """Seconds since this process started (Linux: from /proc; elsewhere 0, counting from here)."""
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-_STARTED = time.perf_counter() - _process_age()
+_STARTED = time.perf_counter() - max(0.0, process_age() or 0.0)  # when this process started
 
 
 def _from_process_start(summary: dict | None, called: float) -> None:
@@ -420,27 +409,10 @@ def example(
 
     Example: dsv3conv example fp8 tiny-fp8 && dsv3conv inspect tiny-fp8
     """
-    import tempfile
-
-    from dsv3conv.errors import UsageError
-    from dsv3conv.synthetic import make_tiny
-    from dsv3conv.synthetic_v4 import ALL_EXAMPLES, make_any_example
+    from dsv3conv.commands import write_example
 
     with _errors(writes=True):
-        if kind not in ALL_EXAMPLES and kind != "bf16":
-            raise UsageError(f"example {kind!r}: choose one of fp8, bf16, "
-                             f"{', '.join(k for k in ALL_EXAMPLES if k != 'fp8')}")
-        if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-            raise UsageError(f"{dst}: exists and is not an empty directory; choose a new path")
-        if kind == "bf16":
-            from dsv3conv.commands import dequantize
-
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix=".dsv3conv-example-", dir=dst.parent) as tmp:
-                make_tiny(tmp)
-                dequantize(tmp, dst, device="cpu")
-        else:
-            make_any_example(kind, dst)
+        write_example(kind, dst)
     out.print(f"wrote the {kind} example checkpoint to {dst}; try: dsv3conv inspect {dst}", markup=False)
 
 

@@ -1,4 +1,5 @@
-"""What each converting command does: open the source, plan, hand the plan to the runner, add to its summary.
+"""What each converting command does: open the source, plan, hand the plan to the runner, add to its summary;
+and `write_example`, the example checkpoints (the bf16 one is a converted one).
 
 `dsv3conv.api` re-exports these functions for programs; the CLI calls them with its options.
 """
@@ -6,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,3 +139,22 @@ def split_mtp(
             summary["renamed"] = [f"model.layers.{i}. -> model.layers.{i - n_main}." for i in mtp_ids]
         result[key] = summary
     return result
+
+
+def write_example(kind: str, dst: str | os.PathLike) -> Path:
+    """Write the example checkpoint `kind` into `dst`, an absent or empty directory: "bf16" (the "fp8" example
+    dequantized, through a temporary directory beside DST) or a key of `synthetic_v4.ALL_EXAMPLES`."""
+    from dsv3conv.synthetic_v4 import ALL_EXAMPLES, make_any_example  # the generators, only when asked for
+
+    dst = Path(dst)
+    if kind not in ALL_EXAMPLES and kind != "bf16":
+        raise UsageError(f"example {kind!r}: choose one of fp8, bf16, {', '.join(k for k in ALL_EXAMPLES if k != 'fp8')}")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise UsageError(f"{dst}: exists and is not an empty directory; choose a new path")
+    if kind != "bf16":
+        return make_any_example(kind, dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".dsv3conv-example-", dir=dst.parent) as tmp:
+        make_any_example("fp8", tmp)
+        dequantize(tmp, dst, device="cpu")
+    return dst
