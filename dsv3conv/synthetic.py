@@ -15,16 +15,19 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the generators of random data import torch when called: replicas and refusals need none
+    import torch
 
+from dsv3conv import dtypes
 from dsv3conv.checkpoint import INDEX_NAME
-from dsv3conv.dtypes import DTYPE_SIZES, SAFETENSORS_DTYPES, TORCH_DTYPES
+from dsv3conv.dtypes import DTYPE_SIZES
+from dsv3conv.kernels.fp8_numpy import E4M3_MAX
 from dsv3conv.layout import FP8_DTYPE, deepseek_v3_tensors, default_config, is_scale, scale_name, scale_shape
 from dsv3conv.safetensors_format import build_header
 from dsv3conv.writer import AtomicFile, write_bytes_atomic
 
-E4M3_MAX = 448.0
 SCALE_DTYPE_CHOICES = ("F32", "BF16", "F16", "F8_E8M0")
 
 TensorSpec = tuple[str, tuple[int, ...], str]
@@ -59,6 +62,8 @@ def quantize_blocks(w: torch.Tensor, scale_dtype: str = "F32", block: int = 128)
     Partial edge blocks take their amax over the stored elements only. With F8_E8M0 scales the scale is
     rounded up to a power of two (as `scale_fmt: ue8m0` releases do).
     """
+    import torch
+
     rows, cols = w.shape
     pr, pc = -rows % block, -cols % block
     padded = torch.nn.functional.pad(w.abs(), (0, pc, 0, pr))
@@ -66,13 +71,15 @@ def quantize_blocks(w: torch.Tensor, scale_dtype: str = "F32", block: int = 128)
     scale = (amax / E4M3_MAX).clamp(min=1e-12)
     if scale_dtype == "F8_E8M0":
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    scale = scale.to(TORCH_DTYPES[scale_dtype]).to(torch.float32)  # the scale actually stored
+    scale = scale.to(dtypes.TORCH_DTYPES[scale_dtype]).to(torch.float32)  # the scale actually stored
     full = scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
     q = (w / full).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return q, scale.to(TORCH_DTYPES[scale_dtype])
+    return q, scale.to(dtypes.TORCH_DTYPES[scale_dtype])
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
+    import torch
+
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
@@ -162,6 +169,8 @@ def make_tiny(
     config: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Write a tiny FP8 checkpoint to `root`; return its tensors (for tests to compute references)."""
+    import torch
+
     if scale_dtype not in SCALE_DTYPE_CHOICES:
         raise ValueError(f"scale_dtype must be one of {SCALE_DTYPE_CHOICES}")
     root = Path(root)
@@ -181,6 +190,8 @@ def _random_tensors(
     quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
     """Values for `specs` (scales come from `quantize`, whatever dtype the spec names for them)."""
+    import torch
+
     tensors: dict[str, torch.Tensor] = {}
     for name, shape, dtype in specs:
         if is_scale(name):
@@ -192,9 +203,9 @@ def _random_tensors(
             q, s = quantize(w)
             tensors[name], tensors[scale_name(name)] = q, s
         elif name.endswith("norm.weight"):
-            tensors[name] = (1 + 0.1 * torch.randn(shape, generator=gen)).to(TORCH_DTYPES[dtype])
+            tensors[name] = (1 + 0.1 * torch.randn(shape, generator=gen)).to(dtypes.TORCH_DTYPES[dtype])
         else:
-            tensors[name] = (0.02 * torch.randn(shape, generator=gen)).to(TORCH_DTYPES[dtype])
+            tensors[name] = (0.02 * torch.randn(shape, generator=gen)).to(dtypes.TORCH_DTYPES[dtype])
     return tensors
 
 
@@ -217,7 +228,7 @@ def _write_tensors(
 
 
 def _st_dtype(dtype: torch.dtype) -> str:
-    return SAFETENSORS_DTYPES[dtype]
+    return dtypes.SAFETENSORS_DTYPES[dtype]
 
 
 # ------------------------------------------------------------------------------------------- siblings
@@ -351,6 +362,8 @@ def make_sibling(
 
     `config_overrides` changes config.json fields before the tensors are derived from it.
     """
+    import torch
+
     root = Path(root)
     config = sibling_config(kind)
     config.update(config_overrides or {})
@@ -363,7 +376,7 @@ def make_sibling(
 
     def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, scale = quantize_blocks(w, rounding)
-        return q, scale.to(TORCH_DTYPES[stored])  # exact: powers of two fit in F32
+        return q, scale.to(dtypes.TORCH_DTYPES[stored])  # exact: powers of two fit in F32
 
     tensors = _random_tensors(specs, torch.Generator().manual_seed(seed), quantize)
     for name, t in tensors.items():
@@ -407,6 +420,8 @@ def make_real_shapes(
     """Write a checkpoint with the true DeepSeek-V3 tensor shapes (fewer layers/experts), random data.
 
     `dense_layers`: how many of the layers have a dense MLP (by default V3's three, at most all but one)."""
+    import torch
+
     root = Path(root)
     config = default_config()
     config.update(num_hidden_layers=num_layers, n_routed_experts=num_experts, num_nextn_predict_layers=int(mtp))
@@ -428,7 +443,7 @@ def make_real_shapes(
                 return raw.numpy().tobytes()
             if dtype == "F32" and n < 1 << 20:
                 return tensor_bytes(torch.rand(shape, generator=gen) * 1e-3 + 1e-4)
-            return tensor_bytes((torch.randn(shape, generator=gen) * 0.02).to(TORCH_DTYPES[dtype]))
+            return tensor_bytes((torch.randn(shape, generator=gen) * 0.02).to(dtypes.TORCH_DTYPES[dtype]))
         return make
 
     shards = [[(n, d, s, data(s, d)) for n, s, d in g] for g in groups]

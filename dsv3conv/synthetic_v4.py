@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported by the generators of random data when called (as in `synthetic`)
+    import torch
 
-from dsv3conv.dtypes import TORCH_DTYPES
+from dsv3conv import dtypes
 from dsv3conv.formats import ignored
 from dsv3conv.layout import FP8_DTYPE, deepseek_v3_tensors, is_scale, scale_shape
 from dsv3conv.layout_v4 import deepseek_v4_tensors, mtp_module_id, v4_layer_id
@@ -84,6 +86,8 @@ def v4_flash_config(kind: str = "flash", **overrides) -> dict:
 
 def _mxfp4(shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random packed E2M1 bytes and E8M0 scales between 2^-9 and 2^-5 (no NaN code)."""
+    import torch
+
     rows, pcols = shape
     packed = torch.randint(-128, 128, (rows, pcols), dtype=torch.int8, generator=gen)
     scale = torch.randint(118, 123, (rows, -(-2 * pcols // 32)), dtype=torch.uint8, generator=gen)
@@ -93,6 +97,8 @@ def _mxfp4(shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, 
 def _values(specs, gen: torch.Generator, scale_dtype: str, config: dict) -> dict[str, torch.Tensor]:
     """Data for `specs` (each scale listed after its weight): FP8 weights block-quantized with `scale_dtype`
     scales, packed FP4 with E8M0 scales, router tables, the rest small random values."""
+    import torch
+
     names = {n for n, _, _ in specs}
     tensors: dict[str, torch.Tensor] = {}
     for name, shape, dtype in specs:
@@ -109,7 +115,7 @@ def _values(specs, gen: torch.Generator, scale_dtype: str, config: dict) -> dict
             tensors[name] = torch.randint(0, config["n_routed_experts"], shape, dtype=torch.int64, generator=gen)
         else:  # scales came with their weights (listed first)
             base = 1.0 if name.endswith("norm.weight") else 0.0
-            tensors[name] = (base + 0.02 * torch.randn(shape, generator=gen)).to(TORCH_DTYPES[dtype])
+            tensors[name] = (base + 0.02 * torch.randn(shape, generator=gen)).to(dtypes.TORCH_DTYPES[dtype])
     return tensors
 
 
@@ -117,6 +123,8 @@ def make_v4(root: str | os.PathLike, kind: str = "flash", *, seed: int = 0, n_sh
             config: dict | None = None) -> dict[str, torch.Tensor]:
     """Write a tiny DeepSeek-V4-family checkpoint (see the module docstring), or one of `config`'s
     dimensions (`v4_flash_config`); return its tensors."""
+    import torch
+
     root = Path(root)
     config = config if config is not None else v4_tiny_config(kind)
     specs = deepseek_v4_tensors(config)
@@ -162,6 +170,8 @@ def make_compressed_tensors(
     root: str | os.PathLike, *, scale_dtype: str = "BF16", seed: int = 0, n_shards: int = 3
 ) -> dict[str, torch.Tensor]:
     """Write a tiny compressed-tensors FP8_BLOCK checkpoint (DeepSeek-V3 layout); return its tensors."""
+    import torch
+
     root = Path(root)
     config = ct_config(scale_dtype)
     specs = compressed_tensors_specs(config, scale_dtype)

@@ -57,7 +57,8 @@ def full_dst(tmp_path):
 @pytest.mark.parametrize("case", ["non-empty DST", "non-empty DST, dry run", "resume and overwrite",
                                   "missing SRC", "unknown device", "part and overwrite", "bad thread count",
                                   "bad writer count",
-                                  "quant into a non-empty DST", "split-mtp into a non-empty DST, dry run"])
+                                  "quant into a non-empty DST", "split-mtp into a non-empty DST, dry run",
+                                  "example into a non-empty DST", "unknown example"])
 def test_refusals_come_before_torch(case, tiny_src, tiny_bf16, full_dst, tmp_path):
     env = {"bad thread count": dict(ENV, DSV3CONV_CPU_THREADS="many"),
            "bad writer count": dict(ENV, DSV3CONV_WRITERS="0")}.get(case)
@@ -74,6 +75,8 @@ def test_refusals_come_before_torch(case, tiny_src, tiny_bf16, full_dst, tmp_pat
         "quant into a non-empty DST": (("quant", tiny_bf16, full_dst), 2, "not empty"),
         "split-mtp into a non-empty DST, dry run": (("split-mtp", tiny_src, "--mtp-out", full_dst, "--dry-run"), 2,
                                                     "not empty"),
+        "example into a non-empty DST": (("example", "fp8", full_dst), 2, "not an empty directory"),
+        "unknown example": (("example", "fp7", fresh), 2, "choose one of fp8, bf16"),
     }[case]
     proc, torch_imported = run_watched(*args, env=env)
     if code is None:  # exit code and wording belong to the checks that refuse; only one line is asserted here
@@ -89,6 +92,13 @@ def test_dry_run_needs_no_torch(tiny_src, tmp_path):
     assert proc.returncode == 0, proc
     assert json.loads(proc.stdout)["tensors_converted"] > 0
     assert not torch_imported and not (tmp_path / "out").exists()
+
+
+def test_header_only_examples_need_no_torch(tmp_path):
+    """The replicas are headers and holes: only the examples with random values import torch (its generator)."""
+    proc, torch_imported = run_watched("example", "v4-replica", tmp_path / "replica")
+    assert proc.returncode == 0 and (tmp_path / "replica" / "config.json").exists(), proc
+    assert not torch_imported, "example v4-replica imported torch"
 
 
 def test_seconds_is_the_wall_time_with_startup_inside(tiny_src, tmp_path):
