@@ -22,7 +22,7 @@ import numpy as np
 
 from dsv3conv.devices import cpu_kernel, cpu_threads
 from dsv3conv.dtypes import DTYPE_SIZES, TORCH_NAMES
-from dsv3conv.errors import Dsv3Error
+from dsv3conv.errors import Dsv3Error, counted
 from dsv3conv.finite import canonical_nan_after
 from dsv3conv.kernels import fp8_block_host, mxfp4_cpu
 from dsv3conv.kernels.fp8_block_host import row_ranges
@@ -199,7 +199,8 @@ def check_repack(it: Item, lossy: int) -> None:
     """A repack is exact or refused: name the tensor and what to do instead."""
     if lossy:
         raise Dsv3Error(
-            f"tensor `{it.name}`: {lossy} of its 128x128 blocks hold 32-value groups more than 14 binades apart, "
+            f"tensor `{it.name}`: {counted(lossy, 'of its 128x128 blocks holds', 'of its 128x128 blocks hold')} "
+            "32-value groups more than 14 binades apart, "
             "which e4m3 under one block scale cannot hold exactly; the FP8 repack would change values: "
             "dequantize without {experts} fp8", "experts"
         )

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from dsv3conv.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, TensorInfo
-from dsv3conv.errors import Problem
+from dsv3conv.errors import Problem, counted
 from dsv3conv.formats import Formats, check_config, classify
 from dsv3conv.layout import is_nextn_draft, layer_id, mtp_layer_ids
 from dsv3conv.layout_v4 import is_v4_names, mtp_module_id, v4_layout
@@ -151,7 +151,7 @@ def total_size_problems(ckpt: Checkpoint) -> list[Problem]:
     if ckpt.unread:
         files = sorted(set(ckpt.unread.values()))
         return [Problem("total-size", INDEX_NAME, f"{INDEX_NAME} metadata.total_size not checked: {files[0]}"
-                        + (f" and {len(files) - 1} more shards" if len(files) > 1 else "") + " could not be read",
+                        + (f" and {counted(len(files) - 1, 'more shard')}" if len(files) > 1 else "") + " could not be read",
                         "see the files and headers checks")]
     total, actual = (ckpt.index.get("metadata") or {}).get("total_size"), ckpt.tensor_bytes()
     if total is None:
@@ -174,4 +174,4 @@ def ranges(ids: list[int]) -> str:
             runs.append(f"{start}" if start == prev else f"{start}-{prev}")
             start = i
         prev = i if i is not None else prev
-    return ", ".join(runs[:8]) + (f" (and {len(runs) - 8:,} more ranges)" if len(runs) > 8 else "")
+    return ", ".join(runs[:8]) + (f" (and {counted(len(runs) - 8, 'more range')})" if len(runs) > 8 else "")

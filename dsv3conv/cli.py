@@ -18,7 +18,7 @@ from rich.text import Text
 
 from dsv3conv import __version__
 from dsv3conv.cli_output import Command, err, out, print_inspect, print_result, print_split, print_verify
-from dsv3conv.errors import Dsv3Error
+from dsv3conv.errors import Dsv3Error, counted
 from dsv3conv.profiling import process_age
 
 
@@ -161,8 +161,8 @@ def inspect(ckpt: CkptArg, json_out: JsonOpt = False) -> None:
         report = inspect_checkpoint(Checkpoint.open(ckpt))
     print_inspect(report, json_out)
     if report["problems"]:
-        n = len(report["problems"])
-        err.print(f"dsv3conv: error: {ckpt}: {n} problem{'s' if n > 1 else ''} found (listed on stdout)", markup=False)
+        err.print(f"dsv3conv: error: {ckpt}: {counted(len(report['problems']), 'problem')} found (listed on stdout)",
+                  markup=False)
         raise typer.Exit(1)
 
 
@@ -270,7 +270,7 @@ def quant(
     _from_process_start(result, called)
     print_result(result, json_out, dry_run)
     if not json_out and result["tensors_skipped"]:
-        out.print(f"  {result['tensors_skipped']} weights kept unquantized by --skip (listed in "
+        out.print(f"  {counted(result['tensors_skipped'], 'weight')} kept unquantized by --skip (listed in "
                   "quantization_config.modules_to_not_convert)")
 
 
@@ -359,7 +359,7 @@ def verify(
     title = f"verify {ckpt}" + (f" against {against}" if against else "") + (f" part {report['part']}" if part else "")
     print_verify(report, title, json_out)
     if not json_out and part:
-        out.print(f"part {report['part']}: {len(report['part_shards'])} shards read: "
+        out.print(f"part {report['part']}: {counted(len(report['part_shards']), 'shard')} read: "
                   f"{', '.join(report['part_shards']) or 'none'}", markup=False)
     if not report["ok"]:
         raise typer.Exit(1)
@@ -382,7 +382,7 @@ def verify_combine(
 
     with _errors():
         report = combine_reports(reports)
-    print_verify(report, f"verify: {report['parts']} parts combined", json_out)
+    print_verify(report, f"verify: {counted(report['parts'], 'part')} combined", json_out)
     if not report["ok"]:
         raise typer.Exit(1)
 

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from dsv3conv.errors import printable
+from dsv3conv.errors import counted, printable
 
 try:
     from typer._click.core import augment_usage_errors  # Typer >= 0.26 vendors Click
@@ -140,7 +140,7 @@ def print_inspect(r: dict, json_out: bool = False) -> None:
     lay = r["layout"]
     if v4:
         kind = {"mtp": "MTP module", "dspark": "DSpark drafter"}.get(lay["mtp_kind"], "none")
-        t.add_row("mtp.*", f"{kind}: modules {lay['mtp_modules']}, {lay['mtp_tensors']:,} tensors" if lay["mtp_kind"] else "none")
+        t.add_row("mtp.*", f"{kind}: modules {lay['mtp_modules']}, {counted(lay['mtp_tensors'], 'tensor')}" if lay["mtp_kind"] else "none")
     out.print(t)
     p = r["params"]
     pt = Table(title="parameters (scales excluded)", title_justify="left")
@@ -162,11 +162,11 @@ def print_inspect(r: dict, json_out: bool = False) -> None:
         pt.add_row(name, f"{n:,} ({n / 1e9:.3f}B)", note)
     out.print(pt)
     if r["problems"]:
-        out.print(f"[bold red]{len(r['problems'])} problems[/]")
+        out.print(f"[bold red]{counted(len(r['problems']), 'problem')}[/]")
         for line in r["problems"][:MAX_PROBLEMS_SHOWN]:
             out.print(f"  - {line}", markup=False)
         if len(r["problems"]) > MAX_PROBLEMS_SHOWN:
-            out.print(f"  ... and {len(r['problems']) - MAX_PROBLEMS_SHOWN} more problems (--json lists them all)")
+            out.print(f"  ... and {counted(len(r['problems']) - MAX_PROBLEMS_SHOWN, 'more problem')} (--json lists them all)")
     else:
         out.print("[green]no problems found[/]")
 
@@ -178,7 +178,7 @@ def print_result(result: dict, json_out: bool, dry_run: bool) -> None:
     if dry_run:
         out.print(f"[bold]plan[/] {escape(printable(result['source']))} -> {escape(printable(result['output']))}")
         for f in result["files"]:
-            out.print(f"  {f['name']}: {f['tensors']} tensors ({f['converted']} converted), {fmt_bytes(f['bytes'])}"
+            out.print(f"  {f['name']}: {counted(f['tensors'], 'tensor')} ({f['converted']} converted), {fmt_bytes(f['bytes'])}"
                       + (f" (copy of {f['copy_of']})" if f.get("copy_of") else ""), markup=False)
         out.print(f"  tensors: {result['tensors_converted']} converted, {result['tensors_copied']} copied, "
                   f"{result['tensors_dropped']} dropped")
@@ -192,18 +192,18 @@ def print_result(result: dict, json_out: bool, dry_run: bool) -> None:
         return
     if "part" in result:  # this part's own shards and tensors, not the whole plan's
         done = "index and config written" if result["finalized"] else (
-            f"{len(result['waiting_for'])} shards still to come from other parts; the last part writes index and config")
+            f"{counted(len(result['waiting_for']), 'shard')} still to come from other parts; the last part writes index and config")
         out.print(
-            f"wrote part {result['part']} of {result['output']}: {len(result['part_shards'])} of {result['shards']} "
-            f"shards ({result['shards_skipped']} already complete), {result['part_tensors_converted']} tensors "
+            f"wrote part {result['part']} of {result['output']}: {len(result['part_shards'])} of {counted(result['shards'], 'shard')} "
+            f"({result['shards_skipped']} already complete), {counted(result['part_tensors_converted'], 'tensor')} "
             f"converted, {result['part_tensors_copied']} copied, {fmt_bytes(result['bytes_written'])} in "
             f"{result['seconds']:.1f} s on {result['device']}; {done}",
             markup=False,
         )
         return
     out.print(
-        f"wrote {result['output']}: {result['shards']} shards ({result['shards_skipped']} already complete), "
-        f"{result['tensors_converted']} tensors converted, {result['tensors_copied']} copied, "
+        f"wrote {result['output']}: {counted(result['shards'], 'shard')} ({result['shards_skipped']} already complete), "
+        f"{counted(result['tensors_converted'], 'tensor')} converted, {result['tensors_copied']} copied, "
         f"{result['tensors_dropped']} dropped, {fmt_bytes(result['bytes_written'])} in {result['seconds']:.1f} s "
         f"on {result['device']}",
         markup=False,
@@ -224,12 +224,13 @@ def print_split(result: dict, mtp_layout: str, json_out: bool, dry_run: bool) ->
             print_result(r, False, True)
             continue
         if "part" in r:  # this part's own shards and tensors, not the whole plan's
-            shards, tensors = f"part {r['part']}: {len(r['part_shards'])} of {r['shards']}", r["part_tensors_copied"]
+            shards = f"part {r['part']}: {len(r['part_shards'])} of {counted(r['shards'], 'shard')}"
+            tensors = r["part_tensors_copied"]
         else:
-            shards, tensors = str(r["shards"]), r["tensors_copied"]
+            shards, tensors = counted(r["shards"], "shard"), r["tensors_copied"]
         out.print(
-            f"wrote {what} {r['output']}: {shards} shards ({r['shards_copied_whole']} copied whole, "
-            f"{r['shards_skipped']} already complete), {tensors} tensors, "
+            f"wrote {what} {r['output']}: {shards} ({r['shards_copied_whole']} copied whole, "
+            f"{r['shards_skipped']} already complete), {counted(tensors, 'tensor')}, "
             f"{r['tensors_dropped']} left out, {fmt_bytes(r['bytes_written'])} in {r['seconds']:.1f} s",
             markup=False,
         )
@@ -249,7 +250,8 @@ def print_verify(report: dict, title: str, json_out: bool) -> None:
         out.print(t)
         failed = [c["name"] for c in report["checks"] if not c["ok"]]
         if report["mismatches"]:
-            out.print(f"[bold red]{len(report['mismatches'])} tensors differ from the source:[/]")
+            differ = counted(len(report["mismatches"]), "tensor differs", "tensors differ")
+            out.print(f"[bold red]{differ} from the source:[/]")
             for name in report["mismatches"]:
                 out.print(f"  {name}", markup=False)
         if failed:

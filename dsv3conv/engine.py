@@ -38,7 +38,7 @@ from dsv3conv.batches import LOOKAHEAD, BatchSpec, Schedule, batch_specs, interl
 from dsv3conv.checkpoint import ShardReader, read_tensor
 from dsv3conv.devices import io_threads
 from dsv3conv.dtypes import TORCH_NAMES
-from dsv3conv.errors import Dsv3Error
+from dsv3conv.errors import Dsv3Error, counted
 from dsv3conv.finite import check_copy, check_piece, scale_values
 from dsv3conv.plan import FilePlan, Plan
 from dsv3conv.writer import AtomicFile, copy_file_fast, fs_type
@@ -421,7 +421,7 @@ class FileSink:
                 del self.open_files[spec.k]
         if done:
             if out.written != spec.file.size:
-                raise Dsv3Error(f"{out.final}: wrote {out.written} bytes, the plan says {spec.file.size}; this is a bug")
+                raise Dsv3Error(f"{out.final}: wrote {counted(out.written, 'byte')}, the plan says {spec.file.size}; this is a bug")
             out.commit()
         return done
 
@@ -431,7 +431,7 @@ def _buffer(nbytes: int, count: int, make: Callable[[int], np.ndarray] = host_bu
     try:
         return make(nbytes)
     except (RuntimeError, MemoryError):
-        raise Dsv3Error(f"cannot allocate {count} buffers of {nbytes:,} bytes (--buffer-size, or the widest tensor's "
+        raise Dsv3Error(f"cannot allocate {counted(count, 'buffer')} of {nbytes:,} bytes (--buffer-size, or the widest tensor's "
                         "128-row block); give a smaller --buffer-size or free memory") from None
 
 

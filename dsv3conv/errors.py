@@ -68,8 +68,14 @@ def refuse(problems: list[Problem], hint: str = "") -> None:
     """Raise the first problem as the error (exit 1), counting the others; nothing when there are none."""
     if not problems:
         return
-    more = f" (and {len(problems) - 1} more problems{hint})" if len(problems) > 1 else ""
+    more = f" (and {counted(len(problems) - 1, 'more problem')}{hint})" if len(problems) > 1 else ""
     raise Dsv3Error(problems[0].text + more)
+
+
+def counted(n: int, one: str, many: str | None = None) -> str:
+    """`n` and the words after it, singular for 1: (1, "shard") -> "1 shard", (1234, "tensor") -> "1,234 tensors",
+    (n, "value is", "values are") where more than an s changes."""
+    return f"{n:,} {one if n == 1 else many or one + 's'}"
 
 
 def printable(text: str) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from dsv3conv.dtypes import TORCH_NAMES
-from dsv3conv.errors import Dsv3Error
+from dsv3conv.errors import Dsv3Error, counted
 from dsv3conv.kernels import fp8_numpy, mxfp4_cpu
 from dsv3conv.kernels.e4m3_nan_scan import has_nan_code
 from dsv3conv.kernels.fp8_numpy import FINITE_MAX, NAN_BITS, OUT_BITS
@@ -38,7 +38,8 @@ def scale_values(info, raw: np.ndarray) -> np.ndarray:
     if bad.any():
         value = float(scale[bad][0])
         raise Dsv3Error(
-            f"tensor `{info.name}` in {info.file}: {int(bad.sum())} scale values are not finite and positive "
+            f"tensor `{info.name}` in {info.file}: "
+            f"{counted(int(bad.sum()), 'scale value is', 'scale values are')} not finite and positive "
             f"(first: {value}); the checkpoint is damaged, download that shard again"
         )
     return scale

@@ -21,7 +21,7 @@ from pathlib import Path
 from dsv3conv.checkpoint import Checkpoint, TensorInfo
 from dsv3conv.checks import layer_problems
 from dsv3conv.dtypes import DTYPE_SIZES
-from dsv3conv.errors import Dsv3Error, UsageError, refuse, short
+from dsv3conv.errors import Dsv3Error, UsageError, counted, refuse, short
 from dsv3conv.formats import classify
 from dsv3conv.ops import Copy, Op, QuantScale
 from dsv3conv.safetensors_format import build_header
@@ -166,7 +166,7 @@ def _size_text(n: int) -> str:
     for unit, factor in (("PB", 10**15), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= factor and n % factor == 0:
             return f"{n // factor}{unit}"
-    return f"{n} bytes" if n != 1 else "1 byte"
+    return counted(n, "byte")
 
 
 EVERYWHERE = "the index and from every shard"

@@ -28,7 +28,7 @@ from dsv3conv.checkpoint import Checkpoint
 from dsv3conv.checks import mtp_rule
 from dsv3conv.config_edits import ConfigEdit
 from dsv3conv.dtypes import DTYPE_SIZES, FLOAT_DTYPES, SCALE_DTYPES
-from dsv3conv.errors import Dsv3Error, UsageError
+from dsv3conv.errors import Dsv3Error, UsageError, counted
 from dsv3conv.layout import BLOCK, V4_ROUTED_EXPERT_RE, is_scale, mtp_layer_ids, scale_name, scale_shape
 from dsv3conv.ops import QuantBlockFp8, QuantScale
 from dsv3conv.plan import Plan, TensorPlan, check_layers, copied, file_plan, index_json, more
@@ -156,7 +156,7 @@ def _targets(ckpt: Checkpoint, config: dict, patterns: list[re.Pattern], dropped
     for p in patterns:
         if not any(p.search(n) for n in candidates):
             raise UsageError(
-                f"{{skip}} {p.pattern!r} matches none of the {len(candidates)} tensors quant would quantize "
+                f"{{skip}} {p.pattern!r} matches none of the {counted(len(candidates), 'tensor')} quant would quantize "
                 f"(e.g. `{candidates[0]}`); check the pattern", "skip"
             )
     skipped = sorted(n for n in candidates if any(p.search(n) for p in patterns))

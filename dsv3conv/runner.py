@@ -39,7 +39,7 @@ from dsv3conv.devices import (
     io_threads,
     parse_devices,
 )
-from dsv3conv.errors import Dsv3Error, HeaderError, UsageError
+from dsv3conv.errors import Dsv3Error, HeaderError, UsageError, counted
 from dsv3conv.ops import Copy
 from dsv3conv.plan import BUFFER_RANGE, MIN_BUFFER_BYTES, Plan, assign_parts, parse_part, parse_size
 from dsv3conv.preflight import check_space, space_free, space_needed
@@ -223,8 +223,7 @@ def _kept(exc: Dsv3Error, plan: Plan) -> Dsv3Error:
     kept = len(held_files(plan.dest)) if plan.dest.is_dir() else 0
     if not kept:
         return exc
-    files = "1 file" if kept == 1 else f"{kept} files"
-    err = type(exc)(f"{exc.message}; {plan.dest} keeps the {files} written so far: rerun with {{resume}} to finish it",
+    err = type(exc)(f"{exc.message}; {plan.dest} keeps the {counted(kept, 'file')} written so far: rerun with {{resume}} to finish it",
                     *exc.params, "resume")
     err.exit_code = exc.exit_code
     return err

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsv3conv.dtypes import DTYPE_SIZES
-from dsv3conv.errors import HeaderError, short
+from dsv3conv.errors import HeaderError, counted, short
 
 # Largest header accepted. The real DeepSeek-V3 shards have headers of ~100 KB; safetensors caps at 100 MB.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -85,7 +85,7 @@ def read_header(path: Path) -> Header:
         try:
             prefix = f.read(8)
             if len(prefix) < 8:
-                raise HeaderError(f"{path}: truncated inside the header length ({file_size} bytes); download it again")
+                raise HeaderError(f"{path}: truncated inside the header length ({counted(file_size, 'byte')}); download it again")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES:
                 raise HeaderError(
@@ -93,7 +93,7 @@ def read_header(path: Path) -> Header:
                 )
             if 8 + header_len > file_size:
                 raise HeaderError(
-                    f"{path}: header length {header_len} is larger than the file ({file_size} bytes); the file is truncated, download it again"
+                    f"{path}: header length {header_len} is larger than the file ({counted(file_size, 'byte')}); the file is truncated, download it again"
                 )
             raw = f.read(header_len)
         except OSError as exc:
@@ -108,7 +108,7 @@ def read_header(path: Path) -> Header:
         )
     if header.data_size < data_avail:
         raise HeaderError(
-            f"{path}: {data_avail - header.data_size} bytes after the last tensor that no header entry covers; the file is damaged"
+            f"{path}: {counted(data_avail - header.data_size, 'byte')} after the last tensor that no header entry covers; the file is damaged"
         )
     return header
 
@@ -135,7 +135,7 @@ def parse_header(raw: bytes, path: Path | str = "<header>") -> Header:
     cursor = 0
     for entry in entries:
         if entry.begin != cursor:
-            what = "overlaps the previous tensor" if entry.begin < cursor else f"leaves a gap of {entry.begin - cursor} bytes"
+            what = "overlaps the previous tensor" if entry.begin < cursor else f"leaves a gap of {counted(entry.begin - cursor, 'byte')}"
             raise HeaderError(f"{path}: tensor `{entry.name}` data_offsets {[entry.begin, entry.end]} {what}")
         cursor = entry.end
     return Header(tuple(entries), metadata, 8 + len(raw), cursor, bytes(raw))
@@ -167,7 +167,7 @@ def _parse_entry(name: str, spec: object, path: Path | str) -> TensorEntry:
         raise HeaderError(f"{path}: tensor `{name}` {dtype} {short(shape)} would need more than 2**64 bytes; the file is damaged")
     if end - begin != expected:
         raise HeaderError(
-            f"{path}: tensor `{name}` covers {end - begin} bytes but {dtype} {shape} needs {expected}"
+            f"{path}: tensor `{name}` covers {counted(end - begin, 'byte')} but {dtype} {shape} needs {expected:,}"
         )
     return TensorEntry(name, dtype, tuple(shape), begin, end)
 

@@ -198,7 +198,7 @@ SHARD_ROWS = [
     ("offsets-missing", _set(WEIGHT, "data_offsets", None), [SHARD1, WEIGHT, "data_offsets"]),
     ("offsets-three", _set(WEIGHT, "data_offsets", [0, 1, 2]), [SHARD1, WEIGHT, "data_offsets"]),
     ("offsets-reversed", _set(SCALE, "data_offsets", [402060, 402036]), [SHARD1, SCALE, "end before they begin"]),
-    ("size-mismatch", _set(WEIGHT, "shape", [301, 200]), [SHARD1, WEIGHT, "covers 60000 bytes", "needs 60200"]),
+    ("size-mismatch", _set(WEIGHT, "shape", [301, 200]), [SHARD1, WEIGHT, "covers 60,000 bytes", "needs 60,200"]),
     ("offsets-overlap", _overlap, [SHARD1, "overlaps"]),
     ("offsets-beyond-file", _beyond_file, [SHARD1, "truncated inside the data"]),
     ("metadata-not-strings", lambda r: edit_header(r / SHARD1, lambda h: h.__setitem__("__metadata__", {"format": 1})),

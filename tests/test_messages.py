@@ -100,3 +100,29 @@ def test_inspect_caps_a_long_problem_list(tiny_src, tmp_path):
     n = len(json.loads(cli("inspect", src, "--json").stdout)["problems"])
     assert n > 60 and len(listed) == 50, (n, len(listed))
     assert f"and {n - 50} more problems" in proc.stdout
+
+
+def test_a_count_of_one_takes_the_singular():
+    from dsv3conv.backend import check_repack
+    from dsv3conv.errors import Problem, counted, refuse
+
+    assert [counted(1, "shard"), counted(0, "shard"), counted(1234, "tensor")] == ["1 shard", "0 shards", "1,234 tensors"]
+    assert counted(1, "value is", "values are") == "1 value is" and counted(2, "value is", "values are") == "2 values are"
+    with pytest.raises(Dsv3Error, match=r" \(and 1 more problem\)$"):
+        refuse([Problem("x", "a", "first"), Problem("x", "b", "second")])
+    with pytest.raises(Dsv3Error, match="`w`: 1 of its 128x128 blocks holds 32-value groups"):
+        check_repack(type("Item", (), {"name": "w"}), 1)
+
+
+def test_messages_about_one_shard_or_one_scale_value(tmp_path):
+    """A checkpoint of one shard, then one scale value damaged: the summary and the error say it in the singular."""
+    from dsv3conv.synthetic import make_tiny
+    from tests.conftest import write_at
+
+    make_tiny(tmp_path / "src", n_shards=1)
+    text = cli("dequant", tmp_path / "src", tmp_path / "out", "--device", "cpu", "-q", check=0).stdout
+    assert ": 1 shard (0 already complete)" in text, text
+    weight = "model.layers.0.self_attn.o_proj.weight"
+    write_at(tmp_path / "src", weight + "_scale_inv", 0, b"\x00\x00\x00\x00")
+    proc = cli("dequant", tmp_path / "src", tmp_path / "again", "--device", "cpu", "-q", check=1)
+    assert f"`{weight}_scale_inv` in " in proc.stderr and ": 1 scale value is not finite and positive" in proc.stderr, proc.stderr

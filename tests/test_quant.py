@@ -278,7 +278,7 @@ def test_verify_against_a_source_quant_refuses_names_the_tensor(ckpts, tmp_path)
     report = verify_checkpoint(ckpts["root"] / "q", against=src, full=True)
     data = _checks(report)["data_vs_source"]
     assert not data["ok"] and report["mismatches"] == [], data
-    assert data["detail"].startswith("1 of the 99 compared tensors differ: ") and f"tensor `{weight}`: not compared" in data["detail"]
+    assert data["detail"].startswith("1 of the 99 compared tensors differs: ") and f"tensor `{weight}`: not compared" in data["detail"]
     assert "holds NaN or Inf values" in data["detail"], data
 
 

@@ -231,7 +231,7 @@ def test_nan_in_bf16_tensor(damaged):
     report = verify_checkpoint(damaged, full=True)
     assert not report["ok"]
     detail = failed(report)["values"]
-    assert f"`{CONVERTED}`" in detail and "1 NaN or Inf values (NaN first at [3, 177])" in detail, detail
+    assert f"`{CONVERTED}`" in detail and "1 NaN or Inf value (NaN first at [3, 177])" in detail, detail
 
 
 def test_zero_scale_in_source(tiny):

@@ -89,7 +89,7 @@ def test_fp8_nan_code_found_without_a_source(tiny):
         f.seek(info.offset + 250)  # element [1, 50] of [144, 200]
         f.write(b"\xff")  # an e4m3 NaN code
     detail = failed(verify_checkpoint(root, full=True))["values"]
-    assert f"`{FP8_WEIGHT}` (F8_E4M3" in detail and "1 NaN or Inf values (NaN first at [1, 50])" in detail, detail
+    assert f"`{FP8_WEIGHT}` (F8_E4M3" in detail and "1 NaN or Inf value (NaN first at [1, 50])" in detail, detail
 
 
 # --------------------------------------------------------------------------- verify-combine input

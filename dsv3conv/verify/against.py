@@ -9,6 +9,7 @@ from collections import Counter
 
 from dsv3conv.checkpoint import CONFIG_NAME, Checkpoint
 from dsv3conv.checks import formats_of, fp8_problems
+from dsv3conv.errors import counted
 from dsv3conv.ops import Copy, DequantBlockFp8, DequantMxfp4, QuantBlockFp8, RepackMxfp4Fp8
 from dsv3conv.verify.claim import Claim
 from dsv3conv.verify.report import Check, config_diffs, join, names, short_json
@@ -25,9 +26,9 @@ def source_check(src: Checkpoint) -> Check:
     if problems:
         return Check("source", False, f"{src.root}: " + join(problems))
     packed = len(formats.of_kind("mxfp4"))
-    return Check("source", True, f"{src.root}: {len(src.tensors):,} tensors, "
-                 f"{len(formats.of_kind('fp8_block')):,} FP8 weights with scales"
-                 + (f", {packed:,} packed FP4 weights with scales" if packed else ""))
+    return Check("source", True, f"{src.root}: {counted(len(src.tensors), 'tensor')}, "
+                 f"{counted(len(formats.of_kind('fp8_block')), 'FP8 weight')} with scales"
+                 + (f", {counted(packed, 'packed FP4 weight')} with scales" if packed else ""))
 
 
 def misformed(ckpt: Checkpoint, c: Claim) -> dict[str, str]:
@@ -60,8 +61,8 @@ def tensor_set_check(ckpt: Checkpoint, c: Claim) -> Check:
     counts = ", ".join(f"{ops[op]:,} {word}" for op, word in OP_WORDS.items() if ops[op])
     if ops[DequantBlockFp8] or ops[DequantMxfp4]:
         counts = counts.replace("dequantized", f"dequantized to {_out_dtype(planned)}", 1)
-    return Check("tensor_set", True, f"{len(planned):,} tensors as {c.kind} of the source makes them "
-                 f"({c.settings}): {counts}; {len(c.plan.dropped):,} source tensors left out")
+    return Check("tensor_set", True, f"{counted(len(planned), 'tensor')} as {c.kind} of the source makes them "
+                 f"({c.settings}): {counts}; {counted(len(c.plan.dropped), 'source tensor')} left out")
 
 
 def config_check(ckpt: Checkpoint, src: Checkpoint, c: Claim) -> Check:

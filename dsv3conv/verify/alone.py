@@ -14,6 +14,7 @@ from dsv3conv.checks import (
     stray_shards,
     total_size_problems,
 )
+from dsv3conv.errors import counted
 from dsv3conv.formats import BLOCK, MX_GROUP, Formats
 from dsv3conv.layout import mtp_layer_ids
 from dsv3conv.layout_v4 import is_v4_names, v4_layout
@@ -27,14 +28,14 @@ def header_checks(ckpt: Checkpoint, formats: Formats) -> list[Check]:
     files = [p for p in ckpt.problems if p.code not in HEADER_CODES + ("config",)]
     files += stray_shards(ckpt)
     if ckpt.index is None:
-        passed = f"{SINGLE_NAME}: {len(ckpt.tensors):,} tensors, no other shards"
+        passed = f"{SINGLE_NAME}: {counted(len(ckpt.tensors), 'tensor')}, no other shards"
     else:
-        passed = f"{len(shard_files(ckpt))} shard files, {len(ckpt.tensors):,} tensors; index and shards agree"
+        passed = f"{counted(len(shard_files(ckpt)), 'shard file')}, {counted(len(ckpt.tensors), 'tensor')}; index and shards agree"
     size = sum(s.file_size for s in ckpt.shards.values())
     checks = [
         check_of("files", files, passed),
         check_of("headers", [p for p in ckpt.problems if p.code in HEADER_CODES],
-                 f"{len(ckpt.shards)} headers valid; file sizes match the headers ({size:,} bytes)"),
+                 f"{counted(len(ckpt.shards), 'header')} valid; file sizes match the headers ({counted(size, 'byte')})"),
         check_of("total_size", total_size_problems(ckpt), _total_size_passed(ckpt)),
     ]
     return checks + _config_checks(ckpt, formats) + [_fp8_check(ckpt, formats)]
@@ -42,8 +43,8 @@ def header_checks(ckpt: Checkpoint, formats: Formats) -> list[Check]:
 
 def _total_size_passed(ckpt: Checkpoint) -> str:
     if ckpt.index is None:
-        return f"single file, no index; {ckpt.tensor_bytes():,} tensor bytes"
-    return f"{ckpt.tensor_bytes():,} bytes, the sum of the tensors"
+        return f"single file, no index; {counted(ckpt.tensor_bytes(), 'tensor byte')}"
+    return f"{counted(ckpt.tensor_bytes(), 'byte')}, the sum of the tensors"
 
 
 def _config_checks(ckpt: Checkpoint, formats: Formats) -> list[Check]:
@@ -93,8 +94,8 @@ def _fp8_check(ckpt: Checkpoint, formats: Formats) -> Check:
     packed = formats.of_kind("mxfp4")
     parts = []
     if block:
-        parts.append(f"{len(block):,} FP8 weights, each with a scale of [ceil(M/{BLOCK}), ceil(N/{BLOCK})]")
+        parts.append(f"{counted(len(block), 'FP8 weight')}, each with a scale of [ceil(M/{BLOCK}), ceil(N/{BLOCK})]")
     if packed:
-        parts.append(f"{len(packed):,} packed FP4 weights, each with an E8M0 scale per {MX_GROUP} values")
+        parts.append(f"{counted(len(packed), 'packed FP4 weight')}, each with an E8M0 scale per {MX_GROUP} values")
     passed = "; ".join(parts) if parts else "no FP8 weights, no scales"
     return check_of("fp8_scales", fp8_problems(ckpt.tensors, formats), passed)

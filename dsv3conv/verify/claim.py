@@ -25,7 +25,7 @@ from dsv3conv.checkpoint import Checkpoint
 from dsv3conv.checks import formats_of, mtp_rule, quantized, scale_tensors
 from dsv3conv.dequant import plan_dequant
 from dsv3conv.dtypes import FLOAT_DTYPES, OUT_DTYPES, TORCH_NAMES
-from dsv3conv.errors import Dsv3Error
+from dsv3conv.errors import Dsv3Error, counted
 from dsv3conv.formats import FP8, Formats
 from dsv3conv.layout import is_nextn_draft
 from dsv3conv.layout_v4 import is_v4_names, mtp_module_id, v4_layer_id
@@ -102,7 +102,7 @@ def _claim_quant(ckpt: Checkpoint, formats: Formats, src: Checkpoint, mtp: str) 
     scale_dtype = TORCH_NAMES.get(scale_dtypes[0], scale_dtypes[0]) if scale_dtypes else "float32"
     modules = qc.get("modules_to_not_convert") or []
     skip = ["^" + re.escape(f"{m}.weight") + "$" for m in modules if isinstance(m, str)]
-    c = Claim("quant", f"scale_fmt {scale_fmt}, scale dtype {scale_dtype}, {len(skip)} weights skipped, MTP {mtp}")
+    c = Claim("quant", f"scale_fmt {scale_fmt}, scale dtype {scale_dtype}, {counted(len(skip), 'weight')} skipped, MTP {mtp}")
     if len(scale_dtypes) > 1:
         c.problems.append(f"scales stored in several dtypes ({', '.join(scale_dtypes)}); quant writes one")
     return _plan(c, lambda: plan_quant(src, ckpt.root, scale_fmt=str(scale_fmt), scale_dtype=scale_dtype,

@@ -14,7 +14,7 @@ import re
 import stat
 from pathlib import Path
 
-from dsv3conv.errors import Dsv3Error, UsageError
+from dsv3conv.errors import Dsv3Error, UsageError, counted
 from dsv3conv.verify.report import Check, result
 
 MAX_REPORT_BYTES = 256 * 1024 * 1024
@@ -114,7 +114,7 @@ def _require_all(by_part: dict[int, dict], n: int) -> None:
         k += 1
     names = ", ".join(f"{k}/{n}" for k in missing)
     rest = n - len(by_part) - len(missing)
-    more = f" (and {rest:,} more parts)" if rest else ""
+    more = f" (and {counted(rest, 'more part')})" if rest else ""
     raise Dsv3Error(f"no report for part {names}{more}; run `verify --part K/N --json` for it and combine again")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dsv3conv.checkpoint import Checkpoint
+from dsv3conv.errors import counted
 from dsv3conv.ops import Copy, DequantBlockFp8, DequantMxfp4, QuantBlockFp8, RepackMxfp4Fp8
 from dsv3conv.verify.report import Check, fmt_diff, join, where
 from dsv3conv.verify.scan import Task
@@ -23,9 +24,10 @@ def values_check(results: dict[str, TensorResult], tasks: list[Task], ckpt: Chec
         if r.error and t.planned is None:
             problems.append(f"tensor `{t.info.name}`: {r.error}")
         elif r.bad_values:
-            what = "values that are not finite and > 0" if not t.sampled else "NaN or Inf values"
-            problems.append(f"tensor `{t.info.name}` ({t.info.dtype}, {t.info.file}) has {r.bad_values:,} "
-                            f"{what} ({r.bad_kind} first at {where(r.bad_first, t.info.shape)})")
+            what = (counted(r.bad_values, "value that is", "values that are") + " not finite and > 0"
+                    if not t.sampled else counted(r.bad_values, "NaN or Inf value"))
+            problems.append(f"tensor `{t.info.name}` ({t.info.dtype}, {t.info.file}) has {what} "
+                            f"({r.bad_kind} first at {where(r.bad_first, t.info.shape)})")
     sampled = sum(t.sampled for t in tasks)
     scales = len(tasks) - sampled
     others = sum(n not in scale_names and (shards is None or t.file in shards) for n, t in ckpt.tensors.items())
@@ -45,8 +47,9 @@ def data_check(results: dict[str, TensorResult], tasks: list[Task], pool: int, f
     compared = [t for t in tasks if t.planned is not None]
     lines = [line for t in compared if (line := _differs(t, results[t.info.name]))]
     if lines:
+        of = f"of the {len(compared):,} compared tensors"
         return Check("data_vs_source", False,
-                     f"{len(lines):,} of the {len(compared):,} compared tensors differ: " + "; ".join(lines[:20]))
+                     f"{counted(len(lines), f'{of} differs', f'{of} differ')}: " + "; ".join(lines[:20]))
     scope = f"{len(compared):,} of {pool:,}" if fraction is not None else f"all {len(compared):,}"
     ops = [KINDS[type(t.planned.op)] for t in compared]
     how = [f"{ops.count('dequant'):,} dequantized on {device}" if "dequant" in ops else "",
@@ -68,9 +71,11 @@ def _differs(t: Task, r: TensorResult) -> str:
         return head + (f"{r.differ:,} of {info.numel:,} e4m3 codes and {r.scale_differ:,} of "
                        f"{_scales(t.planned):,} scales differ from {op} of the source")
     if op == "copy":
-        return head + (f"{r.differ:,} of {info.nbytes:,} bytes differ from the copied source "
+        of = f"of {info.nbytes:,} bytes"
+        return head + (f"{counted(r.differ, f'{of} differs', f'{of} differ')} from the copied source "
                        f"(first at {where(r.diff_first, info.shape)})")
-    return head + (f"{r.differ:,} of {info.numel:,} elements differ from the dequantized source, largest difference "
+    of = f"of {info.numel:,} elements"
+    return head + (f"{counted(r.differ, f'{of} differs', f'{of} differ')} from the dequantized source, largest difference "
                    f"{fmt_diff(r.max_diff)} (first at {where(r.diff_first, info.shape)})")
 
 

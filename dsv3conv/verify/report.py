@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from dsv3conv.errors import Problem
+from dsv3conv.errors import Problem, counted
 
 LIST_LIMIT = 5  # names shown in one check's detail before "(and N more)"
 
@@ -46,7 +46,7 @@ def names(items: list[str], limit: int = LIST_LIMIT) -> str:
 
 def join(lines: list[str], limit: int = 10) -> str:
     text = "; ".join(lines[:limit])
-    return text + (f" (and {len(lines) - limit:,} more problems)" if len(lines) > limit else "")
+    return text + (f" (and {counted(len(lines) - limit, 'more problem')})" if len(lines) > limit else "")
 
 
 def where(flat: int, shape: tuple[int, ...]) -> str:
