@@ -156,10 +156,10 @@ def total_size_problems(ckpt: Checkpoint) -> list[Problem]:
     total, actual = (ckpt.index.get("metadata") or {}).get("total_size"), ckpt.tensor_bytes()
     if total is None:
         return [Problem("total-size", INDEX_NAME, f"{INDEX_NAME} has no metadata.total_size; the tensors hold "
-                        f"{actual:,} bytes", "restore the index")]
+                        f"{counted(actual, 'byte')}", "restore the index")]
     if not isinstance(total, int) or isinstance(total, bool) or total != actual:
         return [Problem("total-size", INDEX_NAME, f"{INDEX_NAME} metadata.total_size is {total!r} but the shards' "
-                        f"tensors hold {actual:,} bytes", "restore the index")]
+                        f"tensors hold {counted(actual, 'byte')}", "restore the index")]
     return []
 
 

@@ -135,7 +135,7 @@ def print_inspect(r: dict, json_out: bool = False) -> None:
     t.add_row("dtypes", "  ".join(f"{k} {v:,}" for k, v in r["dtypes"].items()))
     f = r["fp8"]
     t.add_row("FP8 weights", f"{f['weights_with_scale']:,} with scale, {f['weights_without_scale']:,} without; "
-              f"{f['orphan_scales']:,} orphan scales")
+              f"{counted(f['orphan_scales'], 'orphan scale')}")
     t.add_row("formats", "\n".join(f"{k}: {v:,}" for k, v in r["formats"].items()) or "-")
     lay = r["layout"]
     if v4:

@@ -31,9 +31,9 @@ def values_check(results: dict[str, TensorResult], tasks: list[Task], ckpt: Chec
     sampled = sum(t.sampled for t in tasks)
     scales = len(tasks) - sampled
     others = sum(n not in scale_names and (shards is None or t.file in shards) for n, t in ckpt.tensors.items())
-    what = f"{sampled:,} of {others:,} tensors" if fraction is not None else f"all {others:,} tensors"
+    what = f"{sampled:,} of {counted(others, 'tensor')}" if fraction is not None else f"all {counted(others, 'tensor')}"
     if scales:
-        what += f" and all {scales:,} scales"
+        what += f" and all {counted(scales, 'scale')}"
     if problems:
         return Check("values", False, join(problems, limit=20))
     return Check("values", True, f"{what} read: no NaN or Inf" + ("; scales finite and > 0" if scales else "")
@@ -50,14 +50,14 @@ def data_check(results: dict[str, TensorResult], tasks: list[Task], pool: int, f
         of = f"of the {len(compared):,} compared tensors"
         return Check("data_vs_source", False,
                      f"{counted(len(lines), f'{of} differs', f'{of} differ')}: " + "; ".join(lines[:20]))
-    scope = f"{len(compared):,} of {pool:,}" if fraction is not None else f"all {len(compared):,}"
+    scope = f"{len(compared):,} of {counted(pool, 'tensor')}" if fraction is not None else f"all {counted(len(compared), 'tensor')}"
     ops = [KINDS[type(t.planned.op)] for t in compared]
     how = [f"{ops.count('dequant'):,} dequantized on {device}" if "dequant" in ops else "",
            f"{ops.count('quant'):,} quantized again on {device}, e4m3 codes and scales" if "quant" in ops else "",
            f"{ops.count('repack'):,} repacked again on {device}, e4m3 codes and scales" if "repack" in ops else "",
            f"{ops.count('copy'):,} copied" if "copy" in ops else ""]
     return Check("data_vs_source", True,
-                 f"{scope} tensors bit-identical to {what} ({', '.join(h for h in how if h) or 'none read'})")
+                 f"{scope} bit-identical to {what} ({', '.join(h for h in how if h) or 'none read'})")
 
 
 def _differs(t: Task, r: TensorResult) -> str:

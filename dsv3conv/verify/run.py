@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint, require_dir
 from dsv3conv.checks import formats_of, scale_tensors, shard_files
-from dsv3conv.errors import Dsv3Error, UsageError
+from dsv3conv.errors import Dsv3Error, UsageError, counted
 from dsv3conv.ops import EMITS_SCALE, QuantScale
 from dsv3conv.plan import assign_parts, parse_part
 from dsv3conv.verify.against import config_check, misformed, source_check, tensor_set_check
@@ -67,7 +67,7 @@ def verify_checkpoint(
         mismatches |= {t.info.name for t in todo if t.planned is not None and (
             results[t.info.name].differ or results[t.info.name].scale_differ)}
     if k_n is not None:
-        where = f" [part {k_n[0]}/{k_n[1]}: {len(shards)} of {len(shard_files(ckpt))} shards]"
+        where = f" [part {k_n[0]}/{k_n[1]}: {len(shards)} of {counted(len(shard_files(ckpt)), 'shard')}]"
         data_checks = [Check(d.name, d.ok, d.detail + where) for d in data_checks]
     return result(checks + data_checks[:1] + against_checks + data_checks[1:], sorted(mismatches), k_n, shards)
 
