@@ -84,8 +84,11 @@ def plan_dequant(
     files = shard_files(groups, max_shard_size)
     drop = mtp == "drop"
     edit = repack_config(config, drop) if repack else dequant_config(config, out_dtype, drop_mtp=drop)
+    # `allow_nonfinite` is left out: a shard written without it has no NaN or Inf, the same bytes either way
+    options = {"dtype": out_dtype, "mtp": mtp, "experts": experts, "scale_dtype": scale_dtype if repack else None,
+               "max_shard_size": max_shard_size}
     return Plan(ckpt.root, dest, files, index_json(ckpt, files), edit.config, edit.changes, list(extra_files),
-                sorted(dropped))
+                sorted(dropped), options)
 
 
 def _dequantized(ckpt: Checkpoint, f: TensorFormat, dtype: str, allow_nonfinite: bool) -> TensorPlan:

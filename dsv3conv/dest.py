@@ -20,7 +20,7 @@ from dsv3conv.writer import PARTIAL_SUFFIX, nearest_existing, partial_path
 
 LOCK_NAME = ".dsv3conv.lock"
 FINALIZE_LOCK_NAME = ".dsv3conv.finalize.lock"
-PLAN_NAME = ".dsv3conv.plan"  # what an unfinished DST is being written under; removed once complete
+PLAN_NAME = ".dsv3conv.plan"  # the plan DST is written under: source, options, output files (kept when done)
 
 if TYPE_CHECKING:
     from dsv3conv.plan import FilePlan, Plan
@@ -192,11 +192,14 @@ def is_complete(path: Path, file: FilePlan) -> bool:
 
 # ------------------------------------------------------------------------------- the plan DST is under
 def plan_record(plan: Plan) -> dict:
-    """What a resumed run must share with the run that began DST: the source directory, every output file's
-    name and header (tensors, dtypes, offsets), config.json and the files copied alongside. A source file may
-    change in between (a damaged shard replaced: the documented way to finish a failed run)."""
+    """What a resumed run must share with the run that wrote DST: the source directory, the options that decide
+    the output (`Plan.options`), every output file's name and header (tensors, dtypes, offsets), config.json
+    and the files copied alongside. A source file may change in between (a damaged shard replaced: the
+    documented way to finish a failed run). Kept once DST is complete, so a later `--resume` is the same job;
+    it holds digests and option values, no path (DST may be published as it is)."""
     return {
-        "source": os.path.realpath(plan.source),
+        "source": _digest(os.path.realpath(plan.source).encode()),
+        "options": plan.options,
         "output_files": {f.name: _digest(f.header) for f in plan.files},
         "config": _digest(json.dumps(plan.config, sort_keys=True).encode()),
         "extra_files": list(plan.extra_files),
@@ -204,10 +207,11 @@ def plan_record(plan: Plan) -> dict:
 
 
 def check_claim(plan: Plan) -> dict | None:
-    """Refuse to resume DST begun under another plan, naming what differs; return the record DST holds.
+    """Refuse to resume DST begun under another plan, naming what differs (the options first); return the
+    record DST holds.
 
-    Without a record (DST left by a finished run, or by a run stopped before it began), output shards the
-    plan does not hold are refused: they would stay beside the new ones.
+    Without a record (DST left by a run stopped before it began, or by a version of this tool that kept none
+    once done), output shards the plan does not hold are refused: they would stay beside the new ones.
     """
     path = plan.dest / PLAN_NAME
     try:
@@ -225,10 +229,10 @@ def check_claim(plan: Plan) -> dict | None:
                              "it was written with other options or from another source; rerun with those, or "
                              "{overwrite} to start again", "overwrite")
         return None
-    diffs = _differences(before if isinstance(before, dict) else {}, now)
+    diffs, options = _differences(before if isinstance(before, dict) else {}, now, plan.source)
     if diffs:
         raise UsageError(f"{plan.dest}: cannot resume, begun under another plan ({'; '.join(diffs)}); rerun with "
-                         "that run's source and options, or {overwrite} to start again", "overwrite")
+                         "that run's source and options, or {overwrite} to start again", *options, "overwrite")
     return before
 
 
@@ -241,7 +245,7 @@ def claim_dest(plan: Plan, *, resume: bool) -> None:
 
 
 def release_dest(dest: Path) -> None:
-    """DST is complete: its plan record goes."""
+    """A record no run holds any more (left by a run stopped before its first shard) goes."""
     (dest / PLAN_NAME).unlink(missing_ok=True)
 
 
@@ -268,11 +272,18 @@ def _write_record(path: Path, record: dict, *, replace: bool) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-def _differences(before: dict, now: dict) -> list[str]:
-    """What differs between two plan records, in words (the first few names of each kind)."""
+def _differences(before: dict, now: dict, source: Path) -> tuple[list[str], list[str]]:
+    """What differs between two plan records, in words (the first few names of each kind), and the options
+    named in them. Options that differ say it: the shards and config they change are not listed again."""
     diffs = []
     if before.get("source") != now["source"]:
-        diffs.append(f"source {before.get('source')}, now {now['source']}")
+        diffs.append(f"another source than that run's, now {os.path.realpath(source)}")
+    old_options = before.get("options")
+    if isinstance(old_options, dict):  # a record without them (an earlier version): held to what they make
+        options = [k for k, v in now["options"].items() if old_options.get(k) != v]
+        if options:
+            return diffs + [f"{{{k}}} {_value(old_options.get(k))}, now {_value(now['options'][k])}"
+                            for k in options], options
     old_out, new_out = before.get("output_files") or {}, now["output_files"]
     if not isinstance(old_out, dict):
         old_out = {}
@@ -287,7 +298,16 @@ def _differences(before: dict, now: dict) -> list[str]:
         diffs.append("another config.json")
     if before.get("extra_files") != now["extra_files"]:
         diffs.append("other files copied alongside")
-    return diffs
+    return diffs, []
+
+
+def _value(value) -> str:
+    """An option's value as a message shows it."""
+    if value is None:
+        return "not given"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) or "none"
+    return str(value)
 
 
 def _few(names: list[str], shown: int = 3) -> str:

@@ -86,6 +86,9 @@ class Plan:
     config_changes: list[str]
     extra_files: list[str]
     dropped: list[str] = field(default_factory=list)  # source tensors not written (scales, MTP)
+    # The options that decide the output's bytes and layout, by parameter name: `--resume` holds DST to them.
+    # Those that change only speed or where it runs (device, threads, buffers, part) are not here.
+    options: dict = field(default_factory=dict)
 
     @property
     def total_size(self) -> int:

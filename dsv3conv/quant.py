@@ -122,7 +122,9 @@ def plan_quant(
         edit.set_expert_dtype("fp8")
     if dropped:
         edit.drop_mtp()
-    return Plan(ckpt.root, dest, files, index_json(ckpt, files), edit.config, edit.changes, list(extra_files), dropped)
+    options = {"scale_fmt": scale_fmt, "scale_dtype": scale_dtype, "skip": sorted(skip), "mtp": mtp}
+    return Plan(ckpt.root, dest, files, index_json(ckpt, files), edit.config, edit.changes, list(extra_files), dropped,
+                options)
 
 
 def _v4_quantized(name: str, dtype: str) -> bool:

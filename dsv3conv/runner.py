@@ -448,11 +448,11 @@ def _worker_error(device: str, i: int, n: int, payload) -> BaseException:
 
 
 def _finalize(plan: Plan) -> None:
-    """Other files first, then the index, then config.json: a checkpoint is loadable only once all is there."""
+    """Other files first, then the index, then config.json: a checkpoint is loadable only once all is there.
+    The plan record stays (`dest.plan_record`): a later `--resume` is held to the same job."""
     for rel in plan.extra_files:
         copy_file_fast(plan.source / rel, plan.dest / rel)
     if plan.index is not None:
         write_bytes_atomic(plan.dest / INDEX_NAME, (json.dumps(plan.index, indent=2) + "\n").encode())
     if plan.config is not None:
         write_bytes_atomic(plan.dest / CONFIG_NAME, (json.dumps(plan.config, indent=2) + "\n").encode())
-    release_dest(plan.dest)

@@ -103,7 +103,7 @@ def plan_split_mtp(ckpt: Checkpoint, dest: Path, layout: str = "sglang",
     if not any(t.dtype == FP8_DTYPE for t in entries):
         edit.drop_quantization("no FP8 tensors in the draft")
     return Plan(ckpt.root, dest, files, index_json(ckpt, files), edit.config, edit.changes, list(extra_files),
-                sorted(dropped))
+                sorted(dropped), {"mtp_layout": layout})
 
 
 def _plan_v4_draft(ckpt: Checkpoint, dest: Path, layout: str, config: dict,
@@ -115,7 +115,8 @@ def _plan_v4_draft(ckpt: Checkpoint, dest: Path, layout: str, config: dict,
                if mtp_module_id(e.name) is not None or e.name in shared]
     files = shard_files([("", entries)], DRAFT_SHARD_BYTES)
     edit = ConfigEdit(config)
-    return Plan(ckpt.root, dest, files, index_json(ckpt, files), edit.config, edit.changes, list(extra_files), [])
+    return Plan(ckpt.root, dest, files, index_json(ckpt, files), edit.config, edit.changes, list(extra_files), [],
+                {"mtp_layout": layout})
 
 
 def _mtp_source(ckpt: Checkpoint) -> tuple[dict, set[int]]:

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from dsv3conv.api import dequantize
 from dsv3conv.backend import CpuBackend, Item, convert
+from dsv3conv.dest import PLAN_NAME
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.ops import DequantBlockFp8
 from dsv3conv.synthetic import make_tiny, quantize_blocks
@@ -92,7 +93,8 @@ def test_config_index_and_files(tmp_path):
         assert (tmp_path / "out" / extra).read_bytes() == (tmp_path / "src" / extra).read_bytes(), extra
     assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == sorted(
         p.name for p in (tmp_path / "src").glob("*.safetensors"))
-    assert not list((tmp_path / "out").glob(".*"))  # no lock or partial file left behind
+    # no lock or partial file left behind: only the plan record, which a later --resume is held to
+    assert [p.name for p in (tmp_path / "out").glob(".*")] == [PLAN_NAME]
 
 
 def test_mtp_drop_and_keep(tmp_path):
@@ -220,7 +222,7 @@ def test_three_parts_equal_one_run(tmp_path):
     assert set().union(*shards) == {p.name for p in (tmp_path / "ref").glob("*.safetensors")}
     assert sum(map(len, shards)) == 7
     ref = sorted(p.name for p in (tmp_path / "ref").iterdir())
-    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == ref
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ref  # the plan record too, no lock
     for name in ref:
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
 

@@ -23,6 +23,7 @@ import torch
 
 from dsv3conv.api import dequantize, quantize, verify_checkpoint
 from dsv3conv.backend import CpuBackend, Item, convert
+from dsv3conv.dest import PLAN_NAME
 from dsv3conv.dtypes import DTYPE_SIZES, SAFETENSORS_DTYPES, TORCH_DTYPES
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
@@ -223,7 +224,7 @@ def test_output_layout_config_index_and_files(ckpts):
             assert e.begin % DTYPE_SIZES[e.dtype] == 0, f"{p.name}: `{e.name}` starts at {e.begin}, unaligned"
     for extra in EXTRA_FILES:
         assert (root / "q" / extra).read_bytes() == (root / "bf16" / extra).read_bytes(), extra
-    assert not list((root / "q").glob(".*"))
+    assert [p.name for p in (root / "q").glob(".*")] == [PLAN_NAME]  # the plan record, no lock or partial file
     s = ckpts["summary"]
     assert s["tensors_converted"] == s["scales_written"] == 68 and s["tensors_copied"] == len(src) - 68
     assert s["bytes_written"] == sum(p.stat().st_size for p in (root / "q").glob("*.safetensors"))

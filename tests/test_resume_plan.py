@@ -1,8 +1,9 @@
-"""--resume into a DST begun under another plan is refused, naming what differs; the same plan resumes.
+"""--resume into a DST begun under another plan is refused, naming what differs (the option first); the same
+plan resumes, whatever the device, threads or buffers.
 
-An unfinished DST is made by `--part 1/2` (half the shards, no index or config, the plan recorded in
-`.dsv3conv.plan`); a finished one has no record, and its shards are held to the new plan's names.
-Every refusal leaves DST as it was.
+An unfinished DST is made by `--part 1/2` (half the shards, no index or config); a finished one by a whole
+run. Both hold their plan in `.dsv3conv.plan`; a DST without one (an earlier version's) is held to the new
+plan's shard names. Every refusal leaves DST as it was.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ def half_done(tiny_src, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (("--mtp", "drop"), "another config.json"),
-    (("--max-shard-size", "300KB"), "output shards 4 before"),
-    (("--dtype", "float16"), "other tensors or dtypes"),
-    (("--dtype", "float32", "--part", "2/2"), "other tensors or dtypes"),
-    (("--mtp", "drop", "--part", "1/2"), "another config.json"),
-    (("--dtype", "float16", "--dry-run"), "other tensors or dtypes"),
+    (("--mtp", "drop"), "(--mtp keep, now drop)"),
+    (("--max-shard-size", "300KB"), "(--max-shard-size not given, now 300000)"),
+    (("--dtype", "float16"), "(--dtype bfloat16, now float16)"),
+    (("--dtype", "float32", "--part", "2/2"), "(--dtype bfloat16, now float32)"),
+    (("--mtp", "drop", "--part", "1/2"), "(--mtp keep, now drop)"),
+    (("--dtype", "float16", "--dry-run"), "(--dtype bfloat16, now float16)"),
 ])
 def test_other_options_are_refused(tiny_src, half_done, flags, needle):
     before = listing(half_done)
@@ -57,24 +58,52 @@ def test_an_unreadable_record_is_refused(tiny_src, half_done, damage):
     assert_one_line_error(proc, 2, "another plan")
 
 
-def test_the_same_plan_resumes_and_the_record_goes(tiny_src, half_done, tmp_path):
+def test_the_same_plan_resumes_and_the_record_stays(tiny_src, half_done, tmp_path):
     cli("dequant", tiny_src, half_done, "--part", "2/2", "--device", "cpu", "--quiet", check=0)
-    assert not (half_done / PLAN_NAME).exists()
     whole = tmp_path / "whole"
     cli("dequant", tiny_src, whole, "--device", "cpu", "--quiet", check=0)
     assert listing(half_done) == listing(whole)
-    assert not (whole / PLAN_NAME).exists()
+    assert (half_done / PLAN_NAME).read_bytes() == (whole / PLAN_NAME).read_bytes()
 
 
-def test_finished_output_resumed_with_other_shards_is_refused(tiny_src, tmp_path):
+@pytest.mark.parametrize("flags, needle", [
+    (("--dtype", "float16"), "(--dtype bfloat16, now float16)"),
+    (("--mtp", "drop"), "(--mtp keep, now drop)"),
+    (("--max-shard-size", "300KB"), "(--max-shard-size not given, now 300000)"),
+    (("--dtype", "float32", "--mtp", "drop"), "(--dtype bfloat16, now float32; --mtp keep, now drop)"),
+])
+def test_finished_output_resumed_with_other_options_is_refused(tiny_src, tmp_path, flags, needle):
+    """`dequant SRC DST` done, then `--resume` with an option that changes the output: refused, not redone."""
     out = tmp_path / "out"
     cli("dequant", tiny_src, out, "--device", "cpu", "--quiet", check=0)
+    before = listing(out)
+    proc = cli("dequant", tiny_src, out, "--resume", "--device", "cpu", "--quiet", *flags)
+    assert_one_line_error(proc, 2, str(out), "another plan", needle, "that run's source and options", "--overwrite")
+    assert listing(out) == before
+
+
+def test_options_that_keep_the_output_may_change(tiny_src, half_done, tmp_path, monkeypatch):
+    """Device, buffer size and thread count change no output byte: a resume with others finishes the job."""
+    out = half_done
+    monkeypatch.setenv("DSV3CONV_CPU_THREADS", "1")
+    cli("dequant", tiny_src, out, "--resume", "--device", "auto", "--buffer-size", "1MiB", "--quiet", check=0)
+    whole = tmp_path / "whole"
+    cli("dequant", tiny_src, whole, "--device", "cpu", "--quiet", check=0)
+    assert listing(out) == listing(whole)
+
+
+def test_finished_output_without_a_record_is_held_to_its_shard_names(tiny_src, tmp_path):
+    """A finished DST without a record (an earlier version kept none): shards this run would not write are
+    refused; the same options resume."""
+    out = tmp_path / "out"
+    cli("dequant", tiny_src, out, "--device", "cpu", "--quiet", check=0)
+    (out / PLAN_NAME).unlink()
     before = listing(out)
     proc = cli("dequant", tiny_src, out, "--resume", "--device", "cpu", "--quiet", "--max-shard-size", "300KB")
     assert_one_line_error(proc, 2, "holds shards this run would not write", "model-00001-of-000004")
     assert listing(out) == before
     cli("dequant", tiny_src, out, "--resume", "--device", "cpu", "--quiet", check=0)  # same options: fine
-    assert listing(out) == before and not (out / PLAN_NAME).exists()
+    assert listing(out) == before
 
 
 def test_split_mtp_resume_from_another_source_is_refused(tiny_src, tmp_path):
@@ -92,5 +121,16 @@ def test_quant_resume_with_other_options_is_refused(tiny_src, tmp_path):
     cli("quant", bf16, out, "--part", "1/2", "--device", "cpu", "--quiet", check=0)
     before = listing(out)
     proc = cli("quant", bf16, out, "--resume", "--scale-dtype", "bfloat16", "--device", "cpu", "--quiet")
-    assert_one_line_error(proc, 2, "another plan")
+    assert_one_line_error(proc, 2, "another plan", "(--scale-dtype float32, now bfloat16)")
+    assert listing(out) == before
+
+
+def test_split_mtp_resume_with_another_layout_is_refused(tiny_src, tmp_path):
+    out = tmp_path / "draft"
+    cli("split-mtp", tiny_src, "--mtp-out", out, "--quiet", check=0)
+    before = listing(out)
+    proc = cli("split-mtp", tiny_src, "--mtp-out", out, "--resume", "--mtp-layout", "full", "--quiet")
+    assert_one_line_error(proc, 2, "another plan", "(--mtp-layout sglang, now full)", "--overwrite")
+    assert listing(out) == before
+    cli("split-mtp", tiny_src, "--mtp-out", out, "--resume", "--quiet", check=0)
     assert listing(out) == before

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from dsv3conv import writer as split_module
 from dsv3conv.api import dequantize, split_mtp
 from dsv3conv.checkpoint import INDEX_NAME, Checkpoint
+from dsv3conv.dest import PLAN_NAME
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.layout import layer_id, mtp_layer_ids
 from dsv3conv.safetensors_format import read_header
@@ -89,7 +90,7 @@ def _assert_main(src_root: Path, out_root: Path) -> Checkpoint:
         assert out.shards[name].header.metadata == {"format": "pt"}
     for rel in src.extra_files():
         assert filecmp.cmp(src_root / rel, out_root / rel, shallow=False), rel
-    assert not list(out_root.glob(".*"))  # no lock, no partial files left behind
+    assert [p.name for p in out_root.glob(".*")] == [PLAN_NAME]  # no lock, no partial files: the plan record
     return out
 
 
