@@ -18,10 +18,10 @@ import torch
 
 from dsv3conv.checkpoint import Checkpoint, TensorInfo
 from dsv3conv.errors import Dsv3Error
-from dsv3conv.finite import NAN_BITS, check_piece
+from dsv3conv.finite import NAN_BITS, check_copy, check_piece
 from dsv3conv.kernels.fp8_block_dequant import reference_dequant
 from dsv3conv.kernels.mxfp4_dequant import reference_dequant_mxfp4
-from dsv3conv.ops import DequantBlockFp8, DequantMxfp4
+from dsv3conv.ops import Copy, DequantBlockFp8, DequantMxfp4
 from dsv3conv.plan import TensorPlan
 from tests.conftest import assert_one_line_error, bits, cli, load_all, write_at
 
@@ -215,3 +215,24 @@ def test_the_compiled_nan_scan_equals_the_reference():
                               dtype=torch.uint8)
         piece[(piece & 0x7F) == 0x7F] = 0x7E if bool(torch.rand(1, generator=gen) < 0.5) else 0x7F
         assert has_nan_code(piece.numpy()) == reference_has_nan_code(piece.numpy())
+
+
+@pytest.mark.parametrize(("dtype", "values", "first"), [
+    ("F32", [1.0, -2.0, 0.5], "-2.0"), ("F32", [np.inf, 1.0], "inf"), ("BF16", [0.25, np.nan], "nan"),
+    ("F16", [0.0, 1.0], "0.0"), ("F8_E8M0", None, "nan"),
+], ids=["f32-negative", "f32-inf", "bf16-nan", "f16-zero", "e8m0-255"])
+def test_copied_scale_held_to_the_rule_of_converted_scales(dtype, values, first) -> None:
+    """A scale copied with its weight (`Copy(scale=True)`) is refused as a scale that converts is, in every
+    scale dtype; the same bytes copied as a plain tensor pass unread."""
+    if values is None:
+        raw = np.array([127, 255], np.uint8)  # E8M0: 1.0, then NaN
+    else:
+        np_dtype = {"F32": np.float32, "F16": np.float16}.get(dtype)
+        raw = (np.array(values, np_dtype) if np_dtype else
+               torch.tensor(values, dtype=torch.bfloat16).view(torch.int16).numpy()).view(np.uint8)
+    shape = (1, raw.size // {"F32": 4, "BF16": 2, "F16": 2, "F8_E8M0": 1}[dtype])
+    info = TensorInfo("x.scale", "shard-2.safetensors", dtype, shape, 0, raw.size)
+    with pytest.raises(Dsv3Error, match=rf"tensor `x.scale` in shard-2.safetensors: 1 scale values are not finite "
+                                        rf"and positive \(first: {first}\)"):
+        check_copy(TensorPlan("x.scale", dtype, shape, Copy(scale=True), (info,)), raw)
+    check_copy(TensorPlan("x.scale", dtype, shape, Copy(), (info,)), raw)
