@@ -232,7 +232,7 @@ def test_copied_scale_held_to_the_rule_of_converted_scales(dtype, values, first)
                torch.tensor(values, dtype=torch.bfloat16).view(torch.int16).numpy()).view(np.uint8)
     shape = (1, raw.size // {"F32": 4, "BF16": 2, "F16": 2, "F8_E8M0": 1}[dtype])
     info = TensorInfo("x.scale", "shard-2.safetensors", dtype, shape, 0, raw.size)
-    with pytest.raises(Dsv3Error, match=rf"tensor `x.scale` in shard-2.safetensors: 1 scale values are not finite "
+    with pytest.raises(Dsv3Error, match=rf"tensor `x.scale` in shard-2.safetensors: 1 scale value is not finite "
                                         rf"and positive \(first: {first}\)"):
         check_copy(TensorPlan("x.scale", dtype, shape, Copy(scale=True), (info,)), raw)
     check_copy(TensorPlan("x.scale", dtype, shape, Copy(), (info,)), raw)
