@@ -16,6 +16,7 @@ from typing import Iterable, Mapping
 
 from dsv3conv.checkpoint import SCALE_SUFFIX, TensorInfo
 from dsv3conv.config import BLOCK
+from dsv3conv.formats import block_scale_shape as scale_shape  # the V3 names' word for it
 
 # Layer and expert numbers as loaders write them: ASCII digits, no leading zero (the reader reports others).
 LAYER_RE = re.compile(r"^model\.layers\.(0|[1-9][0-9]*)\.(.+)$", re.DOTALL)
@@ -65,11 +66,6 @@ def is_scale(name: str) -> bool:
 
 def scale_name(weight: str) -> str:
     return weight + SCALE_SUFFIX
-
-
-def scale_shape(shape: tuple[int, ...], block: int = BLOCK) -> tuple[int, int]:
-    rows, cols = shape
-    return (-(-rows // block), -(-cols // block))
 
 
 def default_config() -> dict:

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from dsv3conv.formats import block_scale_shape
+from dsv3conv.formats import block_scale_shape, mx_scale_shape
 
 V4_LAYER_RE = re.compile(r"^layers\.(\d+)\.")
 MTP_RE = re.compile(r"^mtp\.(\d+)\.")
@@ -143,8 +143,8 @@ def _fp8(name: str, shape: tuple[int, int]) -> list[TensorSpec]:
 
 
 def _fp4(name: str, shape: tuple[int, int]) -> list[TensorSpec]:
-    rows, cols = shape
-    return [(name, (rows, cols // 2), "I8"), (name[: -len(".weight")] + ".scale", (rows, -(-cols // 32)), "F8_E8M0")]
+    packed = (shape[0], shape[1] // 2)
+    return [(name, packed, "I8"), (name[: -len(".weight")] + ".scale", mx_scale_shape(packed), "F8_E8M0")]
 
 
 def _hc_head(prefix: str, hidden: int, hc: int) -> list[TensorSpec]:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # imported by the generators of random data when called (as i
     import torch
 
 from dsv3conv import dtypes
-from dsv3conv.formats import ignored
+from dsv3conv.formats import ignored, mx_scale_shape
 from dsv3conv.layout import FP8_DTYPE, deepseek_v3_tensors, is_scale, scale_shape
 from dsv3conv.layout_v4 import deepseek_v4_tensors, mtp_module_id, v4_layer_id
 from dsv3conv.synthetic import (
@@ -88,9 +88,8 @@ def _mxfp4(shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, 
     """Random packed E2M1 bytes and E8M0 scales between 2^-9 and 2^-5 (no NaN code)."""
     import torch
 
-    rows, pcols = shape
-    packed = torch.randint(-128, 128, (rows, pcols), dtype=torch.int8, generator=gen)
-    scale = torch.randint(118, 123, (rows, -(-2 * pcols // 32)), dtype=torch.uint8, generator=gen)
+    packed = torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
+    scale = torch.randint(118, 123, mx_scale_shape(shape), dtype=torch.uint8, generator=gen)
     return packed, scale.view(torch.float8_e8m0fnu)
 
 
