@@ -333,18 +333,34 @@ class _OwnMemory(LateBackend):
 
 
 @pytest.mark.parametrize("own_memory", [False, True])
-def test_copies_are_written_while_the_backend_starts_then_the_rest(tmp_path, src_ref, own_memory):
-    """The backend (a Future) is there only once every batch that converts nothing is written: none that
-    converts is written before, and the output is the CPU's bytes. A read buffer made meanwhile (plain
-    memory) converts at most once, then the pool makes the backend's own in its place."""
+def test_copies_are_written_while_the_backend_starts_then_the_rest(tmp_path, src_ref, own_memory, monkeypatch):
+    """The backend (a Future) is there only once every batch that converts nothing is written and a batch that
+    converts was read meanwhile: none that converts is written before, and the output is the CPU's bytes. A read
+    buffer made meanwhile (plain memory) converts at most once, then the pool makes the backend's own in its place."""
     src, ref = src_ref
     plan, todo, copies = _plan_and_copies(src, tmp_path / "out")
     backend, starting = (_OwnMemory() if own_memory else LateBackend()), Future()
+    lock, seen = threading.Lock(), {"copies written": False, "converting batch read": False}
+
+    def saw(what):  # the backend arrives once every copy is written and a converting batch is read meanwhile
+        with lock:
+            seen[what] = True
+            if all(seen.values()) and not starting.done():
+                starting.set_result(backend)
 
     def on_put(order):
-        if order.count(False) == copies and not starting.done():
-            starting.set_result(backend)
+        if order.count(False) == copies:
+            saw("copies written")
 
+    read = engine._read_batch
+
+    def read_noting_conversions(spec, buf, handles, scales):
+        items = read(spec, buf, handles, scales)
+        if spec.converts:
+            saw("converting batch read")
+        return items
+
+    monkeypatch.setattr(engine, "_read_batch", read_noting_conversions)
     sink = _Recording(plan, on_put)
     try:
         engine.run_batches(plan, starting, todo, sink, chunk_bytes=8192)
