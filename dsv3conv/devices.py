@@ -56,12 +56,12 @@ def visible_gpus() -> int | None:
     no more devices than it lists, up to the first invalid index): a directory listing, no library loaded.
     Not NVML through ctypes: it counts the same physical GPUs, for a library load and an init more; not the
     driver's cuInit and cuDeviceGetCount: that start is the slow part the backend's thread runs beside the
-    copies. None without those entries (WSL, other systems) and where MIG instances exist (one GPU may then
-    be several CUDA devices, or none)."""
+    copies. None without those entries (WSL, other systems), where they list no GPU, and where MIG instances
+    exist (one GPU may then be several CUDA devices, or none)."""
     try:
         gpus = len(os.listdir(NVIDIA_PROC / "gpus"))
-        if any((NVIDIA_PROC / "capabilities").glob("gpu*/mig/gi*")):
-            return None
+        if not gpus or any((NVIDIA_PROC / "capabilities").glob("gpu*/mig/gi*")):
+            return None  # none listed: a container may hide the entries of the GPUs it passes through
     except OSError:
         return None
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -45,24 +45,24 @@ def driver(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("gpus, mig, visible, count", [
     (2, False, None, 2), (2, False, "1", 1), (2, False, "1,0", 2), (2, False, "0,5,1", 1), (2, False, "0,-1,1", 1),
-    (2, False, "GPU-8d2c6f1e", 1), (2, False, "0,0,1", 2), (1, False, "", 0), (0, False, None, 0),
+    (2, False, "GPU-8d2c6f1e", 1), (2, False, "0,0,1", 2), (1, False, "", 0), (0, False, None, None),
     (None, False, None, None), (2, True, None, None),
 ])
 def test_visible_gpus_from_the_driver_and_cuda_visible_devices(driver, monkeypatch, gpus, mig, visible, count):
     """At most the GPUs the driver lists, and no more than CUDA_VISIBLE_DEVICES names before an invalid index;
-    unknown without the driver's entries or with MIG instances."""
+    unknown without the driver's entries, where they list none (a container may hide them) or with MIG instances."""
     driver(gpus, mig)
     if visible is not None:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert devices.visible_gpus() == count
 
 
-def test_check_gpu_index(driver):
+def test_check_gpu_index(driver, monkeypatch):
     driver(2)
     devices.check_gpu_index(["cuda", "cuda:1", "cuda:all", "auto", "cpu"])
     with pytest.raises(UsageError, match=r"cuda:2: only 2 CUDA devices are visible \(cuda:0 to cuda:1\)"):
         devices.check_gpu_index(["cuda:0", "cuda:2"])
-    driver(0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(UsageError, match="device cuda: no CUDA GPU is visible; use device cpu"):
         devices.check_gpu_index(["cuda"])
 
