@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dsv3conv.checkpoint import Checkpoint
 from dsv3conv.dequant import plan_dequant
-from dsv3conv.dest import check_apart, check_dest, prepare_dest
+from dsv3conv.dest import check_apart, check_claim, check_dest, prepare_dest
 from dsv3conv.errors import Dsv3Error, UsageError
 from dsv3conv.layout import mtp_layer_ids
 from dsv3conv.ops import QuantScale
@@ -123,6 +123,8 @@ def split_mtp(
     for plan in plans.values():  # refuse a non-empty second output before writing the first (a dry run too)
         prepare_dest(plan.dest, resume=resume or part is not None, overwrite=overwrite, source=ckpt.root,
                      create=False)
+        if (resume or part is not None) and plan.dest.is_dir():
+            check_claim(plan)  # the second output begun under another plan: refused before the first is written
     if space_check and part is None:  # each output's own check comes in run_plan; here both on one filesystem
         check_space_together([(p.dest, space_needed(p, p.files, resume=resume, overwrite=overwrite))
                               for p in plans.values()])

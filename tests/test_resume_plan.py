@@ -134,3 +134,15 @@ def test_split_mtp_resume_with_another_layout_is_refused(tiny_src, tmp_path):
     assert listing(out) == before
     cli("split-mtp", tiny_src, "--mtp-out", out, "--resume", "--quiet", check=0)
     assert listing(out) == before
+
+
+def test_split_mtp_refuses_another_layout_before_writing_either_output(tiny_src, tmp_path):
+    """Both outputs resumed, the draft under another --mtp-layout: refused before the main output (unfinished,
+    the same job) is written further, as every other refusal of split-mtp's two outputs is."""
+    main, draft = tmp_path / "main", tmp_path / "draft"
+    cli("split-mtp", tiny_src, "--main-out", main, "--mtp-out", draft, "--part", "1/2", "--quiet", check=0)
+    before = listing(main), listing(draft)
+    proc = cli("split-mtp", tiny_src, "--main-out", main, "--mtp-out", draft, "--resume", "--mtp-layout", "full",
+               "--quiet")
+    assert_one_line_error(proc, 2, str(draft), "another plan", "(--mtp-layout sglang, now full)")
+    assert (listing(main), listing(draft)) == before
