@@ -17,7 +17,17 @@ import typer
 from rich.text import Text
 
 from dsv3conv import __version__
-from dsv3conv.cli_output import Command, err, out, print_inspect, print_result, print_split, print_verify
+from dsv3conv.cli_output import (
+    Command,
+    err,
+    help_reader_gone,
+    out,
+    print_inspect,
+    print_result,
+    print_split,
+    print_verify,
+    reader_gone,
+)
 from dsv3conv.errors import Dsv3Error, counted
 from dsv3conv.profiling import process_age
 
@@ -35,7 +45,10 @@ class _Group(typer.core.TyperGroup):
             code = super().main(*args, standalone_mode=False, **kwargs)
             code = code if isinstance(code, int) else 0
         except NoArgsIsHelpError as exc:  # `dsv3conv` alone: the help, as a usage error
-            exc.show()
+            try:
+                exc.show()
+            except BrokenPipeError:  # stderr's reader has gone: the exit code stays
+                reader_gone(sys.stderr)
             code = exc.exit_code
         except UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else "dsv3conv"
@@ -47,6 +60,10 @@ class _Group(typer.core.TyperGroup):
         if standalone_mode:
             sys.exit(code)
         return code
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        with help_reader_gone(ctx):
+            return super().parse_args(ctx, args)
 
 
 app = typer.Typer(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -56,8 +57,19 @@ class Command(typer.core.TyperCommand):
                 param.__class__ = _PathsArgument
 
     def parse_args(self, ctx, args: list[str]) -> list[str]:
-        with augment_usage_errors(ctx):
+        with augment_usage_errors(ctx), help_reader_gone(ctx):
             return super().parse_args(ctx, args)
+
+
+@contextmanager
+def help_reader_gone(ctx):
+    """--help written to a stdout whose reader has gone (`dsv3conv dequant --help | head`): the rest is dropped
+    and the help exits 0 as it does otherwise (Click would exit 1). Only the help writes while options parse."""
+    try:
+        yield
+    except BrokenPipeError:
+        reader_gone(sys.stdout)
+        ctx.exit(0)
 
 
 class _PathsArgument(typer.core.TyperArgument):

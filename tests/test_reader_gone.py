@@ -49,6 +49,7 @@ def test_a_failed_run_keeps_its_exit_code_and_its_message(tiny, tmp_path):
     assert "Traceback" not in stderr and "Exception" not in stderr, stderr
 
 
-@pytest.mark.parametrize("args, expected", [(["--version"], 0), (["inspect", "--bogus"], 2)])
+@pytest.mark.parametrize("args, expected", [(["--version"], 0), (["inspect", "--bogus"], 2), (["--help"], 0),
+                                            (["dequant", "--help"], 0), ([], 2)])
 def test_usage_and_version_keep_their_exit_codes_when_both_readers_have_gone(args, expected):
     assert run_reader_gone(*args, stderr_gone=True) == (expected, "")
