@@ -240,8 +240,12 @@ def claim_dest(plan: Plan, *, resume: bool) -> None:
     """Record the plan in DST before the first output file; resuming (or a part), first `check_claim`."""
     if not resume:
         _write_record(plan.dest / PLAN_NAME, plan_record(plan), replace=True)
-    elif check_claim(plan) is None and not _write_record(plan.dest / PLAN_NAME, plan_record(plan), replace=False):
+        return
+    before = check_claim(plan)
+    if before is None and not _write_record(plan.dest / PLAN_NAME, plan_record(plan), replace=False):
         check_claim(plan)  # another part recorded its plan meanwhile: hold this one to it
+    elif before is not None and before != plan_record(plan):  # an earlier version's record of this job
+        _write_record(plan.dest / PLAN_NAME, plan_record(plan), replace=True)  # in today's form: no path kept
 
 
 def release_dest(dest: Path) -> None:
@@ -276,7 +280,7 @@ def _differences(before: dict, now: dict, source: Path) -> tuple[list[str], list
     """What differs between two plan records, in words (the first few names of each kind), and the options
     named in them. Options that differ say it: the shards and config they change are not listed again."""
     diffs = []
-    if before.get("source") != now["source"]:
+    if before.get("source") not in (now["source"], os.path.realpath(source)):  # an earlier version kept the path
         diffs.append(f"another source than that run's, now {os.path.realpath(source)}")
     old_options = before.get("options")
     if isinstance(old_options, dict):  # a record without them (an earlier version): held to what they make

@@ -8,6 +8,8 @@ plan's shard names. Every refusal leaves DST as it was.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -146,3 +148,20 @@ def test_split_mtp_refuses_another_layout_before_writing_either_output(tiny_src,
                "--quiet")
     assert_one_line_error(proc, 2, str(draft), "another plan", "(--mtp-layout sglang, now full)")
     assert (listing(main), listing(draft)) == before
+
+
+def test_an_earlier_versions_record_of_the_same_job_resumes(tiny_src, half_done, tmp_path):
+    """A DST begun by an earlier version, whose record holds the source's path itself and no options: the same
+    job resumes and finishes as a whole run; another source is still refused."""
+    record = json.loads((half_done / PLAN_NAME).read_text())
+    del record["options"]
+    record["source"] = os.path.realpath(tiny_src)
+    (half_done / PLAN_NAME).write_text(json.dumps(record))
+    other = Path(shutil.copytree(tiny_src, tmp_path / "copy"))
+    proc = cli("dequant", other, half_done, "--resume", "--device", "cpu", "--quiet")
+    assert_one_line_error(proc, 2, "another plan", "source")
+    cli("dequant", tiny_src, half_done, "--resume", "--device", "cpu", "--quiet", check=0)
+    whole = tmp_path / "whole"
+    cli("dequant", tiny_src, whole, "--device", "cpu", "--quiet", check=0)
+    assert listing(half_done) == listing(whole)
+    assert (half_done / PLAN_NAME).read_bytes() == (whole / PLAN_NAME).read_bytes()  # no path kept
