@@ -245,7 +245,7 @@ def claim_dest(plan: Plan, *, resume: bool) -> None:
     if before is None and not _write_record(plan.dest / PLAN_NAME, plan_record(plan), replace=False):
         check_claim(plan)  # another part recorded its plan meanwhile: hold this one to it
     elif before is not None and before != plan_record(plan):  # an earlier version's record of this job
-        _write_record(plan.dest / PLAN_NAME, plan_record(plan), replace=True)  # in today's form: no path kept
+        _write_record(plan.dest / PLAN_NAME, plan_record(plan), replace=True, shared=True)  # today's form: no path
 
 
 def release_dest(dest: Path) -> None:
@@ -257,18 +257,22 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def _write_record(path: Path, record: dict, *, replace: bool) -> bool:
-    """Write the record atomically; without `replace`, only if none exists (False if one does)."""
+def _write_record(path: Path, record: dict, *, replace: bool, shared: bool = False) -> bool:
+    """Write the record atomically; without `replace`, only if none exists (False if one does). `shared`: parts
+    may write it at once, each through a temporary name of its own."""
     from dsv3conv.writer import write_bytes_atomic
 
     data = (json.dumps(record, indent=1) + "\n").encode()
-    if replace:
+    if replace and not shared:
         write_bytes_atomic(path, data)
         return True
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
     tmp.write_bytes(data)
     try:
-        os.link(tmp, path)  # published only if absent: parts starting together agree on one record
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # published only if absent: parts starting together agree on one record
         return True
     except FileExistsError:
         return False

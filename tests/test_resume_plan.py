@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dsv3conv.dest import PLAN_NAME
+from dsv3conv.writer import partial_path
 from tests.conftest import assert_one_line_error, cli
 
 
@@ -165,3 +166,18 @@ def test_an_earlier_versions_record_of_the_same_job_resumes(tiny_src, half_done,
     cli("dequant", tiny_src, whole, "--device", "cpu", "--quiet", check=0)
     assert listing(half_done) == listing(whole)
     assert (half_done / PLAN_NAME).read_bytes() == (whole / PLAN_NAME).read_bytes()  # no path kept
+
+
+def test_parts_rewriting_an_earlier_versions_record_write_through_names_of_their_own(tiny_src, half_done, tmp_path):
+    """Parts resuming such a DST at once each rewrite its record: never through one shared temporary file
+    (one part would truncate and rename away another's). Here another part's is there, half written."""
+    record = json.loads((half_done / PLAN_NAME).read_text())
+    del record["options"]
+    (half_done / PLAN_NAME).write_text(json.dumps(record))
+    theirs = partial_path(half_done / PLAN_NAME)
+    theirs.write_bytes(b"another part's record, half written")
+    cli("dequant", tiny_src, half_done, "--part", "2/2", "--device", "cpu", "--quiet", check=0)
+    assert theirs.read_bytes() == b"another part's record, half written"
+    whole = tmp_path / "whole"
+    cli("dequant", tiny_src, whole, "--device", "cpu", "--quiet", check=0)
+    assert (half_done / PLAN_NAME).read_bytes() == (whole / PLAN_NAME).read_bytes()
